@@ -1,0 +1,1 @@
+"""edgepipe cloud package."""
