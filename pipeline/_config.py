@@ -1,0 +1,262 @@
+"""``pipeline.yaml``: the configuration models.
+
+These pydantic models only *describe* a pipeline (unknown keys are errors); the runtime
+objects are made from them by each component's ``build()``.  Loading goes through
+:func:`load_config`, which maps every validation error back to the YAML node it came from
+(``pipeline.yaml:LINE:COL: message``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+__all__ = [
+    "BatchConfig",
+    "BrokerConfig",
+    "DeviceConfig",
+    "LimitsConfig",
+    "MatchConfig",
+    "MetricsConfig",
+    "PipelineConfig",
+    "Secret",
+    "StageConfig",
+    "StoreConfig",
+    "SubscriptionConfig",
+    "SyncConfig",
+    "TLSConfig",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- secrets -------------------------------------------------------------------------
+
+
+class Secret(_Model):
+    """A secret given inline, from a file, or from an environment variable.
+
+    In YAML: ``password: hunter2`` or ``password: {file: /run/secrets/mqtt}`` or
+    ``password: {env: MQTT_PASSWORD}``.  The value is read when it is needed, never
+    printed (``repr`` is masked), and trailing newlines of files are stripped.
+    """
+
+    value: str | None = Field(default=None, repr=False)
+    file: Path | None = None
+    env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_scalar(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"value": data}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Secret:
+        given = [n for n in ("value", "file", "env") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of a literal value, `file:` or `env:`")
+        return self
+
+    def describe(self) -> str:
+        if self.file is not None:
+            return f"file {self.file}"
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        return "inline value"
+
+    def get(self) -> str:
+        """The secret's value; raises ``LookupError`` (without the value) if unavailable."""
+        if self.value is not None:
+            return self.value
+        if self.env is not None:
+            try:
+                return os.environ[self.env]
+            except KeyError:
+                raise LookupError(f"environment variable {self.env} is not set") from None
+        assert self.file is not None
+        try:
+            return self.file.read_text().rstrip("\r\n")
+        except OSError as e:
+            raise LookupError(f"cannot read secret file {self.file}: {e.strerror}") from None
+
+
+# -- sections ------------------------------------------------------------------------
+
+
+class DeviceConfig(_Model):
+    id: str = Field(
+        default_factory=lambda: os.environ.get("EDGEPIPE_DEVICE_ID") or os.uname().nodename,
+        description="This device's name: used for uploads and bound into every ciphertext.",
+        min_length=1,
+        max_length=128,
+    )
+
+
+class TLSConfig(_Model):
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="client private key (mutual TLS)")
+    insecure: bool = Field(False, description="skip hostname verification (testing only)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class BrokerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["3.1.1", "5"] = "5"
+    client_id: str | None = Field(
+        None,
+        description="MQTT client id; defaults to 'edgepipe-<device id>'. Must be stable "
+        "for the persistent session to survive restarts.",
+    )
+    keepalive: int = Field(30, ge=5, le=3600, description="seconds")
+    username: str | None = None
+    password: Secret | None = None
+    tls: TLSConfig | None = None
+    session_expiry: int = Field(
+        86400,
+        ge=0,
+        description="MQTT 5 session expiry interval in seconds: how long the broker "
+        "keeps queuing QoS 1 messages while edgepipe is down",
+    )
+    receive_maximum: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description="MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send",
+    )
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    status_topic: str | None = Field(
+        "edgepipe/{device}/status",
+        description="retained online/offline status and Last Will topic ({device} expands)",
+    )
+
+
+class SubscriptionConfig(_Model):
+    topic: str = Field(
+        description="topic template: MQTT filter where {device} and {metric} match one level "
+        "each, e.g. 'sensors/{device}/{metric}'. '$share/GROUP/' prefixes are allowed."
+    )
+    qos: Literal[0, 1] = 1
+    format: Literal["auto", "json", "msgpack", "senml", "number"] = "auto"
+    device: str | None = Field(None, description="fixed device name when the topic has none")
+    metric: str | None = Field(None, description="fixed metric name for numeric payloads")
+    timestamp: Literal["payload", "arrival"] = Field(
+        "payload", description="where a reading's time comes from (payload falls back to arrival)"
+    )
+    timestamp_field: str = "ts"
+    id_field: str | None = Field(
+        "seq", description="payload field that identifies a message for de-duplication"
+    )
+
+
+class BatchConfig(_Model):
+    max_messages: int = Field(500, ge=1, le=100_000, description="messages per group commit")
+    max_delay_ms: int = Field(20, ge=0, le=60_000, description="longest wait to fill a batch")
+    max_pending: int = Field(
+        5000, ge=1, description="messages buffered before edgepipe stops reading the socket"
+    )
+    max_payload_bytes: int = Field(65536, ge=16, description="larger payloads are dead-lettered")
+
+
+class LimitsConfig(_Model):
+    fuel: int | None = Field(50_000_000, ge=1000, description="Wasm fuel per batch (None: off)")
+    timeout_ms: int = Field(200, ge=1, description="wall-clock deadline per batch (epoch)")
+    memory_mb: int = Field(16, ge=1, le=1024, description="linear memory cap")
+    max_output: int = Field(65536, ge=1, description="most records one batch may emit")
+    module_max_kb: int = Field(4096, ge=1, description="largest accepted module")
+
+
+class MatchConfig(_Model):
+    devices: list[str] | None = Field(None, description="glob patterns; None matches all")
+    metrics: list[str] | None = None
+    topics: list[str] | None = Field(None, description="MQTT topic filters")
+
+
+class StageConfig(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    module: Path = Field(description="path of the .wasm module, relative to the config file")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    kind: Literal["filter", "map", "filter_map", "expand", "aggregate"] = "filter_map"
+    match: MatchConfig = MatchConfig()
+    config: dict[str, Any] = Field(default_factory=dict)
+    limits: LimitsConfig = LimitsConfig()
+    on_error: Literal["dead_letter", "pass", "stop"] = "dead_letter"
+
+
+class StoreConfig(_Model):
+    path: Path = Path("edgepipe-store.db")
+    key: Secret | None = Field(
+        None, description="store key: keyring file, env var or Secret mount. Required."
+    )
+    quota_mb: float = Field(1024, gt=0)
+    on_full: Literal["drop_oldest", "backpressure"] = "backpressure"
+    synchronous: Literal["FULL", "EXTRA"] = "FULL"
+
+
+class SyncConfig(_Model):
+    enabled: bool = True
+    url: str = Field("http://127.0.0.1:8750", description="base URL of the cloud receiver")
+    device_secret: Secret | None = None
+    ca_file: Path | None = None
+    compression: Literal["zstd", "gzip", "none"] = "zstd"
+    batches_per_request: int = Field(16, ge=1, le=1000)
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    interval_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(15.0, gt=0)
+    backoff_min_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+
+
+class MetricsConfig(_Model):
+    listen: str | None = Field("127.0.0.1:9108", description="host:port of /metrics, /healthz")
+
+
+class PipelineConfig(_Model):
+    """The root of pipeline.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="edgepipe pipeline.yaml")
+
+    version: Literal[1] = 1
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+    broker: BrokerConfig = BrokerConfig()
+    subscriptions: Annotated[list[SubscriptionConfig], Field(min_length=1)]
+    batch: BatchConfig = BatchConfig()
+    chain: list[StageConfig] = Field(default_factory=list)
+    store: StoreConfig = StoreConfig()
+    sync: SyncConfig = SyncConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("chain")
+    @classmethod
+    def _unique_stage_names(cls, chain: list[StageConfig]) -> list[StageConfig]:
+        seen: set[str] = set()
+        for stage in chain:
+            if stage.name in seen:
+                raise ValueError(f"stage name {stage.name!r} is used twice")
+            seen.add(stage.name)
+        return chain
+
+    # Where relative paths in the file are resolved from (set by load_config).
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self._base_dir / path)
