@@ -1,1 +1,28 @@
-"""edgepipe cloud package."""
+"""edgepipe cloud receiver: accepts signed batch uploads from edge devices (sync wire
+protocol v1) and serves their data and sync status to operators.
+
+    app = cloud.create_app(cloud.Settings(db="sqlite:///cloud.db", api_token="..."))
+
+Storage sits behind :class:`Backend` (SQLite by default, PostgreSQL for larger fleets).
+"""
+
+from ._app import api_routes, create_app, require_operator
+from ._backend import Backend, DeviceExists, IngestResult, ReadingsQuery, open_backend
+from ._errors import CloudError, Rejected, SequenceConflict, UnknownDevice
+from ._settings import Settings
+
+__all__ = [
+    "Backend",
+    "CloudError",
+    "DeviceExists",
+    "IngestResult",
+    "ReadingsQuery",
+    "Rejected",
+    "SequenceConflict",
+    "Settings",
+    "UnknownDevice",
+    "api_routes",
+    "create_app",
+    "open_backend",
+    "require_operator",
+]

@@ -1,0 +1,698 @@
+"""Storage behind one narrow interface, with the algorithms written once.
+
+:class:`Backend` is the interface the web app talks to.  :class:`SQLBackend` implements it
+once in portable SQL (SQLite 3.35+ and PostgreSQL 13+ both speak it: ``ON CONFLICT``,
+``RETURNING``, integer division) on top of a handful of dialect hooks that the two concrete
+backends fill in (:mod:`cloud._sqlite`, :mod:`cloud._postgres`).  Every method is blocking;
+the app runs them in worker threads.
+
+Times are integer milliseconds since the Unix epoch throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+
+from ._errors import CloudError, Rejected, SequenceConflict, UnknownDevice
+from ._wire import Upload
+
+__all__ = [
+    "Backend",
+    "DeviceExists",
+    "IngestResult",
+    "ReadingsQuery",
+    "SQLBackend",
+    "open_backend",
+]
+
+SCHEMA_VERSION = 1
+#: Rejections kept in the log; older rows are pruned so a flood can't fill the disk.
+REJECTION_LOG_ROWS = 10_000
+MAX_READINGS_LIMIT = 10_000
+
+
+class DeviceExists(CloudError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"a device named {name!r} already exists")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    acked: list[int]
+    duplicates: list[int]
+    readings: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingsQuery:
+    device: str
+    metric: str | None = None
+    source: str | None = None
+    since: int | None = None  # inclusive, ms
+    until: int | None = None  # exclusive, ms
+    limit: int = 1000
+    step: int | None = None  # ms; None = raw rows unless there are more than ``limit``
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def utc_day(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the receiver needs from storage. All methods block; none returns secrets except
+    :meth:`get_device_secret`."""
+
+    def init(self) -> None:
+        """Create or migrate the schema (idempotent)."""
+
+    def close(self) -> None: ...
+
+    def add_device(self, name: str, secret: bytes) -> None: ...
+
+    def remove_device(self, name: str) -> bool: ...
+
+    def get_device_secret(self, name: str) -> bytes | None: ...
+
+    def nonce_seen(self, device: str, nonce: str, now: int) -> bool: ...
+
+    def ingest(
+        self,
+        upload: Upload,
+        *,
+        link: str,
+        nbytes: int,
+        nonce: str,
+        nonce_expires: int,
+        now: int,
+    ) -> IngestResult:
+        """Store an upload atomically: all new batches, the nonce, the dead letters and the
+        device status in one durable transaction.  Raises :class:`SequenceConflict` (nothing
+        stored) or ``Rejected(401, "replay")`` if the nonce was stored meanwhile."""
+
+    def record_rejection(
+        self, device: str | None, reason: str, detail: str, remote: str | None, now: int
+    ) -> None: ...
+
+    def list_devices(self) -> list[dict[str, Any]]: ...
+
+    def get_device(self, name: str) -> dict[str, Any] | None: ...
+
+    def device_metrics(self, name: str) -> list[dict[str, Any]]: ...
+
+    def readings(self, q: ReadingsQuery) -> dict[str, Any]: ...
+
+    def count_readings(self, device: str) -> int: ...
+
+    def rejections(
+        self, device: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[dict[str, Any]]: ...
+
+    def dead_letters(
+        self, device: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[dict[str, Any]]: ...
+
+
+def open_backend(url: str) -> Backend:
+    """``sqlite:///path/to.db`` (or a bare path) or ``postgresql://user@host:port/db``
+    (optionally ``?schema=name``).  The schema is created or migrated."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from ._postgres import PostgresBackend
+
+        backend: Backend = PostgresBackend(url)
+    else:
+        from ._sqlite import SQLiteBackend
+
+        path = url.removeprefix("sqlite://")
+        if path.startswith("/") and url.startswith("sqlite://"):
+            path = path[1:] if path.startswith("//") else path
+        backend = SQLiteBackend(path)
+    backend.init()
+    return backend
+
+
+def _tags_text(tags: tuple[tuple[str, str], ...]) -> str:
+    return json.dumps(dict(tags), separators=(",", ":"), sort_keys=True) if tags else ""
+
+
+def _tags_obj(text: str) -> dict[str, str] | None:
+    return json.loads(text) if text else None
+
+
+def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+class SQLBackend:
+    """The storage algorithms, once, in SQL both dialects accept.
+
+    Subclasses provide: ``_write()`` (a context manager yielding a cursor inside one durable
+    write transaction), ``_read()`` (a cursor for reads), the DDL type names and
+    ``_copy_readings``.  SQL is written with ``?`` placeholders; :meth:`_q` adapts them.
+    """
+
+    AUTO_PK = "INTEGER PRIMARY KEY"
+    DOUBLE = "REAL"
+    LOCK_ROW = ""  # "FOR UPDATE" where row locks exist
+
+    # -- dialect hooks -------------------------------------------------------------------
+    def _write(self) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _q(self, sql: str) -> str:
+        return sql
+
+    def _copy_readings(self, cur: Any, rows: list[tuple[int, int, float, int, int]]) -> None:
+        cur.executemany(
+            self._q("INSERT INTO readings (series_id, ts, val, flags, seq) VALUES (?, ?, ?, ?, ?)"),
+            rows,
+        )
+
+    def close(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __enter__(self) -> SQLBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema --------------------------------------------------------------------------
+    def _ddl(self) -> list[str]:
+        pk, dbl = self.AUTO_PK, self.DOUBLE
+        return [
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+            f"""CREATE TABLE IF NOT EXISTS devices (
+                id {pk},
+                name TEXT NOT NULL UNIQUE,
+                secret TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                last_seen_ms BIGINT,
+                last_sync_ms BIGINT,
+                last_link TEXT,
+                last_seq BIGINT,
+                status TEXT,
+                last_error TEXT,
+                last_error_ms BIGINT)""",
+            """CREATE TABLE IF NOT EXISTS device_daily (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                day TEXT NOT NULL,
+                readings BIGINT NOT NULL,
+                bytes BIGINT NOT NULL,
+                uploads BIGINT NOT NULL,
+                PRIMARY KEY (device_id, day))""",
+            """CREATE TABLE IF NOT EXISTS batches (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                seq BIGINT NOT NULL,
+                sha256 TEXT NOT NULL,
+                readings INTEGER NOT NULL,
+                received_ms BIGINT NOT NULL,
+                PRIMARY KEY (device_id, seq))""",
+            f"""CREATE TABLE IF NOT EXISTS series (
+                id {pk},
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                source TEXT NOT NULL,
+                metric TEXT NOT NULL,
+                tags TEXT NOT NULL,
+                UNIQUE (device_id, source, metric, tags))""",
+            f"""CREATE TABLE IF NOT EXISTS readings (
+                series_id BIGINT NOT NULL REFERENCES series(id) ON DELETE CASCADE,
+                ts BIGINT NOT NULL,
+                val {dbl} NOT NULL,
+                flags BIGINT NOT NULL,
+                seq BIGINT NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS readings_series_ts ON readings (series_id, ts)",
+            """CREATE TABLE IF NOT EXISTS nonces (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                nonce TEXT NOT NULL,
+                expires_ms BIGINT NOT NULL,
+                PRIMARY KEY (device_id, nonce))""",
+            "CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_ms)",
+            f"""CREATE TABLE IF NOT EXISTS rejections (
+                id {pk},
+                device TEXT,
+                ts_ms BIGINT NOT NULL,
+                reason TEXT NOT NULL,
+                detail TEXT NOT NULL,
+                remote TEXT)""",
+            "CREATE INDEX IF NOT EXISTS rejections_device ON rejections (device, id)",
+            """CREATE TABLE IF NOT EXISTS dead_letters (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                seq BIGINT NOT NULL,
+                ts BIGINT NOT NULL,
+                topic TEXT NOT NULL,
+                stage TEXT,
+                reason TEXT NOT NULL,
+                size BIGINT NOT NULL,
+                received_ms BIGINT NOT NULL,
+                PRIMARY KEY (device_id, seq))""",
+        ]
+
+    def init(self) -> None:
+        with self._write() as cur:
+            for stmt in self._ddl():
+                cur.execute(stmt)
+            cur.execute("SELECT version FROM schema_version")
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(self._q("INSERT INTO schema_version (version) VALUES (?)"), (1,))
+            elif row[0] > SCHEMA_VERSION:
+                raise CloudError(
+                    f"database schema version {row[0]} is newer than this edgepipe-cloud "
+                    f"({SCHEMA_VERSION}); upgrade edgepipe-cloud"
+                )
+
+    # -- devices -------------------------------------------------------------------------
+    def add_device(self, name: str, secret: bytes) -> None:
+        with self._write() as cur:
+            cur.execute(
+                self._q(
+                    "INSERT INTO devices (name, secret, created_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO NOTHING"
+                ),
+                (name, secret.hex(), now_ms()),
+            )
+            if cur.rowcount != 1:
+                raise DeviceExists(name)
+
+    def remove_device(self, name: str) -> bool:
+        with self._write() as cur:
+            cur.execute(self._q("SELECT id FROM devices WHERE name = ?"), (name,))
+            row = cur.fetchone()
+            if row is None:
+                return False
+            did = row[0]
+            # Explicit, child tables first (SQLite only cascades with foreign_keys=ON).
+            cur.execute(
+                self._q(
+                    "DELETE FROM readings WHERE series_id IN "
+                    "(SELECT id FROM series WHERE device_id = ?)"
+                ),
+                (did,),
+            )
+            for table in ("series", "batches", "nonces", "dead_letters", "device_daily"):
+                cur.execute(self._q(f"DELETE FROM {table} WHERE device_id = ?"), (did,))
+            cur.execute(self._q("DELETE FROM devices WHERE id = ?"), (did,))
+            return True
+
+    def get_device_secret(self, name: str) -> bytes | None:
+        with self._read() as cur:
+            cur.execute(self._q("SELECT secret FROM devices WHERE name = ?"), (name,))
+            row = cur.fetchone()
+        return bytes.fromhex(row[0]) if row else None
+
+    _DEVICE_COLS = (
+        "d.name, d.created_ms, d.last_seen_ms, d.last_sync_ms, d.last_link, d.last_seq, "
+        "d.status, d.last_error, d.last_error_ms, dd.readings, dd.bytes, dd.uploads"
+    )
+
+    def _device_sql(self, where: str) -> str:
+        return self._q(
+            f"SELECT {self._DEVICE_COLS} FROM devices d "
+            "LEFT JOIN device_daily dd ON dd.device_id = d.id AND dd.day = ? "
+            f"{where} ORDER BY d.name"
+        )
+
+    @staticmethod
+    def _device_row(r: Sequence[Any]) -> dict[str, Any]:
+        return {
+            "name": r[0],
+            "created_ms": r[1],
+            "last_seen_ms": r[2],
+            "last_sync_ms": r[3],
+            "link": r[4],
+            "last_seq": r[5],
+            "reported": json.loads(r[6]) if r[6] else None,
+            "last_error": r[7],
+            "last_error_ms": r[8],
+            "today": {"readings": r[9] or 0, "bytes": r[10] or 0, "uploads": r[11] or 0},
+        }
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        with self._read() as cur:
+            cur.execute(self._device_sql(""), (utc_day(now_ms()),))
+            return [self._device_row(r) for r in cur.fetchall()]
+
+    def get_device(self, name: str) -> dict[str, Any] | None:
+        with self._read() as cur:
+            cur.execute(self._device_sql("WHERE d.name = ?"), (utc_day(now_ms()), name))
+            row = cur.fetchone()
+        return self._device_row(row) if row else None
+
+    def _device_id(self, cur: Any, name: str, lock: bool = False) -> int:
+        lock_sql = f" {self.LOCK_ROW}" if lock and self.LOCK_ROW else ""
+        cur.execute(self._q(f"SELECT id FROM devices WHERE name = ?{lock_sql}"), (name,))
+        row = cur.fetchone()
+        if row is None:
+            raise UnknownDevice(name)
+        return row[0]
+
+    # -- nonces --------------------------------------------------------------------------
+    def nonce_seen(self, device: str, nonce: str, now: int) -> bool:
+        with self._read() as cur:
+            cur.execute(
+                self._q(
+                    "SELECT 1 FROM nonces n JOIN devices d ON d.id = n.device_id "
+                    "WHERE d.name = ? AND n.nonce = ? AND n.expires_ms >= ?"
+                ),
+                (device, nonce, now),
+            )
+            return cur.fetchone() is not None
+
+    # -- ingest --------------------------------------------------------------------------
+    def ingest(
+        self,
+        upload: Upload,
+        *,
+        link: str,
+        nbytes: int,
+        nonce: str,
+        nonce_expires: int,
+        now: int,
+    ) -> IngestResult:
+        q = self._q
+        with self._write() as cur:
+            did = self._device_id(cur, upload.device, lock=True)
+            # The nonce is consumed by the same transaction that stores the data: a request
+            # that is refused stores nothing, not even its nonce.
+            cur.execute(q("DELETE FROM nonces WHERE device_id = ? AND expires_ms < ?"), (did, now))
+            cur.execute(
+                q(
+                    "INSERT INTO nonces (device_id, nonce, expires_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT (device_id, nonce) DO NOTHING"
+                ),
+                (did, nonce, nonce_expires),
+            )
+            if cur.rowcount != 1:
+                raise Rejected(401, "replay", "this nonce was already used")
+
+            # Decide every batch before writing any: a conflict anywhere refuses the request.
+            stored: dict[int, str] = {}
+            seqs = sorted({b.seq for b in upload.batches})
+            for part in _chunks(seqs, 500):
+                marks = ", ".join("?" * len(part))
+                cur.execute(
+                    q(f"SELECT seq, sha256 FROM batches WHERE device_id = ? AND seq IN ({marks})"),
+                    (did, *part),
+                )
+                stored.update(cur.fetchall())
+            acked: list[int] = []
+            duplicates: list[int] = []
+            new = []
+            for b in upload.batches:  # already in seq order
+                prev = stored.get(b.seq)
+                if prev is None:
+                    stored[b.seq] = b.sha256
+                    new.append(b)
+                    acked.append(b.seq)
+                elif prev == b.sha256:
+                    duplicates.append(b.seq)
+                    acked.append(b.seq)
+                else:
+                    raise SequenceConflict(upload.device, b.seq)
+
+            nreadings = 0
+            series_ids: dict[tuple[str, str, str], int] = {}
+            for b in new:
+                local = []
+                for source, metric, tags in b.series:
+                    key = (source, metric, _tags_text(tags))
+                    sid = series_ids.get(key)
+                    if sid is None:
+                        sid = series_ids[key] = self._series_id(cur, did, key)
+                    local.append(sid)
+                rows = [
+                    (local[s], t, v, f, b.seq)
+                    for s, t, v, f in zip(b.sid, b.ts, b.val, b.flags, strict=True)
+                ]
+                if rows:
+                    self._copy_readings(cur, rows)
+                cur.execute(
+                    q(
+                        "INSERT INTO batches (device_id, seq, sha256, readings, received_ms) "
+                        "VALUES (?, ?, ?, ?, ?)"
+                    ),
+                    (did, b.seq, b.sha256, len(rows), now),
+                )
+                nreadings += len(rows)
+
+            if upload.dead_letters:
+                cur.executemany(
+                    q(
+                        "INSERT INTO dead_letters "
+                        "(device_id, seq, ts, topic, stage, reason, size, received_ms) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING"
+                    ),
+                    [
+                        (did, d.seq, d.ts, d.topic, d.stage, d.reason, d.size, now)
+                        for d in upload.dead_letters
+                    ],
+                )
+            last_seq = max(acked) if acked else None
+            cur.execute(
+                q(
+                    "UPDATE devices SET last_seen_ms = ?, last_sync_ms = ?, last_link = ?, "
+                    "status = ?, last_seq = CASE WHEN last_seq IS NULL OR last_seq < ? "
+                    "THEN ? ELSE last_seq END WHERE id = ?"
+                ),
+                (
+                    now,
+                    now,
+                    link,
+                    json.dumps(upload.status, separators=(",", ":")),
+                    last_seq,
+                    last_seq,
+                    did,
+                ),
+            )
+            cur.execute(
+                q(
+                    "INSERT INTO device_daily (device_id, day, readings, bytes, uploads) "
+                    "VALUES (?, ?, ?, ?, 1) ON CONFLICT (device_id, day) DO UPDATE SET "
+                    "readings = device_daily.readings + excluded.readings, "
+                    "bytes = device_daily.bytes + excluded.bytes, "
+                    "uploads = device_daily.uploads + 1"
+                ),
+                (did, utc_day(now), nreadings, nbytes),
+            )
+        return IngestResult(acked, duplicates, nreadings)
+
+    def _series_id(self, cur: Any, did: int, key: tuple[str, str, str]) -> int:
+        q = self._q
+        cur.execute(
+            q(
+                "SELECT id FROM series WHERE device_id = ? AND source = ? AND metric = ? AND tags = ?"
+            ),
+            (did, *key),
+        )
+        row = cur.fetchone()
+        if row is None:
+            cur.execute(
+                q(
+                    "INSERT INTO series (device_id, source, metric, tags) VALUES (?, ?, ?, ?) RETURNING id"
+                ),
+                (did, *key),
+            )
+            row = cur.fetchone()
+        return row[0]
+
+    # -- rejections ------------------------------------------------------------------------
+    def record_rejection(
+        self, device: str | None, reason: str, detail: str, remote: str | None, now: int
+    ) -> None:
+        q = self._q
+        with self._write() as cur:
+            cur.execute(
+                q(
+                    "INSERT INTO rejections (device, ts_ms, reason, detail, remote) "
+                    "VALUES (?, ?, ?, ?, ?) RETURNING id"
+                ),
+                (device, now, reason, detail[:1000], remote),
+            )
+            rid = cur.fetchone()[0]
+            if rid % 100 == 0:
+                cur.execute(q("DELETE FROM rejections WHERE id <= ?"), (rid - REJECTION_LOG_ROWS,))
+            if device is not None:
+                cur.execute(
+                    q("UPDATE devices SET last_error = ?, last_error_ms = ? WHERE name = ?"),
+                    (f"{reason}: {detail[:500]}", now, device),
+                )
+
+    def rejections(
+        self, device: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[dict[str, Any]]:
+        where, args = self._log_filter("device", "id", device, before)
+        with self._read() as cur:
+            cur.execute(
+                self._q(
+                    f"SELECT id, device, ts_ms, reason, detail, remote FROM rejections {where} "
+                    "ORDER BY id DESC LIMIT ?"
+                ),
+                (*args, limit),
+            )
+            return [
+                dict(zip(("id", "device", "ts_ms", "reason", "detail", "remote"), r, strict=True))
+                for r in cur.fetchall()
+            ]
+
+    @staticmethod
+    def _log_filter(
+        device_col: str, order_col: str, device: str | None, before: int | None
+    ) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        if device is not None:
+            clauses.append(f"{device_col} = ?")
+            args.append(device)
+        if before is not None:
+            clauses.append(f"{order_col} < ?")
+            args.append(before)
+        return ("WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+    def dead_letters(
+        self, device: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[dict[str, Any]]:
+        where, args = self._log_filter("d.name", "dl.received_ms", device, before)
+        cols = ("device", "seq", "ts", "topic", "stage", "reason", "size", "received_ms")
+        with self._read() as cur:
+            cur.execute(
+                self._q(
+                    "SELECT d.name, dl.seq, dl.ts, dl.topic, dl.stage, dl.reason, dl.size, "
+                    "dl.received_ms FROM dead_letters dl JOIN devices d ON d.id = dl.device_id "
+                    f"{where} ORDER BY dl.received_ms DESC, dl.seq DESC LIMIT ?"
+                ),
+                (*args, limit),
+            )
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    # -- queries ---------------------------------------------------------------------------
+    def device_metrics(self, name: str) -> list[dict[str, Any]]:
+        with self._read() as cur:
+            did = self._device_id(cur, name)
+            cur.execute(
+                self._q(
+                    "SELECT s.source, s.metric, s.tags, count(r.ts), min(r.ts), max(r.ts) "
+                    "FROM series s LEFT JOIN readings r ON r.series_id = s.id "
+                    "WHERE s.device_id = ? GROUP BY s.id, s.source, s.metric, s.tags "
+                    "ORDER BY s.metric, s.source, s.tags"
+                ),
+                (did,),
+            )
+            return [
+                {
+                    "source": r[0],
+                    "metric": r[1],
+                    "tags": _tags_obj(r[2]),
+                    "count": r[3],
+                    "first_ts": r[4],
+                    "last_ts": r[5],
+                }
+                for r in cur.fetchall()
+            ]
+
+    def count_readings(self, device: str) -> int:
+        with self._read() as cur:
+            cur.execute(
+                self._q(
+                    "SELECT count(*) FROM readings r JOIN series s ON s.id = r.series_id "
+                    "JOIN devices d ON d.id = s.device_id WHERE d.name = ?"
+                ),
+                (device,),
+            )
+            return cur.fetchone()[0]
+
+    def readings(self, q: ReadingsQuery) -> dict[str, Any]:
+        limit = max(1, min(q.limit, MAX_READINGS_LIMIT))
+        until = q.until if q.until is not None else now_ms() + 1
+        since = q.since if q.since is not None else until - 24 * 3600 * 1000
+        with self._read() as cur:
+            did = self._device_id(cur, q.device)
+            where = "s.device_id = ? AND r.ts >= ? AND r.ts < ?"
+            args: list[Any] = [did, since, until]
+            if q.metric is not None:
+                where += " AND s.metric = ?"
+                args.append(q.metric)
+            if q.source is not None:
+                where += " AND s.source = ?"
+                args.append(q.source)
+            base = f"FROM readings r JOIN series s ON s.id = r.series_id WHERE {where}"
+            step = q.step
+            if step is None:
+                cur.execute(self._q(f"SELECT count(*), count(DISTINCT s.id) {base}"), args)
+                total, nseries = cur.fetchone()
+                if total > limit:
+                    # Buckets so that every series fits: nseries * buckets <= limit.
+                    per_series = max(1, limit // max(1, nseries))
+                    step = max(1, math.ceil((until - since) / per_series))
+            if step is None:
+                cur.execute(
+                    self._q(
+                        f"SELECT s.source, s.metric, s.tags, r.ts, r.val, r.flags {base} "
+                        "ORDER BY r.ts, s.id LIMIT ?"
+                    ),
+                    (*args, limit + 1),
+                )
+                rows = cur.fetchall()
+                out = [
+                    {
+                        "source": r[0],
+                        "metric": r[1],
+                        "tags": _tags_obj(r[2]),
+                        "ts": r[3],
+                        "value": r[4],
+                        "flags": r[5],
+                    }
+                    for r in rows[:limit]
+                ]
+            else:
+                step = int(step)
+                if step < 1:
+                    raise ValueError("step must be >= 1 ms")
+                # Integer arithmetic both dialects agree on; ts >= since keeps it non-negative.
+                since_i = int(since)
+                bucket = f"({since_i} + ((r.ts - {since_i}) / {step}) * {step})"
+                cur.execute(
+                    self._q(
+                        f"SELECT {bucket} AS bucket, s.source, s.metric, s.tags, avg(r.val), "
+                        f"min(r.val), max(r.val), count(*) {base} "
+                        "GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 LIMIT ?"
+                    ),
+                    (*args, limit + 1),
+                )
+                rows = cur.fetchall()
+                out = [
+                    {
+                        "source": r[1],
+                        "metric": r[2],
+                        "tags": _tags_obj(r[3]),
+                        "ts": int(r[0]),
+                        "avg": float(r[4]),
+                        "min": float(r[5]),
+                        "max": float(r[6]),
+                        "count": int(r[7]),
+                    }
+                    for r in rows[:limit]
+                ]
+        return {
+            "device": q.device,
+            "since": since,
+            "until": until,
+            "step": step,
+            "truncated": len(rows) > limit,
+            "rows": out,
+        }

@@ -1,0 +1,209 @@
+"""The parts of the OpenAPI 3.1 document that are not per-operation (those live in the
+endpoints' docstrings): info, security schemes, shared parameters and schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["BASE_SCHEMA"]
+
+_nullable_int = {"type": ["integer", "null"]}
+
+BASE_SCHEMA: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "edgepipe cloud receiver",
+        "version": "1",
+        "description": "Receives signed batch uploads from edgepipe devices (sync wire protocol "
+        "v1, docs/sync-protocol.md) and serves their data and sync status to operators.",
+    },
+    "components": {
+        "securitySchemes": {
+            "operatorBearer": {"type": "http", "scheme": "bearer"},
+            "deviceSignature": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-Edgepipe-Signature",
+                "description": "v1=<hex HMAC-SHA256(device secret, canonical request)>",
+            },
+        },
+        "parameters": {
+            "Name": {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+            "Device": {
+                "name": "X-Edgepipe-Device",
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string"},
+            },
+            "Timestamp": {
+                "name": "X-Edgepipe-Timestamp",
+                "in": "header",
+                "required": True,
+                "description": "Unix seconds; must be within the allowed skew (300 s).",
+                "schema": {"type": "string", "pattern": "^-?[0-9]+$"},
+            },
+            "Nonce": {
+                "name": "X-Edgepipe-Nonce",
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            },
+            "Signature": {
+                "name": "X-Edgepipe-Signature",
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^v1=[0-9a-f]{64}$"},
+            },
+            "Link": {
+                "name": "X-Edgepipe-Link",
+                "in": "header",
+                "schema": {"type": "string", "enum": ["wifi", "cellular", "ethernet", "unknown"]},
+            },
+        },
+        "responses": {
+            "Error": {
+                "description": "Refused; nothing was stored.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "Overloaded": {
+                "description": "Too busy; retry after the given number of seconds.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+                "required": ["error", "detail"],
+            },
+            "SequenceConflict": {
+                "allOf": [
+                    {"$ref": "#/components/schemas/Error"},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "error": {"const": "sequence_conflict"},
+                            "seq": {"type": "integer"},
+                        },
+                        "required": ["seq"],
+                    },
+                ]
+            },
+            "Acks": {
+                "type": "object",
+                "properties": {
+                    "acked": {"type": "array", "items": {"type": "integer"}},
+                    "duplicates": {"type": "array", "items": {"type": "integer"}},
+                },
+                "required": ["acked", "duplicates"],
+            },
+            "Device": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "created_ms": {"type": "integer"},
+                    "last_seen_ms": _nullable_int,
+                    "last_sync_ms": _nullable_int,
+                    "link": {"type": ["string", "null"]},
+                    "last_seq": _nullable_int,
+                    "reported": {
+                        "description": "Status the device reported with its last upload.",
+                        "type": ["object", "null"],
+                        "properties": {
+                            "backlog_batches": {"type": "integer"},
+                            "backlog_readings": {"type": "integer"},
+                            "oldest_unsynced_ms": _nullable_int,
+                            "dead_letters": {"type": "integer"},
+                            "link": {"type": "string"},
+                        },
+                    },
+                    "last_error": {"type": ["string", "null"]},
+                    "last_error_ms": _nullable_int,
+                    "today": {
+                        "type": "object",
+                        "description": "Received since 00:00 UTC.",
+                        "properties": {
+                            "readings": {"type": "integer"},
+                            "bytes": {"type": "integer"},
+                            "uploads": {"type": "integer"},
+                        },
+                    },
+                },
+                "required": ["name", "created_ms", "today"],
+            },
+            "Metric": {
+                "type": "object",
+                "properties": {
+                    "source": {"type": "string"},
+                    "metric": {"type": "string"},
+                    "tags": {
+                        "type": ["object", "null"],
+                        "additionalProperties": {"type": "string"},
+                    },
+                    "count": {"type": "integer"},
+                    "first_ts": _nullable_int,
+                    "last_ts": _nullable_int,
+                },
+            },
+            "Readings": {
+                "type": "object",
+                "properties": {
+                    "device": {"type": "string"},
+                    "since": {"type": "integer"},
+                    "until": {"type": "integer"},
+                    "step": {
+                        "type": ["integer", "null"],
+                        "description": "Bucket width in ms, null for raw rows.",
+                    },
+                    "truncated": {"type": "boolean"},
+                    "rows": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "description": "Raw: ts, value, flags. Downsampled: ts (bucket "
+                            "start), avg, min, max, count.",
+                            "properties": {
+                                "source": {"type": "string"},
+                                "metric": {"type": "string"},
+                                "tags": {"type": ["object", "null"]},
+                                "ts": {"type": "integer"},
+                                "value": {"type": "number"},
+                                "flags": {"type": "integer"},
+                                "avg": {"type": "number"},
+                                "min": {"type": "number"},
+                                "max": {"type": "number"},
+                                "count": {"type": "integer"},
+                            },
+                        },
+                    },
+                },
+                "required": ["device", "since", "until", "step", "truncated", "rows"],
+            },
+            "Rejection": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "device": {"type": ["string", "null"]},
+                    "ts_ms": {"type": "integer"},
+                    "reason": {"type": "string"},
+                    "detail": {"type": "string"},
+                    "remote": {"type": ["string", "null"]},
+                },
+            },
+            "DeadLetter": {
+                "type": "object",
+                "properties": {
+                    "device": {"type": "string"},
+                    "seq": {"type": "integer"},
+                    "ts": {"type": "integer"},
+                    "topic": {"type": "string"},
+                    "stage": {"type": ["string", "null"]},
+                    "reason": {"type": "string"},
+                    "size": {"type": "integer"},
+                    "received_ms": {"type": "integer"},
+                },
+            },
+        },
+    },
+}

@@ -1,0 +1,81 @@
+"""The SQLite backend: embedded, WAL, ``synchronous=FULL`` (a commit survives power loss).
+
+One writer connection behind a lock (SQLite has one writer anyway) and one reader connection
+per worker thread, so dashboard reads never wait for an ingest.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ._backend import SQLBackend
+
+__all__ = ["SQLiteBackend"]
+
+
+class SQLiteBackend(SQLBackend):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        self._writer = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError("backend is closed")
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
+        with self._lock:
+            cur = self._writer.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+            finally:
+                cur.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        cur = conn.cursor()
+        cur.execute("BEGIN")  # one consistent snapshot per read
+        try:
+            yield cur
+        finally:
+            cur.execute("COMMIT")
+            cur.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock, self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
