@@ -178,12 +178,17 @@ class LimitsConfig(_Model):
     memory_mb: int = Field(16, ge=1, le=1024, description="linear memory cap")
     max_output: int = Field(65536, ge=1, description="most records one batch may emit")
     module_max_kb: int = Field(4096, ge=1, description="largest accepted module")
+    breaker_failures: int = Field(
+        5, ge=1, description="consecutive failed batches that trip the stage's circuit breaker"
+    )
+    breaker_cooldown_s: float = Field(
+        30.0, gt=0, description="how long a tripped stage is bypassed (on_error path)"
+    )
 
 
 class MatchConfig(_Model):
     devices: list[str] | None = Field(None, description="glob patterns; None matches all")
-    metrics: list[str] | None = None
-    topics: list[str] | None = Field(None, description="MQTT topic filters")
+    metrics: list[str] | None = Field(None, description="glob patterns; None matches all")
 
 
 class StageConfig(_Model):

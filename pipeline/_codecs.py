@@ -1,0 +1,306 @@
+"""Sensor payloads -> readings.
+
+Formats (``format:`` of a subscription; ``auto`` sniffs the first byte):
+
+``number``   a plain numeric payload, ``21.5``; device and metric come from the topic.
+``json``     an object ``{"ts": 1700000000, "value": 21.5}`` (metric from the topic), or
+             several metrics in one object ``{"ts": ..., "temp": 21.5, "rh": 40}``, or a
+             list of such objects.  Optional ``"device"``, ``"tags": {...}``, ``"seq"``.
+``msgpack``  the same structures as JSON, MessagePack-encoded.
+``senml``    SenML JSON (RFC 8428): base name/time/value resolution, relative times.
+
+Timestamps from the payload may be epoch seconds, epoch milliseconds or ISO 8601
+strings; without one (or with ``timestamp: arrival``) the arrival time is used.
+
+Every problem raises :class:`DecodeError` with a reason; the caller dead-letters the
+message with its raw bytes, counts the reason and still acknowledges it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+
+from ._config import SubscriptionConfig
+from ._errors import DecodeError
+
+__all__ = ["TopicTemplate", "decode_payload", "parse_timestamp"]
+
+# Readings must fall between 2000-01-01 and 2100-01-01 (milliseconds).
+_TS_MIN = 946_684_800_000
+_TS_MAX = 4_102_444_800_000
+_RESERVED = frozenset({"ts", "time", "timestamp", "t", "seq", "id", "device", "tags", "value", "v"})
+
+# (device or None, metric or None, ts_ms, value, tags or None)
+Row = tuple[str | None, str | None, int, float, dict[str, str] | None]
+
+
+class TopicTemplate:
+    """``sensors/{device}/{metric}`` -> the MQTT filter ``sensors/+/+`` and a matcher."""
+
+    __slots__ = ("template", "filter", "levels", "share_prefix")
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        share = ""
+        body = template
+        if body.startswith("$share/"):
+            parts = body.split("/", 2)
+            if len(parts) < 3 or not parts[1]:
+                raise ValueError("a shared subscription is '$share/GROUP/topic'")
+            share, body = f"$share/{parts[1]}/", parts[2]
+        self.share_prefix = share
+        self.levels: list[str] = body.split("/")
+        out = []
+        for i, level in enumerate(self.levels):
+            if level.startswith("{") and level.endswith("}"):
+                if level not in ("{device}", "{metric}"):
+                    raise ValueError(f"unknown placeholder {level}; use {{device}} or {{metric}}")
+                out.append("+")
+            elif level == "#" and i != len(self.levels) - 1:
+                raise ValueError("'#' must be the last level")
+            else:
+                out.append(level)
+        self.filter = share + "/".join(out)
+
+    def match(self, topic: str) -> tuple[str | None, str | None] | None:
+        """(device, metric) from ``topic``, or None if the topic does not match."""
+        parts = topic.split("/")
+        levels = self.levels
+        device = metric = None
+        if levels and levels[-1] == "#":
+            if len(parts) < len(levels) - 1:
+                return None
+        elif len(parts) != len(levels):
+            return None
+        for level, part in zip(levels, parts, strict=False):
+            if level == "#":
+                break
+            if level == "+":
+                continue
+            if level == "{device}":
+                device = part
+            elif level == "{metric}":
+                metric = part
+            elif level != part:
+                return None
+        return device, metric
+
+
+def parse_timestamp(v: Any) -> int:
+    """Epoch seconds, epoch milliseconds or ISO 8601 -> milliseconds since the epoch."""
+    if isinstance(v, bool):
+        raise DecodeError("timestamp is a boolean")
+    if isinstance(v, int | float):
+        if not math.isfinite(v):
+            raise DecodeError("timestamp is not finite")
+        ms = int(v) if abs(v) >= 1e11 else int(round(v * 1000))
+    elif isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v.strip())
+        except ValueError:
+            raise DecodeError(f"timestamp {v[:40]!r} is not ISO 8601") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        ms = int(dt.timestamp() * 1000)
+    else:
+        raise DecodeError(f"timestamp has type {type(v).__name__}")
+    if not _TS_MIN <= ms < _TS_MAX:
+        raise DecodeError(f"timestamp {v!r} is outside 2000..2100")
+    return ms
+
+
+def _number(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise DecodeError(f"{what} is not a number ({type(v).__name__})")
+    f = float(v)
+    if not math.isfinite(f):
+        raise DecodeError(f"{what} is not finite")
+    return f
+
+
+def _tags(v: Any) -> dict[str, str] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise DecodeError("tags must be an object")
+    if len(v) > 32:
+        raise DecodeError("more than 32 tags")
+    return {str(k)[:64]: str(val)[:256] for k, val in v.items()}
+
+
+def _object_rows(
+    obj: dict[str, Any],
+    metric: str | None,
+    arrival: int,
+    sub: SubscriptionConfig,
+) -> Iterator[Row]:
+    ts_field = sub.timestamp_field
+    raw_ts = obj.get(ts_field)
+    if raw_ts is None:
+        raw_ts = obj.get("timestamp", obj.get("time"))
+    ts = parse_timestamp(raw_ts) if raw_ts is not None and sub.timestamp == "payload" else arrival
+    device = obj.get("device")
+    if device is not None and not isinstance(device, str):
+        raise DecodeError("device must be a string")
+    tags = _tags(obj.get("tags"))
+    if "value" in obj or "v" in obj:
+        value = obj["value"] if "value" in obj else obj["v"]
+        m = obj.get("metric", metric)
+        if not isinstance(m, str) or not m:
+            raise DecodeError("no metric: neither the topic nor the payload names one")
+        yield device, m, ts, _number(value, "value"), tags
+        return
+    found = False
+    for key, value in obj.items():
+        if key in _RESERVED or key == ts_field or key == "metric" or key == sub.id_field:
+            continue
+        yield device, str(key), ts, _number(value, f"field {key!r}"), tags
+        found = True
+    if not found:
+        raise DecodeError("object has no numeric metric fields")
+
+
+def _structured_rows(
+    data: Any,
+    metric: str | None,
+    arrival: int,
+    sub: SubscriptionConfig,
+) -> Iterator[Row]:
+    if isinstance(data, dict):
+        yield from _object_rows(data, metric, arrival, sub)
+    elif isinstance(data, list):
+        if not data:
+            raise DecodeError("empty list")
+        if len(data) > 10_000:
+            raise DecodeError("more than 10000 readings in one message")
+        for item in data:
+            if not isinstance(item, dict):
+                raise DecodeError("a list must hold objects")
+            yield from _object_rows(item, metric, arrival, sub)
+    elif isinstance(data, int | float) and not isinstance(data, bool):
+        if metric is None:
+            raise DecodeError("no metric: neither the topic nor the payload names one")
+        yield None, metric, arrival, _number(data, "value"), None
+    else:
+        raise DecodeError(f"payload is a {type(data).__name__}, expected an object")
+
+
+def _senml_rows(data: Any, arrival: int) -> Iterator[Row]:
+    if not isinstance(data, list) or not data:
+        raise DecodeError("SenML must be a non-empty array of records")
+    bn, bt, bv = "", 0.0, 0.0
+    now_s = arrival / 1000.0
+    for rec in data:
+        if not isinstance(rec, dict):
+            raise DecodeError("SenML records must be objects")
+        if "bn" in rec:
+            if not isinstance(rec["bn"], str):
+                raise DecodeError("SenML bn must be a string")
+            bn = rec["bn"]
+        if "bt" in rec:
+            bt = _number(rec["bt"], "SenML bt")
+        if "bv" in rec:
+            bv = _number(rec["bv"], "SenML bv")
+        n = rec.get("n", "")
+        if not isinstance(n, str):
+            raise DecodeError("SenML n must be a string")
+        if "v" not in rec:
+            if any(k in rec for k in ("vs", "vb", "vd", "s")):
+                continue  # string/bool/data values carry no numeric reading
+            if "bn" in rec or "bt" in rec or "bv" in rec:
+                continue  # a record that only sets base fields
+            raise DecodeError("SenML record without a value")
+        value = bv + _number(rec["v"], "SenML v")
+        t = bt + (_number(rec["t"], "SenML t") if "t" in rec else 0.0)
+        if t < 2**28:  # RFC 8428 4.5.3: relative to now
+            t = now_s + t
+        name = bn + n
+        if not name:
+            raise DecodeError("SenML record has no name")
+        device, metric = _split_senml_name(bn, n)
+        ts = parse_timestamp(t)
+        yield device, metric, ts, value, None
+
+
+def _split_senml_name(bn: str, n: str) -> tuple[str | None, str]:
+    if bn and n:
+        return bn.rstrip(":/") or None, n
+    name = bn + n
+    for sep in (":", "/"):
+        if sep in name.rstrip(sep):
+            dev, _, met = name.rstrip(sep).rpartition(sep)
+            return dev, met
+    return None, name
+
+
+def decode_payload(
+    payload: bytes,
+    sub: SubscriptionConfig,
+    metric: str | None,
+    arrival: int,
+) -> list[Row]:
+    """All readings in one payload, or DecodeError."""
+    fmt = sub.format
+    if fmt == "auto":
+        fmt = _sniff(payload)
+    try:
+        if fmt == "number":
+            try:
+                value = float(payload)
+            except ValueError:
+                raise DecodeError("payload is not a number") from None
+            if not math.isfinite(value):
+                raise DecodeError("value is not finite")
+            if metric is None:
+                raise DecodeError("no metric: neither the topic nor the payload names one")
+            return [(None, metric, arrival, value, None)]
+        if fmt in ("json", "senml"):
+            try:
+                data = json.loads(payload)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DecodeError(f"invalid JSON: {e}") from None
+            if fmt == "senml" or (sub.format == "auto" and _looks_senml(data)):
+                return list(_senml_rows(data, arrival))
+            return list(_structured_rows(data, metric, arrival, sub))
+        if fmt == "msgpack":
+            try:
+                data = msgpack.unpackb(
+                    payload, raw=False, strict_map_key=False, max_buffer_size=len(payload) + 1
+                )
+            except Exception as e:
+                raise DecodeError(f"invalid MessagePack: {type(e).__name__}") from None
+            return list(_structured_rows(data, metric, arrival, sub))
+    except RecursionError:
+        raise DecodeError("payload nests too deeply") from None
+    raise DecodeError(f"unknown format {fmt!r}")  # pragma: no cover
+
+
+def _sniff(payload: bytes) -> str:
+    head = payload.lstrip()[:1]
+    if head in (b"{", b"["):
+        return "json"
+    if head and head in b"0123456789-+.":
+        try:
+            float(payload)
+            return "number"
+        except ValueError:
+            return "json"
+    if not head:
+        raise DecodeError("empty payload")
+    return "msgpack"
+
+
+def _looks_senml(data: Any) -> bool:
+    return (
+        isinstance(data, list)
+        and bool(data)
+        and isinstance(data[0], dict)
+        and any(k in data[0] for k in ("bn", "n", "bt"))
+        and ("v" in data[0] or "bn" in data[0] or "n" in data[0])
+    )

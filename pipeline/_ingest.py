@@ -1,0 +1,139 @@
+"""MQTT messages -> a columnar batch, dead letters and message identities.
+
+Message identity (de-duplication rule): a message is identified by a keyed 128-bit hash of
+its topic and payload bytes.  The identities of committed messages are stored with the
+batch; a message the broker marks as a redelivery (DUP flag, sent after a reconnect or a
+crash of edgepipe) whose identity is already stored is acknowledged and skipped, so a
+redelivery never becomes a duplicate reading.  First deliveries are never checked, so two
+identical payloads that really were published twice are both kept; a redelivery of such
+a repeated payload is recognised as a duplicate.  Give payloads a sequence number or a
+timestamp if identical repeats matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import NamedTuple
+
+from ._codecs import TopicTemplate, decode_payload
+from ._config import SubscriptionConfig
+from ._errors import DecodeError
+from ._metrics import METRICS
+from ._model import Batch, DeadLetter, SeriesRegistry
+from ._mqtt import Message
+
+__all__ = ["Decoded", "Decoder"]
+
+log = logging.getLogger("edgepipe.ingest")
+
+_received = METRICS.counter("edgepipe_messages_received_total", "MQTT messages received", ["qos"])
+_readings_in = METRICS.counter("edgepipe_readings_in_total", "readings decoded from messages")
+_dead = METRICS.counter(
+    "edgepipe_dead_letters_total", "messages or batches dead-lettered", ["stage", "reason"]
+)
+_dupes = METRICS.counter("edgepipe_redeliveries_skipped_total", "redelivered messages skipped")
+
+
+class Decoded(NamedTuple):
+    batch: Batch
+    dead_letters: list[DeadLetter]
+    keys: list[bytes]  # identities of every QoS>0 message in this batch
+
+
+class Decoder:
+    def __init__(
+        self,
+        subscriptions: list[SubscriptionConfig],
+        registry: SeriesRegistry,
+        *,
+        device_id: str,
+        max_payload: int,
+        identity_key: bytes = b"",
+    ) -> None:
+        self.subs = [(TopicTemplate(s.topic), s) for s in subscriptions]
+        self.registry = registry
+        self.device_id = device_id
+        self.max_payload = max_payload
+        self._key = identity_key[:64]
+        self._routes: dict[str, tuple[SubscriptionConfig, str | None, str | None] | None] = {}
+
+    @property
+    def topic_filters(self) -> list[tuple[str, int]]:
+        return [(t.filter, s.qos) for t, s in self.subs]
+
+    def identity(self, m: Message) -> bytes:
+        h = hashlib.blake2b(digest_size=16, key=self._key)
+        h.update(m.topic.encode())
+        h.update(b"\0")
+        h.update(m.payload)
+        return h.digest()
+
+    def _route(self, topic: str) -> tuple[SubscriptionConfig, str | None, str | None] | None:
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        found = None
+        for tmpl, sub in self.subs:
+            hit = tmpl.match(topic)
+            if hit is not None:
+                found = (sub, hit[0], hit[1])
+                break
+        if len(self._routes) > 100_000:
+            self._routes.clear()
+        self._routes[topic] = found
+        return found
+
+    def decode(
+        self,
+        msgs: list[Message],
+        skip: set[bytes] | frozenset[bytes] = frozenset(),
+    ) -> Decoded:
+        """Decode ``msgs``; messages whose identity is in ``skip`` are already stored."""
+        batch = Batch()
+        dead: list[DeadLetter] = []
+        keys: list[bytes] = []
+        intern = self.registry.intern
+        ts_l, val_l, sid_l, fl_l = batch.ts, batch.value, batch.series, batch.flags
+        for m in msgs:
+            _received.inc(1, str(m.qos))
+            if m.qos:
+                key = self.identity(m)
+                if key in skip:
+                    _dupes.inc()
+                    continue
+                keys.append(key)
+            mark = len(sid_l)
+            try:
+                if len(m.payload) > self.max_payload:
+                    raise DecodeError(
+                        f"payload of {len(m.payload)} bytes exceeds max_payload_bytes "
+                        f"({self.max_payload})"
+                    )
+                route = self._route(m.topic)
+                if route is None:
+                    raise DecodeError("topic matches no subscription template")
+                sub, t_device, t_metric = route
+                rows = decode_payload(m.payload, sub, t_metric or sub.metric, m.arrival_ms)
+                for device, metric, ts, value, tags in rows:
+                    dev = device or t_device or sub.device
+                    if dev is None:
+                        raise DecodeError("no device: neither the topic nor the payload names one")
+                    sid = intern(dev, metric, tags)  # type: ignore[arg-type]
+                    ts_l.append(ts)
+                    val_l.append(value)
+                    sid_l.append(sid)
+                    fl_l.append(0)
+            except DecodeError as e:
+                # drop whatever this message appended before the error
+                del ts_l[mark:], val_l[mark:], sid_l[mark:], fl_l[mark:]
+                reason = e.reason
+                _dead.inc(1, "ingest", reason.split(":")[0][:60])
+                dead.append(DeadLetter(m.arrival_ms, m.topic, reason, bytes(m.payload), None))
+        _readings_in.inc(len(batch))
+        return Decoded(batch, dead, keys)
+
+    def dup_identities(self, msgs: list[Message]) -> list[bytes]:
+        """Identities of the messages the broker flagged as redeliveries."""
+        return [self.identity(m) for m in msgs if m.dup and m.qos]

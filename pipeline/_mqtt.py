@@ -1,0 +1,452 @@
+"""paho-mqtt, wrapped once for asyncio.
+
+paho's network loop is driven from the event loop (the socket is registered with
+``add_reader``/``add_writer``, keepalive from a small timer task), so there is no extra
+thread and *backpressure is real*: when the consumer falls behind, the reader is removed
+and edgepipe stops reading the socket; the broker holds the rest.
+
+QoS 1 messages are acknowledged manually (``manual_ack=True``) with :meth:`MQTTClient.ack`,
+which the runtime calls only after the readings a message produced are durably committed.
+Each connection has a *generation*; an ack for a message received on an earlier
+connection is not sent (the broker redelivers it on the new one, and the store's
+de-duplication recognises it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ._config import BrokerConfig
+from ._errors import IngestError
+
+__all__ = ["Message", "MQTTClient"]
+
+log = logging.getLogger("edgepipe.mqtt")
+
+_READS_PER_WAKE = 256
+
+
+class Message(NamedTuple):
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    dup: bool
+    arrival_ms: int
+    generation: int
+
+
+class MQTTClient:
+    """An asyncio MQTT client with manual acknowledgement and bounded buffering.
+
+    >>> async with MQTTClient(cfg, ["sensors/+/+"], device_id="pi-1") as mqtt:
+    ...     msgs = await mqtt.get_batch(500, 0.02)
+    ...     ...
+    ...     mqtt.ack(msgs)
+    """
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        subscriptions: list[tuple[str, int]],
+        *,
+        device_id: str,
+        max_pending: int = 5000,
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.subscriptions = subscriptions
+        self.device_id = device_id
+        self.max_pending = max_pending
+        self.on_state = on_state
+        self.connected = False
+        self.session_present: bool | None = None
+        self.generation = 0
+        self.stats = collections.Counter()
+        self._pending: collections.deque[Message] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._reading = False
+        self._paused = False
+        self._closing = False
+        self._interrupted = False
+        self._connected_evt = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._misc: asyncio.Task[None] | None = None
+        self._disconnected = asyncio.Event()
+        self._client = self._make_client()
+
+    # -- paho set-up ------------------------------------------------------------------
+    @property
+    def client_id(self) -> str:
+        return self.cfg.client_id or f"edgepipe-{self.device_id}"
+
+    @property
+    def status_topic(self) -> str | None:
+        t = self.cfg.status_topic
+        return t.replace("{device}", self.device_id) if t else None
+
+    def _make_client(self) -> paho.Client:
+        cfg = self.cfg
+        v5 = cfg.protocol == "5"
+        c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else False,
+            manual_ack=True,
+            reconnect_on_failure=False,
+        )
+        # paho's own outgoing queue is only used for the status messages
+        c.max_inflight_messages_set(20)
+        if cfg.username is not None:
+            password = cfg.password.get() if cfg.password is not None else None
+            c.username_pw_set(cfg.username, password)
+        if cfg.tls is not None:
+            ctx = ssl.create_default_context(
+                cafile=str(cfg.tls.ca_file) if cfg.tls.ca_file else None
+            )
+            if cfg.tls.cert_file:
+                ctx.load_cert_chain(str(cfg.tls.cert_file), str(cfg.tls.key_file))
+            if cfg.tls.insecure:
+                ctx.check_hostname = False
+            c.tls_set_context(ctx)
+        if self.status_topic:
+            c.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_socket_open = self._on_socket_open
+        c.on_socket_close = self._on_socket_close
+        c.on_socket_register_write = self._on_register_write
+        c.on_socket_unregister_write = self._on_unregister_write
+        return c
+
+    def _connect_properties(self) -> Properties | None:
+        if self.cfg.protocol != "5":
+            return None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry
+        props.ReceiveMaximum = self.cfg.receive_maximum
+        return props
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def __aenter__(self) -> MQTTClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start connecting in the background (retrying with backoff); returns at once."""
+        self._loop = asyncio.get_running_loop()
+        self._supervisor = asyncio.create_task(self._supervise(), name="mqtt-supervisor")
+        self._misc = asyncio.create_task(self._misc_loop(), name="mqtt-keepalive")
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._connected_evt.wait(), timeout)
+
+    async def close(self) -> None:
+        """Publish the offline status, disconnect, stop the background tasks. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        c = self._client
+        if self.connected:
+            try:
+                if self.status_topic:
+                    c.publish(self.status_topic, b"offline", qos=0, retain=True)
+                c.disconnect()
+                c.loop_write()
+            except Exception:  # pragma: no cover - best effort on the way out
+                pass
+        for task in (self._supervisor, self._misc):
+            if task is not None:
+                task.cancel()
+        for task in (self._supervisor, self._misc):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._remove_reader()
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_writer(self._sock)
+        try:
+            c.socket() and c.socket().close()  # type: ignore[union-attr]
+        except Exception:
+            pass
+        self._wakeup.set()
+
+    async def _supervise(self) -> None:
+        delay = self.cfg.reconnect_min_s
+        first = True
+        while not self._closing:
+            self._disconnected.clear()
+            try:
+                await self._connect(first)
+            except (OSError, IngestError, ssl.SSLError) as e:
+                wait = random.uniform(0, delay)  # full jitter
+                log.warning(
+                    "cannot connect to MQTT broker %s:%d: %s; retrying in %.1fs",
+                    self.cfg.host,
+                    self.cfg.port,
+                    e,
+                    wait,
+                )
+                self.stats["connect_failures"] += 1
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                continue
+            first = False
+            delay = self.cfg.reconnect_min_s
+            await self._disconnected.wait()
+
+    async def _connect(self, first: bool) -> None:
+        assert self._loop is not None
+        c = self._client
+        self._connack: asyncio.Future[tuple[bool, int, str]] = self._loop.create_future()
+        props = self._connect_properties()
+        v5 = self.cfg.protocol == "5"
+
+        def blocking_connect() -> None:
+            if first:
+                kw = {"clean_start": False} if v5 else {}
+                c.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive, properties=props, **kw)
+            else:
+                c.reconnect()
+
+        await self._loop.run_in_executor(None, blocking_connect)
+        try:
+            ok, rc, reason = await asyncio.wait_for(self._connack, self.cfg.keepalive)
+        except TimeoutError:
+            self._drop_socket()
+            raise IngestError("no CONNACK from broker") from None
+        if not ok:
+            self._drop_socket()
+            raise IngestError(f"broker refused the connection: {reason} (code {rc})")
+
+    def _drop_socket(self) -> None:
+        try:
+            sock = self._client.socket()
+            if sock is not None:
+                self._remove_reader()
+                sock.close()
+        except Exception:
+            pass
+
+    async def _misc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._client.socket() is not None:
+                self._client.loop_misc()
+
+    # -- paho callbacks (run in the event loop thread) --------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            if not self._connack.done():
+                self._connack.set_result((False, reason_code.value, str(reason_code)))
+            return
+        self.generation += 1
+        self.connected = True
+        self.session_present = bool(flags.session_present)
+        if not self.session_present:
+            if self.generation > 1 or self.stats["sessions"]:
+                log.warning(
+                    "broker has no session for %s: messages published while edgepipe was "
+                    "disconnected may not have been queued",
+                    self.client_id,
+                )
+            self.stats["sessions_lost"] += 1
+        self.stats["sessions"] += 1
+        self.stats["connects"] += 1
+        # resubscribe every time: harmless with a session, required without one
+        client.subscribe([(t, q) for t, q in self.subscriptions])
+        if self.status_topic:
+            client.publish(self.status_topic, b"online", qos=1, retain=True)
+        log.info(
+            "connected to %s:%d as %s (session present: %s)",
+            self.cfg.host,
+            self.cfg.port,
+            self.client_id,
+            self.session_present,
+        )
+        self._connected_evt.set()
+        if self.on_state:
+            self.on_state(True)
+        if not self._connack.done():
+            self._connack.set_result((True, 0, "ok"))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        was = self.connected
+        self.connected = False
+        self._connected_evt.clear()
+        # messages not yet handed to the runtime will be redelivered on the next session
+        dropped = len(self._pending)
+        self._pending.clear()
+        if was and not self._closing:
+            log.warning(
+                "disconnected from broker (%s); %d unacknowledged message(s) will be redelivered",
+                reason_code,
+                dropped,
+            )
+        self.stats["disconnects"] += 1
+        if self.on_state:
+            self.on_state(False)
+        self._disconnected.set()
+        self._wakeup.set()
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
+        self._pending.append(
+            Message(
+                msg.topic,
+                msg.payload,
+                msg.qos,
+                msg.mid,
+                bool(msg.dup),
+                int(time.time() * 1000),
+                self.generation,
+            )
+        )
+        if len(self._pending) >= self.max_pending:
+            self._pause()
+        self._wakeup.set()
+
+    def _on_socket_open(self, client, userdata, sock) -> None:  # noqa: ANN001
+        self._sock = sock
+        self._paused = False
+        self._add_reader()
+
+    def _on_socket_close(self, client, userdata, sock) -> None:  # noqa: ANN001
+        self._remove_reader()
+        if self._loop is not None:
+            self._loop.remove_writer(sock)
+        self._sock = None
+
+    def _on_register_write(self, client, userdata, sock) -> None:  # noqa: ANN001
+        if self._loop is not None:
+            self._loop.add_writer(sock, self._do_write)
+
+    def _on_unregister_write(self, client, userdata, sock) -> None:  # noqa: ANN001
+        if self._loop is not None:
+            self._loop.remove_writer(sock)
+
+    def _do_write(self) -> None:
+        self._client.loop_write()
+
+    def _do_read(self) -> None:
+        c = self._client
+        for _ in range(_READS_PER_WAKE):
+            if c.socket() is None or self._paused:
+                break
+            before = len(self._pending)
+            rc = c.loop_read()
+            if rc != paho.MQTT_ERR_SUCCESS or len(self._pending) == before:
+                # nothing more buffered (or an error paho already handled)
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    break
+                if not _has_data(c.socket()):
+                    break
+
+    # -- backpressure -----------------------------------------------------------------
+    def _add_reader(self) -> None:
+        if self._sock is not None and self._loop is not None and not self._reading:
+            self._loop.add_reader(self._sock, self._do_read)
+            self._reading = True
+
+    def _remove_reader(self) -> None:
+        if self._sock is not None and self._loop is not None and self._reading:
+            self._loop.remove_reader(self._sock)
+        self._reading = False
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._remove_reader()
+            self.stats["pauses"] += 1
+
+    def _maybe_resume(self) -> None:
+        if self._paused and len(self._pending) < self.max_pending // 2:
+            self._paused = False
+            self._add_reader()
+
+    def interrupt(self) -> None:
+        """Stop reading the socket and make :meth:`get_batch` return what is buffered."""
+        self._interrupted = True
+        self._pause()
+        self._wakeup.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- consuming --------------------------------------------------------------------
+    async def get_batch(self, max_messages: int, max_delay: float) -> list[Message]:
+        """Wait for at least one message, then up to ``max_delay`` seconds more to fill
+        the batch to ``max_messages``.  Returns [] only when closing."""
+        pending = self._pending
+        while not pending:
+            if self._closing or self._interrupted:
+                return []
+            self._wakeup.clear()
+            self._maybe_resume()
+            await self._wakeup.wait()
+        if len(pending) < max_messages and max_delay > 0:
+            deadline = time.monotonic() + max_delay
+            while len(pending) < max_messages and not (self._closing or self._interrupted):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                except TimeoutError:
+                    break
+        n = min(max_messages, len(pending))
+        out = [pending.popleft() for _ in range(n)]
+        self._maybe_resume()
+        return out
+
+    def ack(self, messages: list[Message]) -> int:
+        """Acknowledge ``messages`` (in arrival order); returns how many acks were sent."""
+        c = self._client
+        gen = self.generation
+        sent = 0
+        if not self.connected:
+            return 0
+        for m in messages:
+            if m.qos and m.generation == gen:
+                c.ack(m.mid, m.qos)
+                sent += 1
+        if sent and self._sock is not None:
+            c.loop_write()
+        return sent
+
+
+def _has_data(sock: socket.socket | None) -> bool:
+    if sock is None:
+        return False
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes buffered
+        return True
+    try:
+        # the plain socket's recv, also for TLS sockets: any raw byte means progress
+        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False

@@ -1,0 +1,294 @@
+"""The edge process: ingest -> filter chain -> store -> acknowledge, and sync beside it.
+
+One asyncio loop.  The order of a batch's life is the no-loss rule made code:
+
+1. take up to ``batch.max_messages`` messages (or what arrived in ``max_delay_ms``);
+2. skip redeliveries whose identity is already stored; decode the rest (bad payloads
+   become dead letters);
+3. run the filter chain over the whole batch;
+4. commit readings, dead letters, message identities and filter state in ONE transaction;
+5. only then acknowledge the messages to the broker, in arrival order.
+
+While step 4 waits on the disk, the loop keeps reading the socket into the next batch,
+up to ``batch.max_pending`` messages; past that edgepipe stops reading and the broker
+holds the rest.  A full store stops acknowledging (the broker buffers) and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ._config import PipelineConfig
+from ._errors import ConfigError, EdgepipeError, StoreError, StoreFullError
+from ._metrics import METRICS
+from ._model import Batch, DeadLetter
+
+__all__ = ["Pipeline"]
+
+log = logging.getLogger("edgepipe")
+
+_batches = METRICS.counter("edgepipe_batches_total", "batches processed")
+_readings_out = METRICS.counter("edgepipe_readings_out_total", "readings leaving the chain")
+_acked = METRICS.counter("edgepipe_messages_acked_total", "QoS 1 messages acknowledged")
+_store_full = METRICS.gauge("edgepipe_store_full", "1 while the store refuses writes")
+_backlog = METRICS.gauge("edgepipe_sync_backlog_readings", "readings not yet synced")
+_store_bytes = METRICS.gauge("edgepipe_store_bytes", "size of the store file")
+
+
+class _NoChain:
+    """The chain when none is configured: readings pass through unchanged."""
+
+    stopped = None
+
+    def process(self, batch: Batch) -> Any:
+        return _Result(batch, [])
+
+    def flush(self) -> Any:
+        return _Result(Batch(), [])
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {}
+
+    def restore(self, states: dict[str, bytes]) -> None:
+        pass
+
+    def describe(self) -> list[dict[str, Any]]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class _Result:
+    __slots__ = ("batch", "dead_letters")
+
+    def __init__(self, batch: Batch, dead_letters: list[DeadLetter]) -> None:
+        self.batch, self.dead_letters = batch, dead_letters
+
+
+class Pipeline:
+    """A running edgepipe: ``await Pipeline(cfg).run(stop_event)``."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.store: Any = None
+        self.chain: Any = None
+        self.mqtt: Any = None
+        self.sync: Any = None
+        self.decoder: Any = None
+        self._stop = asyncio.Event()
+        self._store_ok = True
+        self._chain_ok = False
+        self.started_at = time.monotonic()
+        self.first_commit_at: float | None = None
+
+    # -- readiness (for /readyz) ------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        if not self._chain_ok:
+            return False, "filter chain not loaded"
+        if not self._store_ok:
+            return False, "store is not writable"
+        if self.mqtt is None or not self.mqtt.connected:
+            return False, "not connected to the MQTT broker"
+        return True, "ready"
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.mqtt is not None:
+            self.mqtt.interrupt()
+
+    # -- set-up -----------------------------------------------------------------------
+    async def _open(self) -> None:
+        from storage import Keyring, Store
+
+        from ._ingest import Decoder
+        from ._mqtt import MQTTClient
+
+        cfg = self.cfg
+        if cfg.store.key is None:
+            raise ConfigError("store.key is required (a keyring file, env var or secret)")
+        keyring = Keyring.from_secret(cfg.store.key)
+        self.store = await Store.open(
+            cfg.resolve(cfg.store.path),
+            keyring,
+            device_id=cfg.device.id,
+            quota_bytes=int(cfg.store.quota_mb * 1024 * 1024),
+            synchronous=cfg.store.synchronous,
+        )
+        self.chain = self._build_chain()
+        self.chain.restore(await self.store.load_states())
+        self._chain_ok = True
+        self.decoder = Decoder(
+            cfg.subscriptions,
+            self.store.registry,
+            device_id=cfg.device.id,
+            max_payload=cfg.batch.max_payload_bytes,
+            identity_key=keyring.derive("message-identity"),
+        )
+        self.mqtt = MQTTClient(
+            cfg.broker,
+            self.decoder.topic_filters,
+            device_id=cfg.device.id,
+            max_pending=cfg.batch.max_pending,
+        )
+
+    def _build_chain(self) -> Any:
+        if not self.cfg.chain:
+            return _NoChain()
+        from ._chain import Chain
+
+        cache = self.cfg.resolve(self.cfg.store.path).parent / ".edgepipe-cache"
+        return Chain.build(
+            list(self.cfg.chain), self.store.registry, base_dir=self.cfg.base_dir, cache_dir=cache
+        )
+
+    def _start_sync(self) -> asyncio.Task[None] | None:
+        cfg = self.cfg.sync
+        if not cfg.enabled:
+            return None
+        from sync import SyncWorker
+
+        secret = cfg.device_secret.get() if cfg.device_secret is not None else None
+        self.sync = SyncWorker(self.store, cfg, device_id=self.cfg.device.id, secret=secret)
+        return asyncio.create_task(self.sync.run(self._stop), name="sync")
+
+    # -- the loop ---------------------------------------------------------------------
+    async def run(self) -> int:
+        """Run until :meth:`stop`; returns the process exit code."""
+        tasks: list[asyncio.Task[Any]] = []
+        health = None
+        try:
+            await self._open()
+            if self.cfg.metrics.listen:
+                health = await self._start_health()
+            await self.mqtt.start()
+            t = self._start_sync()
+            if t is not None:
+                tasks.append(t)
+            tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
+            code = await self._consume()
+            await self._flush_chain()
+            return code
+        finally:
+            self._stop.set()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.mqtt is not None:
+                await self.mqtt.close()
+            if self.sync is not None:
+                self.sync.close()
+            if self.chain is not None:
+                self.chain.close()
+            if health is not None:
+                await health.close()
+            if self.store is not None:
+                await self.store.close()
+
+    async def _start_health(self) -> Any:
+        from ._http import HealthServer
+
+        server = HealthServer(self.cfg.metrics.listen, self.ready, METRICS)
+        await server.start()
+        return server
+
+    async def _consume(self) -> int:
+        bc = self.cfg.batch
+        mqtt = self.mqtt
+        delay = bc.max_delay_ms / 1000
+        while not self._stop.is_set():
+            msgs = await mqtt.get_batch(bc.max_messages, delay)
+            if not msgs:
+                continue
+            if not await self._handle(msgs):
+                return 1
+        # stopping: finish what was already taken off the socket
+        mqtt.interrupt()
+        while True:
+            msgs = await mqtt.get_batch(bc.max_messages, 0)
+            if not msgs or not await self._handle(msgs):
+                break
+        return 0
+
+    async def _handle(self, msgs: list[Any]) -> bool:
+        """Process, commit, acknowledge one batch.  False: the pipeline must stop."""
+        decoder, store, chain = self.decoder, self.store, self.chain
+        dups = decoder.dup_identities(msgs)
+        skip = await store.seen(dups) if dups else set()
+        dec = decoder.decode(msgs, skip)
+        result = chain.process(dec.batch)
+        if chain.stopped:
+            log.error("stopping: %s (the batch was not acknowledged)", chain.stopped)
+            return False
+        dead = dec.dead_letters + list(result.dead_letters)
+        await self._commit(result.batch, dead, dec.keys, chain.snapshot())
+        n = self.mqtt.ack(msgs)
+        _acked.inc(n)
+        _batches.inc()
+        _readings_out.inc(len(result.batch))
+        if self.sync is not None:
+            self.sync.notify()
+        return True
+
+    async def _commit(
+        self, batch: Batch, dead: list[DeadLetter], keys: list[bytes], states: dict[str, bytes]
+    ) -> None:
+        wait = 0.5
+        while True:
+            try:
+                await self.store.commit(batch, dead, keys, states)
+                if self.first_commit_at is None:
+                    self.first_commit_at = time.monotonic()
+                if not self._store_ok:
+                    log.warning("store is writable again; resuming")
+                    _store_full.set(0)
+                self._store_ok = True
+                return
+            except (StoreFullError, StoreError) as e:
+                if self._store_ok:
+                    log.error(
+                        "ALARM: cannot commit (%s); not acknowledging, the broker "
+                        "buffers until space returns",
+                        e,
+                    )
+                self._store_ok = False
+                _store_full.set(1)
+                # keep the batch in hand; the socket reader pauses once max_pending is hit
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 10.0)
+
+    async def _flush_chain(self) -> None:
+        try:
+            result = self.chain.flush()
+        except EdgepipeError as e:
+            log.error("flushing the chain failed: %s", e)
+            return
+        if len(result.batch) or result.dead_letters:
+            await self.store.commit(
+                result.batch, list(result.dead_letters), (), self.chain.snapshot()
+            )
+
+    async def _gauges(self) -> None:
+        while True:
+            try:
+                s = await self.store.stats()
+                _backlog.set(s["unsynced_readings"])
+                _store_bytes.set(s["db_bytes"])
+            except EdgepipeError:
+                pass
+            await asyncio.sleep(5)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def state_dir(cfg: PipelineConfig) -> Path:
+    return cfg.resolve(cfg.store.path).parent

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import argparse
+
+from . import add_config_arg
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the pipeline (SIGTERM/SIGINT: finish the batch, exit 0)")
+    add_config_arg(p)
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override log_level from the config",
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from .._loader import load_config
+    from .._runtime import Pipeline, configure_logging
+
+    cfg = load_config(args.config)
+    configure_logging(args.log_level or cfg.log_level)
+
+    async def main() -> int:
+        pipeline = Pipeline(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, pipeline.stop)
+        return await pipeline.run()
+
+    return asyncio.run(main())

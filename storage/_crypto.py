@@ -1,0 +1,194 @@
+"""Keys and authenticated encryption for the local store.
+
+A *keyring* is a small text file (or environment variable, or Kubernetes Secret) with one
+key per line, ``<key id> <base64url of 32 random bytes>``; the last line is the active key
+(new writes), older lines keep old rows readable.  Every row stores the id of the key that
+encrypted it.
+
+Rows are sealed with AES-256-GCM under a random 96-bit nonce.  The associated data binds
+each ciphertext to its place (device id, table, row key, key id, schema version), so a row
+copied to another place, another table or another device fails authentication.  The
+number of encryptions per key is counted in the store; NIST SP 800-38D allows 2**32
+random-nonce encryptions per key, edgepipe warns at 2**28 and refuses new writes at 2**31,
+long before the limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from pipeline._errors import KeyError_, TamperedError
+
+__all__ = [
+    "KEY_WARN_AT",
+    "KEY_REFUSE_AT",
+    "Keyring",
+    "Sealer",
+    "generate_key_line",
+]
+
+SCHEMA_VERSION = 1
+KEY_WARN_AT = 2**28
+KEY_REFUSE_AT = 2**31
+
+
+def _b64d(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def _b64e(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def generate_key_line(key_id: str | None = None) -> str:
+    key = secrets.token_bytes(32)
+    kid = key_id or "k" + secrets.token_hex(4)
+    return f"{kid} {_b64e(key)}"
+
+
+class Keyring:
+    """Store keys by id; ``active`` encrypts new rows.  Never printable."""
+
+    __slots__ = ("_keys", "active_id", "source")
+
+    def __init__(self, keys: dict[str, bytes], active_id: str, source: str = "keyring") -> None:
+        if active_id not in keys:
+            raise KeyError_(f"active key {active_id!r} is not in the keyring")
+        self._keys = dict(keys)
+        self.active_id = active_id
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"<Keyring {len(self._keys)} key(s), active {self.active_id!r} from {self.source}>"
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._keys)
+
+    def key(self, key_id: str) -> bytes:
+        try:
+            return self._keys[key_id]
+        except KeyError:
+            raise KeyError_(
+                f"no key with id {key_id!r} in the keyring from {self.source}; rows written "
+                "with it cannot be read until that key is added back"
+            ) from None
+
+    def derive(self, purpose: str) -> bytes:
+        """A sub-key for ``purpose`` from the active key (e.g. message identities)."""
+        return hashlib.blake2b(
+            purpose.encode(), key=self._keys[self.active_id], digest_size=32
+        ).digest()
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> Keyring:
+        keys: dict[str, bytes] = {}
+        active = None
+        for n, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) == 1:  # a bare key: its id is derived from it
+                material = parts[0]
+                try:
+                    key = _b64d(material)
+                except ValueError:
+                    raise KeyError_(f"{source}: line {n}: not a base64 key") from None
+                kid = "k" + hashlib.sha256(key).hexdigest()[:8]
+            elif len(parts) == 2:
+                kid, material = parts
+                try:
+                    key = _b64d(material)
+                except ValueError:
+                    raise KeyError_(f"{source}: line {n}: not a base64 key") from None
+            else:
+                raise KeyError_(f"{source}: line {n}: expected '<key id> <base64 key>'")
+            if len(key) != 32:
+                raise KeyError_(f"{source}: line {n}: a key must be 32 bytes, not {len(key)}")
+            if kid in keys and keys[kid] != key:
+                raise KeyError_(f"{source}: line {n}: key id {kid!r} appears twice")
+            keys[kid] = key
+            active = kid
+        if active is None:
+            raise KeyError_(f"{source}: no key found")
+        return cls(keys, active, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Keyring:
+        path = Path(path)
+        try:
+            st = path.stat()  # follows symlinks: Kubernetes Secret mounts are links
+        except OSError as e:
+            raise KeyError_(f"cannot read store key file {path}: {e.strerror}") from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyError_(
+                f"store key file {path} is readable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise KeyError_(f"cannot read store key file {path}: {e.strerror}") from None
+        return cls.parse(text, str(path))
+
+    @classmethod
+    def from_secret(cls, secret: object) -> Keyring:
+        """From a config :class:`~pipeline._config.Secret` (file, env or inline)."""
+        file = getattr(secret, "file", None)
+        if file is not None:
+            return cls.from_file(file)
+        env = getattr(secret, "env", None)
+        if env is not None:
+            text = os.environ.get(env)
+            if not text:
+                raise KeyError_(f"environment variable {env} (the store key) is not set")
+            return cls.parse(text, f"${env}")
+        return cls.parse(secret.get(), "inline config")  # type: ignore[attr-defined]
+
+
+class Sealer:
+    """Seal/open rows with AES-256-GCM and place-binding associated data."""
+
+    def __init__(self, keyring: Keyring, device_id: str) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self.keyring = keyring
+        self.device = device_id.encode()
+        self._aead = {kid: AESGCM(keyring.key(kid)) for kid in keyring.ids}
+
+    def _aad(self, table: str, row: int | str, key_id: str) -> bytes:
+        return b"edgepipe|%s|%s|%s|%s|v%d" % (
+            self.device,
+            table.encode(),
+            str(row).encode(),
+            key_id.encode(),
+            SCHEMA_VERSION,
+        )
+
+    def seal(self, table: str, row: int | str, plaintext: bytes) -> tuple[str, bytes]:
+        """-> (key id, nonce || ciphertext)."""
+        kid = self.keyring.active_id
+        nonce = os.urandom(12)
+        return kid, nonce + self._aead[kid].encrypt(nonce, plaintext, self._aad(table, row, kid))
+
+    def open(self, table: str, row: int | str, key_id: str, blob: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        aead = self._aead.get(key_id)
+        if aead is None:
+            self.keyring.key(key_id)  # raises the explanatory KeyError_
+        try:
+            return aead.decrypt(blob[:12], blob[12:], self._aad(table, row, key_id))  # type: ignore[union-attr]
+        except InvalidTag:
+            raise TamperedError(
+                f"{table} row {row} failed authentication (modified, moved, or not written "
+                f"by this device with key {key_id!r})",
+                table=table,
+                seq=row if isinstance(row, int) else None,
+            ) from None
