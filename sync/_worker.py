@@ -103,7 +103,7 @@ class SyncWorker:
         self.store = store
         self.cfg = cfg
         self.device_id = device_id
-        self._secret = (secret or "").encode()
+        self._secret = _secret_bytes(secret)
         self.link = link
         self.status = SyncStatus(link=link)
         self._wake = asyncio.Event()
@@ -265,6 +265,19 @@ class SyncWorker:
             self.status.day, self.status.bytes_today = day, {}
         self.status.bytes_today[self.link] = self.status.bytes_today.get(self.link, 0) + n
         _bytes_sent.inc(n, self.link)
+
+
+def _secret_bytes(secret: str | None) -> bytes:
+    """The device secret as printed by ``edgepipe-cloud devices add`` (hex) -> key bytes."""
+    if not secret:
+        raise SyncError("sync.device_secret is not set (edgepipe-cloud devices add NAME prints it)")
+    try:
+        key = bytes.fromhex(secret.strip())
+    except ValueError:
+        raise SyncError("sync.device_secret is not the hex string the receiver issued") from None
+    if len(key) < 16:
+        raise SyncError("sync.device_secret is too short")
+    return key
 
 
 def _retry_after(v: str | None) -> float | None:
