@@ -1,0 +1,401 @@
+"""The filter chain: Wasm stages in order, with error policy, circuit breakers and state.
+
+``Chain.build(stages, registry, base_dir=..., cache_dir=...)`` loads every stage (a bad
+module raises :class:`FilterLoadError` naming the stage); ``process(batch)`` runs a batch
+through them.  A stage only sees the records its ``match:`` selects; the others are
+passed on after its output.  When a stage fails (trap, exhausted limit, malformed
+output) its instance is rebuilt from its last good state and ``on_error`` decides:
+
+* ``dead_letter`` -- the stage's input goes to a :class:`DeadLetter` and is dropped;
+* ``pass``        -- the stage's input goes on unchanged, as if the stage were absent;
+* ``stop``        -- :attr:`Chain.stopped` is set; the runtime stops without acking.
+
+A stage that fails ``limits.breaker_failures`` batches in a row is *tripped*: for
+``limits.breaker_cooldown_s`` its batches take the ``on_error`` path without calling the
+guest, then one batch is tried again (half-open).
+
+Stateful stages are snapshotted after every successful batch; :meth:`Chain.snapshot`
+returns those blobs for the store to commit with the batch, and a trap restores them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ._aot import ModuleCache
+from ._config import StageConfig
+from ._errors import FilterError, FilterLoadError, FilterRuntimeError
+from ._metrics import METRICS
+from ._model import Batch, DeadLetter, SeriesRegistry
+from ._wasm import LoadedModule, WasmStage, engine, engine_settings, load_module
+
+__all__ = ["Chain", "ChainResult"]
+
+log = logging.getLogger("edgepipe.chain")
+
+_RECORDS = METRICS.counter(
+    "edgepipe_stage_records_total",
+    "Records into and out of each filter stage",
+    ("stage", "direction"),
+)
+_DROPPED = METRICS.counter(
+    "edgepipe_readings_dropped_total", "Readings dropped, by stage and reason", ("stage", "reason")
+)
+_ERRORS = METRICS.counter(
+    "edgepipe_stage_errors_total", "Filter stage failures, by trap/error code", ("stage", "code")
+)
+_BREAKER = METRICS.gauge(
+    "edgepipe_stage_breaker_open", "1 while a stage's circuit breaker is tripped", ("stage",)
+)
+_SECONDS = METRICS.counter(
+    "edgepipe_stage_seconds_total", "Time spent in each filter stage", ("stage",)
+)
+
+
+class ChainResult(NamedTuple):
+    batch: Batch
+    dead_letters: list[DeadLetter]
+
+
+class _Breaker:
+    __slots__ = ("threshold", "cooldown", "failures", "open_until", "trips")
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self.threshold, self.cooldown = threshold, cooldown
+        self.failures = 0
+        self.open_until = 0.0
+        self.trips = 0
+
+    def status(self, now: float | None = None) -> str:
+        if self.failures < self.threshold:
+            return "closed"
+        now = time.monotonic() if now is None else now
+        return "open" if now < self.open_until else "half_open"
+
+    def allows(self) -> bool:
+        return self.failures < self.threshold or time.monotonic() >= self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+
+    def failure(self) -> bool:
+        """Count a failure; True when this trips (or re-trips) the breaker."""
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = time.monotonic() + self.cooldown
+            self.trips += 1
+            return True
+        return False
+
+
+class _Slot:
+    """A stage in the chain plus everything the chain keeps about it."""
+
+    def __init__(self, cfg: StageConfig, stage: WasmStage) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.stage = stage
+        self.breaker = _Breaker(cfg.limits.breaker_failures, cfg.limits.breaker_cooldown_s)
+        self.good_state: bytes | None = None  # last snapshot after a successful batch
+        m = cfg.match
+        self.devices = m.devices
+        self.metrics = m.metrics
+        self.match_all = m.devices is None and m.metrics is None
+        self._matches: dict[int, bool] = {}
+        self.last_error: str | None = None
+        self.batches = self.failures = 0
+
+    def matches(self, sid: int, registry: SeriesRegistry) -> bool:
+        hit = self._matches.get(sid)
+        if hit is None:
+            key = registry.key(sid)
+            hit = (
+                self.devices is None
+                or any(fnmatch.fnmatchcase(key.device, p) for p in self.devices)
+            ) and (
+                self.metrics is None
+                or any(fnmatch.fnmatchcase(key.metric, p) for p in self.metrics)
+            )
+            self._matches[sid] = hit
+        return hit
+
+    def split(self, batch: Batch, registry: SeriesRegistry) -> tuple[Batch, Batch | None]:
+        if self.match_all:
+            return batch, None
+        hits = [self.matches(s, registry) for s in batch.series]
+        if all(hits):
+            return batch, None
+        if not any(hits):
+            return Batch(), batch
+        return (
+            batch.take(i for i, h in enumerate(hits) if h),
+            batch.take(i for i, h in enumerate(hits) if not h),
+        )
+
+
+class Chain:
+    """An ordered list of Wasm stages (see the module docstring)."""
+
+    def __init__(self, slots: list[_Slot], registry: SeriesRegistry) -> None:
+        self._slots = slots
+        self.registry = registry
+        self.stopped: str | None = None
+        self._closed = False
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        stages: Iterable[StageConfig],
+        registry: SeriesRegistry,
+        *,
+        base_dir: Path,
+        cache_dir: Path | None,
+        loaded: dict[str, LoadedModule] | None = None,
+    ) -> Chain:
+        """Load, validate and instantiate every stage; raise :class:`FilterLoadError`.
+
+        ``loaded`` maps stage names to modules compiled beforehand (see
+        :func:`compile_stages`), so a hot swap only instantiates on the caller's thread.
+        """
+        cache = ModuleCache(cache_dir, engine(), engine_settings())
+        slots: list[_Slot] = []
+        seen: set[str] = set()
+        try:
+            for cfg in stages:
+                if cfg.name in seen:
+                    raise FilterLoadError("stage name is used twice", stage=cfg.name, code="name")
+                seen.add(cfg.name)
+                mod = (loaded or {}).get(cfg.name)
+                stage = WasmStage(cfg, registry, base_dir=base_dir, cache=cache, loaded=mod)
+                slots.append(_Slot(cfg, stage))
+        except BaseException:
+            for slot in slots:
+                slot.stage.close()
+            raise
+        return cls(slots, registry)
+
+    # -- running -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self._slots]
+
+    def process(self, batch: Batch) -> ChainResult:
+        if self._closed:
+            raise FilterRuntimeError("the chain is closed", code="closed")
+        if self.stopped is not None:
+            raise FilterRuntimeError(f"the chain stopped: {self.stopped}", code="stopped")
+        dead: list[DeadLetter] = []
+        for slot in self._slots:
+            if not len(batch):
+                break
+            out = self._run(slot, batch, dead)
+            if out is None:
+                return ChainResult(Batch(), dead)
+            batch = out
+        return ChainResult(batch, dead)
+
+    def _run(self, slot: _Slot, batch: Batch, dead: list[DeadLetter]) -> Batch | None:
+        sub, rest = slot.split(batch, self.registry)
+        if not len(sub):
+            return batch
+        name = slot.name
+        n = len(sub)
+        _RECORDS.inc(n, name, "in")
+        if not slot.breaker.allows():
+            err = FilterRuntimeError("circuit breaker open", stage=name, code="breaker_open")
+            out = self._failed(slot, sub, err, dead, call_guest=False)
+        else:
+            t0 = time.perf_counter()
+            try:
+                out = slot.stage.process(sub)
+                if slot.stage.stateful:
+                    slot.good_state = slot.stage.snapshot()
+            except FilterRuntimeError as err:
+                out = self._failed(slot, sub, err, dead)
+            else:
+                slot.batches += 1
+                if slot.breaker.failures:
+                    slot.breaker.success()
+                    _BREAKER.set(0, name)
+            _SECONDS.inc(time.perf_counter() - t0, name)
+        if out is None:
+            return None
+        m = len(out)
+        _RECORDS.inc(m, name, "out")
+        if m < n and out is not sub and slot.cfg.kind != "expand":
+            reason = "aggregated" if slot.cfg.kind == "aggregate" else "filtered"
+            _DROPPED.inc(n - m, name, reason)
+        if rest is not None:
+            out.extend(rest)
+        return out
+
+    def _failed(
+        self,
+        slot: _Slot,
+        sub: Batch,
+        err: FilterError,
+        dead: list[DeadLetter],
+        *,
+        call_guest: bool = True,
+    ) -> Batch | None:
+        """Apply the stage's on_error policy; the batch to pass on, or None when stopped."""
+        name, code = slot.name, err.code or "error"
+        _ERRORS.inc(1, name, code)
+        slot.failures += 1
+        slot.last_error = f"{code}: {err.message}"
+        if call_guest:
+            log.warning("stage %s failed (%s): %s", name, code, err.message)
+            if slot.breaker.failure():
+                _BREAKER.set(1, name)
+                log.error(
+                    "stage %s failed %d batches in a row: circuit breaker open for %.0f s",
+                    name,
+                    slot.breaker.failures,
+                    slot.breaker.cooldown,
+                )
+            self._reset(slot)
+        policy = slot.cfg.on_error
+        if policy == "stop":
+            self.stopped = f"stage {name}: {code}: {err.message}"
+            return None
+        if policy == "pass":
+            return sub
+        dead.append(
+            DeadLetter(
+                ts=int(time.time() * 1000),
+                topic="",
+                reason=f"stage {name}: trap: {code}",
+                payload=sub.pack(),
+                stage=name,
+            )
+        )
+        _DROPPED.inc(len(sub), name, "dead_letter")
+        return Batch()
+
+    def _reset(self, slot: _Slot) -> None:
+        try:
+            slot.stage.reset(slot.good_state)
+        except FilterError as e:
+            # the next batch retries; until then every batch fails fast into on_error
+            log.error("stage %s could not be re-instantiated: %s", slot.name, e.message)
+
+    def flush(self) -> ChainResult:
+        """Emit pending aggregate output (``ep_flush``), carried through later stages."""
+        dead: list[DeadLetter] = []
+        carry = Batch()
+        for slot in self._slots:
+            if len(carry):
+                out = self._run(slot, carry, dead)
+                if out is None:
+                    return ChainResult(Batch(), dead)
+                carry = out
+            if not slot.stage.has_flush:
+                continue
+            try:
+                flushed = slot.stage.flush()
+                if slot.stage.stateful:
+                    slot.good_state = slot.stage.snapshot()
+            except FilterRuntimeError as err:
+                if self._failed(slot, Batch(), err, dead) is None:
+                    return ChainResult(Batch(), dead)
+                continue
+            _RECORDS.inc(len(flushed), slot.name, "out")
+            carry.extend(flushed)
+        return ChainResult(carry, dead)
+
+    # -- state ---------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, bytes]:
+        """Stage name -> state blob (stateful stages), as of the last successful batch."""
+        out: dict[str, bytes] = {}
+        for slot in self._slots:
+            if slot.stage.stateful:
+                if slot.good_state is None:
+                    slot.good_state = slot.stage.snapshot()
+                out[slot.name] = slot.good_state
+        return out
+
+    def restore(self, states: dict[str, bytes]) -> None:
+        """Load state blobs saved by :meth:`snapshot` (unknown stage names are ignored)."""
+        by_name = {s.name: s for s in self._slots}
+        for name, blob in states.items():
+            slot = by_name.get(name)
+            if slot is None or not slot.stage.stateful:
+                log.info("ignoring saved state of stage %s (not in this chain)", name)
+                continue
+            try:
+                slot.stage.restore(blob)
+            except FilterRuntimeError as e:
+                raise FilterLoadError(
+                    f"cannot restore saved state: {e.message}", stage=name, code="restore"
+                ) from None
+            slot.good_state = blob
+
+    def hand_over(self, new: Chain) -> ChainResult:
+        """Swap to ``new``: flush this chain, move state to same-named stages running the
+        same module, close this chain.  Store the returned output like any batch."""
+        result = self.flush()
+        states = self.snapshot()
+        same = {
+            s.name
+            for s in new._slots
+            for o in self._slots
+            if s.name == o.name and s.stage.loaded.sha256 == o.stage.loaded.sha256
+        }
+        new.restore({k: v for k, v in states.items() if k in same})
+        self.close()
+        return result
+
+    # -- status ----------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        out = []
+        for slot in self._slots:
+            st = slot.stage
+            out.append(
+                {
+                    "name": slot.name,
+                    "kind": slot.cfg.kind,
+                    "module": str(st.loaded.path),
+                    "sha256": st.loaded.sha256,
+                    "stateful": st.stateful,
+                    "state_bytes": len(slot.good_state or b""),
+                    "on_error": slot.cfg.on_error,
+                    "breaker": slot.breaker.status(now),
+                    "consecutive_failures": slot.breaker.failures,
+                    "batches": slot.batches,
+                    "failures": slot.failures,
+                    "instances": st.instances,
+                    "last_error": slot.last_error,
+                }
+            )
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for slot in self._slots:
+            slot.stage.close()
+
+    def __enter__(self) -> Chain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def compile_stages(
+    stages: Iterable[StageConfig], *, base_dir: Path, cache_dir: Path | None
+) -> dict[str, LoadedModule]:
+    """Validate and compile every stage's module (thread-safe; fills the AOT cache)."""
+    cache = ModuleCache(cache_dir, engine(), engine_settings())
+    return {cfg.name: load_module(cfg, base_dir, cache) for cfg in stages}
