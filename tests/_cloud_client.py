@@ -1,0 +1,184 @@
+"""A tiny device-side client of the sync wire protocol v1 for the receiver's tests, and a
+real uvicorn server on a free loopback port.
+
+It is written from docs/sync-protocol.md, independently of the edge worker, and signs with
+``sync._signing`` (the module both sides share).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import msgpack
+import psycopg
+import uvicorn
+import zstandard
+
+from sync import _signing
+
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+PATH = "/v1/batches"
+
+Reading = tuple[
+    str, str, dict[str, str] | None, int, float, int
+]  # source, metric, tags, ts, val, flags
+
+
+def make_batch(seq: int, readings: Sequence[Reading]) -> bytes:
+    """One batch's msgpack bytes (columnar, with a batch-local series table)."""
+    series: list[list[Any]] = []
+    index: dict[tuple, int] = {}
+    sid, ts, val, flags = [], [], [], []
+    for source, metric, tags, t, v, f in readings:
+        key = (source, metric, tuple(sorted((tags or {}).items())))
+        if key not in index:
+            index[key] = len(series)
+            series.append([source, metric, tags])
+        sid.append(index[key])
+        ts.append(t)
+        val.append(v)
+        flags.append(f)
+    return msgpack.packb(
+        {"seq": seq, "series": series, "sid": sid, "ts": ts, "val": val, "flags": flags}
+    )
+
+
+def series_readings(
+    n: int, *, start: int = 1_700_000_000_000, metric: str = "temp"
+) -> list[Reading]:
+    return [("sensor-1", metric, None, start + i * 1000, float(i), 0) for i in range(n)]
+
+
+def encode(body: bytes, encoding: str) -> bytes:
+    if encoding == "zstd":
+        return zstandard.ZstdCompressor().compress(body)
+    if encoding == "gzip":
+        return gzip.compress(body)
+    return body
+
+
+class DeviceClient:
+    """Signs, compresses and posts uploads as device ``name``."""
+
+    def __init__(self, base_url: str, name: str, secret: bytes, encoding: str = "zstd") -> None:
+        self.base_url, self.name, self.secret, self.encoding = base_url, name, secret, encoding
+        self.http = httpx.Client(base_url=base_url, timeout=30)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def body(
+        self,
+        batches: Sequence[bytes],
+        *,
+        status: dict[str, Any] | None = None,
+        dead_letters: list[dict[str, Any]] | None = None,
+        device: str | None = None,
+    ) -> bytes:
+        top: dict[str, Any] = {
+            "v": 1,
+            "device": device or self.name,
+            "status": status
+            or {
+                "backlog_batches": 0,
+                "backlog_readings": 0,
+                "oldest_unsynced_ms": None,
+                "dead_letters": 0,
+                "link": "wifi",
+            },
+            "batches": list(batches),
+        }
+        if dead_letters is not None:
+            top["dead_letters"] = dead_letters
+        return msgpack.packb(top, use_bin_type=True)
+
+    def post_raw(
+        self,
+        sent: bytes,
+        *,
+        encoding: str | None = None,
+        timestamp: int | None = None,
+        nonce: str | None = None,
+        secret: bytes | None = None,
+        signed_body: bytes | None = None,
+        link: str = "wifi",
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """Post ``sent`` as is (already encoded); the signature covers ``signed_body`` if
+        given (to forge), else ``sent``."""
+        ts = int(time.time()) if timestamp is None else timestamp
+        h = _signing.signed_headers(
+            secret or self.secret,
+            self.name,
+            PATH,
+            sent if signed_body is None else signed_body,
+            timestamp=ts,
+            nonce=nonce,
+            link=link,
+        )
+        h["Content-Type"] = _signing.CONTENT_TYPE
+        h["Content-Encoding"] = encoding or self.encoding
+        h.update(headers or {})
+        return self.http.post(PATH, content=sent, headers=h)
+
+    def upload(self, batches: Sequence[bytes], **kw: Any) -> httpx.Response:
+        post_kw = {k: kw.pop(k) for k in list(kw) if k in ("timestamp", "nonce", "secret", "link")}
+        return self.post_raw(encode(self.body(batches, **kw), self.encoding), **post_kw)
+
+
+class LiveServer:
+    """uvicorn serving ``app`` on a free loopback port, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+        )
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+        self.sock.close()
+
+
+@contextmanager
+def pg_schema_url() -> Iterator[str]:
+    """A PostgreSQL URL whose tables live in a fresh schema, dropped afterwards."""
+    schema = f"test_cloud_{uuid.uuid4().hex[:12]}"
+    try:
+        yield f"{PG_DSN}?schema={schema}"
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def new_device(backend: Any, prefix: str = "dev") -> tuple[str, bytes]:
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    secret = os.urandom(32)
+    backend.add_device(name, secret)
+    return name, secret

@@ -1,0 +1,587 @@
+"""The receiver's contract, run against both backends (real SQLite file, real PostgreSQL)
+through a real uvicorn server and real HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgpack
+import pytest
+import zstandard
+from _cloud_client import (
+    PATH,
+    DeviceClient,
+    LiveServer,
+    encode,
+    make_batch,
+    new_device,
+    pg_schema_url,
+    series_readings,
+)
+
+from cloud import Backend, ReadingsQuery, SequenceConflict, Settings, create_app, open_backend
+from cloud._wire import decode_upload
+
+TOKEN = "operator-token-for-tests"
+MAX_BODY = 256 * 1024
+MAX_DECOMPRESSED = 2 * 1024 * 1024
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("cloud") / "cloud.db"
+        with open_backend(f"sqlite:///{path}") as b:
+            yield b
+    else:
+        with pg_schema_url() as url, open_backend(url) as b:
+            yield b
+
+
+@pytest.fixture(scope="module")
+def server(backend: Backend) -> Iterator[LiveServer]:
+    settings = Settings(
+        api_token=TOKEN, max_body_bytes=MAX_BODY, max_decompressed_bytes=MAX_DECOMPRESSED
+    )
+    with LiveServer(create_app(settings, backend=backend)) as s:
+        yield s
+
+
+@pytest.fixture
+def device(backend: Backend, server: LiveServer) -> Iterator[DeviceClient]:
+    name, secret = new_device(backend)
+    client = DeviceClient(server.url, name, secret)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def operator(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    ) as c:
+        yield c
+
+
+def _stored(backend: Backend, device: DeviceClient) -> int:
+    return backend.count_readings(device.name)
+
+
+def _last_rejection(operator: httpx.Client, device: str | None = None) -> dict:
+    params = {"limit": 1} | ({"device": device} if device else {})
+    rows = operator.get("/v1/rejections", params=params).json()["rejections"]
+    return rows[0]
+
+
+# -- happy path ------------------------------------------------------------------------------
+def test_ping(server: LiveServer) -> None:
+    r = httpx.get(server.url + "/v1/ping")
+    assert r.status_code == 200 and r.json() == {"ok": True}
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "gzip", "identity"])
+def test_upload_stores_readings_and_status(
+    backend: Backend, device: DeviceClient, operator: httpx.Client, encoding: str
+) -> None:
+    device.encoding = encoding
+    b1 = make_batch(1, series_readings(10))
+    b2 = make_batch(
+        2,
+        [("sensor-2", "hum", {"room": "lab"}, 1_700_000_100_000, 55.5, 1)]
+        + series_readings(5, start=1_700_000_200_000),
+    )
+    status = {
+        "backlog_batches": 3,
+        "backlog_readings": 1200,
+        "oldest_unsynced_ms": 1_700_000_000_000,
+        "dead_letters": 1,
+        "link": "cellular",
+    }
+    dl = [
+        {
+            "seq": 7,
+            "ts": 1_700_000_000_500,
+            "topic": "sensors/x/temp",
+            "stage": "decode",
+            "reason": "not a number",
+            "size": 12,
+        }
+    ]
+    r = device.upload([b2, b1], status=status, dead_letters=dl, link="cellular")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"acked": [1, 2], "duplicates": []}
+    assert _stored(backend, device) == 16
+
+    d = operator.get(f"/v1/devices/{device.name}").json()
+    assert d["link"] == "cellular"
+    assert d["reported"] == status
+    assert d["last_seq"] == 2
+    assert d["last_sync_ms"] is not None and d["last_seen_ms"] is not None
+    assert d["today"]["readings"] == 16 and d["today"]["uploads"] == 1
+    assert d["today"]["bytes"] > 0
+    assert device.name in [x["name"] for x in operator.get("/v1/devices").json()["devices"]]
+
+    metrics = operator.get(f"/v1/devices/{device.name}/metrics").json()["metrics"]
+    assert {(m["source"], m["metric"], m["count"]) for m in metrics} == {
+        ("sensor-1", "temp", 15),
+        ("sensor-2", "hum", 1),
+    }
+    hum = next(m for m in metrics if m["metric"] == "hum")
+    assert hum["tags"] == {"room": "lab"}
+
+    rows = operator.get(
+        "/v1/readings", params={"device": device.name, "metric": "hum", "since": 0}
+    ).json()["rows"]
+    assert rows == [
+        {
+            "source": "sensor-2",
+            "metric": "hum",
+            "tags": {"room": "lab"},
+            "ts": 1_700_000_100_000,
+            "value": 55.5,
+            "flags": 1,
+        }
+    ]
+    dls = operator.get("/v1/dead-letters", params={"device": device.name}).json()["dead_letters"]
+    assert [(x["seq"], x["topic"], x["stage"], x["reason"], x["size"]) for x in dls] == [
+        (7, "sensors/x/temp", "decode", "not a number", 12)
+    ]
+
+
+def test_retry_is_acked_as_duplicate_and_not_doubled(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    batches = [make_batch(1, series_readings(20)), make_batch(2, series_readings(5, start=2))]
+    assert device.upload(batches).json() == {"acked": [1, 2], "duplicates": []}
+    # A retry after a lost response: same batches, new nonce, plus one new batch.
+    batches.append(make_batch(3, series_readings(3, start=3)))
+    r = device.upload(batches)
+    assert r.status_code == 200
+    assert r.json() == {"acked": [1, 2, 3], "duplicates": [1, 2]}
+    assert _stored(backend, device) == 28
+    assert operator.get(f"/v1/devices/{device.name}").json()["last_seq"] == 3
+
+
+def test_order_is_kept(backend: Backend, device: DeviceClient, operator: httpx.Client) -> None:
+    start = 1_700_000_000_000
+    batches = [make_batch(s, series_readings(4, start=start + s * 10_000)) for s in (3, 1, 2)]
+    assert device.upload(batches).json()["acked"] == [1, 2, 3]
+    rows = operator.get(
+        "/v1/readings", params={"device": device.name, "since": start, "limit": 100}
+    ).json()["rows"]
+    ts = [r["ts"] for r in rows]
+    assert len(ts) == 12 and ts == sorted(ts)
+
+
+def test_reused_seq_with_other_content_is_refused(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    assert device.upload([make_batch(5, series_readings(3))]).status_code == 200
+    other = make_batch(5, series_readings(4))
+    r = device.upload([make_batch(6, series_readings(2)), other])
+    assert r.status_code == 409
+    assert r.json()["error"] == "sequence_conflict" and r.json()["seq"] == 5
+    assert _stored(backend, device) == 3  # batch 6 of the refused request is not stored either
+    assert _last_rejection(operator, device.name)["reason"] == "sequence_conflict"
+    assert operator.get(f"/v1/devices/{device.name}").json()["last_seq"] == 5
+
+
+def test_conflict_within_one_request(backend: Backend, device: DeviceClient) -> None:
+    r = device.upload([make_batch(1, series_readings(1)), make_batch(1, series_readings(2))])
+    assert r.status_code == 409
+    assert _stored(backend, device) == 0
+
+
+def test_concurrent_identical_uploads_store_once(backend: Backend, device: DeviceClient) -> None:
+    batches = [make_batch(s, series_readings(50, start=s * 100_000)) for s in range(1, 4)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: device.upload(batches), range(6)))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    assert all(r.json()["acked"] == [1, 2, 3] for r in results)
+    assert sum(len(r.json()["duplicates"]) == 0 for r in results) == 1
+    assert _stored(backend, device) == 150
+
+
+# -- refusals: right status, nothing stored, logged -----------------------------------------
+def _refused(
+    backend: Backend,
+    operator: httpx.Client,
+    device: DeviceClient,
+    r: httpx.Response,
+    status: int,
+    code: str,
+    *,
+    logged_device: str | None = "self",
+) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] == code and body["detail"]
+    assert device.secret.hex() not in r.text
+    assert _stored(backend, device) == 0
+    rej = _last_rejection(operator)
+    assert rej["reason"] == code
+    assert rej["device"] == (device.name if logged_device == "self" else logged_device)
+    assert rej["remote"] == "127.0.0.1"
+
+
+def test_wrong_secret(backend: Backend, device: DeviceClient, operator: httpx.Client) -> None:
+    r = device.upload([make_batch(1, series_readings(3))], secret=b"x" * 32)
+    _refused(backend, operator, device, r, 401, "bad_signature")
+    assert (
+        operator.get(f"/v1/devices/{device.name}").json()["last_error"].startswith("bad_signature")
+    )
+
+
+def test_forged_body(backend: Backend, device: DeviceClient, operator: httpx.Client) -> None:
+    genuine = encode(device.body([make_batch(1, series_readings(3))]), "zstd")
+    forged = encode(device.body([make_batch(1, series_readings(30))]), "zstd")
+    r = device.post_raw(forged, signed_body=genuine)
+    _refused(backend, operator, device, r, 401, "bad_signature")
+
+
+def test_signature_of_another_path_or_device(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    sent = encode(device.body([make_batch(1, series_readings(3))]), "zstd")
+    other_name, _ = new_device(backend)
+    r = device.post_raw(sent, headers={"X-Edgepipe-Device": other_name})
+    assert r.status_code == 401 and r.json()["error"] == "bad_signature"
+    r = device.post_raw(sent, headers={"X-Edgepipe-Signature": "v1=" + "0" * 64})
+    _refused(backend, operator, device, r, 401, "bad_signature")
+
+
+def test_unknown_device(backend: Backend, server: LiveServer, operator: httpx.Client) -> None:
+    ghost = DeviceClient(server.url, "no-such-device", b"k" * 32)
+    r = ghost.upload([make_batch(1, series_readings(3))])
+    assert r.status_code == 401 and r.json()["error"] == "unknown_device"
+    rej = _last_rejection(operator)
+    assert rej["reason"] == "unknown_device" and rej["device"] is None
+    assert "no-such-device" in rej["detail"]
+    ghost.close()
+
+
+def test_replayed_nonce(backend: Backend, device: DeviceClient, operator: httpx.Client) -> None:
+    sent = encode(device.body([make_batch(1, series_readings(3))]), "zstd")
+    nonce, ts = "ab" * 16, int(time.time())
+    assert device.post_raw(sent, nonce=nonce, timestamp=ts).status_code == 200
+    r = device.post_raw(sent, nonce=nonce, timestamp=ts)
+    assert r.status_code == 401 and r.json()["error"] == "replay"
+    assert _stored(backend, device) == 3
+    assert _last_rejection(operator, device.name)["reason"] == "replay"
+
+
+@pytest.mark.parametrize("skew", [-301, 301, -10_000])
+def test_stale_timestamp(
+    backend: Backend, device: DeviceClient, operator: httpx.Client, skew: int
+) -> None:
+    r = device.upload([make_batch(1, series_readings(3))], timestamp=int(time.time()) + skew)
+    _refused(backend, operator, device, r, 401, "stale")
+
+
+def test_missing_signature_headers(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    sent = encode(device.body([make_batch(1, series_readings(3))]), "zstd")
+    r = device.http.post(
+        PATH,
+        content=sent,
+        headers={"X-Edgepipe-Device": device.name, "Content-Encoding": "zstd"},
+    )
+    assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+    assert "X-Edgepipe-Timestamp" in r.json()["detail"]
+    assert _stored(backend, device) == 0
+
+
+def test_oversized_body_by_content_length(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    sent = b"\0" * (MAX_BODY + 1)
+    r = device.post_raw(sent, encoding="identity")
+    _refused(backend, operator, device, r, 413, "too_large", logged_device=None)
+
+
+def test_oversized_body_streamed_without_length(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    sent = b"\0" * (MAX_BODY * 2)
+    headers = {
+        "X-Edgepipe-Device": device.name,
+        "X-Edgepipe-Timestamp": str(int(time.time())),
+        "X-Edgepipe-Nonce": "cd" * 16,
+        "X-Edgepipe-Signature": "v1=" + "0" * 64,
+        "Content-Encoding": "identity",
+    }
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(sent), 16384):
+            yield sent[i : i + 16384]
+
+    r = device.http.post(PATH, content=chunks(), headers=headers)
+    _refused(backend, operator, device, r, 413, "too_large")
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "gzip"])
+def test_zip_bomb(
+    backend: Backend, device: DeviceClient, operator: httpx.Client, encoding: str
+) -> None:
+    # A valid msgpack map whose bin would be 20 MB once inflated, sent as a few KB.
+    inflated = msgpack.packb({"v": 1, "device": device.name, "batches": [b"\0" * 20_000_000]})
+    sent = (
+        zstandard.ZstdCompressor(level=19).compress(inflated)
+        if encoding == "zstd"
+        else gzip.compress(inflated, 9)
+    )
+    assert len(sent) < MAX_BODY
+    r = device.post_raw(sent, encoding=encoding)
+    _refused(backend, operator, device, r, 413, "too_large")
+    assert "decompressed" in r.json()["detail"]
+
+
+def test_unsupported_encoding(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    sent = encode(device.body([make_batch(1, series_readings(3))]), "identity")
+    r = device.post_raw(sent, encoding="br")
+    _refused(backend, operator, device, r, 415, "unsupported_encoding", logged_device=None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b"\xc1garbage", "not valid msgpack"),
+        (msgpack.packb([1, 2, 3]), "expected a map"),
+        (msgpack.packb({"v": 2, "batches": []}), "version"),
+    ],
+)
+def test_undecodable_body(
+    backend: Backend, device: DeviceClient, operator: httpx.Client, raw: bytes, needle: str
+) -> None:
+    r = device.post_raw(encode(raw, "zstd"))
+    _refused(backend, operator, device, r, 400, "bad_body")
+    assert needle in r.json()["detail"]
+
+
+def test_corrupt_compression(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    r = device.post_raw(b"\x28\xb5\x2f\xfd garbage", encoding="zstd")
+    _refused(backend, operator, device, r, 400, "bad_body")
+    r = device.post_raw(b"\x1f\x8b garbage", encoding="gzip")
+    _refused(backend, operator, device, r, 400, "bad_body")
+
+
+def test_bad_batch_shape_names_the_field(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    good = make_batch(1, series_readings(3))
+    bad = msgpack.packb(
+        {
+            "seq": 2,
+            "series": [["s", "m", None]],
+            "sid": [0, 0],
+            "ts": [1, 2],
+            "val": [1.0, "x"],
+            "flags": [0, 0],
+        }
+    )
+    r = device.upload([good, bad])
+    _refused(backend, operator, device, r, 400, "bad_body")
+    assert r.json()["detail"].startswith("batches[1].val[1]")
+    r = device.upload([good], device="someone-else")
+    _refused(backend, operator, device, r, 400, "device_mismatch")
+
+
+# -- read API ----------------------------------------------------------------------------------
+def test_read_api_needs_operator_credentials(device: DeviceClient, server: LiveServer) -> None:
+    assert device.upload([make_batch(1, series_readings(3))]).status_code == 200
+    paths = [
+        "/v1/devices",
+        f"/v1/devices/{device.name}",
+        f"/v1/devices/{device.name}/metrics",
+        f"/v1/readings?device={device.name}",
+        "/v1/rejections",
+        "/v1/dead-letters",
+    ]
+    from sync import _signing
+
+    for path in paths:
+        r = httpx.get(server.url + path)
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized", path
+        r = httpx.get(server.url + path, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401, path
+        # A device's valid signature is not an operator credential.
+        signed = _signing.signed_headers(
+            device.secret,
+            device.name,
+            path.split("?")[0],
+            b"",
+            timestamp=int(time.time()),
+            method="GET",
+        )
+        r = httpx.get(server.url + path, headers=signed)
+        assert r.status_code == 401, path
+        r = httpx.get(server.url + path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, path
+
+
+def test_read_api_errors(operator: httpx.Client) -> None:
+    assert operator.get("/v1/devices/nope").status_code == 404
+    assert operator.get("/v1/devices/nope/metrics").status_code == 404
+    assert operator.get("/v1/readings", params={"device": "nope"}).status_code == 404
+    r = operator.get("/v1/readings")
+    assert r.status_code == 400 and r.json()["error"] == "bad_query"
+    r = operator.get("/v1/readings", params={"device": "x", "limit": "lots"})
+    assert r.status_code == 400 and "limit" in r.json()["detail"]
+    assert operator.get("/v1/readings", params={"device": "x", "limit": 0}).status_code == 400
+    assert operator.get("/v1/nothing-here").json()["error"] == "not_found"
+
+
+def test_downsampling_is_bounded_and_exact(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    start = 1_600_000_000_000
+    # Two series, 3000 readings each, one per second; values 0..2999.
+    batches = [
+        make_batch(
+            k + 1,
+            [
+                ("a", "temp", None, start + i * 1000, float(i), 0)
+                for i in range(k * 1000, k * 1000 + 1000)
+            ]
+            + [
+                ("b", "temp", None, start + i * 1000, -float(i), 0)
+                for i in range(k * 1000, k * 1000 + 1000)
+            ],
+        )
+        for k in range(3)
+    ]
+    assert device.upload(batches).status_code == 200
+    params = {"device": device.name, "since": start, "until": start + 3_000_000}
+
+    raw = operator.get("/v1/readings", params=params | {"limit": 10_000}).json()
+    assert raw["step"] is None and len(raw["rows"]) == 6000 and not raw["truncated"]
+
+    auto = operator.get("/v1/readings", params=params | {"limit": 100}).json()
+    assert auto["step"] is not None and 0 < len(auto["rows"]) <= 100
+    assert sum(r["count"] for r in auto["rows"]) == 6000
+    a_rows = [r for r in auto["rows"] if r["source"] == "a"]
+    assert [r["ts"] for r in a_rows] == sorted(r["ts"] for r in a_rows)
+    assert min(r["min"] for r in a_rows) == 0.0 and max(r["max"] for r in a_rows) == 2999.0
+
+    stepped = operator.get("/v1/readings", params=params | {"step": 60_000, "limit": 1000}).json()
+    assert stepped["step"] == 60_000 and len(stepped["rows"]) == 100  # 50 buckets x 2 series
+    first_a = next(r for r in stepped["rows"] if r["source"] == "a")
+    assert first_a == {
+        "source": "a",
+        "metric": "temp",
+        "tags": None,
+        "ts": start,
+        "avg": 29.5,
+        "min": 0.0,
+        "max": 59.0,
+        "count": 60,
+    }
+
+    small = operator.get("/v1/readings", params=params | {"step": 1000, "limit": 10}).json()
+    assert len(small["rows"]) == 10 and small["truncated"]
+
+
+def test_rejection_log_paging(device: DeviceClient, operator: httpx.Client) -> None:
+    for _ in range(3):
+        device.upload([make_batch(1, series_readings(1))], secret=b"z" * 32)
+    rows = operator.get("/v1/rejections", params={"device": device.name}).json()["rejections"]
+    assert len(rows) == 3
+    ids = [r["id"] for r in rows]
+    assert ids == sorted(ids, reverse=True)
+    older = operator.get("/v1/rejections", params={"device": device.name, "before": ids[0]}).json()[
+        "rejections"
+    ]
+    assert [r["id"] for r in older] == ids[1:]
+
+
+# -- the backend contract without HTTP ------------------------------------------------------
+def test_backend_conflict_raises_and_stores_nothing(backend: Backend) -> None:
+    name, _ = new_device(backend)
+
+    def upload(*batches: bytes):
+        return decode_upload(
+            msgpack.packb({"v": 1, "device": name, "batches": list(batches)}), name
+        )
+
+    now = int(time.time() * 1000)
+    kw = {"link": "ethernet", "nbytes": 10, "nonce_expires": now + 600_000, "now": now}
+    r = backend.ingest(upload(make_batch(1, series_readings(2))), nonce="1" * 32, **kw)
+    assert (r.acked, r.duplicates, r.readings) == ([1], [], 2)
+    with pytest.raises(SequenceConflict) as exc:
+        backend.ingest(
+            upload(make_batch(2, series_readings(1)), make_batch(1, series_readings(3))),
+            nonce="2" * 32,
+            **kw,
+        )
+    assert exc.value.seq == 1 and exc.value.status == 409
+    assert backend.count_readings(name) == 2
+    assert not backend.nonce_seen(name, "2" * 32, now)  # the refused request left no nonce
+    assert backend.nonce_seen(name, "1" * 32, now)
+    assert not backend.nonce_seen(name, "1" * 32, now + 700_000)  # expired
+    q = backend.readings(ReadingsQuery(name, since=0, until=2**62))
+    assert [row["value"] for row in q["rows"]] == [0.0, 1.0]
+    assert backend.remove_device(name) and backend.get_device(name) is None
+    assert backend.count_readings(name) == 0
+    assert not backend.remove_device(name)
+
+
+def test_schema_init_is_idempotent(backend: Backend) -> None:
+    backend.init()
+    backend.init()
+
+
+def test_sqlite_reopen_keeps_data(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    with open_backend(url) as b:
+        name, secret = new_device(b)
+    with open_backend(url) as b:
+        assert b.get_device_secret(name) == secret
+
+
+def test_responses_match_the_openapi_document(device: DeviceClient, operator: httpx.Client) -> None:
+    from jsonschema import Draft202012Validator
+
+    doc = operator.get("/openapi.json").json()
+
+    def check(schema: dict, instance: object) -> None:
+        Draft202012Validator({**schema, "components": doc["components"]}).validate(instance)
+
+    def response_schema(path: str, method: str, status: str) -> dict:
+        resp = doc["paths"][path][method]["responses"][status]
+        if "$ref" in resp:
+            resp = doc["components"]["responses"][resp["$ref"].rsplit("/", 1)[1]]
+        return resp["content"]["application/json"]["schema"]
+
+    ok = device.upload(
+        [make_batch(1, series_readings(5))],
+        dead_letters=[{"seq": 1, "ts": 1, "topic": "t", "stage": None, "reason": "r", "size": 1}],
+    )
+    check(response_schema("/v1/batches", "post", "200"), ok.json())
+    conflict = device.upload([make_batch(1, series_readings(6))])
+    check(response_schema("/v1/batches", "post", "409"), conflict.json())
+    stale = device.upload([make_batch(2, series_readings(6))], timestamp=1)
+    check(response_schema("/v1/batches", "post", "401"), stale.json())
+    for path, url, params in [
+        ("/v1/devices", "/v1/devices", {}),
+        ("/v1/devices/{name}", f"/v1/devices/{device.name}", {}),
+        ("/v1/devices/{name}/metrics", f"/v1/devices/{device.name}/metrics", {}),
+        ("/v1/readings", "/v1/readings", {"device": device.name, "since": 0}),
+        ("/v1/readings", "/v1/readings", {"device": device.name, "since": 0, "step": 10}),
+        ("/v1/rejections", "/v1/rejections", {}),
+        ("/v1/dead-letters", "/v1/dead-letters", {}),
+    ]:
+        r = operator.get(url, params=params)
+        assert r.status_code == 200
+        check(response_schema(path, "get", "200"), r.json())
