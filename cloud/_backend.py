@@ -26,6 +26,7 @@ from ._wire import Upload
 __all__ = [
     "Backend",
     "DeviceExists",
+    "OperatorExists",
     "IngestResult",
     "ReadingsQuery",
     "SQLBackend",
@@ -36,12 +37,21 @@ SCHEMA_VERSION = 1
 #: Rejections kept in the log; older rows are pruned so a flood can't fill the disk.
 REJECTION_LOG_ROWS = 10_000
 MAX_READINGS_LIMIT = 10_000
+#: Width of the pre-aggregated buckets kept next to the raw readings (``readings_hourly``):
+#: long ranges are downsampled from these instead of scanning every raw row.
+ROLLUP_MS = 3_600_000
 
 
 class DeviceExists(CloudError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"a device named {name!r} already exists")
+
+
+class OperatorExists(CloudError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"an operator named {name!r} already exists")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +133,31 @@ class Backend(Protocol):
     def dead_letters(
         self, device: str | None = None, limit: int = 100, before: int | None = None
     ) -> list[dict[str, Any]]: ...
+
+    def device_activity(self, since: int) -> dict[str, dict[str, Any]]:
+        """Per device name: ``newest_ts`` (newest reading stored, ms or None) and
+        ``rejections`` (rejected requests since ``since``)."""
+
+    # -- operators and their sessions (the dashboard) --------------------------------------
+    def add_operator(self, name: str, pwhash: str) -> None:
+        """Raises :class:`OperatorExists`."""
+
+    def operator_hash(self, name: str) -> str | None: ...
+
+    def set_operator_hash(self, name: str, pwhash: str) -> bool: ...
+
+    def remove_operator(self, name: str) -> bool:
+        """Removes the operator and ends every session of theirs."""
+
+    def list_operators(self) -> list[dict[str, Any]]: ...
+
+    def create_session(self, key: str, operator: str, csrf: str, now: int, expires: int) -> None:
+        """``key`` is a digest of the cookie value (the value itself is never stored)."""
+
+    def get_session(self, key: str, now: int) -> dict[str, Any] | None:
+        """``{"operator", "csrf", "expires_ms"}`` of a live session, else None."""
+
+    def delete_session(self, key: str) -> bool: ...
 
 
 def open_backend(url: str) -> Backend:
@@ -262,6 +297,27 @@ class SQLBackend:
                 size BIGINT NOT NULL,
                 received_ms BIGINT NOT NULL,
                 PRIMARY KEY (device_id, seq))""",
+            f"""CREATE TABLE IF NOT EXISTS readings_hourly (
+                series_id BIGINT NOT NULL REFERENCES series(id) ON DELETE CASCADE,
+                hour BIGINT NOT NULL,
+                n BIGINT NOT NULL,
+                total {dbl} NOT NULL,
+                lo {dbl} NOT NULL,
+                hi {dbl} NOT NULL,
+                PRIMARY KEY (series_id, hour))""",
+            "CREATE INDEX IF NOT EXISTS rejections_ts ON rejections (ts_ms)",
+            f"""CREATE TABLE IF NOT EXISTS operators (
+                id {pk},
+                name TEXT NOT NULL UNIQUE,
+                pwhash TEXT NOT NULL,
+                created_ms BIGINT NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS sessions (
+                key TEXT PRIMARY KEY,
+                operator_id BIGINT NOT NULL REFERENCES operators(id) ON DELETE CASCADE,
+                csrf TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                expires_ms BIGINT NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_ms)",
         ]
 
     def init(self) -> None:
@@ -276,6 +332,15 @@ class SQLBackend:
                 raise CloudError(
                     f"database schema version {row[0]} is newer than this edgepipe-cloud "
                     f"({SCHEMA_VERSION}); upgrade edgepipe-cloud"
+                )
+            # Databases created before the hourly rollup existed: build it once.
+            cur.execute("SELECT 1 FROM readings_hourly LIMIT 1")
+            if cur.fetchone() is None:
+                h = ROLLUP_MS
+                cur.execute(
+                    "INSERT INTO readings_hourly (series_id, hour, n, total, lo, hi) "
+                    f"SELECT series_id, (ts / {h}) * {h}, count(*), sum(val), min(val), max(val) "
+                    "FROM readings WHERE ts >= 0 GROUP BY 1, 2"
                 )
 
     # -- devices -------------------------------------------------------------------------
@@ -302,6 +367,13 @@ class SQLBackend:
             cur.execute(
                 self._q(
                     "DELETE FROM readings WHERE series_id IN "
+                    "(SELECT id FROM series WHERE device_id = ?)"
+                ),
+                (did,),
+            )
+            cur.execute(
+                self._q(
+                    "DELETE FROM readings_hourly WHERE series_id IN "
                     "(SELECT id FROM series WHERE device_id = ?)"
                 ),
                 (did,),
@@ -443,6 +515,7 @@ class SQLBackend:
                 ]
                 if rows:
                     self._copy_readings(cur, rows)
+                    self._roll_up(cur, rows)
                 cur.execute(
                     q(
                         "INSERT INTO batches (device_id, seq, sha256, readings, received_ms) "
@@ -492,6 +565,34 @@ class SQLBackend:
                 (did, utc_day(now), nreadings, nbytes),
             )
         return IngestResult(acked, duplicates, nreadings)
+
+    def _roll_up(self, cur: Any, rows: list[tuple[int, int, float, int, int]]) -> None:
+        """Fold new readings into ``readings_hourly`` (same transaction as the readings)."""
+        acc: dict[tuple[int, int], list[float]] = {}
+        for sid, ts, val, _flags, _seq in rows:
+            if ts < 0:
+                continue
+            a = acc.get((sid, ts // ROLLUP_MS * ROLLUP_MS))
+            if a is None:
+                acc[(sid, ts // ROLLUP_MS * ROLLUP_MS)] = [1, val, val, val]
+            else:
+                a[0] += 1
+                a[1] += val
+                a[2] = min(a[2], val)
+                a[3] = max(a[3], val)
+        cur.executemany(
+            self._q(
+                "INSERT INTO readings_hourly (series_id, hour, n, total, lo, hi) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (series_id, hour) DO UPDATE SET "
+                "n = readings_hourly.n + excluded.n, "
+                "total = readings_hourly.total + excluded.total, "
+                "lo = CASE WHEN excluded.lo < readings_hourly.lo "
+                "THEN excluded.lo ELSE readings_hourly.lo END, "
+                "hi = CASE WHEN excluded.hi > readings_hourly.hi "
+                "THEN excluded.hi ELSE readings_hourly.hi END"
+            ),
+            [(sid, hour, int(a[0]), a[1], a[2], a[3]) for (sid, hour), a in acc.items()],
+        )
 
     def _series_id(self, cur: Any, did: int, key: tuple[str, str, str]) -> int:
         q = self._q
@@ -633,8 +734,17 @@ class SQLBackend:
             base = f"FROM readings r JOIN series s ON s.id = r.series_id WHERE {where}"
             step = q.step
             if step is None:
-                cur.execute(self._q(f"SELECT count(*), count(DISTINCT s.id) {base}"), args)
-                total, nseries = cur.fetchone()
+                # Bounded: never counts past limit + 1 rows, however long the range.
+                cur.execute(
+                    self._q(f"SELECT count(*) FROM (SELECT 1 {base} LIMIT ?) AS probe"),
+                    (*args, limit + 1),
+                )
+                total = cur.fetchone()[0]
+                sw = where.replace(" AND r.ts >= ? AND r.ts < ?", "")
+                cur.execute(
+                    self._q(f"SELECT count(*) FROM series s WHERE {sw}"), [args[0], *args[3:]]
+                )
+                nseries = cur.fetchone()[0]
                 if total > limit:
                     # Buckets so that every series fits: nseries * buckets <= limit.
                     per_series = max(1, limit // max(1, nseries))
@@ -665,13 +775,23 @@ class SQLBackend:
                     raise ValueError("step must be >= 1 ms")
                 # Integer arithmetic both dialects agree on; ts >= since keeps it non-negative.
                 since_i = int(since)
-                bucket = f"({since_i} + ((r.ts - {since_i}) / {step}) * {step})"
-                cur.execute(
-                    self._q(
+                if step % ROLLUP_MS == 0 and since % ROLLUP_MS == 0 and until % ROLLUP_MS == 0:
+                    # Whole hours: aggregate the hourly rollup, not the raw rows (exact).
+                    bucket = f"({since_i} + ((r.hour - {since_i}) / {step}) * {step})"
+                    sql = (
+                        f"SELECT {bucket} AS bucket, s.source, s.metric, s.tags, "
+                        "sum(r.total) / sum(r.n), min(r.lo), max(r.hi), sum(r.n) "
+                        "FROM readings_hourly r JOIN series s ON s.id = r.series_id WHERE "
+                        + where.replace("r.ts", "r.hour")
+                    )
+                else:
+                    bucket = f"({since_i} + ((r.ts - {since_i}) / {step}) * {step})"
+                    sql = (
                         f"SELECT {bucket} AS bucket, s.source, s.metric, s.tags, avg(r.val), "
-                        f"min(r.val), max(r.val), count(*) {base} "
-                        "GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 LIMIT ?"
-                    ),
+                        f"min(r.val), max(r.val), count(*) {base}"
+                    )
+                cur.execute(
+                    self._q(f"{sql} GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 LIMIT ?"),
                     (*args, limit + 1),
                 )
                 rows = cur.fetchall()
@@ -696,3 +816,97 @@ class SQLBackend:
             "truncated": len(rows) > limit,
             "rows": out,
         }
+
+    # -- fleet activity (the dashboard) ----------------------------------------------------
+    def device_activity(self, since: int) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        with self._read() as cur:
+            # One index seek per series on readings (series_id, ts): cheap at any table size.
+            cur.execute(
+                "SELECT d.name, max((SELECT max(r.ts) FROM readings r WHERE r.series_id = s.id)) "
+                "FROM devices d LEFT JOIN series s ON s.device_id = d.id GROUP BY d.name"
+            )
+            for name, newest in cur.fetchall():
+                out[name] = {"newest_ts": newest, "rejections": 0}
+            cur.execute(
+                self._q(
+                    "SELECT device, count(*) FROM rejections WHERE ts_ms >= ? "
+                    "AND device IS NOT NULL GROUP BY device"
+                ),
+                (since,),
+            )
+            for name, n in cur.fetchall():
+                if name in out:
+                    out[name]["rejections"] = n
+        return out
+
+    # -- operators and sessions ------------------------------------------------------------
+    def add_operator(self, name: str, pwhash: str) -> None:
+        with self._write() as cur:
+            cur.execute(
+                self._q(
+                    "INSERT INTO operators (name, pwhash, created_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO NOTHING"
+                ),
+                (name, pwhash, now_ms()),
+            )
+            if cur.rowcount != 1:
+                raise OperatorExists(name)
+
+    def operator_hash(self, name: str) -> str | None:
+        with self._read() as cur:
+            cur.execute(self._q("SELECT pwhash FROM operators WHERE name = ?"), (name,))
+            row = cur.fetchone()
+        return row[0] if row else None
+
+    def set_operator_hash(self, name: str, pwhash: str) -> bool:
+        with self._write() as cur:
+            cur.execute(self._q("UPDATE operators SET pwhash = ? WHERE name = ?"), (pwhash, name))
+            return cur.rowcount == 1
+
+    def remove_operator(self, name: str) -> bool:
+        with self._write() as cur:
+            cur.execute(
+                self._q(
+                    "DELETE FROM sessions WHERE operator_id IN "
+                    "(SELECT id FROM operators WHERE name = ?)"
+                ),
+                (name,),
+            )
+            cur.execute(self._q("DELETE FROM operators WHERE name = ?"), (name,))
+            return cur.rowcount == 1
+
+    def list_operators(self) -> list[dict[str, Any]]:
+        with self._read() as cur:
+            cur.execute("SELECT name, created_ms FROM operators ORDER BY name")
+            return [{"name": r[0], "created_ms": r[1]} for r in cur.fetchall()]
+
+    def create_session(self, key: str, operator: str, csrf: str, now: int, expires: int) -> None:
+        with self._write() as cur:
+            cur.execute(self._q("DELETE FROM sessions WHERE expires_ms < ?"), (now,))
+            cur.execute(
+                self._q(
+                    "INSERT INTO sessions (key, operator_id, csrf, created_ms, expires_ms) "
+                    "SELECT ?, id, ?, ?, ? FROM operators WHERE name = ?"
+                ),
+                (key, csrf, now, expires, operator),
+            )
+            if cur.rowcount != 1:
+                raise CloudError(f"no operator named {operator!r}")
+
+    def get_session(self, key: str, now: int) -> dict[str, Any] | None:
+        with self._read() as cur:
+            cur.execute(
+                self._q(
+                    "SELECT o.name, s.csrf, s.expires_ms FROM sessions s "
+                    "JOIN operators o ON o.id = s.operator_id WHERE s.key = ? AND s.expires_ms > ?"
+                ),
+                (key, now),
+            )
+            row = cur.fetchone()
+        return {"operator": row[0], "csrf": row[1], "expires_ms": row[2]} if row else None
+
+    def delete_session(self, key: str) -> bool:
+        with self._write() as cur:
+            cur.execute(self._q("DELETE FROM sessions WHERE key = ?"), (key,))
+            return cur.rowcount == 1

@@ -86,7 +86,9 @@ class PostgresBackend(SQLBackend):
     _read = _write
 
     def _copy_readings(self, cur: Any, rows: list[tuple[int, int, float, int, int]]) -> None:
-        with cur.copy("COPY readings (series_id, ts, val, flags, seq) FROM STDIN") as copy:
+        sql = "COPY readings (series_id, ts, val, flags, seq) FROM STDIN (FORMAT BINARY)"
+        with cur.copy(sql) as copy:
+            copy.set_types(["int8", "int8", "float8", "int8", "int8"])
             for row in rows:
                 copy.write_row(row)
 

@@ -166,6 +166,33 @@ def _decode_batch(raw: bytes, where: str) -> Batch:
             f"columns differ in length (sid {len(sid)}, ts {n}, val {len(val)}, flags {len(flags)})",
         )
     nseries = len(series)
+    if not (n and _columns_ok(sid, ts, val, flags, nseries)):
+        _locate_bad_value(where, sid, ts, val, flags, nseries)
+    return Batch(seq, hashlib.sha256(raw).hexdigest(), series, sid, ts, val, flags)
+
+
+def _columns_ok(sid: list, ts: list, val: list, flags: list, nseries: int) -> bool:
+    """Whole-column checks in C-speed builtins; the common, valid case."""
+    _int_only = {int}
+    if set(map(type, sid)) != _int_only or min(sid) < 0 or max(sid) >= nseries:
+        return False
+    if set(map(type, ts)) != _int_only or min(ts) < _INT64[0] or max(ts) > _INT64[1]:
+        return False
+    if set(map(type, flags)) != _int_only or min(flags) < 0 or max(flags) >= 2**32:
+        return False
+    kinds = set(map(type, val))
+    if not kinds <= {float, int}:
+        return False
+    if int in kinds:
+        val[:] = map(float, val)
+    return all(map(math.isfinite, val))
+
+
+def _locate_bad_value(
+    where: str, sid: list, ts: list, val: list, flags: list, nseries: int
+) -> None:
+    """Find and report the first bad element (slow path, only for invalid or empty input)."""
+    n = len(ts)
     for i in range(n):
         s = sid[i]
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < nseries:
@@ -181,7 +208,6 @@ def _decode_batch(raw: bytes, where: str) -> Batch:
         f = flags[i]
         if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < 2**32:
             raise _bad(f"{where}.flags[{i}]", "expected an unsigned 32-bit integer")
-    return Batch(seq, hashlib.sha256(raw).hexdigest(), series, sid, ts, val, flags)
 
 
 def _decode_dead_letter(d: Any, where: str) -> DeadLetter:

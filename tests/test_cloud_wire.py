@@ -1,0 +1,100 @@
+"""Decoding of upload bodies: limits on decompression and exact error locations."""
+
+from __future__ import annotations
+
+import gzip
+import math
+
+import msgpack
+import pytest
+import zstandard
+
+from cloud import Rejected
+from cloud._wire import decode_upload, decompress
+
+
+def _batch(**over: object) -> bytes:
+    b = {
+        "seq": 1,
+        "series": [["s", "m", None], ["s", "n", {"k": "v"}]],
+        "sid": [0, 1, 0],
+        "ts": [1, 2, 3],
+        "val": [1.0, 2, 3.5],
+        "flags": [0, 1, 2**32 - 1],
+    }
+    b.update(over)
+    return msgpack.packb(b)
+
+
+def _body(*batches: bytes, **top: object) -> bytes:
+    return msgpack.packb({"v": 1, "device": "d", "batches": list(batches), **top})
+
+
+def test_valid_body_decodes() -> None:
+    up = decode_upload(_body(_batch(seq=9), _batch(seq=4)), "d")
+    assert [b.seq for b in up.batches] == [4, 9]
+    b = up.batches[0]
+    assert b.val == [1.0, 2.0, 3.5] and all(type(v) is float for v in b.val)
+    assert b.series[1] == ("s", "n", (("k", "v"),))
+    assert up.readings == 6
+
+
+@pytest.mark.parametrize(
+    ("over", "where"),
+    [
+        ({"sid": [0, 2, 0]}, "batches[0].sid[1]"),
+        ({"sid": [0, True, 0]}, "batches[0].sid[1]"),
+        ({"ts": [1, 2.5, 3]}, "batches[0].ts[1]"),
+        ({"ts": [1, 2, 2**64 - 1]}, "batches[0].ts[2]"),
+        ({"val": [1.0, math.nan, 3.0]}, "batches[0].val[1]"),
+        ({"val": [1.0, 2.0, None]}, "batches[0].val[2]"),
+        ({"flags": [0, -1, 0]}, "batches[0].flags[1]"),
+        ({"flags": [0, 0, 2**32]}, "batches[0].flags[2]"),
+        ({"val": [1.0]}, "batches[0]: columns differ"),
+        ({"series": [["s", "m"]]}, "batches[0].series[0]"),
+        ({"series": [["s", "m", {"k": 1}]]}, "batches[0].series[0][2]"),
+        ({"seq": -1}, "batches[0].seq"),
+        ({"seq": "1"}, "batches[0].seq"),
+    ],
+)
+def test_bad_batches_are_located(over: dict, where: str) -> None:
+    with pytest.raises(Rejected) as exc:
+        decode_upload(_body(_batch(**over)), "d")
+    assert exc.value.status == 400 and exc.value.detail.startswith(where), exc.value.detail
+
+
+def test_bad_top_level() -> None:
+    for body, needle in [
+        (_body(b"\xc1"), "batches[0]"),
+        (_body("not bin"), "batches[0]"),
+        (_body(status={"backlog_batches": "x"}), "status.backlog_batches"),
+        (_body(dead_letters=[{"seq": 1}]), "dead_letters[0]"),
+        (msgpack.packb({"v": 1, "device": "d"}), "batches"),
+    ]:
+        with pytest.raises(Rejected) as exc:
+            decode_upload(body, "d")
+        assert needle in exc.value.detail
+    with pytest.raises(Rejected) as exc:
+        decode_upload(_body(), "other")
+    assert exc.value.code == "device_mismatch"
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "gzip", "identity"])
+def test_decompression_is_bounded(encoding: str) -> None:
+    data = b"\0" * 100_000
+    sent = {"zstd": zstandard.ZstdCompressor().compress, "gzip": gzip.compress}.get(
+        encoding, bytes
+    )(data)
+    assert decompress(sent, encoding, 100_000) == data
+    with pytest.raises(Rejected) as exc:
+        decompress(sent, encoding, 99_999)
+    assert exc.value.status == 413
+
+
+def test_truncated_and_unknown_encodings() -> None:
+    with pytest.raises(Rejected) as exc:
+        decompress(gzip.compress(b"x" * 1000)[:-10], "gzip", 10_000)
+    assert exc.value.status == 400 and "truncated" in exc.value.detail
+    with pytest.raises(Rejected) as exc:
+        decompress(b"x", "deflate", 10)
+    assert exc.value.status == 415
