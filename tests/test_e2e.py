@@ -31,7 +31,7 @@ def test_readings_flow_to_encrypted_store(tmp_path, broker, keyfile, edge):
     proc = edge(cfg)
     n = 500
     # the subscription must exist before publishing: wait for the status topic / log
-    wait_for(lambda: "connected to" in proc.output(), 20, "edgepipe to connect")
+    wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
     publish(broker, [reading_msg(f"dev{i % 5}", "temp", i, i * 0.5) for i in range(n)])
     db = tmp_path / "store.db"
     wait_for(lambda: db.exists() and len(stored(db, keyfile)) >= n, 30, "all readings stored")
@@ -43,3 +43,94 @@ def test_readings_flow_to_encrypted_store(tmp_path, broker, keyfile, edge):
     # nothing readable on disk
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("store.db*"))
     assert b"dev1" not in raw and b"temp" not in raw
+
+
+def _receiver(tmp_path):
+    """A real receiver (edgepipe-cloud serve) on loopback with one registered device."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    db = f"sqlite:///{tmp_path / 'cloud.db'}"
+    cli = [sys.executable, "-c", "import sys; from cloud.cli import main; sys.exit(main())"]
+    secret = subprocess.run(
+        cli + ["devices", "--db", db, "add", "test-device"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[0]
+    port = free_port()
+    proc = subprocess.Popen(
+        cli
+        + [
+            "serve",
+            "--db",
+            db,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
+    )
+    return proc, f"http://127.0.0.1:{port}", secret, tmp_path / "cloud.db"
+
+
+def _cloud_values(db: Path) -> list[float]:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        return sorted(v for (v,) in con.execute("SELECT val FROM readings"))
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
+def test_end_to_end_through_filter_and_receiver(tmp_path, broker, keyfile, edge):
+    """N readings through mosquitto, a Wasm stage, the encrypted store and a sync to a
+    real receiver: every valid one arrives in both places, the -200 sentinels in neither."""
+    from conftest import REPO
+
+    proc_rx, url, secret, cloud_db = _receiver(tmp_path)
+    try:
+        wait_for(lambda: _ping(url), 20, "receiver")
+        cfg = make_config(
+            tmp_path,
+            broker,
+            keyfile,
+            chain=[
+                {
+                    "name": "validity",
+                    "module": str(REPO / "filters/lib/validity.wasm"),
+                    "kind": "filter",
+                    "config": {"sentinel": -200},
+                }
+            ],
+            sync={"enabled": True, "url": url, "device_secret": secret, "interval_s": 0.2},
+        )
+        proc = edge(cfg)
+        wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
+        n = 1000
+        values = [-200.0 if i % 10 == 0 else float(i) for i in range(n)]
+        publish(broker, [reading_msg("dev", "co", i, v) for i, v in enumerate(values)])
+        expected = sorted(v for v in values if v != -200.0)
+        wait_for(lambda: _cloud_values(cloud_db) == expected, 40, "all readings at receiver")
+        assert proc.terminate() == 0
+        assert sorted(v for *_, v in stored(tmp_path / "store.db", keyfile)) == expected
+    finally:
+        proc_rx.terminate()
+        proc_rx.wait(10)
+
+
+def _ping(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/v1/ping", timeout=1):
+            return True
+    except OSError:
+        return False

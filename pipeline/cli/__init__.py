@@ -23,6 +23,7 @@ COMMANDS = (
     "run",
     "validate",
     "schema",
+    "demo",
 )
 
 
