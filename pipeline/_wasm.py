@@ -439,7 +439,7 @@ class WasmStage:
         _TICKER.enter()
         try:
             instance = self._linker.instantiate(store, self.loaded.module)
-        except (wasmtime.WasmtimeError, _HostTrap) as e:
+        except (wasmtime.Trap, wasmtime.WasmtimeError, _HostTrap) as e:
             raise self._error(e, "instantiate") from None
         finally:
             _TICKER.exit()
@@ -517,7 +517,7 @@ class WasmStage:
         _TICKER.enter()
         try:
             return fn(*args)
-        except (wasmtime.WasmtimeError, _HostTrap) as e:
+        except (wasmtime.Trap, wasmtime.WasmtimeError, _HostTrap) as e:
             raise self._error(e, what) from None
         finally:
             _TICKER.exit()

@@ -1,0 +1,301 @@
+"""Hostile and broken modules: refused at load, or contained at run time while healthy
+stages and later batches keep working."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+
+from pipeline._chain import Chain
+from pipeline._errors import FilterLoadError, FilterRuntimeError
+from pipeline._metrics import METRICS
+from pipeline._model import Batch, SeriesRegistry
+from pipeline._wasm import WasmStage
+from tests.wasm_helpers import LIB, REPO, stage, wat_module, write_wat
+
+IDENTITY = "(i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (local.get 0)))"
+
+HOSTILE = {
+    # name: (process body, extra module fields, stage limits, expected code)
+    "infinite_loop_epoch": (
+        "(loop $l (br $l)) (unreachable)",
+        "",
+        {"fuel": None, "timeout_ms": 20},
+        "timeout",
+    ),
+    "infinite_loop_fuel": ("(loop $l (br $l)) (unreachable)", "", {"fuel": 100_000}, "out_of_fuel"),
+    "memory_grow_bomb": (
+        "(loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) (unreachable)",
+        "",
+        {"memory_mb": 2},
+        "unreachable",
+    ),
+    "deep_recursion": (
+        "(drop (call $r (i32.const 0))) (i64.const 0)",
+        "(func $r (param i32) (result i32) (i32.add (call $r (i32.add (local.get 0) (i32.const 1))) (i32.const 1)))",
+        {},
+        "stack_overflow",
+    ),
+    "out_of_bounds_output": (
+        "(i64.or (i64.shl (i64.const 0x7fff0000) (i64.const 32)) (i64.extend_i32_u (local.get 0)))",
+        "",
+        {},
+        "output_pointer",
+    ),
+    "absurd_output_count": (
+        "(i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.const 0xffffffff))",
+        "",
+        {},
+        "output_count",
+    ),
+    "guest_error": ("(i64.const -7)", "", {}, "guest_error_7"),
+    "unknown_series": (
+        f"(i32.store (i32.const 1040) (i32.const 99999)) {IDENTITY}",
+        "",
+        {},
+        "unknown_series",
+    ),
+    "filter_changes_value": (
+        f"(f64.store (i32.const 1032) (f64.const 1e9)) {IDENTITY}",
+        "",
+        {},
+        "kind_violation",
+    ),
+}
+
+
+@pytest.fixture
+def reg():
+    r = SeriesRegistry()
+    r.intern("dev", "T")
+    r.intern("dev", "RH")
+    return r
+
+
+def sample(n: int = 5, start: int = 0) -> Batch:
+    return Batch(
+        [1000 * (start + i) for i in range(n)],
+        [20.0 + i for i in range(n)],
+        [i % 2 for i in range(n)],
+    )
+
+
+def build(tmp_path, stages, reg):
+    return Chain.build(stages, reg, base_dir=REPO, cache_dir=tmp_path / "aot")
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_stage_is_contained_and_next_stage_works(tmp_path, reg, name):
+    body, extra, limits, code = HOSTILE[name]
+    mod = write_wat(tmp_path, name, wat_module(body, extra=extra))
+    stages = [
+        stage("hostile", mod, "filter", **limits),
+        stage("ema", "ema", "map", {"alpha": 0.5}),
+    ]
+    errors_before = METRICS.value("edgepipe_stage_errors_total", stage="hostile", code=code)
+    with build(tmp_path, stages, reg) as chain:
+        b = sample()
+        res = chain.process(b)
+        assert len(res.batch) == 0
+        [dl] = res.dead_letters
+        assert dl.stage == "hostile" and dl.topic == ""
+        assert dl.reason == f"stage hostile: trap: {code}"
+        assert Batch.unpack(dl.payload).value == b.value  # nothing lost
+        assert chain.stopped is None
+        desc = {d["name"]: d for d in chain.describe()}
+        assert desc["hostile"]["failures"] == 1
+        assert desc["hostile"]["instances"] == 2  # re-instantiated after the failure
+        assert desc["hostile"]["last_error"].startswith(code)
+    assert (
+        METRICS.value("edgepipe_stage_errors_total", stage="hostile", code=code)
+        == errors_before + 1
+    )
+
+    # with on_error=pass the records skip the broken stage and reach the healthy one
+    stages[0] = stage("hostile", mod, "filter", on_error="pass", **limits)
+    with build(tmp_path, stages, reg) as chain:
+        for k in range(3):
+            res = chain.process(sample(4, start=10 * k))
+            assert not res.dead_letters
+            assert len(res.batch) == 4 and res.batch.ts == sample(4, start=10 * k).ts
+        assert chain.describe()[0]["failures"] == 3
+        assert chain.describe()[1]["failures"] == 0
+
+
+def test_memory_cap_holds(tmp_path, reg):
+    # grows until refused, then reports success with no output
+    body = "(loop $l (br_if $l (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (i64.shl (i64.const 1024) (i64.const 32))"
+    mod = write_wat(tmp_path, "grow", wat_module(body))
+    st = WasmStage(stage("grow", mod, "filter", memory_mb=1), reg, base_dir=REPO)
+    assert len(st.process(sample())) == 0
+    assert st._memory.data_len(st._store) == 1024 * 1024
+
+
+def test_trap_in_some_batches_only(tmp_path, reg):
+    # traps on batches of exactly 3 records; the instance is rebuilt and later batches work
+    body = f"(if (i32.eq (local.get 0) (i32.const 3)) (then (unreachable))) {IDENTITY}"
+    mod = write_wat(tmp_path, "flaky", wat_module(body))
+    with build(tmp_path, [stage("flaky", mod, "filter_map")], reg) as chain:
+        assert len(chain.process(sample(2)).batch) == 2
+        res = chain.process(sample(3))
+        assert res.dead_letters[0].reason == "stage flaky: trap: unreachable"
+        assert chain.process(sample(4)).batch.value == sample(4).value
+
+
+def test_on_error_stop(tmp_path, reg):
+    mod = write_wat(tmp_path, "trap", wat_module("(unreachable)"))
+    with build(tmp_path, [stage("t", mod, "filter", on_error="stop")], reg) as chain:
+        res = chain.process(sample())
+        assert len(res.batch) == 0 and not res.dead_letters
+        assert chain.stopped is not None and "stage t" in chain.stopped
+        assert "unreachable" in chain.stopped
+        with pytest.raises(FilterRuntimeError):
+            chain.process(sample())
+
+
+def test_circuit_breaker_trips_and_recovers(tmp_path, reg):
+    # traps whenever the first record's value is negative
+    body = (
+        f"(if (f64.lt (f64.load (i32.const 1032)) (f64.const 0)) (then (unreachable))) {IDENTITY}"
+    )
+    mod = write_wat(tmp_path, "neg", wat_module(body))
+    bad = Batch([1], [-1.0], [0])
+    st = stage("neg", mod, "filter", breaker_failures=3, breaker_cooldown_s=0.2)
+    with build(tmp_path, [st], reg) as chain:
+        for _ in range(3):
+            assert chain.process(bad).dead_letters
+        d = chain.describe()[0]
+        assert d["breaker"] == "open" and d["instances"] == 4
+        assert METRICS.value("edgepipe_stage_breaker_open", stage="neg") == 1
+        # while open, even a good batch takes the on_error path without calling the guest
+        res = chain.process(sample())
+        assert res.dead_letters[0].reason == "stage neg: trap: breaker_open"
+        assert chain.describe()[0]["instances"] == 4
+        time.sleep(0.25)
+        assert chain.describe()[0]["breaker"] == "half_open"
+        assert chain.process(sample()).batch.value == sample().value
+        assert chain.describe()[0]["breaker"] == "closed"
+        assert METRICS.value("edgepipe_stage_breaker_open", stage="neg") == 0
+
+
+def test_stateful_stage_restored_after_trap(tmp_path, reg):
+    # ema with so little fuel that a big batch runs out mid-way: the half-updated
+    # instance is replaced and its state restored from the last good snapshot
+    st = stage("ema", "ema", "map", {"alpha": 0.5}, fuel=20_000)
+    small = [Batch([i], [float(i)], [0]) for i in range(5)]
+    big = Batch(list(range(100, 2100)), [1e6] * 2000, [0] * 2000)
+    with build(tmp_path, [st], reg) as chain:
+        outs = [chain.process(b).batch.value[0] for b in small[:3]]
+        res = chain.process(big)
+        assert res.dead_letters and res.dead_letters[0].reason == "stage ema: trap: out_of_fuel"
+        outs += [chain.process(b).batch.value[0] for b in small[3:]]
+    ema, want = None, []
+    for b in small:
+        v = b.value[0]
+        ema = v if ema is None else ema + 0.5 * (v - ema)
+        want.append(ema)
+    assert outs == want
+
+
+# -- refused at load -------------------------------------------------------------------
+
+
+def refused(tmp_path, reg, st) -> FilterLoadError:
+    with pytest.raises(FilterLoadError) as ei:
+        build(tmp_path, [st], reg)
+    assert ei.value.stage == st.name
+    return ei.value
+
+
+def test_refuses_missing_exports(tmp_path, reg):
+    text = wat_module().replace('(export "ep_process")', "")
+    e = refused(tmp_path, reg, stage("m", write_wat(tmp_path, "m", text), "filter"))
+    assert e.code == "missing_export" and "ep_process" in e.message
+
+
+def test_refuses_wrong_export_type(tmp_path, reg):
+    text = wat_module().replace(
+        '(func (export "ep_input") (param i32) (result i32)',
+        '(func (export "ep_input") (param i64) (result i32)',
+    )
+    e = refused(tmp_path, reg, stage("m", write_wat(tmp_path, "m", text), "filter"))
+    assert e.code == "bad_export" and "ep_input" in e.message
+
+
+def test_refuses_wrong_abi_version(tmp_path, reg):
+    e = refused(
+        tmp_path, reg, stage("v", write_wat(tmp_path, "v", wat_module(version=2)), "filter")
+    )
+    assert e.code == "abi_version" and "returned 2" in e.message
+
+
+@pytest.mark.parametrize(
+    "imp",
+    [
+        '(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))',
+        '(import "edgepipe" "spawn" (func (param i32)))',
+        '(import "edgepipe" "log" (func (param i64)))',
+        '(import "env" "mem" (memory 1))',
+    ],
+)
+def test_refuses_imports_not_granted(tmp_path, reg, imp):
+    e = refused(
+        tmp_path, reg, stage("i", write_wat(tmp_path, "i", wat_module(imports=imp)), "filter")
+    )
+    assert e.code == "import_denied"
+
+
+def test_refuses_module_over_size_limit(tmp_path, reg):
+    e = refused(tmp_path, reg, stage("big", "validity", "filter", module_max_kb=1))
+    assert e.code == "too_large"
+
+
+def test_sha256_pin(tmp_path, reg):
+    digest = hashlib.sha256((LIB / "ema.wasm").read_bytes()).hexdigest()
+    with build(tmp_path, [stage("ema", "ema", "map", sha256=digest)], reg):
+        pass
+    e = refused(tmp_path, reg, stage("ema", "ema", "map", sha256="0" * 64))
+    assert e.code == "sha256_mismatch" and digest in e.message
+
+
+@pytest.mark.parametrize(
+    ("init", "code"),
+    [
+        ("(unreachable)", "unreachable"),
+        ("(i32.const -1)", "init"),
+        ("(loop $l (br $l)) (i32.const 0)", "out_of_fuel"),
+    ],
+)
+def test_refuses_failing_init(tmp_path, reg, init, code):
+    mod = write_wat(tmp_path, "init", wat_module(init_body=init))
+    e = refused(tmp_path, reg, stage("init", mod, "filter", fuel=100_000))
+    assert e.code == code
+
+
+def test_refuses_bad_config_value_from_guest(tmp_path, reg):
+    e = refused(tmp_path, reg, stage("ema", "ema", "map", {"alpha": 7}))
+    assert e.code == "init"
+
+
+def test_refuses_start_function_that_never_returns(tmp_path, reg):
+    extra = "(func $s (loop $l (br $l))) (start $s)"
+    mod = write_wat(tmp_path, "start", wat_module(extra=extra))
+    e = refused(tmp_path, reg, stage("start", mod, "filter", fuel=None, timeout_ms=10))
+    assert e.code == "timeout"
+
+
+def test_refuses_non_wasm_and_missing_files(tmp_path, reg):
+    bad = tmp_path / "x.wasm"
+    bad.write_bytes(b"not wasm at all")
+    assert refused(tmp_path, reg, stage("x", bad, "filter")).code == "not_wasm"
+    assert refused(tmp_path, reg, stage("x", tmp_path / "nope.wasm", "filter")).code == "unreadable"
+
+
+def test_map_must_keep_records(tmp_path, reg):
+    body = "(i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (i32.sub (local.get 0) (i32.const 1))))"
+    mod = write_wat(tmp_path, "short", wat_module(body))
+    with build(tmp_path, [stage("short", mod, "map")], reg) as chain:
+        res = chain.process(sample())
+        assert res.dead_letters[0].reason == "stage short: trap: kind_violation"

@@ -1,0 +1,118 @@
+"""Shared helpers for the Wasm filter tests: module paths, the air-quality data set,
+stage configs and hostile/minimal WAT modules."""
+
+from __future__ import annotations
+
+import calendar
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline._config import LimitsConfig, MatchConfig, StageConfig
+from pipeline._model import Batch, SeriesRegistry
+
+REPO = Path(__file__).resolve().parents[1]
+LIB = REPO / "filters" / "lib"
+AIRQUALITY = Path(__file__).resolve().parents[2] / "shared" / "data" / "airquality-uci.csv"
+DEVICE = "airq-1"
+
+
+def airquality(registry: SeriesRegistry) -> Batch:
+    """The UCI air-quality data (9,357 hourly rows x 13 metrics) as one batch, in file
+    order (row by row, metrics in column order); -200 marks a missing value."""
+    if not AIRQUALITY.exists():
+        pytest.skip(f"air-quality data set not found at {AIRQUALITY}")
+    lines = AIRQUALITY.read_text().splitlines()
+    metrics = lines[0].split(",")[2:]
+    sids = [registry.intern(DEVICE, m) for m in metrics]
+    out = Batch()
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        cols = line.split(",")
+        d, mo, y = (int(x) for x in cols[0].split("/"))
+        hh, mm, ss = (int(x) for x in cols[1].split(":"))
+        ts = calendar.timegm((y, mo, d, hh, mm, ss)) * 1000
+        for sid, raw in zip(sids, cols[2:], strict=True):
+            out.append(ts, float(raw), sid)
+    return out
+
+
+def stage(
+    name: str,
+    module: str | Path,
+    kind: str,
+    config: dict[str, Any] | None = None,
+    on_error: str = "dead_letter",
+    match: dict[str, Any] | None = None,
+    sha256: str | None = None,
+    **limits: Any,
+) -> StageConfig:
+    path = module if isinstance(module, Path) else LIB / f"{module}.wasm"
+    return StageConfig(
+        name=name,
+        module=path,
+        kind=kind,
+        config=config or {},
+        on_error=on_error,
+        match=MatchConfig(**(match or {})),
+        sha256=sha256,
+        limits=LimitsConfig(**limits),
+    )
+
+
+def batches(batch: Batch, size: int) -> list[Batch]:
+    idx = range(len(batch))
+    return [batch.take(idx[i : i + size]) for i in range(0, len(batch), size)]
+
+
+def run_chain(chain: Any, batch: Batch, size: int, flush: bool = False) -> Batch:
+    out = Batch()
+    for b in batches(batch, size):
+        res = chain.process(b)
+        assert not res.dead_letters, res.dead_letters[0].reason
+        out.extend(res.batch)
+    if flush:
+        out.extend(chain.flush().batch)
+    return out
+
+
+def same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+# -- WAT building blocks ------------------------------------------------------------
+
+
+#: A well-behaved identity filter_map module in WAT, with hooks to make it misbehave.
+def wat_module(
+    process_body: str = "(i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (local.get 0)))",
+    *,
+    extra: str = "",
+    init_body: str = "(i32.const 0)",
+    version: int = 1,
+    imports: str = "",
+    memory_pages: int = 2,
+) -> str:
+    return f"""
+(module
+  {imports}
+  (memory (export "memory") {memory_pages})
+  (func (export "ep_abi_version") (result i32) (i32.const {version}))
+  (func (export "ep_input") (param i32) (result i32) (i32.const 1024))
+  (func (export "ep_alloc") (param i32) (result i32) (i32.const 65536))
+  (func (export "ep_init") (param i32 i32) (result i32) {init_body})
+  (func (export "ep_process") (param i32) (result i64) {process_body})
+  {extra}
+)
+"""
+
+
+def write_wat(tmp_path: Path, name: str, text: str) -> Path:
+    import wasmtime
+
+    path = tmp_path / f"{name}.wasm"
+    path.write_bytes(wasmtime.wat2wasm(text))
+    return path
