@@ -18,6 +18,7 @@ import sys
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -577,19 +578,26 @@ def test_containerfile_copy_sources_exist() -> None:
 # -- aarch64 wheels ---------------------------------------------------------------------------
 
 
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
+def _index_unreachable() -> str | None:
+    """Why the package index can't be reached (None: it can)."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")
+    hosts = {urllib.parse.urlsplit(index).hostname or "pypi.org"}
+    if hosts == {"pypi.org"}:
+        hosts.add("files.pythonhosted.org")  # where PyPI serves the files from
+    for host in sorted(hosts):
+        try:
+            socket.create_connection((host, 443), timeout=5).close()
+        except OSError as e:
+            return f"{host}:443: {e}"
+    return None
 
 
-@pytest.mark.slow
+@pytest.mark.network
 def test_edge_dependencies_have_aarch64_wheels(tmp_path: Path) -> None:
     """Every edge dependency installs from a wheel on linux/arm64 (no compiler in the image)."""
-    if not _pypi_reachable():
-        pytest.skip("PyPI is unreachable: cannot check the aarch64 wheels")
+    why = _index_unreachable()
+    if why:
+        pytest.skip(f"the package index is unreachable ({why}): aarch64 wheels not checked")
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     cmd = [
         sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
