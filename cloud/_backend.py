@@ -113,8 +113,17 @@ class Backend(Protocol):
         stored) or ``Rejected(401, "replay")`` if the nonce was stored meanwhile."""
 
     def record_rejection(
-        self, device: str | None, reason: str, detail: str, remote: str | None, now: int
-    ) -> None: ...
+        self,
+        device: str | None,
+        reason: str,
+        detail: str,
+        remote: str | None,
+        now: int,
+        *,
+        authenticated: bool = False,
+    ) -> None:
+        """Log a refused upload; if ``device`` is named, also set its ``last_error`` (and
+        ``last_seen`` when the request carried its valid signature)."""
 
     def list_devices(self) -> list[dict[str, Any]]: ...
 
@@ -339,8 +348,9 @@ class SQLBackend:
                 h = ROLLUP_MS
                 cur.execute(
                     "INSERT INTO readings_hourly (series_id, hour, n, total, lo, hi) "
-                    f"SELECT series_id, (ts / {h}) * {h}, count(*), sum(val), min(val), max(val) "
-                    "FROM readings WHERE ts >= 0 GROUP BY 1, 2"
+                    f"SELECT series_id, CASE WHEN ts >= 0 THEN (ts / {h}) * {h} "
+                    f"ELSE ((ts - {h} + 1) / {h}) * {h} END, count(*), sum(val), min(val), "
+                    "max(val) FROM readings GROUP BY 1, 2"
                 )
 
     # -- devices -------------------------------------------------------------------------
@@ -570,8 +580,6 @@ class SQLBackend:
         """Fold new readings into ``readings_hourly`` (same transaction as the readings)."""
         acc: dict[tuple[int, int], list[float]] = {}
         for sid, ts, val, _flags, _seq in rows:
-            if ts < 0:
-                continue
             a = acc.get((sid, ts // ROLLUP_MS * ROLLUP_MS))
             if a is None:
                 acc[(sid, ts // ROLLUP_MS * ROLLUP_MS)] = [1, val, val, val]
@@ -615,7 +623,14 @@ class SQLBackend:
 
     # -- rejections ------------------------------------------------------------------------
     def record_rejection(
-        self, device: str | None, reason: str, detail: str, remote: str | None, now: int
+        self,
+        device: str | None,
+        reason: str,
+        detail: str,
+        remote: str | None,
+        now: int,
+        *,
+        authenticated: bool = False,
     ) -> None:
         q = self._q
         with self._write() as cur:
@@ -630,9 +645,10 @@ class SQLBackend:
             if rid % 100 == 0:
                 cur.execute(q("DELETE FROM rejections WHERE id <= ?"), (rid - REJECTION_LOG_ROWS,))
             if device is not None:
+                seen = ", last_seen_ms = ?" if authenticated else ""
                 cur.execute(
-                    q("UPDATE devices SET last_error = ?, last_error_ms = ? WHERE name = ?"),
-                    (f"{reason}: {detail[:500]}", now, device),
+                    q(f"UPDATE devices SET last_error = ?, last_error_ms = ?{seen} WHERE name = ?"),
+                    (f"{reason}: {detail[:500]}", now, *([now] if authenticated else []), device),
                 )
 
     def rejections(
@@ -686,11 +702,13 @@ class SQLBackend:
         with self._read() as cur:
             did = self._device_id(cur, name)
             cur.execute(
+                # Counts from the hourly rollup, ends by index seeks: no scan of the readings.
                 self._q(
-                    "SELECT s.source, s.metric, s.tags, count(r.ts), min(r.ts), max(r.ts) "
-                    "FROM series s LEFT JOIN readings r ON r.series_id = s.id "
-                    "WHERE s.device_id = ? GROUP BY s.id, s.source, s.metric, s.tags "
-                    "ORDER BY s.metric, s.source, s.tags"
+                    "SELECT s.source, s.metric, s.tags, "
+                    "(SELECT coalesce(sum(h.n), 0) FROM readings_hourly h WHERE h.series_id = s.id), "
+                    "(SELECT min(r.ts) FROM readings r WHERE r.series_id = s.id), "
+                    "(SELECT max(r.ts) FROM readings r WHERE r.series_id = s.id) "
+                    "FROM series s WHERE s.device_id = ? ORDER BY s.metric, s.source, s.tags"
                 ),
                 (did,),
             )
@@ -699,7 +717,7 @@ class SQLBackend:
                     "source": r[0],
                     "metric": r[1],
                     "tags": _tags_obj(r[2]),
-                    "count": r[3],
+                    "count": int(r[3]),
                     "first_ts": r[4],
                     "last_ts": r[5],
                 }
