@@ -27,6 +27,8 @@ __all__ = [
     "StoreConfig",
     "SubscriptionConfig",
     "SyncConfig",
+    "SyncLinksConfig",
+    "SyncMeteredConfig",
     "TLSConfig",
 ]
 
@@ -212,18 +214,73 @@ class StoreConfig(_Model):
     synchronous: Literal["FULL", "EXTRA"] = "FULL"
 
 
+LinkKind = Literal["wifi", "cellular", "ethernet"]
+
+
+class SyncLinksConfig(_Model):
+    """Which network link is up, from the interface state in sysfs (polled cheaply)."""
+
+    sysfs_root: Path = Field(Path("/sys"), description="where /sys is mounted (tests: a fake tree)")
+    interfaces: dict[LinkKind, list[str]] = Field(
+        default_factory=lambda: {
+            "ethernet": ["eth*", "en*"],
+            "wifi": ["wlan*", "wl*"],
+            "cellular": ["wwan*", "usb*", "ppp*"],
+        },
+        description="interface name patterns (fnmatch) per link kind",
+    )
+    prefer: list[LinkKind] = Field(
+        default_factory=lambda: ["ethernet", "wifi", "cellular"],
+        description="when several links are up, the first one here is the one reported",
+    )
+    metered: list[LinkKind] = Field(
+        default_factory=lambda: ["cellular"],
+        description="links paid by the byte: daily budget and priority order apply",
+    )
+    poll_s: float = Field(1.0, gt=0, le=60, description="how often interface state is read")
+
+
+class SyncMeteredConfig(_Model):
+    """What is uploaded over a metered link, in which order, and how much per day."""
+
+    daily_budget_mb: float | None = Field(
+        50.0, gt=0, description="bytes on the wire per metered link per UTC day (None: no cap)"
+    )
+    priority: list[Literal["alerts", "recent", "bulk"]] = Field(
+        default_factory=lambda: ["alerts", "recent"],
+        description="classes uploaded over a metered link, in this order: alerts = batches "
+        "with a flagged reading, recent = newer than recent_hours, bulk = everything else. "
+        "Classes left out wait for an unmetered link.",
+    )
+    recent_hours: float = Field(24.0, gt=0)
+
+    @field_validator("priority")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each class may appear once")
+        return v
+
+
 class SyncConfig(_Model):
     enabled: bool = True
     url: str = Field("http://127.0.0.1:8750", description="base URL of the cloud receiver")
     device_secret: Secret | None = None
-    ca_file: Path | None = None
+    ca_file: Path | None = Field(None, description="CA bundle that signed the receiver's cert")
     compression: Literal["zstd", "gzip", "none"] = "zstd"
     batches_per_request: int = Field(16, ge=1, le=1000)
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    interval_s: float = Field(2.0, gt=0)
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="uncompressed batch bytes per request"
+    )
+    interval_s: float = Field(2.0, gt=0, description="idle poll when nothing new was committed")
     timeout_s: float = Field(15.0, gt=0)
     backoff_min_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(300.0, gt=0)
+    links: SyncLinksConfig = SyncLinksConfig()
+    metered: SyncMeteredConfig = SyncMeteredConfig()
+    state_file: Path | None = Field(
+        None, description="sync status file (default: next to the store, <store>.sync.json)"
+    )
 
 
 class MetricsConfig(_Model):

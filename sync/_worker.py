@@ -1,27 +1,32 @@
-"""The sync worker: uploads committed batches to the cloud receiver, oldest first.
+"""The sync worker: uploads committed batches to the cloud receiver.
 
-Several batches go in one request (msgpack, compressed), signed with the device secret
-(see docs/sync-protocol.md).  A batch is marked synced only when the receiver lists its
-sequence number as durably acknowledged; the receiver is idempotent on (device, seq), so a
-retry after a lost response never duplicates readings.  While the receiver is unreachable
-the worker backs off exponentially with full jitter and honours ``Retry-After``.
+Several batches go in one request (msgpack, compressed), signed with the device secret (see
+docs/sync.md).  A batch is marked synced only when the receiver lists its sequence number as
+durably acknowledged; the receiver is idempotent on (device, seq), so a retry after a lost
+response never duplicates readings.  The backlog is read page by page (never whole), so
+memory stays flat however long the device was offline.
 
-The HTTP client is the standard library's ``http.client``, run on a worker thread: no
-extra import weight on the edge process.
+Connectivity: the link in use comes from sysfs (:mod:`sync._link`), polled every
+``sync.links.poll_s`` while waiting, so a link coming back ends any backoff at once.  While
+the receiver is unreachable the worker backs off exponentially with full jitter, honours
+``Retry-After``, and probes ``GET /v1/ping`` before sending a body again.
+
+Metered links (cellular): a daily byte budget, and only the classes in
+``sync.metered.priority`` are sent, in that order (alerts = batches with a flagged reading,
+recent = newer than ``recent_hours``, bulk = the rest).  Within a class, batches go in seq
+order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
-import http.client
 import logging
 import random
-import ssl
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgpack
 
@@ -29,9 +34,11 @@ from pipeline._errors import SyncError
 from pipeline._metrics import METRICS
 from pipeline._model import SeriesRegistry
 
-from ._signing import CONTENT_TYPE, signed_headers
+from ._link import Link, LinkMonitor
+from ._state import SyncState, default_state_path
+from ._transport import Transport
 
-__all__ = ["SyncWorker", "SyncStatus", "encode_batch", "encode_request"]
+__all__ = ["SyncStatus", "SyncWorker", "encode_batch", "encode_request"]
 
 log = logging.getLogger("edgepipe.sync")
 
@@ -40,7 +47,12 @@ _batches_synced = METRICS.counter("edgepipe_sync_batches_total", "batches acknow
 _readings_synced = METRICS.counter("edgepipe_readings_synced_total", "readings acknowledged")
 _sync_errors = METRICS.counter("edgepipe_sync_errors_total", "failed uploads", ["kind"])
 
-PATH = "/v1/batches"
+#: Batches decrypted per page while looking for a priority class on a metered link.
+_SCAN_PAGE = 64
+#: Most batches looked at per request while scanning (bounds the work of one step).
+_SCAN_MAX = 4096
+
+SyncStatus = SyncState  # the name exported before the state was persisted
 
 
 def encode_batch(seq: int, batch: Any, registry: SeriesRegistry) -> bytes:
@@ -68,95 +80,293 @@ def encode_batch(seq: int, batch: Any, registry: SeriesRegistry) -> bytes:
     )
 
 
+def compress(body: bytes, compression: str) -> tuple[bytes, str]:
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=3).compress(body), "zstd"
+    if compression == "gzip":
+        return gzip.compress(body, compresslevel=6, mtime=0), "gzip"
+    return body, "identity"
+
+
 def encode_request(
     device: str, blobs: list[bytes], status: dict[str, Any], compression: str
 ) -> tuple[bytes, str]:
     body = msgpack.packb(
         {"v": 1, "device": device, "status": status, "batches": blobs}, use_bin_type=True
     )
-    if compression == "zstd":
-        import zstandard
-
-        return zstandard.ZstdCompressor(level=3).compress(body), "zstd"
-    if compression == "gzip":
-        return gzip.compress(body, compresslevel=6), "gzip"
-    return body, "identity"
+    return compress(body, compression)
 
 
-@dataclass
-class SyncStatus:
-    last_success_ms: int | None = None
-    last_error: str | None = None
-    last_error_ms: int | None = None
-    bytes_today: dict[str, int] = field(default_factory=dict)
-    day: str = ""
-    link: str = "unknown"
-    online: bool = False
+def classify(batch: Any, recent_after_ms: int) -> str:
+    """alerts (a flagged reading), recent (newest reading after the cut-off) or bulk."""
+    if any(batch.flags):
+        return "alerts"
+    if batch.ts and max(batch.ts) >= recent_after_ms:
+        return "recent"
+    return "bulk"
+
+
+class _Backoff:
+    """Exponential delays with full jitter: uniform(0, min(max, min * 2**n))."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi, self.n = lo, max(lo, hi), 0
+
+    def next(self) -> float:
+        cap = min(self.hi, self.lo * (2**self.n))
+        self.n = min(self.n + 1, 62)
+        return random.uniform(0, cap)
+
+    def reset(self) -> None:
+        self.n = 0
 
 
 class SyncWorker:
-    """``await worker.run(stop_event)`` drains the store to the receiver until stopped."""
+    """``await worker.run(stop_event)`` keeps the store drained to the receiver until stopped;
+    ``await worker.drain()`` uploads until the backlog is empty (``edgepipe sync --now``)."""
 
     def __init__(
-        self, store: Any, cfg: Any, *, device_id: str, secret: str | None, link: str = "unknown"
+        self,
+        store: Any,
+        cfg: Any,
+        *,
+        device_id: str,
+        secret: str | None,
+        link: str | None = None,
+        base_dir: Path | None = None,
+        state_path: Path | None = None,
     ) -> None:
         self.store = store
         self.cfg = cfg
         self.device_id = device_id
-        self._secret = _secret_bytes(secret)
-        self.link = link
-        self.status = SyncStatus(link=link)
+        ca = cfg.ca_file
+        if ca is not None and not Path(ca).is_absolute() and base_dir is not None:
+            ca = base_dir / ca
+        self.transport = Transport(
+            cfg.url,
+            device_id=device_id,
+            secret=_secret_bytes(secret),
+            timeout_s=cfg.timeout_s,
+            ca_file=ca,
+        )
+        self.links = LinkMonitor(cfg.links, base_dir)
+        self._fixed_link = link  # tests/tools may pin the link kind
+        if state_path is None:
+            state_path = cfg.state_file
+            if state_path is not None and not Path(state_path).is_absolute() and base_dir:
+                state_path = base_dir / state_path
+        if state_path is None:
+            state_path = default_state_path(Path(store.path))
+        self.state_path = Path(state_path)
+        self.status = SyncState.load(self.state_path)
         self._wake = asyncio.Event()
-        u = urlsplit(cfg.url)
-        if u.scheme not in ("http", "https"):
-            raise SyncError(f"sync.url must be http(s), not {cfg.url!r}")
-        self._https = u.scheme == "https"
-        self._host = u.hostname or "127.0.0.1"
-        self._port = u.port or (443 if self._https else 80)
-        self._prefix = u.path.rstrip("/")
-        self._ssl: ssl.SSLContext | None = None
-        if self._https:
-            self._ssl = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
-        self._conn: http.client.HTTPConnection | None = None
+        self._backoff = _Backoff(cfg.backoff_min_s, cfg.backoff_max_s)
+        self._probe_first = False
+        self._max_batches = cfg.batches_per_request
+        self._cursors: dict[str, int] = {}
+        self._cursor_link: tuple[str, str | None] | None = None
 
+    # -- public -------------------------------------------------------------------------
     def notify(self) -> None:
         """Called after each commit: there is something new to upload."""
         self._wake.set()
 
-    # -- the loop ---------------------------------------------------------------------
+    def link(self) -> Link:
+        link = self.links.current()
+        if self._fixed_link is not None and link.up:
+            return Link(
+                self._fixed_link, link.interface, True, self._fixed_link in self.links.metered
+            )
+        return link
+
     async def run(self, stop: asyncio.Event) -> None:
-        delay = self.cfg.backoff_min_s
+        """The background loop of ``edgepipe run``.  Never raises (but on cancellation)."""
         while not stop.is_set():
             try:
-                sent = await self.sync_once()
+                await self._step(stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug must not end syncing for the life of the process
+                log.exception("sync step failed unexpectedly")
+                self._record_error(SyncError(f"internal error: {type(e).__name__}: {e}"))
+                await self._sleep(stop, self._backoff.next(), on_data=False)
+
+    async def _step(self, stop: asyncio.Event) -> None:
+        link = self.link()
+        if not link.up:
+            self._set_waiting(f"no network link is up ({self.links.describe_down()})", link)
+            await self._sleep(stop, 3600, on_data=False)
+            return
+        try:
+            sent = await self.sync_once(link)
+        except SyncError as e:
+            self._record_error(e)
+            wait = e.retry_after if e.retry_after is not None else self._backoff.next()
+            log.warning("sync failed: %s; next try in %.1fs", e, wait)
+            if await self._sleep(stop, wait, on_data=False) == "link":
+                self._backoff.reset()
+            return
+        self._backoff.reset()
+        if sent == 0:
+            self._wake.clear()
+            await self._sleep(stop, self.cfg.interval_s, on_data=True)
+
+    async def drain(
+        self,
+        progress: Callable[[int], None] | None = None,
+        *,
+        retry_for: float | None = None,
+    ) -> int:
+        """Upload until nothing more can be sent; returns readings acknowledged.
+
+        Raises SyncError at the first failure, or, with ``retry_for`` seconds, keeps
+        retrying (backoff, link watching) until that much time has passed without success.
+        """
+        total = 0
+        stop = asyncio.Event()
+        deadline = None if retry_for is None else time.monotonic() + retry_for
+        while True:
+            link = self.link()
+            try:
+                if not link.up:
+                    self._set_waiting(f"no network link is up ({self.links.describe_down()})", link)
+                    raise SyncError(f"no network link is up ({self.links.describe_down()})")
+                n = await self.sync_once(link)
             except SyncError as e:
                 self._record_error(e)
-                wait = e.retry_after if e.retry_after is not None else random.uniform(0, delay)
-                delay = min(delay * 2, self.cfg.backoff_max_s)
-                log.warning("sync failed: %s; next try in %.1fs", e, wait)
-                await _wait(stop, wait)
+                if deadline is None or time.monotonic() >= deadline:
+                    raise
+                wait = e.retry_after if e.retry_after is not None else self._backoff.next()
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+                if await self._sleep(stop, wait, on_data=False) == "link":
+                    self._backoff.reset()
                 continue
-            delay = self.cfg.backoff_min_s
-            if sent == 0:
-                self._wake.clear()
-                await _wait(stop, self.cfg.interval_s, self._wake)
-
-    async def drain(self, progress: Any = None) -> int:
-        """Upload until the backlog is empty; returns readings sent. Raises SyncError."""
-        total = 0
-        while True:
-            n = await self.sync_once()
+            self._backoff.reset()
+            if deadline is not None:
+                deadline = time.monotonic() + retry_for  # type: ignore[operator]
             if n == 0:
                 return total
             total += n
             if progress is not None:
                 progress(total)
 
-    async def sync_once(self) -> int:
-        """One request with up to ``batches_per_request`` batches; returns readings acked."""
-        batches = await self.store.unsynced(limit=self.cfg.batches_per_request)
-        if not batches:
+    async def sync_once(self, link: Link | None = None) -> int:
+        """One request with up to ``batches_per_request`` batches; returns readings acked
+        (0: nothing to send now -- see ``status.waiting``)."""
+        link = link or self.link()
+        self._reset_cursors_on_change(link)
+        budget_left = self._budget_left(link)
+        if budget_left is not None and budget_left <= 0:
+            self._set_waiting(f"daily budget of the {link.kind} link is used up", link)
             return 0
+        batches, advance, waiting = await self._select(link)
+        if not batches:
+            self._set_waiting(waiting, link)
+            return 0
+        stats = await self.store.stats()
+        status = {
+            "backlog_batches": stats["unsynced_batches"],
+            "backlog_readings": stats["unsynced_readings"],
+            "oldest_unsynced_ms": stats["oldest_unsynced_ms"],
+            "dead_letters": stats["dead_letters"],
+            "link": link.kind,
+        }
+        body, encoding, batches = await asyncio.to_thread(
+            self._encode, batches, status, budget_left
+        )
+        if not batches:
+            self._set_waiting(f"daily budget of the {link.kind} link is used up", link)
+            return 0
+        if self._probe_first:
+            await asyncio.to_thread(self.transport.ping)
+            self._probe_first = False
+        self.status.last_attempt_ms = _now_ms()
+        try:
+            result = await asyncio.to_thread(self.transport.post_batches, body, encoding, link.kind)
+        except SyncError as e:
+            if e.status is None:
+                self._probe_first = True
+                _sync_errors.inc(1, "network")
+            else:
+                _sync_errors.inc(1, str(e.status))
+            if e.status == 413 and self._max_batches > 1:
+                self._max_batches = max(1, len(batches) // 2)
+            # bytes were (probably) on the wire all the same: count them against the budget
+            self._count_bytes(link, len(body))
+            raise
+        acked = set()
+        for s in result.get("acked", ()):
+            if isinstance(s, int):
+                acked.add(s)
+        ok = [sb for sb in batches if sb.seq in acked]
+        await self.store.mark_synced(sb.seq for sb in ok)
+        n = sum(len(sb.batch) for sb in ok)
+        _batches_synced.inc(len(ok))
+        _readings_synced.inc(n)
+        self._count_bytes(link, len(body))
+        if not ok:
+            raise SyncError("the receiver acknowledged none of the batches sent", status=200)
+        if len(ok) == len(batches):
+            for cls, seq in advance.items():
+                self._cursors[cls] = max(self._cursors.get(cls, 0), seq)
+        self._record_success(link, n, stats, [sb.seq for sb in ok])
+        return n
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # -- choosing what to send --------------------------------------------------------------
+    async def _select(self, link: Link) -> tuple[list[Any], dict[str, int], str | None]:
+        limit = self._max_batches
+        if not link.metered:
+            return await self.store.unsynced(limit=limit), {}, None
+        m = self.cfg.metered
+        recent_after = _now_ms() - int(m.recent_hours * 3600_000)
+        for cls in m.priority:
+            if cls == "bulk":  # everything that is left, oldest first
+                got = await self.store.unsynced(limit=limit)
+                if got:
+                    return got, {}, None
+                continue
+            after = self._cursors.get(cls, 0)
+            picked: list[Any] = []
+            scanned = 0
+            while len(picked) < limit and scanned < _SCAN_MAX:
+                page = await self.store.unsynced(after=after, limit=_SCAN_PAGE)
+                if not page:
+                    break
+                for sb in page:
+                    scanned += 1
+                    if classify(sb.batch, recent_after) == cls:
+                        picked.append(sb)
+                        if len(picked) >= limit:
+                            break
+                    after = sb.seq
+                if picked and len(picked) >= limit:
+                    after = picked[-1].seq
+            if picked:
+                return picked, {cls: after}, None
+            self._cursors[cls] = after  # nothing of this class up to here
+        left = [c for c in ("alerts", "recent", "bulk") if c not in m.priority]
+        why = f"{', '.join(left)} batches wait for an unmetered link" if left else None
+        return [], {}, why
+
+    def _reset_cursors_on_change(self, link: Link) -> None:
+        key = (link.kind, link.interface)
+        if key != self._cursor_link:
+            self._cursor_link, self._cursors = key, {}
+
+    def _budget_left(self, link: Link) -> int | None:
+        mb = self.cfg.metered.daily_budget_mb
+        if not link.metered or mb is None:
+            return None
+        return int(mb * 1024 * 1024) - self.status.used_today(link.kind)
+
+    def _encode(
+        self, batches: list[Any], status: dict[str, Any], budget_left: int | None
+    ) -> tuple[bytes, str, list[Any]]:
         registry = self.store.registry
         blobs, size = [], 0
         for sb in batches:
@@ -165,106 +375,64 @@ class SyncWorker:
                 break
             blobs.append(blob)
             size += len(blob)
-        batches = batches[: len(blobs)]
-        stats = await self.store.stats()
-        status = {
-            "backlog_batches": stats["unsynced_batches"],
-            "backlog_readings": stats["unsynced_readings"],
-            "oldest_unsynced_ms": stats["oldest_unsynced_ms"],
-            "dead_letters": stats["dead_letters"],
-            "link": self.link,
-        }
-        body, encoding = encode_request(self.device_id, blobs, status, self.cfg.compression)
-        result = await asyncio.to_thread(self._post, body, encoding)
-        acked = set(result.get("acked", []))
-        ok = [sb for sb in batches if sb.seq in acked]
-        await self.store.mark_synced(sb.seq for sb in ok)
-        n = sum(len(sb.batch) for sb in ok)
-        _batches_synced.inc(len(ok))
-        _readings_synced.inc(n)
-        self._count_bytes(len(body))
-        self.status.last_success_ms = int(time.time() * 1000)
-        self.status.online = True
-        if not ok:
-            raise SyncError("receiver acknowledged none of the batches sent")
-        return n
+        while True:
+            body, encoding = encode_request(self.device_id, blobs, status, self.cfg.compression)
+            if budget_left is None or len(body) <= budget_left:
+                return body, encoding, batches[: len(blobs)]
+            if len(blobs) == 1:
+                return b"", encoding, []
+            blobs = blobs[: len(blobs) // 2]
 
-    # -- HTTP -------------------------------------------------------------------------
-    def _post(self, body: bytes, encoding: str) -> dict[str, Any]:
-        import json
+    # -- waiting ----------------------------------------------------------------------------
+    async def _sleep(self, stop: asyncio.Event, timeout: float, *, on_data: bool) -> str:
+        """Wait ``timeout`` s; return early ("link") when a link comes up or changes, or
+        ("data") on :meth:`notify` if ``on_data``.  Reads sysfs every ``poll_s``."""
+        deadline = time.monotonic() + timeout
+        first = self.links.current()
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            await _wait(stop, min(left, self.links.poll_s), self._wake if on_data else None)
+            if on_data and self._wake.is_set():
+                return "data"
+            now = self.links.current()
+            if now != first:
+                if now.up:
+                    log.info("link %s is up", now.describe())
+                    self._probe_first = True
+                    return "link"
+                first = now
+        return "stop"
 
-        path = self._prefix + PATH
-        headers = signed_headers(
-            self._secret, self.device_id, path, body, timestamp=int(time.time()), link=self.link
-        )
-        headers["Content-Type"] = CONTENT_TYPE
-        headers["Content-Encoding"] = encoding
-        headers["Content-Length"] = str(len(body))
-        for attempt in (0, 1):
-            conn = self._connection()
-            try:
-                conn.request("POST", path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except (OSError, http.client.HTTPException) as e:
-                self._close_conn()
-                if attempt == 0 and isinstance(
-                    e, http.client.RemoteDisconnected | BrokenPipeError | ConnectionResetError
-                ):
-                    continue  # a kept-alive connection the server had closed: retry once
-                _sync_errors.inc(1, "network")
-                raise SyncError(f"cannot reach {self._host}:{self._port}: {e}") from None
-            break
-        if resp.status == 200:
-            try:
-                return json.loads(data)
-            except ValueError:
-                raise SyncError("receiver sent an unreadable response", status=200) from None
-        retry_after = _retry_after(resp.getheader("Retry-After"))
-        try:
-            detail = json.loads(data).get("detail") or json.loads(data).get("error")
-        except Exception:
-            detail = data[:200].decode(errors="replace")
-        _sync_errors.inc(1, str(resp.status))
-        if resp.status >= 500 or resp.status == 429:
-            self._close_conn()
-        raise SyncError(
-            f"receiver answered {resp.status}: {detail}",
-            status=resp.status,
-            retry_after=retry_after,
-        )
+    # -- status -----------------------------------------------------------------------------
+    def _count_bytes(self, link: Link, n: int) -> None:
+        self.status.add_bytes(link.kind, n)
+        _bytes_sent.inc(n, link.kind)
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            if self._https:
-                self._conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self.cfg.timeout_s, context=self._ssl
-                )
-            else:
-                self._conn = http.client.HTTPConnection(
-                    self._host, self._port, timeout=self.cfg.timeout_s
-                )
-        return self._conn
-
-    def _close_conn(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def close(self) -> None:
-        self._close_conn()
+    def _record_success(self, link: Link, n: int, stats: dict[str, Any], seqs: list[int]) -> None:
+        st = self.status
+        st.last_success_ms = _now_ms()
+        st.online, st.waiting = True, None
+        st.link, st.interface = link.kind, link.interface
+        st.readings_sent_total += n
+        st.backlog_batches = max(0, stats["unsynced_batches"] - len(seqs))
+        st.backlog_readings = max(0, stats["unsynced_readings"] - n)
+        st.oldest_unsynced_ms = stats["oldest_unsynced_ms"]
+        st.save(self.state_path)
 
     def _record_error(self, e: SyncError) -> None:
-        self.status.last_error = str(e)
-        self.status.last_error_ms = int(time.time() * 1000)
-        self.status.online = e.status is not None
+        st = self.status
+        st.last_error = str(e)
+        st.last_error_ms = _now_ms()
+        st.online = e.status is not None
+        st.save(self.state_path)
 
-    def _count_bytes(self, n: int) -> None:
-        day = time.strftime("%Y-%m-%d")
-        if day != self.status.day:
-            self.status.day, self.status.bytes_today = day, {}
-        self.status.bytes_today[self.link] = self.status.bytes_today.get(self.link, 0) + n
-        _bytes_sent.inc(n, self.link)
+    def _set_waiting(self, why: str | None, link: Link) -> None:
+        st = self.status
+        if st.waiting != why or st.link != link.kind:
+            st.waiting, st.link, st.interface = why, link.kind, link.interface
+            st.save(self.state_path)
 
 
 def _secret_bytes(secret: str | None) -> bytes:
@@ -280,13 +448,8 @@ def _secret_bytes(secret: str | None) -> bytes:
     return key
 
 
-def _retry_after(v: str | None) -> float | None:
-    if not v:
-        return None
-    try:
-        return max(0.0, min(float(v), 3600.0))
-    except ValueError:
-        return None
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 async def _wait(stop: asyncio.Event, timeout: float, also: asyncio.Event | None = None) -> None:

@@ -24,6 +24,7 @@ COMMANDS = (
     "validate",
     "schema",
     "demo",
+    "sync",
 )
 
 

@@ -1,0 +1,84 @@
+"""The sync worker's status, persisted as a small JSON file next to the store.
+
+``edgepipe status`` (another process) reads it to show the last success, the last error and
+the bytes sent per link today; the daily byte budget of metered links survives restarts
+because the counters live here.  Written atomically (temp file + rename); never holds a
+secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SyncState", "default_state_path", "utc_day"]
+
+
+def utc_day(t: float | None = None) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(time.time() if t is None else t))
+
+
+def default_state_path(store_path: Path) -> Path:
+    return store_path.with_name(store_path.name + ".sync.json")
+
+
+@dataclass
+class SyncState:
+    last_success_ms: int | None = None
+    last_error: str | None = None
+    last_error_ms: int | None = None
+    last_attempt_ms: int | None = None
+    day: str = ""
+    bytes_today: dict[str, int] = field(default_factory=dict)
+    link: str = "unknown"
+    interface: str | None = None
+    online: bool = False
+    waiting: str | None = None  # why nothing is being sent right now (budget, link down...)
+    backlog_batches: int | None = None
+    backlog_readings: int | None = None
+    oldest_unsynced_ms: int | None = None
+    readings_sent_total: int = 0
+    updated_ms: int | None = None
+
+    # -- counters -------------------------------------------------------------------------
+    def roll_day(self) -> None:
+        day = utc_day()
+        if day != self.day:
+            self.day, self.bytes_today = day, {}
+
+    def add_bytes(self, link: str, n: int) -> None:
+        self.roll_day()
+        self.bytes_today[link] = self.bytes_today.get(link, 0) + n
+
+    def used_today(self, link: str) -> int:
+        self.roll_day()
+        return self.bytes_today.get(link, 0)
+
+    # -- persistence ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path) -> SyncState:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return cls()
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**known)
+        except TypeError:
+            return cls()
+
+    def save(self, path: Path) -> None:
+        self.updated_ms = int(time.time() * 1000)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(asdict(self), sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
