@@ -17,8 +17,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import asyncio
     import signal
+
+    # A stop request may come while the process is still starting (Kubernetes sends
+    # SIGTERM whenever it likes): note it now, honour it once the loop runs.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
+
+    import asyncio
 
     from .._loader import load_config
     from .._runtime import Pipeline, configure_logging
@@ -31,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pipeline.stop)
+        if early:
+            pipeline.stop()
         return await pipeline.run()
 
     return asyncio.run(main())
