@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -773,3 +774,71 @@ def test_pod_configuration_runs(tmp_path: Path) -> None:
             edge.wait()
         broker.terminate()
         broker.wait(10)
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for instr, rest in containerfile():
+        if instr == "FROM":
+            stages.append([])
+        elif stages:
+            stages[-1].append((instr, rest))
+    return stages
+
+
+@pytest.mark.network
+def test_builder_stage_recipe_makes_an_edge_only_venv(tmp_path: Path) -> None:
+    """No container engine here: run the builder stage's COPY and RUN steps on the host
+    (paths mapped into a temporary directory) and inspect the venv the image would get."""
+    why = _index_unreachable()
+    if why:
+        pytest.skip(f"the package index is unreachable ({why}): builder stage not run")
+    builder = _stages()[0]
+    src, wheels, venv = tmp_path / "src", tmp_path / "wheels", tmp_path / "venv"
+    src.mkdir()
+    env = dict(os.environ)
+    for instr, rest in builder:
+        if instr == "ENV":
+            env.update(kv.split("=", 1) for kv in rest.split())
+        elif instr == "COPY":
+            *sources, dest = rest.split()
+            for s in sources:
+                assert (ROOT / s).exists(), f"COPY source {s} missing"
+                if (ROOT / s).is_dir():  # a directory's contents go to dest
+                    shutil.copytree(
+                        ROOT / s, src / dest, ignore=shutil.ignore_patterns("__pycache__")
+                    )
+                else:  # a file goes into dest/ or becomes dest
+                    target = src / dest / s if dest.endswith("/") else src / dest
+                    shutil.copy2(ROOT / s, target)
+    runs = [rest for instr, rest in builder if instr == "RUN"]
+    assert len(runs) == 1
+    script = runs[0].replace("/wheels", str(wheels)).replace("/opt/venv", str(venv))
+    result = subprocess.run(
+        ["bash", "-ec", script], cwd=src, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    python = venv / "bin" / "python"
+    out = subprocess.run(
+        [str(python), "-c",
+         "import importlib.metadata as m, sys; "
+         "print('\\n'.join(sorted(d.metadata['Name'].lower() for d in m.distributions())))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower()
+        assert name in out, (name, out)
+    for web in ("starlette", "uvicorn", "psycopg", "psycopg-binary", "argon2-cffi", "httpx", "pip"):
+        assert web not in out, f"{web} must not be in the edge image"
+    assert not (venv / "bin" / "edgepipe-cloud").exists()
+    site = next(venv.glob("lib/python3.11/site-packages"))
+    assert not (site / "cloud").exists()
+    assert (venv / "bin" / "edgepipe").exists()
+    help_text = subprocess.run(
+        [str(venv / "bin" / "edgepipe"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "run" in help_text
+    size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file())
+    # the venv is the image's only big layer above the base (compressed about a third)
+    assert size < 150 * 2**20, f"venv is {size / 2**20:.0f} MiB"
