@@ -128,11 +128,12 @@ async def ping(request: Request) -> Response:
 class _Upload:
     """State of one upload request, for the rejection log."""
 
-    __slots__ = ("device", "claimed")
+    __slots__ = ("authenticated", "claimed", "device")
 
     def __init__(self) -> None:
         self.device: str | None = None  # set once the named device is known to exist
         self.claimed: str | None = None
+        self.authenticated = False  # set once its signature verified
 
 
 async def post_batches(request: Request) -> Response:
@@ -199,7 +200,15 @@ async def post_batches(request: Request) -> Response:
             detail = f"{detail} (claimed device {ctx.claimed[:64]!r})"
         try:
             await run_in_threadpool(
-                state.backend.record_rejection, ctx.device, exc.code, detail, remote, _now_ms()
+                functools.partial(
+                    state.backend.record_rejection,
+                    ctx.device,
+                    exc.code,
+                    detail,
+                    remote,
+                    _now_ms(),
+                    authenticated=ctx.authenticated,
+                )
             )
         except Exception:  # the refusal itself must still reach the device
             log.exception("could not record a rejection")
@@ -280,6 +289,7 @@ async def _receive(
         secret, request.method, request.url.path, timestamp, nonce, body, signature
     ):
         raise Rejected(401, "bad_signature", "unknown device or bad signature")
+    ctx.authenticated = True
     now = _now_ms()
     if abs(now // 1000 - timestamp) > settings.max_skew_s:
         raise Rejected(
@@ -464,8 +474,8 @@ async def rejections(request: Request) -> Response:
     tags: [read]
     security: [{operatorBearer: []}]
     parameters:
-      - {name: device, in: query, schema: {type: string}}
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000, default: 100}}
+      - {$ref: "#/components/parameters/DeviceFilter"}
+      - {$ref: "#/components/parameters/LogLimit"}
       - {name: before, in: query, description: only entries with a smaller id (paging), schema: {type: integer}}
     responses:
       "200":
@@ -494,8 +504,8 @@ async def dead_letters(request: Request) -> Response:
     tags: [read]
     security: [{operatorBearer: []}]
     parameters:
-      - {name: device, in: query, schema: {type: string}}
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000, default: 100}}
+      - {$ref: "#/components/parameters/DeviceFilter"}
+      - {$ref: "#/components/parameters/LogLimit"}
       - {name: before, in: query, description: only entries received before this time (ms), schema: {type: integer}}
     responses:
       "200":

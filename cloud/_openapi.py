@@ -29,6 +29,12 @@ BASE_SCHEMA: dict[str, Any] = {
         },
         "parameters": {
             "Name": {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+            "DeviceFilter": {"name": "device", "in": "query", "schema": {"type": "string"}},
+            "LogLimit": {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            },
             "Device": {
                 "name": "X-Edgepipe-Device",
                 "in": "header",

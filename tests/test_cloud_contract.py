@@ -234,9 +234,9 @@ def _refused(
 def test_wrong_secret(backend: Backend, device: DeviceClient, operator: httpx.Client) -> None:
     r = device.upload([make_batch(1, series_readings(3))], secret=b"x" * 32)
     _refused(backend, operator, device, r, 401, "bad_signature")
-    assert (
-        operator.get(f"/v1/devices/{device.name}").json()["last_error"].startswith("bad_signature")
-    )
+    status = operator.get(f"/v1/devices/{device.name}").json()
+    assert status["last_error"].startswith("bad_signature")
+    assert status["last_seen_ms"] is None  # an unverified request is not the device
 
 
 def test_forged_body(backend: Backend, device: DeviceClient, operator: httpx.Client) -> None:
@@ -277,7 +277,7 @@ def test_replayed_nonce(backend: Backend, device: DeviceClient, operator: httpx.
     assert _last_rejection(operator, device.name)["reason"] == "replay"
 
 
-@pytest.mark.parametrize("skew", [-301, 301, -10_000])
+@pytest.mark.parametrize("skew", [-305, 305, -10_000])  # 5 s clear of the 300 s edge
 def test_stale_timestamp(
     backend: Backend, device: DeviceClient, operator: httpx.Client, skew: int
 ) -> None:
@@ -396,6 +396,9 @@ def test_bad_batch_shape_names_the_field(
     assert r.json()["detail"].startswith("batches[1].val[1]")
     r = device.upload([good], device="someone-else")
     _refused(backend, operator, device, r, 400, "device_mismatch")
+    status = operator.get(f"/v1/devices/{device.name}").json()
+    assert status["last_seen_ms"] is not None and status["last_sync_ms"] is None
+    assert status["last_error"].startswith("device_mismatch")
 
 
 # -- read API ----------------------------------------------------------------------------------
@@ -585,3 +588,48 @@ def test_responses_match_the_openapi_document(device: DeviceClient, operator: ht
         r = operator.get(url, params=params)
         assert r.status_code == 200
         check(response_schema(path, "get", "200"), r.json())
+
+
+def test_overload_answers_503_with_retry_after(backend: Backend) -> None:
+    import threading
+
+    settings = Settings(api_token=TOKEN, max_inflight_uploads=1, retry_after_s=7)
+    name, secret = new_device(backend)
+    with LiveServer(create_app(settings, backend=backend)) as server:
+        dev = DeviceClient(server.url, name, secret)
+        release = threading.Event()
+        sent = encode(dev.body([make_batch(1, series_readings(3))]), "zstd")
+
+        def slow_body() -> Iterator[bytes]:
+            yield sent[:10]
+            release.wait(30)  # the first upload stays in progress until the second is answered
+            yield sent[10:]
+
+        first: list[httpx.Response] = []
+        headers = {
+            "Content-Type": "application/vnd.edgepipe.batches+msgpack",
+            "Content-Encoding": "zstd",
+        }
+        from sync import _signing
+
+        headers |= _signing.signed_headers(secret, name, PATH, sent, timestamp=int(time.time()))
+        t = threading.Thread(
+            target=lambda: first.append(dev.http.post(PATH, content=slow_body(), headers=headers))
+        )
+        t.start()
+        try:
+            with httpx.Client(base_url=server.url) as probe:
+                deadline = time.monotonic() + 20
+                while True:  # wait until the first upload is being received
+                    second = dev.upload([make_batch(2, series_readings(1))])
+                    if second.status_code == 503 or time.monotonic() > deadline:
+                        break
+                    assert second.status_code == 200
+                assert probe.get("/v1/ping").status_code == 200
+        finally:
+            release.set()
+            t.join(30)
+        assert second.status_code == 503
+        assert second.headers["Retry-After"] == "7" and second.json()["error"] == "overloaded"
+        assert first[0].status_code == 200 and first[0].json()["acked"] == [1]
+        dev.close()

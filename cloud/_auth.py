@@ -1,0 +1,206 @@
+"""Operator authentication for the dashboard and the read API.
+
+* Passwords are hashed with argon2id (argon2-cffi); only the hash is stored.
+* A login creates a server-side session in the backend: the cookie carries a random token,
+  the backend keeps only its SHA-256 (a leaked database opens no session).  Logging out, or
+  removing the operator, ends the session at once.
+* The cookie is ``HttpOnly``, ``SameSite=Lax`` and ``Secure`` when the request came over TLS
+  (or always, with ``EDGEPIPE_CLOUD_SECURE_COOKIES=1`` behind a TLS-terminating proxy).
+* Every state-changing form carries a CSRF token: before login a double-submit cookie, after
+  login the token bound to the session.  A cross-origin ``Origin`` header is refused as well.
+* Failed logins are rate limited per client address and per user name; beyond the limit the
+  answer is 429 with ``Retry-After``.
+
+A device signature opens none of this: operators are identified only by the session cookie
+(or the optional API bearer token of the settings, for scripts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ._errors import Rejected
+
+__all__ = [
+    "CSRF_COOKIE",
+    "SESSION_COOKIE",
+    "LoginLimiter",
+    "hash_password",
+    "new_token",
+    "operator_authorizer",
+    "session_key",
+    "verify_password",
+]
+
+SESSION_COOKIE = "ep_session"
+CSRF_COOKIE = "ep_csrf"
+
+_hasher = PasswordHasher()  # argon2id, the library's current recommended parameters
+_dummy_hash: str | None = None
+
+
+def hash_password(password: str) -> str:
+    if not password:
+        raise ValueError("the password must not be empty")
+    return _hasher.hash(password)
+
+
+def verify_password(pwhash: str | None, password: str) -> bool:
+    """Constant work whether or not the operator exists (an unknown name is checked against
+    a dummy hash), so timing does not reveal operator names."""
+    global _dummy_hash
+    if pwhash is None:
+        if _dummy_hash is None:
+            _dummy_hash = _hasher.hash(secrets.token_hex(16))
+        pwhash, password = _dummy_hash, password + "\x00"
+    try:
+        return _hasher.verify(pwhash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def needs_rehash(pwhash: str) -> bool:
+    return _hasher.check_needs_rehash(pwhash)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def session_key(token: str) -> str:
+    """What the backend stores for a session cookie value."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def tokens_equal(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and hmac.compare_digest(str(a).encode(), str(b).encode())
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# -- rate limiting ------------------------------------------------------------------------------
+class LoginLimiter:
+    """Sliding-window count of failed logins per key (``ip:...``, ``user:...``).
+
+    In memory, per receiver process; bounded (the oldest keys are dropped past ``max_keys``).
+    """
+
+    def __init__(self, max_failures: int = 5, window_s: float = 300, max_keys: int = 100_000):
+        self.max_failures, self.window_s, self.max_keys = max_failures, window_s, max_keys
+        self._fails: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, keys: Iterable[str], now: float | None = None) -> int | None:
+        """Seconds until a login may be tried again, or None if none of ``keys`` is blocked."""
+        now = time.monotonic() if now is None else now
+        wait = 0.0
+        with self._lock:
+            for key in keys:
+                q = self._fails.get(key)
+                if not q:
+                    continue
+                while q and q[0] <= now - self.window_s:
+                    q.popleft()
+                if len(q) >= self.max_failures:
+                    wait = max(wait, q[len(q) - self.max_failures] + self.window_s - now)
+        return max(1, int(wait + 0.999)) if wait > 0 else None
+
+    def failed(self, keys: Iterable[str], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for key in keys:
+                q = self._fails.get(key)
+                if q is None:
+                    if len(self._fails) >= self.max_keys:
+                        self._fails.pop(next(iter(self._fails)))
+                    q = self._fails[key] = deque(maxlen=self.max_failures * 4)
+                q.append(now)
+
+    def succeeded(self, key: str) -> None:
+        with self._lock:
+            self._fails.pop(key, None)
+
+
+# -- sessions -------------------------------------------------------------------------------
+async def current_session(request: Request) -> dict[str, Any] | None:
+    """The live session of this request (cached on ``request.state``), or None."""
+    if "session" in request.state._state:
+        return request.state.session
+    session = None
+    token = request.cookies.get(SESSION_COOKIE)
+    if token and len(token) <= 128:
+        session = await run_in_threadpool(
+            request.app.state.backend.get_session, session_key(token), now_ms()
+        )
+    request.state.session = session
+    return session
+
+
+def cookie_secure(request: Request) -> bool:
+    forced = request.app.state.dashboard.secure_cookies
+    return forced if forced is not None else request.url.scheme == "https"
+
+
+def set_cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        samesite="lax" if name == SESSION_COOKIE else "strict",
+        secure=cookie_secure(request),
+    )
+
+
+def check_origin(request: Request) -> None:
+    """Refuse a state-changing request whose ``Origin`` is another site."""
+    origin = request.headers.get("origin")
+    if origin and origin != "null":
+        expected = f"{request.url.scheme}://{request.url.netloc}"
+        if origin.rstrip("/") != expected:
+            raise Rejected(403, "csrf", "cross-origin request refused")
+    elif origin == "null":
+        raise Rejected(403, "csrf", "cross-origin request refused")
+
+
+def operator_authorizer(api_token: str | None) -> Callable[[Request], Any]:
+    """The app's operator check: a live session cookie, or ``Authorization: Bearer <token>``
+    when an API token is configured.  Returns the operator name."""
+    token = api_token.encode() if api_token else None
+
+    async def authorize(request: Request) -> str:
+        session = await current_session(request)
+        if session is not None:
+            return session["operator"]
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if (
+            token is not None
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), token)
+        ):
+            return "api-token"
+        raise Rejected(
+            401,
+            "unauthorized",
+            "operator credentials required: log in to the dashboard"
+            + (" or send the API bearer token" if token else ""),
+            headers={"WWW-Authenticate": 'Bearer realm="edgepipe"'} if token else {},
+        )
+
+    return authorize
