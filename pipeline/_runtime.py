@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,15 @@ _acked = METRICS.counter("edgepipe_messages_acked_total", "QoS 1 messages acknow
 _store_full = METRICS.gauge("edgepipe_store_full", "1 while the store refuses writes")
 _backlog = METRICS.gauge("edgepipe_sync_backlog_readings", "readings not yet synced")
 _store_bytes = METRICS.gauge("edgepipe_store_bytes", "size of the store file")
+
+
+def _fault_hook() -> Any:
+    from ._ingest import fault_hook
+
+    return fault_hook()
+
+
+_fault_after_commit = _fault_hook() if "EDGEPIPE_FAULT" in os.environ else None
 
 
 class _NoChain:
@@ -117,6 +127,7 @@ class Pipeline:
             keyring,
             device_id=cfg.device.id,
             quota_bytes=int(cfg.store.quota_mb * 1024 * 1024),
+            on_full=cfg.store.on_full,
             synchronous=cfg.store.synchronous,
         )
         self.chain = self._build_chain()
@@ -127,7 +138,7 @@ class Pipeline:
             self.store.registry,
             device_id=cfg.device.id,
             max_payload=cfg.batch.max_payload_bytes,
-            identity_key=keyring.derive("message-identity"),
+            identity_key=self.store.identity_key,
         )
         self.mqtt = MQTTClient(
             cfg.broker,
@@ -226,6 +237,8 @@ class Pipeline:
             return False
         dead = dec.dead_letters + list(result.dead_letters)
         await self._commit(result.batch, dead, dec.keys, chain.snapshot())
+        if _fault_after_commit is not None:
+            _fault_after_commit()  # test hook: EDGEPIPE_FAULT=crash_after_commit:K
         n = self.mqtt.ack(msgs)
         _acked.inc(n)
         _batches.inc()

@@ -9,8 +9,8 @@ Rows are sealed with AES-256-GCM under a random 96-bit nonce.  The associated da
 each ciphertext to its place (device id, table, row key, key id, schema version), so a row
 copied to another place, another table or another device fails authentication.  The
 number of encryptions per key is counted in the store; NIST SP 800-38D allows 2**32
-random-nonce encryptions per key, edgepipe warns at 2**28 and refuses new writes at 2**31,
-long before the limit.
+random-nonce encryptions per key, edgepipe warns at 2**28 and refuses new writes at 2**30,
+long before the limit (``edgepipe keys rotate`` then makes a fresh active key).
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ __all__ = [
     "generate_key_line",
 ]
 
-SCHEMA_VERSION = 1
+#: Version of the associated-data layout (not the SQL schema version): it is bound into
+#: every ciphertext, so it only changes if the row format itself changes.
+ROW_FORMAT = 1
 KEY_WARN_AT = 2**28
-KEY_REFUSE_AT = 2**31
+KEY_REFUSE_AT = 2**30
 
 
 def _b64d(s: str) -> bytes:
@@ -127,9 +129,12 @@ class Keyring:
         except OSError as e:
             raise KeyError_(f"cannot read store key file {path}: {e.strerror}") from None
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            fix = f"run: chmod 600 {path}"
+            if path.is_symlink():  # a Kubernetes Secret volume: the mode comes from the pod
+                fix = "set defaultMode: 0400 on the Secret volume (or chmod 600 the target)"
             raise KeyError_(
                 f"store key file {path} is readable by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); {fix}"
             )
         try:
             text = path.read_text()
@@ -168,7 +173,7 @@ class Sealer:
             table.encode(),
             str(row).encode(),
             key_id.encode(),
-            SCHEMA_VERSION,
+            ROW_FORMAT,
         )
 
     def seal(self, table: str, row: int | str, plaintext: bytes) -> tuple[str, bytes]:
