@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +28,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
+
+if TYPE_CHECKING:
+    from ._dashboard import DashboardSettings
 
 from sync import _signing as signing
 
@@ -583,6 +586,7 @@ def create_app(
     *,
     backend: Backend | None = None,
     extra_routes: Sequence[BaseRoute] = (),
+    dashboard: DashboardSettings | None = None,
 ) -> Starlette:
     """The receiver app.  Without ``backend`` one is opened from ``settings.db`` at startup
     and closed at shutdown; a given backend is left open (the caller owns it)."""
@@ -600,8 +604,10 @@ def create_app(
                 app.state.backend.close()
                 app.state.backend = None
 
+    from ._dashboard import dashboard_routes, install
+
     app = Starlette(
-        routes=[*api_routes(), *extra_routes],
+        routes=[*api_routes(), *dashboard_routes(), *extra_routes],
         lifespan=lifespan,
         exception_handlers={
             Rejected: _rejected,
@@ -612,5 +618,6 @@ def create_app(
     app.state.settings = settings
     app.state.backend = backend
     app.state.inflight = 0
-    app.state.authorize_operator = bearer_authorizer(settings)
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    install(app, dashboard, token)  # operator sessions (or the API token) for the read API
     return app

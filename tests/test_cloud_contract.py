@@ -633,3 +633,31 @@ def test_overload_answers_503_with_retry_after(backend: Backend) -> None:
         assert second.headers["Retry-After"] == "7" and second.json()["error"] == "overloaded"
         assert first[0].status_code == 200 and first[0].json()["acked"] == [1]
         dev.close()
+
+
+def test_the_edge_workers_encoding_is_accepted(
+    backend: Backend, device: DeviceClient, operator: httpx.Client
+) -> None:
+    from pipeline._model import Batch as EdgeBatch
+    from pipeline._model import SeriesRegistry
+    from sync._worker import encode_batch, encode_request
+
+    reg = SeriesRegistry()
+    a, b = reg.intern("sensor-a", "temp", {"room": "x"}), reg.intern("sensor-b", "co2")
+    batch = EdgeBatch()
+    for i in range(50):
+        batch.append(1_700_000_000_000 + i, 20.0 + i, a if i % 2 else b, i % 3)
+    status = {
+        "backlog_batches": 0,
+        "backlog_readings": 0,
+        "oldest_unsynced_ms": None,
+        "dead_letters": 0,
+        "link": "wifi",
+    }
+    body, encoding = encode_request(device.name, [encode_batch(7, batch, reg)], status, "zstd")
+    r = device.post_raw(body, encoding=encoding)
+    assert r.status_code == 200 and r.json() == {"acked": [7], "duplicates": []}
+    rows = operator.get(
+        "/v1/readings", params={"device": device.name, "source": "sensor-a", "since": 0}
+    ).json()["rows"]
+    assert len(rows) == 25 and rows[0]["tags"] == {"room": "x"} and rows[0]["value"] == 21.0
