@@ -16,11 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -623,157 +625,243 @@ def test_edge_dependencies_have_aarch64_wheels(tmp_path: Path) -> None:
 # -- the ConfigMaps' files, run for real ----------------------------------------------------
 
 
-def _start_mosquitto(conf_text: str, tmp: Path, port: int) -> subprocess.Popen[bytes]:
-    """Run the ConfigMap's mosquitto.conf with the pod's paths mapped into ``tmp``."""
-    binary = mosquitto_binary()
-    if binary is None:
-        pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
-    (tmp / "data").mkdir()
-    conf = conf_text.replace("/mosquitto/secret/passwd", str(tmp / "passwd"))
-    conf = conf.replace("/mosquitto/data/", f"{tmp / 'data'}/")
-    assert re.search(r"^listener 1883$", conf, re.M)
-    conf = re.sub(r"^listener 1883$", f"listener {port} 127.0.0.1", conf, flags=re.M)
-    if os.geteuid() == 0:  # as root mosquitto would switch to user 'mosquitto'
-        conf = "user root\n" + conf
-    (tmp / "mosquitto.conf").write_text(conf)
-    proc = subprocess.Popen(
-        [binary, "-c", str(tmp / "mosquitto.conf")],
-        stdout=open(tmp / "mosquitto.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp / "mosquitto.log").read_text()
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    pytest.fail("mosquitto did not start with the ConfigMap's mosquitto.conf")
+def kubelet_write(directory: Path, files: dict[str, str]) -> None:
+    """Update ``directory`` the way the kubelet updates a ConfigMap volume (AtomicWriter):
+
+    ..2026_11_29_18_40_00.123456789/filters.yaml   the files of this version
+    ..data -> ..2026_11_29_18_40_00.123456789      swapped by one rename()
+    filters.yaml -> ..data/filters.yaml            made once, never changes
+    """
+    directory.mkdir(exist_ok=True)
+    stamp = time.strftime("..%Y_%m_%d_%H_%M_%S.", time.gmtime())
+    version = Path(tempfile.mkdtemp(prefix=stamp, dir=directory))
+    for name, text in files.items():
+        (version / name).write_text(text)
+        (version / name).chmod(0o644)
+    version.chmod(0o755)
+    data = directory / "..data"
+    old = os.readlink(data) if data.is_symlink() else None
+    os.symlink(version.name, directory / "..data_tmp")
+    os.rename(directory / "..data_tmp", data)
+    for name in files:
+        if not (directory / name).is_symlink():
+            os.symlink(f"..data/{name}", directory / name)
+    if old:
+        shutil.rmtree(directory / old)
 
 
-def _mqtt_connect_rc(port: int, username: str | None, password: str | None) -> int:
-    """CONNACK return code for a plain MQTT 3.1.1 connect (0 = accepted)."""
-    out = subprocess.run(
-        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", "probe", "-m", "x"]
-        + (["-u", username, "-P", password] if username and password else []),
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-    return out.returncode
+class Pod:
+    """The device overlay's mosquitto and edgepipe containers as local processes: the
+    ConfigMaps' files with the pod's paths mapped into a temporary directory."""
 
-
-def test_pod_configuration_runs(tmp_path: Path) -> None:
-    """mosquitto with the ConfigMap's mosquitto.conf and `edgepipe run` with the ConfigMap's
-    pipeline.yaml and filters.yaml -- the pod's paths mapped into a temporary directory --
-    become ready, take a reading over authenticated MQTT and stop cleanly on SIGTERM."""
-    docs = render(K3S / "overlays" / "device")
-    port, metrics_port = free_port(), free_port()
-    # the Secrets, as the guide makes them
-    secrets = tmp_path / "secrets"
-    secrets.mkdir()
-    password = "pw-" + os.urandom(8).hex()
-    (secrets / "mqtt-password").write_text(password + "\n")
-    (secrets / "device-secret").write_text(os.urandom(32).hex() + "\n")
-    subprocess.run(
-        ["mosquitto_passwd", "-c", "-b", str(tmp_path / "passwd"), "edgepipe", password],
-        check=True,
-        capture_output=True,
-    )
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    (keys / "store.key").write_text(generate_key_line() + "\n")
-    (keys / "store.key").chmod(0o400)
-    chain = tmp_path / "chain"
-    chain.mkdir()
-    (chain / "filters.yaml").write_text(
-        configmap_file(docs, "edgepipe-chain", "filters.yaml").replace(
-            "/opt/edgepipe/filters/", f"{ROOT / 'filters' / 'lib'}/"
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.docs = render(K3S / "overlays" / "device")
+        self.port, self.metrics_port = free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.metrics_port}"
+        self.device = "pi-node-1"
+        # the Secrets, as the guide makes them
+        secrets = tmp / "secrets"
+        secrets.mkdir()
+        self.password = "pw-" + os.urandom(8).hex()
+        (secrets / "mqtt-password").write_text(self.password + "\n")
+        (secrets / "device-secret").write_text(os.urandom(32).hex() + "\n")
+        subprocess.run(
+            ["mosquitto_passwd", "-c", "-b", str(tmp / "passwd"), "edgepipe", self.password],
+            check=True,
+            capture_output=True,
         )
-    )
-    store = tmp_path / "store"
-    store.mkdir()
-    text = configmap_file(docs, "edgepipe-pipeline", "pipeline.yaml")
-    for pod_path, here in {
-        "/run/secrets/edgepipe/": f"{secrets}/",
-        "/run/edgepipe/keys/": f"{keys}/",
-        "/etc/edgepipe/chain/": f"{chain}/",
-        "/var/lib/edgepipe/": f"{store}/",
-        "mosquitto.edgepipe.svc.cluster.local": "127.0.0.1",
-        "port: 1883": f"port: {port}",
-        "0.0.0.0:9108": f"127.0.0.1:{metrics_port}",
-        "https://edgepipe-cloud.example.com": f"http://127.0.0.1:{free_port()}",
-    }.items():
-        assert pod_path in text, pod_path
-        text = text.replace(pod_path, here)
-    (tmp_path / "pipeline.yaml").write_text(text)
+        keys = tmp / "keys"
+        keys.mkdir()
+        (keys / "store.key").write_text(generate_key_line() + "\n")
+        (keys / "store.key").chmod(0o400)
+        self.chain_dir = tmp / "chain"
+        self.update_chain(configmap_file(self.docs, "edgepipe-chain", "filters.yaml"))
+        self.store = tmp / "store"
+        self.store.mkdir()
+        text = configmap_file(self.docs, "edgepipe-pipeline", "pipeline.yaml")
+        for pod_path, here in {
+            "/run/secrets/edgepipe/": f"{secrets}/",
+            "/run/edgepipe/keys/": f"{keys}/",
+            "/etc/edgepipe/chain/": f"{self.chain_dir}/",
+            "/var/lib/edgepipe/": f"{self.store}/",
+            "mosquitto.edgepipe.svc.cluster.local": "127.0.0.1",
+            "port: 1883": f"port: {self.port}",
+            "0.0.0.0:9108": f"127.0.0.1:{self.metrics_port}",
+            "https://edgepipe-cloud.example.com": f"http://127.0.0.1:{free_port()}",
+        }.items():
+            assert pod_path in text, pod_path
+            text = text.replace(pod_path, here)
+        (tmp / "pipeline.yaml").write_text(text)
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.edge: subprocess.Popen[bytes] | None = None
 
-    broker = _start_mosquitto(
-        configmap_file(docs, "mosquitto-config", "mosquitto.conf"), tmp_path, port
-    )
-    edge = None
-    try:
-        assert _mqtt_connect_rc(port, None, None) != 0, "anonymous clients must be refused"
-        assert _mqtt_connect_rc(port, "edgepipe", "wrong") != 0
-        env = dict(os.environ, EDGEPIPE_DEVICE_ID="pi-node-1")
-        edge = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", "-c", str(tmp_path / "pipeline.yaml")],
-            stdout=open(tmp_path / "edge.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            cwd=str(ROOT),
-            env=env,
+    def update_chain(self, filters_yaml: str) -> None:
+        library = f"{ROOT / 'filters' / 'lib'}/"
+        kubelet_write(
+            self.chain_dir,
+            {"filters.yaml": filters_yaml.replace("/opt/edgepipe/filters/", library)},
         )
-        base = f"http://127.0.0.1:{metrics_port}"
 
-        def get(path: str) -> tuple[int, str]:
-            try:
-                with urllib.request.urlopen(base + path, timeout=5) as r:
-                    return r.status, r.read().decode()
-            except urllib.error.HTTPError as e:
-                return e.code, e.read().decode()
-            except OSError:
-                return 0, ""
-
-        deadline = time.monotonic() + 60
-        while get("/readyz")[0] != 200:
-            assert edge.poll() is None, (tmp_path / "edge.log").read_text()
-            assert time.monotonic() < deadline, (
-                get("/readyz"),
-                (tmp_path / "edge.log").read_text(),
+    def start_broker(self) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
+        (self.tmp / "data").mkdir()
+        conf = configmap_file(self.docs, "mosquitto-config", "mosquitto.conf")
+        conf = conf.replace("/mosquitto/secret/passwd", str(self.tmp / "passwd"))
+        conf = conf.replace("/mosquitto/data/", f"{self.tmp / 'data'}/")
+        assert re.search(r"^listener 1883$", conf, re.M)
+        conf = re.sub(r"^listener 1883$", f"listener {self.port} 127.0.0.1", conf, flags=re.M)
+        if os.geteuid() == 0:  # as root mosquitto would switch to user 'mosquitto'
+            conf = "user root\n" + conf
+        (self.tmp / "mosquitto.conf").write_text(conf)
+        with open(self.tmp / "mosquitto.log", "wb") as log:
+            self.broker = subprocess.Popen(
+                [binary, "-c", str(self.tmp / "mosquitto.conf")], stdout=log, stderr=log
             )
-            time.sleep(0.1)
-        assert get("/healthz") == (200, "ok\n")
-        rc = subprocess.run(
-            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1",
-             "-u", "edgepipe", "-P", password,
-             "-t", "sensors/pi-node-1/temperature", "-m", '{"value": 21.5, "seq": 1}'],
+        self._until(lambda: _listening(self.port), "mosquitto listening", self.broker)
+
+    def start_edge(self) -> None:
+        env = dict(os.environ, EDGEPIPE_DEVICE_ID=self.device)
+        with open(self.tmp / "edge.log", "wb") as log:
+            self.edge = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "run", "-c", str(self.tmp / "pipeline.yaml")],
+                stdout=log,
+                stderr=log,
+                cwd=str(ROOT),
+                env=env,
+            )
+        self._until(lambda: self.get("/readyz")[0] == 200, "/readyz 200", self.edge)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def metric(self, name: str, **labels: str) -> float:
+        total = 0.0
+        for line in self.get("/metrics")[1].splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def publish(self, metric: str, payload: str, user: str = "edgepipe", password: str = "") -> int:
+        return subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port), "-q", "1",
+             "-t", f"sensors/{self.device}/{metric}", "-m", payload]
+            + (["-u", user, "-P", password or self.password] if user else []),
             capture_output=True, timeout=20,
         ).returncode  # fmt: skip
-        assert rc == 0
 
-        def acked() -> float:
-            text = get("/metrics")[1]
-            lines = [
-                ln for ln in text.splitlines() if ln.startswith("edgepipe_messages_acked_total ")
-            ]
-            return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+    def wait_acked(self, n: int) -> None:
+        self._until(
+            lambda: self.metric("edgepipe_messages_acked_total") >= n, f"{n} acked", self.edge
+        )
 
-        deadline = time.monotonic() + 30
-        while acked() < 1:
-            assert time.monotonic() < deadline, get("/metrics")[1]
-            time.sleep(0.1)
-        assert "process_resident_memory_bytes" in get("/metrics")[1]
-        edge.send_signal(signal.SIGTERM)
-        assert edge.wait(60) == 0, (tmp_path / "edge.log").read_text()
-        assert (store / "store.db").exists()
+    def _until(self, pred: Any, what: str, proc: subprocess.Popen[bytes] | None) -> None:
+        deadline = time.monotonic() + 60
+        while not pred():
+            assert proc is None or proc.poll() is None, f"exited before {what}: {self.logs()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.logs()}"
+            time.sleep(0.05)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {n}\n" + (self.tmp / n).read_text(errors="replace")[-4000:]
+            for n in ("edge.log", "mosquitto.log")
+            if (self.tmp / n).exists()
+        )
+
+    def close(self) -> None:
+        for proc in (self.edge, self.broker):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def pod(tmp_path: Path) -> Iterator[Pod]:
+    p = Pod(tmp_path)
+    try:
+        p.start_broker()
+        yield p
     finally:
-        if edge is not None and edge.poll() is None:
-            edge.kill()
-            edge.wait()
-        broker.terminate()
-        broker.wait(10)
+        p.close()
+
+
+def test_pod_configuration_runs(pod: Pod) -> None:
+    """mosquitto with the ConfigMap's mosquitto.conf and `edgepipe run` with the ConfigMaps'
+    pipeline.yaml and filters.yaml become ready, take a reading over authenticated MQTT and
+    stop cleanly on SIGTERM."""
+    assert pod.publish("temperature", "1", user="") != 0, "anonymous clients must be refused"
+    assert pod.publish("temperature", "1", password="wrong") != 0
+    pod.start_edge()
+    assert pod.get("/healthz") == (200, "ok\n")
+    assert pod.publish("temperature", '{"value": 21.5, "seq": 1}') == 0
+    assert pod.publish("temperature", '{"value": 120, "seq": 2}') == 0  # impossible: dropped
+    pod.wait_acked(2)
+    # the chain from the chain ConfigMap ran
+    assert pod.metric("edgepipe_readings_dropped_total", stage="validity") == 1
+    assert pod.metric("process_resident_memory_bytes") > 0
+    assert pod.edge is not None
+    pod.edge.send_signal(signal.SIGTERM)
+    assert pod.edge.wait(60) == 0, pod.logs()
+    assert (pod.store / "store.db").exists()
+
+
+def test_configmap_update_hot_reloads_the_chain(pod: Pod) -> None:
+    """A ConfigMap update (the kubelet's ..data swap) reaches the running pipeline: the new
+    chain takes over without a restart; a broken one is refused and the old one stays."""
+    pod.start_edge()
+    assert pod.edge is not None
+    pid = pod.edge.pid
+
+    def dropped() -> float:
+        return pod.metric("edgepipe_readings_dropped_total", stage="validity")
+
+    assert pod.publish("temperature", '{"value": 120, "seq": 1}') == 0  # above 85: dropped
+    pod.wait_acked(1)
+    assert dropped() == 1
+
+    original = configmap_file(pod.docs, "edgepipe-chain", "filters.yaml")
+    assert "temperature: [-40, 85]" in original
+    pod.update_chain(original.replace("temperature: [-40, 85]", "temperature: [-40, 150]"))
+    pod._until(
+        lambda: pod.metric("edgepipe_chain_reloads_total", result="ok") >= 1,
+        "the chain reload",
+        pod.edge,
+    )
+    assert pod.publish("temperature", '{"value": 120, "seq": 2}') == 0  # now within range
+    pod.wait_acked(2)
+    assert dropped() == 1
+
+    pod.update_chain(original.replace("validity.wasm", "no-such-filter.wasm"))
+    pod._until(
+        lambda: (
+            pod.metric("edgepipe_chain_reloads_total")
+            > pod.metric("edgepipe_chain_reloads_total", result="ok")
+        ),
+        "the refused reload",
+        pod.edge,
+    )
+    assert pod.publish("temperature", '{"value": 140, "seq": 3}') == 0  # the [-40, 150] chain
+    pod.wait_acked(3)
+    assert dropped() == 1
+    assert pod.edge.pid == pid and pod.edge.poll() is None
 
 
 def _stages() -> list[list[tuple[str, str]]]:
