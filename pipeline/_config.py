@@ -298,6 +298,11 @@ class PipelineConfig(_Model):
     subscriptions: Annotated[list[SubscriptionConfig], Field(min_length=1)]
     batch: BatchConfig = BatchConfig()
     chain: list[StageConfig] = Field(default_factory=list)
+    chain_file: Path | None = Field(
+        None,
+        description="a separate filters file holding the chain (watched and hot-swapped; "
+        "`edgepipe deploy` installs it); excludes an inline `chain:`",
+    )
     store: StoreConfig = StoreConfig()
     sync: SyncConfig = SyncConfig()
     metrics: MetricsConfig = MetricsConfig()

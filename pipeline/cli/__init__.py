@@ -25,6 +25,11 @@ COMMANDS = (
     "schema",
     "demo",
     "sync",
+    "filter",
+    "deploy",
+    "keys",
+    "export",
+    "status",
 )
 
 

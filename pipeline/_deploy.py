@@ -1,0 +1,409 @@
+"""Where the chain comes from, hot swap when its file changes, and deploy/rollback.
+
+The chain lives either inline in ``pipeline.yaml`` (``chain:``) or in a separate filters
+file (``chain_file:``), which is watched.  A filters file looks like::
+
+    version: 1
+    chain:
+      - name: valid
+        module: lib/validity.wasm      # relative to the filters file
+        kind: filter
+        config: {range: {T: [-40, 60]}}
+
+:class:`ChainWatcher` notices a changed file cheaply (resolved path + mtime + size of the
+file and of every module it names, then a sha256 of the text), including a kubelet-style
+``..data`` symlink swap of a mounted ConfigMap.  It parses and compiles the new chain on
+a worker thread so batches keep flowing; ``poll()`` then instantiates it on the caller's
+thread and returns it.  A chain that fails leaves the old one running; the reason (with
+``file:line:col`` for YAML problems) is logged, counted and kept in ``last_error``.
+
+``edgepipe deploy`` validates and compiles a filters file, copies its modules into a
+content-addressed store beside the installed file, pins their sha256, atomically
+replaces the watched file and keeps every installed version for ``edgepipe rollback``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from ._chain import Chain, compile_stages
+from ._config import PipelineConfig, StageConfig
+from ._errors import ConfigError, FilterError
+from ._loader import load_yaml_located, locate_validation_error
+from ._metrics import METRICS
+from ._model import SeriesRegistry
+from ._wasm import LoadedModule
+
+__all__ = [
+    "ChainFile",
+    "ChainSpec",
+    "ChainWatcher",
+    "default_cache_dir",
+    "deploy",
+    "history",
+    "load_chain",
+    "load_chain_file",
+    "rollback",
+]
+
+log = logging.getLogger("edgepipe.deploy")
+
+_RELOADS = METRICS.counter(
+    "edgepipe_chain_reloads_total", "Chain file reloads, by result", ("result",)
+)
+
+STATE_DIR = ".edgepipe"  # beside the installed chain file: modules/ and history/
+
+
+class ChainFile(BaseModel):
+    """A filters file: the chain on its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="edgepipe filters file")
+
+    version: Literal[1] = 1
+    chain: list[StageConfig]
+
+    @field_validator("chain")
+    @classmethod
+    def _unique(cls, chain: list[StageConfig]) -> list[StageConfig]:
+        seen: set[str] = set()
+        for st in chain:
+            if st.name in seen:
+                raise ValueError(f"stage name {st.name!r} is used twice")
+            seen.add(st.name)
+        return chain
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """The stages to build, where their relative module paths start, and the file."""
+
+    stages: list[StageConfig]
+    base_dir: Path
+    path: Path | None = None  # the filters file, when the chain lives in one
+    sha256: str | None = None  # of its text
+
+
+def default_cache_dir(cfg: PipelineConfig) -> Path:
+    """The AOT cache directory the runtime and ``edgepipe deploy`` share."""
+    return cfg.resolve(cfg.store.path).parent / ".edgepipe-cache"
+
+
+def load_chain_file(path: Path, text: str | None = None) -> ChainSpec:
+    """Parse and validate a filters file; :class:`ConfigError` at file:line:col."""
+    shown = str(path)
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read filters file: {e.strerror}", path=shown) from None
+        except UnicodeDecodeError:
+            raise ConfigError("filters file is not UTF-8 text", path=shown) from None
+    data, locs = load_yaml_located(text, shown)
+    if isinstance(data, list):  # a bare list of stages is accepted too
+        data, locs = {"chain": data}, {("chain", *k): v for k, v in locs.items()}
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping with a `chain:` list", path=shown, line=1, col=1)
+    try:
+        model = ChainFile.model_validate(data)
+    except ValidationError as e:
+        raise locate_validation_error(e, locs, shown) from None
+    return ChainSpec(
+        list(model.chain),
+        path.resolve().parent,
+        path,
+        hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def load_chain(cfg: PipelineConfig, chain_file: Path | None = None) -> ChainSpec:
+    """The chain of a pipeline: ``chain_file`` (argument or config) or the inline chain."""
+    path = chain_file or cfg.chain_file
+    if path is None:
+        return ChainSpec(list(cfg.chain), cfg.base_dir)
+    if cfg.chain:
+        raise ConfigError("give either `chain:` or `chain_file:`, not both", path="pipeline.yaml")
+    return load_chain_file(cfg.resolve(path))
+
+
+# -- watching ---------------------------------------------------------------------------
+
+
+def _stat_sig(path: Path) -> tuple[str, int, int] | None:
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError:
+        return None
+    return real, st.st_mtime_ns, st.st_size
+
+
+class ChainWatcher:
+    """Polls a filters file between batches; see the module docstring.
+
+    ``poll()`` costs a few ``stat`` calls at most every ``interval_s`` and returns a new,
+    ready :class:`Chain` exactly once per successful change (else ``None``).
+    """
+
+    def __init__(
+        self,
+        spec: ChainSpec,
+        registry: SeriesRegistry,
+        *,
+        cache_dir: Path | None,
+        interval_s: float = 1.0,
+    ) -> None:
+        if spec.path is None:
+            raise ValueError("only a chain file can be watched")
+        self.path = spec.path
+        self.registry = registry
+        self.cache_dir = cache_dir
+        self.interval_s = interval_s
+        self.current_sha256 = spec.sha256
+        self.last_error: str | None = None
+        self.reloads = 0
+        self._spec = spec
+        self._sig = self._signature(spec)
+        self._next_check = time.monotonic() + interval_s
+        self._job: threading.Thread | None = None
+        self._result: tuple[ChainSpec, dict[str, LoadedModule]] | BaseException | None = None
+        self._job_sig: Any = None
+
+    def _signature(self, spec: ChainSpec | None) -> tuple[Any, ...]:
+        sig: list[Any] = [_stat_sig(self.path)]
+        if spec is not None:
+            for st in spec.stages:
+                mod = st.module if st.module.is_absolute() else spec.base_dir / st.module
+                sig.append(_stat_sig(mod))
+        return tuple(sig)
+
+    def poll(self, *, force: bool = False) -> Chain | None:
+        if self._job is not None:
+            if self._job.is_alive():
+                return None
+            return self._finish()
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return None
+        self._next_check = now + self.interval_s
+        probe = self._signature(self._spec)
+        if probe == self._sig:
+            return None
+        self._job_sig = probe
+        self._job = threading.Thread(
+            target=self._compile, name="edgepipe-chain-compile", daemon=True
+        )
+        self._job.start()
+        return None
+
+    def wait(self, timeout: float = 30.0) -> Chain | None:
+        """Block until a pending compile is done and return what ``poll`` would (tests, CLI)."""
+        for _ in range(2):  # finish a pending job, then look for a newer change
+            if self._job is not None:
+                self._job.join(timeout)
+            chain = self.poll(force=True)
+            if chain is not None:
+                return chain
+        if self._job is not None:
+            self._job.join(timeout)
+            return self.poll(force=True)
+        return None
+
+    def _compile(self) -> None:
+        try:
+            spec = load_chain_file(self.path)
+            if spec.sha256 == self.current_sha256 and self._signature(spec)[1:] == self._sig[1:]:
+                self._result = (spec, {})  # touched, not changed
+                return
+            loaded = compile_stages(spec.stages, base_dir=spec.base_dir, cache_dir=self.cache_dir)
+            self._result = (spec, loaded)
+        except BaseException as e:  # reported by poll() on the caller's thread
+            self._result = e
+
+    def _finish(self) -> Chain | None:
+        result, self._result, self._job = self._result, None, None
+        if isinstance(result, BaseException):
+            self._sig = self._job_sig  # don't retry until the file changes again
+            self._fail(result)
+            return None
+        assert result is not None
+        spec, loaded = result
+        self._sig = self._signature(spec)
+        self._spec = spec
+        if not loaded:  # touched, not changed
+            return None
+        try:
+            chain = Chain.build(
+                spec.stages,
+                self.registry,
+                base_dir=spec.base_dir,
+                cache_dir=self.cache_dir,
+                loaded=loaded,
+            )
+        except Exception as e:
+            self._fail(e)
+            return None
+        self.current_sha256 = spec.sha256
+        self.last_error = None
+        self.reloads += 1
+        _RELOADS.inc(1, "ok")
+        log.info("chain file %s changed: new chain with %d stages", self.path, len(chain))
+        return chain
+
+    def _fail(self, e: BaseException) -> None:
+        if isinstance(e, ConfigError | FilterError):
+            msg = str(e)
+        else:
+            msg = f"{self.path}: {type(e).__name__}: {e}"
+        self.last_error = msg
+        _RELOADS.inc(1, "error")
+        log.error("new chain refused, the running chain stays: %s", msg)
+
+    def close(self) -> None:
+        if self._job is not None:
+            self._job.join()
+            self._job = None
+
+
+# -- deploy and rollback ----------------------------------------------------------------
+
+
+def _target(cfg: PipelineConfig) -> Path:
+    if cfg.chain_file is None:
+        raise ConfigError(
+            "pipeline.yaml has no `chain_file:`; add e.g. `chain_file: filters.yaml` so "
+            "the runtime watches the file that `edgepipe deploy` installs",
+            path="pipeline.yaml",
+        )
+    return cfg.resolve(cfg.chain_file)
+
+
+def _history_dir(target: Path) -> Path:
+    return target.parent / STATE_DIR / "history"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def history(cfg: PipelineConfig) -> tuple[list[Path], int | None]:
+    """Installed versions (oldest first) and the number of the current one."""
+    hdir = _history_dir(_target(cfg))
+    entries = sorted(hdir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].yaml")) if hdir.exists() else []
+    try:
+        current = int((hdir / "CURRENT").read_text().strip())
+    except (OSError, ValueError):
+        current = None
+    return entries, current
+
+
+def _install(target: Path, text: bytes, number: int) -> None:
+    if target.is_symlink():
+        raise ConfigError(
+            f"{target} is a symlink (a mounted ConfigMap?); update it through its source",
+            path=str(target),
+        )
+    _atomic_write(target, text)
+    _atomic_write(_history_dir(target) / "CURRENT", f"{number}\n".encode())
+
+
+def deploy(cfg: PipelineConfig, source: Path, *, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Validate, compile and install ``source`` as the watched chain file."""
+    target = _target(cfg)
+    spec = load_chain_file(source)  # ConfigError at file:line:col
+    cache_dir = cache_dir or default_cache_dir(cfg)
+    loaded = compile_stages(spec.stages, base_dir=spec.base_dir, cache_dir=cache_dir)
+    # instantiate once against a scratch registry: runs ep_init with the real config
+    with Chain.build(
+        spec.stages, SeriesRegistry(), base_dir=spec.base_dir, cache_dir=cache_dir, loaded=loaded
+    ):
+        pass
+    modules_dir = target.parent / STATE_DIR / "modules"
+    modules_dir.mkdir(parents=True, exist_ok=True)
+    stages_out = []
+    for st in spec.stages:
+        mod = loaded[st.name]
+        dest = modules_dir / f"{mod.sha256}.wasm"
+        if not dest.exists():
+            tmp = dest.with_suffix(".tmp")
+            shutil.copyfile(mod.path, tmp)
+            os.replace(tmp, dest)
+        data = st.model_dump(mode="json", exclude_defaults=True)
+        data["module"] = os.path.relpath(dest, target.parent)
+        data["sha256"] = mod.sha256
+        data.setdefault("kind", st.kind)
+        stages_out.append(data)
+    body = yaml.safe_dump({"version": 1, "chain": stages_out}, sort_keys=False)
+    header = f"# installed by `edgepipe deploy` from {source.resolve()}\n"
+    text = (header + body).encode()
+    entries, _ = history(cfg)
+    number = int(entries[-1].stem) + 1 if entries else 1
+    _atomic_write(_history_dir(target) / f"{number:06d}.yaml", text)
+    _install(target, text, number)
+    return {
+        "installed": str(target),
+        "version": number,
+        "stages": [
+            {"name": st.name, "kind": st.kind, "sha256": loaded[st.name].sha256}
+            for st in spec.stages
+        ],
+    }
+
+
+def rollback(cfg: PipelineConfig, to: int | None = None) -> dict[str, Any]:
+    """Re-install an earlier deployed version (default: the one before the current)."""
+    target = _target(cfg)
+    entries, current = history(cfg)
+    numbers = [int(p.stem) for p in entries]
+    if not numbers:
+        raise ConfigError("nothing to roll back to: no deploy history", path=str(target))
+    if to is None:
+        cur = current if current is not None else numbers[-1]
+        older = [n for n in numbers if n < cur]
+        if not older:
+            raise ConfigError(f"version {cur} is the oldest deployed version", path=str(target))
+        to = older[-1]
+    if to not in numbers:
+        raise ConfigError(f"no deployed version {to} (have {numbers})", path=str(target))
+    entry = _history_dir(target) / f"{to:06d}.yaml"
+    text = entry.read_bytes()
+    spec = load_chain_file(entry)
+    for st in spec.stages:  # the content-addressed modules must still be there, intact
+        path = target.parent / st.module
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as e:
+            raise ConfigError(
+                f"module {path} of version {to}: {e.strerror}", path=str(entry)
+            ) from None
+        if digest != st.sha256:
+            raise ConfigError(f"module {path} of version {to} was modified", path=str(entry))
+    _install(target, text, to)
+    return {"installed": str(target), "version": to, "stages": [s.name for s in spec.stages]}

@@ -1,0 +1,226 @@
+"""``edgepipe filter build|test``: compile a filter from C or Zig, try it on sample data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["add_parser", "compile_filter", "find_sdk"]
+
+C_FLAGS = (
+    "--target=wasm32-freestanding",
+    "-nostdlib",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-function",
+    "-Wno-unused-parameter",
+    "-Wl,--no-entry",
+    "-Wl,--export-dynamic",
+    "-Wl,--strip-debug",
+    "-Wl,-z,stack-size=65536",
+)
+
+
+def find_sdk() -> Path:
+    """filters/sdk: $EDGEPIPE_SDK, else the source tree this package runs from."""
+    env = os.environ.get("EDGEPIPE_SDK")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "filters" / "sdk")
+    for c in candidates:
+        if (c / "edgepipe.h").exists():
+            return c
+    raise SystemExit(
+        "edgepipe: filter SDK not found; set EDGEPIPE_SDK to the filters/sdk directory"
+    )
+
+
+def compile_filter(src: Path, out: Path, *, sdk: Path | None = None, werror: bool = False) -> None:
+    """C or Zig source -> .wasm with ``python -m ziglang`` (reproducible flags)."""
+    sdk = sdk or find_sdk()
+    src = src.resolve()
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    zig = [sys.executable, "-m", "ziglang"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if src.suffix == ".c":
+            cmd = [
+                *zig,
+                "cc",
+                *C_FLAGS,
+                *(["-Werror"] if werror else []),
+                f"-ffile-prefix-map={src.parent}=.",
+                "-I",
+                str(sdk),
+                str(src),
+                "-o",
+                str(out),
+            ]
+        elif src.suffix == ".zig":
+            cmd = [
+                *zig,
+                "build-exe",
+                "-target",
+                "wasm32-freestanding",
+                "-O",
+                "ReleaseSmall",
+                "-fno-entry",
+                "-rdynamic",
+                "-fstrip",
+                "--dep",
+                "edgepipe",
+                f"-Mroot={src}",
+                f"-Medgepipe={sdk / 'edgepipe.zig'}",
+                "--cache-dir",
+                str(Path(tmp) / "cache"),
+                "--global-cache-dir",
+                str(Path(tmp) / "global"),
+                f"-femit-bin={out}",
+            ]
+        else:
+            raise SystemExit(f"edgepipe: {src}: expected a .c or .zig filter source")
+        env = dict(os.environ, SOURCE_DATE_EPOCH="0")
+        proc = subprocess.run(cmd, cwd=src.parent, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"edgepipe: building {src.name} failed")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("filter", help="build a Wasm filter or try one on sample readings")
+    fsub = p.add_subparsers(dest="filter_command", metavar="ACTION", required=True)
+
+    b = fsub.add_parser("build", help="compile a C or Zig filter (with the edgepipe SDK)")
+    b.add_argument("source", type=Path, help="my_filter.c or my_filter.zig")
+    b.add_argument("-o", "--output", type=Path, help="output .wasm (default: next to SOURCE)")
+    b.add_argument("--sdk", type=Path, help="filters/sdk directory (default: auto)")
+    b.set_defaults(func=_build)
+
+    t = fsub.add_parser(
+        "test", help="run a module on sample readings; print the output and its cost"
+    )
+    t.add_argument("module", type=Path, help="the .wasm module")
+    t.add_argument(
+        "--input",
+        "-i",
+        required=True,
+        help='JSON lines {"device","metric","ts","value"} ("-" for stdin)',
+    )
+    t.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="stage config (repeatable; dotted keys nest, VALUE is YAML)",
+    )
+    t.add_argument(
+        "--kind",
+        default="filter_map",
+        choices=["filter", "map", "filter_map", "expand", "aggregate"],
+    )
+    t.add_argument("--batch", type=int, default=0, help="records per batch (default: all)")
+    t.add_argument("--repeat", type=int, default=1, help="run N times to measure cost")
+    t.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+    t.set_defaults(func=_test)
+
+
+def _build(args: argparse.Namespace) -> int:
+    out = args.output or args.source.with_suffix(".wasm")
+    compile_filter(args.source, out, sdk=args.sdk)
+    print(f"{out}: {out.stat().st_size} bytes")
+    return 0
+
+
+def _parse_config(items: list[str]) -> dict:
+    import yaml
+
+    from .._errors import ConfigError
+
+    cfg: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--config {item!r}: expected KEY=VALUE", path="--config")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        cfg[key] = value
+    return cfg
+
+
+def _test(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .._chain import Chain
+    from .._config import StageConfig
+    from .._errors import ConfigError
+    from .._model import Batch, SeriesRegistry
+
+    reg = SeriesRegistry()
+    batch = Batch()
+    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
+    with src:
+        for lineno, line in enumerate(src, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                sid = reg.intern(str(d["device"]), str(d["metric"]), d.get("tags"))
+                batch.append(int(d["ts"]), float(d["value"]), sid, int(d.get("flags", 0)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"bad reading: {e!s}", path=args.input, line=lineno) from None
+    stage = StageConfig(
+        name="test",
+        module=args.module.resolve(),
+        kind=args.kind,
+        config=_parse_config(args.config),
+        on_error="dead_letter",
+    )
+    size = args.batch or max(1, len(batch))
+    t0 = time.perf_counter()
+    chain = Chain.build([stage], reg, base_dir=Path.cwd(), cache_dir=None)
+    load_ms = (time.perf_counter() - t0) * 1000
+    out, dead, times = Batch(), [], []
+    with chain:
+        for rep in range(max(1, args.repeat)):
+            if rep:
+                chain.close()
+                chain = Chain.build([stage], reg, base_dir=Path.cwd(), cache_dir=None)
+            out, dead = Batch(), []
+            for i in range(0, len(batch), size):
+                part = batch.take(range(i, min(i + size, len(batch))))
+                t = time.perf_counter()
+                res = chain.process(part)
+                times.append((time.perf_counter() - t, len(part)))
+                out.extend(res.batch)
+                dead += res.dead_letters
+            flushed = chain.flush()
+            out.extend(flushed.batch)
+            dead += flushed.dead_letters
+        desc = chain.describe()[0]
+    if not args.quiet:
+        for r in out.readings(reg):
+            print(
+                json.dumps(
+                    {"device": r.device, "metric": r.metric, "ts": r.ts, "value": r.value}
+                    | ({"flags": r.flags} if r.flags else {})
+                )
+            )
+    for d in dead:
+        print(f"dead letter: {d.reason} ({len(d.payload) // 24} readings)", file=sys.stderr)
+    total = sum(t for t, _ in times)
+    n_in = sum(n for _, n in times)
+    print(
+        f"# {len(batch)} in, {len(out)} out, {len(dead)} dead letters; "
+        f"{len(times)} batches; load {load_ms:.2f} ms; "
+        f"{total / max(1, len(times)) * 1e6:.1f} us/batch, "
+        f"{total / max(1, n_in) * 1e9:.0f} ns/record; sha256 {desc['sha256'][:16]}",
+        file=sys.stderr,
+    )
+    return 1 if dead else 0
