@@ -27,9 +27,6 @@ COMMANDS = (
     "sync",
     "filter",
     "deploy",
-    "keys",
-    "export",
-    "status",
 )
 
 
