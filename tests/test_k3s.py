@@ -194,6 +194,14 @@ def test_device_overlay_is_one_deployment() -> None:
         assert find(docs, "PersistentVolumeClaim", name)["spec"]["storageClassName"] == "local-path"
     store = next(v for v in pod_spec(dep)["volumes"] if v["name"] == "store")
     assert store["persistentVolumeClaim"]["claimName"] == "edgepipe-store"
+    # on the broker's node, which the node-local mosquitto Service requires
+    (term,) = pod_spec(dep)["affinity"]["podAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    mosquitto = find(docs, "Deployment", "mosquitto")
+    assert term["labelSelector"]["matchLabels"] == mosquitto["spec"]["selector"]["matchLabels"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert find(docs, "Service", "mosquitto")["spec"]["internalTrafficPolicy"] == "Local"
 
 
 def test_fleet_overlay_is_a_daemonset_on_arm64_edge_nodes() -> None:
