@@ -170,8 +170,9 @@ class Backend(Protocol):
 
 
 def open_backend(url: str) -> Backend:
-    """``sqlite:///path/to.db`` (or a bare path) or ``postgresql://user@host:port/db``
-    (optionally ``?schema=name``).  The schema is created or migrated."""
+    """``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (the SQLAlchemy
+    convention), a bare path, or ``postgresql://user@host:port/db`` (optionally
+    ``?schema=name``).  The schema is created or migrated."""
     if url.startswith(("postgresql://", "postgres://")):
         from ._postgres import PostgresBackend
 
@@ -179,9 +180,12 @@ def open_backend(url: str) -> Backend:
     else:
         from ._sqlite import SQLiteBackend
 
-        path = url.removeprefix("sqlite://")
-        if path.startswith("/") and url.startswith("sqlite://"):
-            path = path[1:] if path.startswith("//") else path
+        if url.startswith("sqlite:///"):
+            path = url.removeprefix("sqlite:///")
+        elif "://" in url:
+            raise CloudError(f"unsupported database URL scheme in {url.split('://')[0]!r}")
+        else:
+            path = url
         backend = SQLiteBackend(path)
     backend.init()
     return backend

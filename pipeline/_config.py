@@ -207,11 +207,26 @@ class StageConfig(_Model):
 class StoreConfig(_Model):
     path: Path = Path("edgepipe-store.db")
     key: Secret | None = Field(
-        None, description="store key: keyring file, env var or Secret mount. Required."
+        None,
+        description="store keyring ('<key id> <base64url 32 bytes>' per line, last = active): "
+        "a file (mode 0600, or a Kubernetes Secret mount), `env:` or inline. Required.",
     )
-    quota_mb: float = Field(1024, gt=0)
-    on_full: Literal["drop_oldest", "backpressure"] = "backpressure"
-    synchronous: Literal["FULL", "EXTRA"] = "FULL"
+    quota_mb: float = Field(
+        1024, gt=0, description="most MiB of live data; synced batches are evicted first"
+    )
+    on_full: Literal["drop_oldest", "backpressure"] = Field(
+        "backpressure",
+        description="at the quota with only unsynced data left: drop the oldest unsynced "
+        "batches (counted), or stop acknowledging so the broker buffers",
+    )
+    synchronous: Literal["FULL", "EXTRA"] = Field(
+        "FULL", description="SQLite sync level; FULL: a commit (then the ack) survives power loss"
+    )
+    reencrypt: bool = Field(
+        True,
+        description="after a key rotation, re-seal older rows under the active key in the "
+        "background (small transactions; a restart resumes)",
+    )
 
 
 LinkKind = Literal["wifi", "cellular", "ethernet"]

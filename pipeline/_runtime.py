@@ -181,6 +181,8 @@ class Pipeline:
             if t is not None:
                 tasks.append(t)
             tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
+            if self.cfg.store.reencrypt:
+                tasks.append(asyncio.create_task(self.store.reencrypt_in_background()))
             code = await self._consume()
             await self._flush_chain()
             return code

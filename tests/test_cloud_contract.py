@@ -661,3 +661,18 @@ def test_the_edge_workers_encoding_is_accepted(
         "/v1/readings", params={"device": device.name, "source": "sensor-a", "since": 0}
     ).json()["rows"]
     assert len(rows) == 25 and rows[0]["tags"] == {"room": "x"} and rows[0]["value"] == 21.0
+
+
+def test_sqlite_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud import CloudError
+
+    monkeypatch.chdir(tmp_path)
+    with open_backend("sqlite:///rel.db"):
+        pass
+    with open_backend(f"sqlite:///{tmp_path}/abs.db"):  # four slashes: absolute
+        pass
+    with open_backend(str(tmp_path / "bare.db")):
+        pass
+    assert {p.name for p in tmp_path.glob("*.db")} == {"rel.db", "abs.db", "bare.db"}
+    with pytest.raises(CloudError, match="mysql"):
+        open_backend("mysql://x/y")
