@@ -183,6 +183,8 @@ class Pipeline:
             tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
             if self.cfg.store.reencrypt:
                 tasks.append(asyncio.create_task(self.store.reencrypt_in_background()))
+            if self.cfg.store.reencrypt:
+                tasks.append(asyncio.create_task(self.store.reencrypt_in_background()))
             code = await self._consume()
             await self._flush_chain()
             return code

@@ -1,6 +1,14 @@
 """edgepipe's encrypted local store (SQLite in WAL mode, AES-256-GCM per row)."""
 
 from ._crypto import Keyring, Sealer, generate_key_line
-from ._store import Store, StoredBatch
+from ._store import SCHEMA_VERSION, Store, StoredBatch, open_store
 
-__all__ = ["Keyring", "Sealer", "Store", "StoredBatch", "generate_key_line"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Keyring",
+    "Sealer",
+    "Store",
+    "StoredBatch",
+    "generate_key_line",
+    "open_store",
+]

@@ -20,6 +20,7 @@ filesystem and no old WAL frame of a deleted row lingers.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -308,8 +309,7 @@ class Store:
                 self._flush_uses(con)
                 con.execute("COMMIT")
             except BaseException:
-                if con.in_transaction:
-                    con.rollback()
+                self._abort(con)
                 raise
             if v > 0:
                 log.info("%s: migrated the store schema to version %d", self.path, v + 1)
@@ -416,6 +416,11 @@ class Store:
                 "key %r has sealed %d rows: rotate it soon (edgepipe keys rotate)", kid, uses
             )
         return uses
+
+    def _abort(self, con: sqlite3.Connection) -> None:
+        self._uses_pending = 0
+        if con.in_transaction:
+            con.rollback()
 
     def _seal(self, table: str, row: int | str, plain: bytes) -> tuple[str, bytes]:
         self._uses_pending += 1
@@ -530,9 +535,7 @@ class Store:
             uses = self._flush_uses(con)
             con.execute("COMMIT")
         except BaseException:
-            self._uses_pending = 0
-            if con.in_transaction:
-                con.rollback()
+            self._abort(con)
             raise
         if evicted:
             self._reclaim(con)
@@ -648,11 +651,24 @@ class Store:
 
         return await self._run(q)
 
+    async def reencrypt_in_background(self, pause: float = 0.02) -> None:
+        """The running pipeline's re-encryption task: never raises, logs instead."""
+        try:
+            if any(k != self.sealer.keyring.active_id for k in await self.rows_by_key()):
+                log.info("rows under older keys found: re-encrypting in the background")
+                await self.reencrypt(pause=pause)
+        except StoreError as e:
+            log.error("background re-encryption stopped: %s", e)
+
     async def reencrypt(
-        self, chunk: int = 64, progress: Callable[[int, int], None] | None = None
+        self,
+        chunk: int = 64,
+        progress: Callable[[int, int], None] | None = None,
+        pause: float = 0.0,
     ) -> int:
         """Re-seal every row not under the active key, ``chunk`` rows per transaction, so a
-        kill at any point loses nothing and the next run resumes.  Returns rows re-sealed."""
+        kill at any point loses nothing and the next run resumes.  Returns rows re-sealed.
+        ``pause`` seconds between chunks leave the disk to the pipeline's commits."""
         active = self.sealer.keyring.active_id
         total = sum(n for k, n in (await self.rows_by_key()).items() if k != active)
         done = 0
@@ -664,6 +680,8 @@ class Store:
                 done += n
                 if progress is not None:
                     progress(done, total)
+                if pause:
+                    await asyncio.sleep(pause)
         if done:
             await self._run(self._reclaim)
             log.info("re-encrypted %d row(s) under key %r", done, active)
@@ -685,9 +703,7 @@ class Store:
             self._flush_uses(con)
             con.execute("COMMIT")
         except BaseException:
-            self._uses_pending = 0
-            if con.in_transaction:
-                con.rollback()
+            self._abort(con)
             raise
         return len(rows)
 
@@ -947,6 +963,24 @@ class Store:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def open_store(cfg: Any, *, create: bool = True) -> Store:
+    """The store of a loaded ``pipeline.yaml`` (:class:`~pipeline._config.PipelineConfig`)."""
+    from pipeline._errors import ConfigError
+
+    sc = cfg.store
+    if sc.key is None:
+        raise ConfigError("store.key is required (a keyring file, env var or secret)")
+    return await Store.open(
+        cfg.resolve(sc.path),
+        Keyring.from_secret(sc.key),
+        device_id=cfg.device.id,
+        quota_bytes=int(sc.quota_mb * 1024 * 1024),
+        on_full=sc.on_full,
+        synchronous=sc.synchronous,
+        create=create,
+    )
 
 
 def now_ms() -> int:

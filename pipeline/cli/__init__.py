@@ -27,6 +27,9 @@ COMMANDS = (
     "sync",
     "filter",
     "deploy",
+    "keys",
+    "export",
+    "status",
 )
 
 
