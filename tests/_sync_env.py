@@ -1,0 +1,358 @@
+"""Shared pieces of the sync tests: a real receiver process (``edgepipe-cloud serve``), an
+edge store filled fast, a pipeline.yaml for ``edgepipe sync``, and counts at both ends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from pipeline._config import Secret, SyncConfig
+from pipeline._model import Batch
+from storage import Keyring, Store, generate_key_line
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_TS = 1_700_000_000_000
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Receiver:
+    """``edgepipe-cloud serve`` on a free loopback port with a SQLite database."""
+
+    def __init__(self, tmp: Path, *, extra: list[str] | None = None, port: int | None = None):
+        self.tmp = tmp
+        self.db = tmp / "cloud.db"
+        self.port = port or free_port()
+        self.extra = extra or []
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "receiver.log"
+
+    def add_device(self, name: str) -> str:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cloud.cli",
+                "devices",
+                "--db",
+                f"sqlite:///{self.db}",
+                "add",
+                name,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        return out.stdout.strip()
+
+    def start(self) -> Receiver:
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cloud.cli",
+                "serve",
+                "--db",
+                f"sqlite:///{self.db}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *self.extra,
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        logf.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(self.url + "/v1/ping", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("receiver did not start:\n" + self.log.read_text())
+            time.sleep(0.05)
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what arrived ----------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """readings stored, distinct readings (each test value is unique), batches."""
+        if not self.db.exists():
+            return {"readings": 0, "distinct": 0, "batches": 0, "rejections": 0}
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            r, d = con.execute("SELECT count(*), count(DISTINCT val) FROM readings").fetchone()
+            b = con.execute("SELECT count(*) FROM batches").fetchone()[0]
+            rej = con.execute("SELECT count(*) FROM rejections").fetchone()[0]
+        finally:
+            con.close()
+        return {"readings": r, "distinct": d, "batches": b, "rejections": rej}
+
+    def batch_seqs_in_arrival_order(self) -> list[int]:
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return [r[0] for r in con.execute("SELECT seq FROM batches ORDER BY rowid")]
+        finally:
+            con.close()
+
+    def rejection_reasons(self) -> list[str]:
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            cols = [r[1] for r in con.execute("PRAGMA table_info(rejections)")]
+            col = "code" if "code" in cols else "reason"
+            return [r[0] for r in con.execute(f"SELECT {col} FROM rejections ORDER BY rowid")]
+        finally:
+            con.close()
+
+    def device_row(self, name: str) -> dict[str, Any]:
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        con.row_factory = sqlite3.Row
+        try:
+            return dict(con.execute("SELECT * FROM devices WHERE name = ?", (name,)).fetchone())
+        finally:
+            con.close()
+
+
+# -- the edge side ------------------------------------------------------------------------------
+def new_keyfile(tmp: Path) -> Path:
+    p = tmp / "store.key"
+    p.write_text(generate_key_line() + "\n")
+    p.chmod(0o600)
+    return p
+
+
+async def open_store(tmp: Path, device: str = "edge-1", synchronous: str = "FULL") -> Store:
+    keyfile = tmp / "store.key"
+    if not keyfile.exists():
+        new_keyfile(tmp)
+    keyring = Keyring.from_secret(Secret(file=keyfile))
+    return await Store.open(tmp / "store.db", keyring, device_id=device, synchronous=synchronous)
+
+
+async def fill(
+    store: Store,
+    batches: int,
+    per_batch: int,
+    *,
+    start_value: int = 0,
+    ts0: int = BASE_TS,
+    flagged: Callable[[int], bool] = lambda b: False,
+    series: int = 4,
+) -> int:
+    """Commit ``batches`` batches of ``per_batch`` readings; every value is unique (a running
+    counter), so the receiver can count duplicates.  Returns the next free value."""
+    sids = [store.registry.intern(f"sensor-{i}", "pm25", {"site": "a"}) for i in range(series)]
+    v = start_value
+    for b in range(batches):
+        n = per_batch
+        ts = [ts0 + (v + i) * 1000 for i in range(n)]
+        vals = [float(v + i) for i in range(n)]
+        sid = [sids[(v + i) % series] for i in range(n)]
+        flags = [1 if (flagged(b) and i == 0) else 0 for i in range(n)]
+        await store.commit(Batch(ts, vals, sid, flags))
+        v += n
+    return v
+
+
+def fill_sync(tmp: Path, batches: int, per_batch: int, **kw: Any) -> int:
+    async def go() -> int:
+        store = await open_store(tmp, synchronous="NORMAL")
+        try:
+            return await fill(store, batches, per_batch, **kw)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def unsynced(tmp: Path) -> tuple[int, int]:
+    con = sqlite3.connect(f"file:{tmp / 'store.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute(
+            "SELECT count(*), coalesce(sum(n), 0) FROM batches WHERE synced=0"
+        ).fetchone()
+    finally:
+        con.close()
+
+
+def sync_cfg(url: str, secret: str, **kw: Any) -> SyncConfig:
+    d: dict[str, Any] = {
+        "url": url,
+        "device_secret": secret,
+        "backoff_min_s": 0.2,
+        "backoff_max_s": 2.0,
+        "interval_s": 0.2,
+        "timeout_s": 5.0,
+    }
+    d.update(kw)
+    return SyncConfig.model_validate(d)
+
+
+def write_pipeline(tmp: Path, url: str, secret: str, device: str = "edge-1", **sync: Any) -> Path:
+    (tmp / "device.secret").write_text(secret + "\n")
+    (tmp / "device.secret").chmod(0o600)
+    s: dict[str, Any] = {
+        "url": url,
+        "device_secret": {"file": str(tmp / "device.secret")},
+        "backoff_min_s": 0.2,
+        "backoff_max_s": 2.0,
+        "timeout_s": 10.0,
+    }
+    s.update(sync)
+    cfg = {
+        "device": {"id": device},
+        "subscriptions": [{"topic": "sensors/{device}/{metric}"}],
+        "store": {"path": str(tmp / "store.db"), "key": {"file": str(tmp / "store.key")}},
+        "sync": s,
+        "metrics": {"listen": None},
+    }
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+class WorkerThread:
+    """``SyncWorker.run`` on its own event loop in a thread, as ``edgepipe run`` runs it."""
+
+    def __init__(self, tmp: Path, cfg: SyncConfig, device: str = "edge-1", **kw: Any) -> None:
+        self.tmp, self.cfg, self.device, self.kw = tmp, cfg, device, kw
+        self.error: BaseException | None = None
+        self.worker: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as e:  # surfaced by stop()
+            self.error = e
+        finally:
+            self._ready.set()
+
+    async def _run(self) -> None:
+        from sync import SyncWorker
+
+        store = await open_store(self.tmp, self.device)
+        try:
+            self.worker = SyncWorker(
+                store,
+                self.cfg,
+                device_id=self.device,
+                secret=self.cfg.device_secret.get(),
+                **self.kw,
+            )
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self.worker.run(self._stop)
+        finally:
+            if self.worker is not None:
+                self.worker.close()
+            await store.close()
+
+    def __enter__(self) -> WorkerThread:
+        self.thread.start()
+        self._ready.wait(30)
+        if self.error:
+            raise self.error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self.thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the sync worker did not stop"
+        if self.error:
+            raise self.error
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def sample_rss(proc: subprocess.Popen[bytes], every: float = 0.1) -> list[int]:
+    """RSS (kB) of ``proc`` until it exits."""
+    samples = []
+    while proc.poll() is None:
+        try:
+            samples.append(rss_kb(proc.pid))
+        except (OSError, ValueError):
+            break
+        time.sleep(every)
+    return samples
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def edgepipe(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
