@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qs
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -134,6 +135,25 @@ class LoginLimiter:
     def succeeded(self, key: str) -> None:
         with self._lock:
             self._fails.pop(key, None)
+
+
+# -- forms --------------------------------------------------------------------------------------
+MAX_FORM_BYTES = 16 * 1024
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """A small ``application/x-www-form-urlencoded`` body (the dashboard's only form kind),
+    bounded while reading; first value of each field."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise Rejected(415, "unsupported_media_type", "forms must be url-encoded")
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_FORM_BYTES:
+            raise Rejected(413, "too_large", f"form exceeds {MAX_FORM_BYTES} bytes")
+    fields = parse_qs(data.decode("utf-8", "replace"), keep_blank_values=True)
+    return {k: v[0] for k, v in fields.items()}
 
 
 # -- sessions -------------------------------------------------------------------------------

@@ -206,11 +206,11 @@ async def login_submit(request: Request) -> Response:
     limiter: auth.LoginLimiter = request.app.state.login_limiter
     backend = request.app.state.backend
     auth.check_origin(request)
-    form = await request.form()
-    name = str(form.get("username", ""))[:128].strip()
-    password = str(form.get("password", ""))[:1024]
+    form = await auth.read_form(request)
+    name = form.get("username", "")[:128].strip()
+    password = form.get("password", "")[:1024]
     cookie_csrf = request.cookies.get(auth.CSRF_COOKIE)
-    if not auth.tokens_equal(str(form.get("csrf", "")), cookie_csrf):
+    if not auth.tokens_equal(form.get("csrf", ""), cookie_csrf):
         log.info("login refused: CSRF token missing or wrong")
         return _login_form(
             request,
@@ -265,10 +265,10 @@ async def login_submit(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     auth.check_origin(request)
     session = await auth.current_session(request)
-    form = await request.form()
+    form = await auth.read_form(request)
     if session is None:
         return RedirectResponse("/login", status_code=303)
-    if not auth.tokens_equal(str(form.get("csrf", "")), session["csrf"]):
+    if not auth.tokens_equal(form.get("csrf", ""), session["csrf"]):
         raise Rejected(403, "csrf", "CSRF token missing or wrong")
     token = request.cookies.get(auth.SESSION_COOKIE, "")
     await run_in_threadpool(request.app.state.backend.delete_session, auth.session_key(token))
@@ -326,9 +326,7 @@ async def device_page(request: Request) -> Response:
 <section class="card"><h2>Dead letters</h2><div class="table-wrap"><table class="grid" id="dl"><tbody></tbody></table></div></section>
 <section class="card"><h2>Rejected requests</h2><div class="table-wrap"><table class="grid" id="rej"><tbody></tbody></table></div></section>
 </div>"""
-    return _page(
-        request, name, body, page="device", session=session, data={"device": name}
-    )
+    return _page(request, name, body, page="device", session=session, data={"device": name})
 
 
 async def logs_page(request: Request) -> Response:
@@ -410,7 +408,9 @@ async def fleet_json(request: Request) -> Response:
             devices = [d]
         else:
             devices = backend.list_devices()
-        return fleet_view(devices, backend.device_activity(now - _D), now, int(s.offline_after_s * 1000))
+        return fleet_view(
+            devices, backend.device_activity(now - _D), now, int(s.offline_after_s * 1000)
+        )
 
     return JSONResponse(await run_in_threadpool(load))
 

@@ -5,6 +5,9 @@
     edgepipe-cloud devices add NAME        # prints the device secret, once
     edgepipe-cloud devices list
     edgepipe-cloud devices remove NAME     # and everything stored for it
+    edgepipe-cloud users add NAME          # dashboard operator; prompts for the password twice
+    edgepipe-cloud users add NAME --password-stdin
+    edgepipe-cloud users list | remove NAME
 
 Every option can also come from the environment (``EDGEPIPE_CLOUD_DB``,
 ``EDGEPIPE_CLOUD_API_TOKEN``, ``EDGEPIPE_CLOUD_PORT`` ...).
@@ -20,7 +23,7 @@ import sys
 
 from pydantic import ValidationError
 
-from ._backend import DeviceExists, open_backend
+from ._backend import DeviceExists, OperatorExists, open_backend
 from ._errors import CloudError
 from ._settings import Settings
 
@@ -50,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     dsub.add_parser("list", help="list devices and their sync status (JSON lines)")
     rm = dsub.add_parser("remove", help="remove a device and everything stored for it")
     rm.add_argument("name")
+
+    users = sub.add_parser("users", help="manage dashboard operators")
+    users.add_argument("--db", help="database URL (default: $EDGEPIPE_CLOUD_DB)")
+    usub = users.add_subparsers(dest="action", required=True)
+    uadd = usub.add_parser("add", help="add an operator (password hashed with argon2id)")
+    uadd.add_argument("name")
+    uadd.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin (one line)"
+    )
+    usub.add_parser("list", help="list operators")
+    urm = usub.add_parser("remove", help="remove an operator and end their sessions")
+    urm.add_argument("name")
     return p
 
 
@@ -103,6 +118,52 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _read_password(from_stdin: bool) -> str | None:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Password (again): ") != first:
+        print("edgepipe-cloud: the passwords do not match", file=sys.stderr)
+        return None
+    return first
+
+
+def _users(args: argparse.Namespace, settings: Settings) -> int:
+    from ._auth import hash_password
+
+    with open_backend(settings.db) as backend:
+        if args.action == "add":
+            if not _NAME.fullmatch(args.name):
+                print(
+                    "edgepipe-cloud: user names are 1-64 chars of letters, digits, '.', '_', '-'",
+                    file=sys.stderr,
+                )
+                return 2
+            password = _read_password(args.password_stdin)
+            if password is None:
+                return 1
+            if len(password) < 8:
+                print("edgepipe-cloud: the password must be at least 8 characters", file=sys.stderr)
+                return 2
+            try:
+                backend.add_operator(args.name, hash_password(password))
+            except OperatorExists as exc:
+                print(f"edgepipe-cloud: {exc}", file=sys.stderr)
+                return 1
+            print(f"operator {args.name!r} added", file=sys.stderr)
+        elif args.action == "list":
+            for op in backend.list_operators():
+                print(json.dumps(op, sort_keys=True))
+        elif args.action == "remove":
+            if not backend.remove_operator(args.name):
+                print(f"edgepipe-cloud: no operator named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"operator {args.name!r} removed and signed out", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -116,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 tls_key=args.tls_key,
             )
             return _serve(settings, args.log_level)
+        if args.command == "users":
+            return _users(args, Settings.from_env(db=args.db))
         return _devices(args, Settings.from_env(db=args.db))
     except ValidationError as exc:
         errors = "; ".join(
