@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import tomllib
 import urllib.error
@@ -344,6 +345,20 @@ def test_chain_configmap_is_a_directory_mount(overlay: tuple[str, list[Doc]]) ->
     assert "filters.yaml" in find(docs, "ConfigMap", "edgepipe-chain")["data"]
     modules = vols["filter-modules"]["configMap"]
     assert modules == {"name": "edgepipe-filter-modules", "optional": True}
+
+
+def test_image_volume_variant_from_the_guide_validates() -> None:
+    """The guide's image-volume alternative for the filter modules is valid 1.31 API."""
+    guide = (ROOT / "docs" / "deploy-k3s.md").read_text()
+    block = re.search(r"replace the `filter-modules` volume with\s*```yaml\n(.*?)```", guide, re.S)
+    assert block, "the image volume example is missing from the guide"
+    (volume,) = yaml.safe_load(textwrap.dedent(block.group(1)))
+    assert volume["name"] == "filter-modules" and "image" in volume
+    for name in OVERLAYS:
+        doc = copy.deepcopy(workload(render(K3S / "overlays" / name), "edgepipe"))
+        vols = pod_spec(doc)["volumes"]
+        vols[[v["name"] for v in vols].index("filter-modules")] = volume
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 def test_secrets_are_read_only_files(overlay: tuple[str, list[Doc]]) -> None:
