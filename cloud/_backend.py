@@ -582,16 +582,10 @@ class SQLBackend:
 
     def _roll_up(self, cur: Any, rows: list[tuple[int, int, float, int, int]]) -> None:
         """Fold new readings into ``readings_hourly`` (same transaction as the readings)."""
-        acc: dict[tuple[int, int], list[float]] = {}
+        # Group values per (series, hour), then let the C builtins aggregate each group.
+        groups: dict[tuple[int, int], list[float]] = {}
         for sid, ts, val, _flags, _seq in rows:
-            a = acc.get((sid, ts // ROLLUP_MS * ROLLUP_MS))
-            if a is None:
-                acc[(sid, ts // ROLLUP_MS * ROLLUP_MS)] = [1, val, val, val]
-            else:
-                a[0] += 1
-                a[1] += val
-                a[2] = min(a[2], val)
-                a[3] = max(a[3], val)
+            groups.setdefault((sid, ts - ts % ROLLUP_MS), []).append(val)
         cur.executemany(
             self._q(
                 "INSERT INTO readings_hourly (series_id, hour, n, total, lo, hi) "
@@ -603,7 +597,7 @@ class SQLBackend:
                 "hi = CASE WHEN excluded.hi > readings_hourly.hi "
                 "THEN excluded.hi ELSE readings_hourly.hi END"
             ),
-            [(sid, hour, int(a[0]), a[1], a[2], a[3]) for (sid, hour), a in acc.items()],
+            [(sid, hour, len(v), sum(v), min(v), max(v)) for (sid, hour), v in groups.items()],
         )
 
     def _series_id(self, cur: Any, did: int, key: tuple[str, str, str]) -> int:
