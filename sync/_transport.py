@@ -9,6 +9,7 @@ import http.client
 import json
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +33,7 @@ class Transport:
         secret: bytes,
         timeout_s: float,
         ca_file: Path | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -44,6 +46,7 @@ class Transport:
         self._secret = secret
         self.timeout_s = timeout_s
         self.ca_file = ca_file
+        self._clock = clock
         self._ssl: ssl.SSLContext | None = None
         if self.https:
             try:
@@ -70,7 +73,7 @@ class Transport:
 
         def headers() -> dict[str, str]:
             h = signed_headers(
-                self._secret, self.device_id, path, body, timestamp=int(time.time()), link=link
+                self._secret, self.device_id, path, body, timestamp=int(self._clock()), link=link
             )
             h["Content-Type"] = CONTENT_TYPE
             h["Content-Encoding"] = encoding

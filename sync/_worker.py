@@ -137,6 +137,7 @@ class SyncWorker:
         link: str | None = None,
         base_dir: Path | None = None,
         state_path: Path | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
         self.cfg = cfg
@@ -150,6 +151,7 @@ class SyncWorker:
             secret=_secret_bytes(secret),
             timeout_s=cfg.timeout_s,
             ca_file=ca,
+            clock=clock or time.time,
         )
         self.links = LinkMonitor(cfg.links, base_dir)
         self._fixed_link = link  # tests/tools may pin the link kind

@@ -37,14 +37,28 @@ def free_port() -> int:
 class Receiver:
     """``edgepipe-cloud serve`` on a free loopback port with a SQLite database."""
 
-    def __init__(self, tmp: Path, *, extra: list[str] | None = None, port: int | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        extra: list[str] | None = None,
+        port: int | None = None,
+        ca: Path | None = None,
+    ):
         self.tmp = tmp
+        self.ca = ca
         self.db = tmp / "cloud.db"
         self.port = port or free_port()
         self.extra = extra or []
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if ca else "http"
+        self.url = f"{scheme}://{'localhost' if ca else '127.0.0.1'}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "receiver.log"
+
+    def _verify(self) -> Any:
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
 
     def add_device(self, name: str) -> str:
         out = subprocess.run(
@@ -91,7 +105,10 @@ class Receiver:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(self.url + "/v1/ping", timeout=1).status_code == 200:
+                if (
+                    httpx.get(self.url + "/v1/ping", timeout=1, verify=self._verify()).status_code
+                    == 200
+                ):
                     return self
             except httpx.HTTPError:
                 pass
