@@ -138,8 +138,10 @@ class Demo:
         duration: float | None = None,
         keep: bool = False,
         out: Any = None,
+        broker: str = "auto",
     ) -> None:
         self.rate, self.devices, self.duration, self.keep = rate, devices, duration, keep
+        self.broker_kind = broker
         self._own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="edgepipe-demo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -148,19 +150,28 @@ class Demo:
         self._stop = threading.Event()
         self.final: dict[str, float] = {}
 
+    @property
+    def use_mosquitto(self) -> bool:
+        if self.broker_kind == "mosquitto":
+            return True
+        return self.broker_kind == "auto" and mosquitto_binary() is not None
+
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
     # -- pieces -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _broker(self) -> Iterator[Any]:
-        if mosquitto_binary():
+        if self.use_mosquitto:
             b: Any = Mosquitto(workdir=self.dir / "broker")
             kind = "mosquitto"
         else:
             from ._minibroker import MiniBroker
 
-            b, kind = MiniBroker(), "embedded broker (mosquitto not installed)"
+            b = MiniBroker()
+            kind = "embedded pure-Python broker" + (
+                "" if self.broker_kind == "embedded" else " (mosquitto is not installed)"
+            )
         b.start()
         self.say(f"  broker      {kind} on {b.host}:{b.port}")
         try:
@@ -239,8 +250,6 @@ class Demo:
         cfg["broker"].update(
             host=broker.host, port=broker.port, client_id=f"edgepipe-demo-{os.getpid()}"
         )
-        if not mosquitto_binary():
-            cfg["broker"]["protocol"] = "3.1.1"
         cfg["store"].update(path=str(self.dir / "store.db"), key={"file": str(key)})
         for stage in cfg.get("chain", []):
             stage["module"] = str((src.parent / stage["module"]).resolve())

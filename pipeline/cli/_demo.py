@@ -23,6 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="stop after this long (default: until Ctrl-C)",
     )
     p.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    p.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "embedded"],
+        default="auto",
+        help="auto: mosquitto if installed, else the embedded broker",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
     p.set_defaults(func=_demo)
 

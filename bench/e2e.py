@@ -1,0 +1,332 @@
+"""End-to-end benchmark of the edge process, side by side with a bare paho subscriber.
+
+    python -m bench.e2e [--messages 40000] [--quick]
+
+In one run, on a private mosquitto on loopback:
+
+* throughput at QoS 1 (ack after durable commit, encryption on, the example's 3-stage
+  Wasm chain) and at QoS 0, against a bare paho subscriber that only counts messages --
+  the ceiling for a Python MQTT consumer on the same broker and load;
+* publish-to-durable-commit latency p50/p99 at a fixed 1,000 msg/s;
+* peak RSS of the edge process (VmHWM);
+* cold start: process exec -> subscribed (retained "online" status seen by an observer),
+  and exec -> first reading durably stored (a retained reading waits on the broker).
+
+The load comes from separate publisher processes (bench/_load.py).  Prints a table and
+writes bench/results/e2e.json.  Timings are measurements, never test assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline._mosquitto import Mosquitto
+
+from ._load import run_publishers, start_publishers
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def _chain() -> list[dict[str, Any]]:
+    cfg = yaml.safe_load((REPO / "pipeline.yaml").read_text())
+    chain = cfg["chain"]
+    for stage in chain:
+        stage["module"] = str(REPO / stage["module"])
+    return chain
+
+
+def _config(d: Path, broker: Mosquitto, qos: int, chain: bool, client: str) -> Path:
+    from storage import generate_key_line
+
+    key = d / "store.key"
+    if not key.exists():
+        key.write_text(generate_key_line() + "\n")
+        key.chmod(0o600)
+    cfg = {
+        "device": {"id": "bench"},
+        "broker": {"host": broker.host, "port": broker.port, "client_id": client},
+        "subscriptions": [{"topic": "bench/{device}/{metric}", "qos": qos}],
+        "chain": _chain() if chain else [],
+        "store": {"path": str(d / f"{client}.db"), "key": {"file": str(key)}},
+        "sync": {"enabled": False},
+        "metrics": {"listen": None},
+        "log_level": "warning",
+    }
+    p = d / f"{client}.yaml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+class Edge:
+    def __init__(self, config: Path, trace: Path) -> None:
+        self.trace = trace
+        trace.unlink(missing_ok=True)
+        env = {**os.environ, "EDGEPIPE_TRACE_COMMITS": str(trace)}
+        self.t_exec = time.time()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "-c", str(config), "--log-level", "info"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        self.peak_rss_kb = 0
+
+    def wait_subscribed(self, timeout: float = 30) -> None:
+        assert self.proc.stderr is not None
+        deadline = time.time() + timeout
+        for line in self.proc.stderr:
+            if "subscribed to" in line:
+                return
+            if time.time() > deadline:
+                break
+        raise RuntimeError("edgepipe did not subscribe")
+
+    def sample_rss(self) -> None:
+        try:
+            for line in open(f"/proc/{self.proc.pid}/status"):
+                if line.startswith("VmHWM:"):
+                    self.peak_rss_kb = max(self.peak_rss_kb, int(line.split()[1]))
+        except OSError:
+            pass
+
+    def commits(self) -> list[dict[str, Any]]:
+        if not self.trace.exists():
+            return []
+        out = []
+        for line in self.trace.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def stop(self) -> None:
+        self.sample_rss()
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _bare(broker: Mosquitto, qos: int, n: int, d: Path, procs: int) -> dict[str, float]:
+    out = d / f"bare-{qos}.json"
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench._bare",
+            broker.host,
+            str(broker.port),
+            "bench/+/+",
+            str(qos),
+            str(n),
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert p.stdout is not None
+    p.stdout.readline()  # "subscribed"
+    run_publishers(broker.host, broker.port, n, procs=procs, qos=qos)
+    p.wait(600)
+    st = json.loads(out.read_text())
+    dt = st["last"] - st["first"]
+    return {"messages": st["n"], "seconds": dt, "msg_per_s": st["n"] / dt if dt else 0.0}
+
+
+def _edge_throughput(
+    broker: Mosquitto, qos: int, n: int, d: Path, procs: int, chain: bool = True
+) -> dict[str, float]:
+    edge = Edge(
+        _config(d, broker, qos, chain, f"edge-q{qos}-{int(chain)}"), d / f"trace-q{qos}.jsonl"
+    )
+    edge.wait_subscribed()
+    pubs, q = start_publishers(broker.host, broker.port, n, procs=procs, qos=qos)
+    deadline = time.time() + 600
+    got = 0
+    while time.time() < deadline:
+        edge.sample_rss()
+        commits = edge.commits()
+        got = sum(c["msgs"] for c in commits)
+        if got >= n:
+            break
+        if (
+            qos == 0
+            and all(not p.is_alive() for p in pubs)
+            and commits
+            and time.time() - commits[-1]["t"] > 3
+        ):
+            break  # QoS 0 may drop under overload; stop when the stream is over
+        time.sleep(0.2)
+    for p in pubs:
+        p.join(30)
+    edge.stop()
+    commits = edge.commits()
+    got = sum(c["msgs"] for c in commits)
+    # from the first commit to the last: excludes start-up, includes every fsync
+    first = commits[0]["t"] - 0.0
+    dt = commits[-1]["t"] - first
+    rate = (got - commits[0]["msgs"]) / dt if dt > 0 else 0.0
+    return {
+        "messages": got,
+        "seconds": dt,
+        "msg_per_s": rate,
+        "peak_rss_mb": edge.peak_rss_kb / 1024,
+        "batches": len(commits),
+        "mean_batch": got / len(commits) if commits else 0,
+    }
+
+
+def _latency(broker: Mosquitto, d: Path, rate: int, seconds: float) -> dict[str, float]:
+    edge = Edge(_config(d, broker, 1, True, "edge-lat"), d / "trace-lat.jsonl")
+    edge.wait_subscribed()
+    n = int(rate * seconds)
+    run_publishers(broker.host, broker.port, n, procs=1, qos=1, rate=rate)
+    deadline = time.time() + 30
+    while sum(c["msgs"] for c in edge.commits()) < n and time.time() < deadline:
+        time.sleep(0.1)
+    edge.sample_rss()
+    edge.stop()
+    lat = []
+    for c in edge.commits():
+        lat.extend((c["t"] * 1000 - ts) for ts in c["ts"])
+    lat.sort()
+    # the payload's ts has millisecond resolution after parsing: +-0.5 ms
+    return {
+        "readings": len(lat),
+        "p50_ms": _pct(lat, 50),
+        "p99_ms": _pct(lat, 99),
+        "max_ms": lat[-1] if lat else float("nan"),
+        "peak_rss_mb": edge.peak_rss_kb / 1024,
+    }
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def _cold_start(broker: Mosquitto, d: Path, runs: int) -> dict[str, float]:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    seen: dict[str, float] = {}
+    obs = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-obs")
+    obs.on_message = lambda c, u, m: seen.__setitem__(m.payload.decode(), time.time())
+    obs.connect(broker.host, broker.port)
+    obs.subscribe("edgepipe/bench/status", 1)
+    obs.loop_start()
+    to_sub, to_commit = [], []
+    try:
+        for i in range(runs):
+            cfg = _config(d, broker, 1, True, f"edge-cold-{i}")
+            # a retained reading waits on the broker: delivered as soon as edgepipe subscribes
+            pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+            pub.connect(broker.host, broker.port)
+            pub.loop_start()
+            pub.publish(
+                "bench/cold/m0", json.dumps({"value": 1.0, "ts": time.time()}), qos=1, retain=True
+            ).wait_for_publish(10)
+            pub.disconnect()
+            pub.loop_stop()
+            seen.clear()
+            edge = Edge(cfg, d / f"trace-cold-{i}.jsonl")
+            deadline = time.time() + 30
+            while time.time() < deadline and (not edge.commits() or "online" not in seen):
+                time.sleep(0.002)
+            c = edge.commits()
+            if c and "online" in seen:
+                to_sub.append((seen["online"] - edge.t_exec) * 1000)
+                to_commit.append((c[0]["t"] - edge.t_exec) * 1000)
+            edge.stop()
+    finally:
+        obs.loop_stop()
+        obs.disconnect()
+    return {
+        "runs": len(to_sub),
+        "exec_to_subscribed_ms": statistics.median(to_sub),
+        "exec_to_first_commit_ms": statistics.median(to_commit),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=40_000, help="messages per throughput run")
+    ap.add_argument("--publishers", type=int, default=2, help="publisher processes")
+    ap.add_argument("--quick", action="store_true", help="small runs (a smoke test)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
+    args = ap.parse_args(argv)
+    n = 3000 if args.quick else args.messages
+    lat_s = 3 if args.quick else 10
+    cold_runs = 2 if args.quick else 5
+    res: dict[str, Any] = {
+        "messages": n,
+        "publishers": args.publishers,
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp,
+        Mosquitto(workdir=Path(tmp) / "broker") as broker,
+    ):
+        d = Path(tmp)
+        for qos in (1, 0):
+            res[f"bare_q{qos}"] = _bare(broker, qos, n, d, args.publishers)
+            res[f"edge_q{qos}"] = _edge_throughput(broker, qos, n, d, args.publishers)
+        res["latency_1000"] = _latency(broker, d, 1000, lat_s)
+        res["cold_start"] = _cold_start(broker, d, cold_runs)
+    _print(res)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+def _print(r: dict[str, Any]) -> None:
+    print(
+        f"\nedgepipe end-to-end, {r['messages']:,} messages, {r['publishers']} publisher "
+        f"processes, {r['cpu_count']} CPUs, Python {r['python']}"
+    )
+    print(f"{'':34}{'msg/s':>10}{'vs bare':>9}{'peak RSS':>10}{'batch':>8}")
+    for qos in (1, 0):
+        b, e = r[f"bare_q{qos}"], r[f"edge_q{qos}"]
+        print(f"{f'bare paho subscriber, QoS {qos}':34}{b['msg_per_s']:>10,.0f}{'':>9}")
+        ratio = e["msg_per_s"] / b["msg_per_s"] if b["msg_per_s"] else float("nan")
+        print(
+            f"{f'edgepipe (3 Wasm stages, AES), QoS {qos}':34}{e['msg_per_s']:>10,.0f}"
+            f"{ratio:>8.0%} {e['peak_rss_mb']:>8.1f}MB{e['mean_batch']:>8.0f}"
+        )
+    lat = r["latency_1000"]
+    print(
+        f"\npublish -> durable commit at 1,000 msg/s: p50 {lat['p50_ms']:.1f} ms, "
+        f"p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
+        f"({lat['readings']:,} readings; peak RSS {lat['peak_rss_mb']:.1f} MB)"
+    )
+    cs = r["cold_start"]
+    print(
+        f"cold start (median of {cs['runs']}): exec -> subscribed "
+        f"{cs['exec_to_subscribed_ms']:.0f} ms, exec -> first reading stored "
+        f"{cs['exec_to_first_commit_ms']:.0f} ms"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
