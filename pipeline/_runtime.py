@@ -49,6 +49,26 @@ def _fault_hook() -> Any:
 _fault_after_commit = _fault_hook() if "EDGEPIPE_FAULT" in os.environ else None
 
 
+def _commit_tracer(path: str) -> Any:
+    """Bench hook (EDGEPIPE_TRACE_COMMITS=FILE): one JSON line per commit with its wall time,
+    message count and reading timestamps, for publish-to-commit latency in bench/e2e.py."""
+    import json
+
+    f = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    def trace(n_msgs: int, batch: Batch) -> None:
+        f.write(json.dumps({"t": time.time(), "msgs": n_msgs, "ts": batch.ts}) + "\n")
+
+    return trace
+
+
+_trace_commit = (
+    _commit_tracer(os.environ["EDGEPIPE_TRACE_COMMITS"])
+    if os.environ.get("EDGEPIPE_TRACE_COMMITS")
+    else None
+)
+
+
 class _NoChain:
     """The chain when none is configured: readings pass through unchanged."""
 
@@ -183,8 +203,6 @@ class Pipeline:
             tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
             if self.cfg.store.reencrypt:
                 tasks.append(asyncio.create_task(self.store.reencrypt_in_background()))
-            if self.cfg.store.reencrypt:
-                tasks.append(asyncio.create_task(self.store.reencrypt_in_background()))
             code = await self._consume()
             await self._flush_chain()
             return code
@@ -241,6 +259,8 @@ class Pipeline:
             return False
         dead = dec.dead_letters + list(result.dead_letters)
         await self._commit(result.batch, dead, dec.keys, chain.snapshot())
+        if _trace_commit is not None:
+            _trace_commit(len(msgs), dec.batch)
         if _fault_after_commit is not None:
             _fault_after_commit()  # test hook: EDGEPIPE_FAULT=crash_after_commit:K
         n = self.mqtt.ack(msgs)
