@@ -403,15 +403,15 @@ class _Connection:
 
 
 async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
-    header = (await reader.readexactly(1))[0]
-    length = 0
-    for shift in range(0, 28, 7):
+    header, digit = await reader.readexactly(2)
+    length = digit & 0x7F
+    shift = 7
+    while digit & 0x80:
+        if shift == 28:
+            raise ProtocolViolation("remaining length longer than 4 bytes")
         digit = (await reader.readexactly(1))[0]
         length |= (digit & 0x7F) << shift
-        if not digit & 0x80:
-            break
-    else:
-        raise ProtocolViolation("remaining length longer than 4 bytes")
+        shift += 7
     if length > MAX_PACKET_SIZE:
         raise ProtocolViolation(f"packet of {length} bytes is too large", RC_PACKET_TOO_LARGE)
     body = await reader.readexactly(length) if length else b""
@@ -633,7 +633,7 @@ class MiniBroker:
         name, version = r.string(), r.u8()
         if name != "MQTT" or version not in (4, 5):
             self.stats["refused"] += 1
-            conn.send(_packet(CONNACK, 0, b"\x00" + bytes([0x84 if version == 5 else 0x01])))
+            conn.send(_packet(CONNACK, 0, b"\x00\x01"))  # unacceptable protocol version
             return False
         conn.version = version
         cflags = r.u8()

@@ -16,6 +16,7 @@ from conftest import make_config, publish, reading_msg, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pipeline._minibroker import MiniBroker
 
@@ -85,7 +86,7 @@ class Client:
                 self.c.loop(0.1)
         return self.connacks.get(timeout=10)
 
-    def subscribe(self, *topics: tuple[str, int]) -> None:
+    def subscribe(self, *topics: tuple[str, object]) -> None:
         granted: queue.Queue[object] = queue.Queue()
         self.c.on_subscribe = lambda c, u, mid, codes, p: granted.put(codes)
         self.c.subscribe(list(topics))
@@ -133,6 +134,33 @@ def test_pubsub_qos_and_wildcards(mini, version):
     ]
     sub.disconnect()
     pub.disconnect()
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_invalid_filters_are_refused_one_by_one(mini, level):
+    filters = [b"a/#/b", b"ok/+", b"a+/b", b"$share/g", b"$share//x", b"$share/g/s/#"]
+    body = b"\x00\x07" + (b"\x00" if level == 5 else b"")
+    body += b"".join(struct.pack(">H", len(f)) + f + b"\x01" for f in filters)
+    with socket.create_connection((mini.host, mini.port)) as raw:
+        raw.sendall(_raw_connect(level))
+        assert raw.recv(2)[0] == 0x20
+        raw.recv(64)  # rest of CONNACK
+        raw.sendall(bytes([0x82, len(body)]) + body)
+        suback = raw.recv(64)
+        failure = 0x8F if level == 5 else 0x80
+        codes = list(suback[5:] if level == 5 else suback[4:])
+        assert suback[:1] == b"\x90" and codes == [failure, 1, failure, failure, failure, 1]
+        assert mini.sessions()["raw"].subscriptions == ("ok/+", "$share/g/s/#")
+
+
+def test_mqtt5_no_local_and_retain_as_published(mini):
+    c = Client(mini, "self", "5")
+    c.subscribe(("n/#", SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)))
+    other = Client(mini, "other", "5")
+    c.publish("n/mine", b"dropped by No Local", retain=True)
+    other.publish("n/theirs", b"kept", retain=True)
+    (m,) = c.take(1)
+    assert (m.topic, m.retain) == ("n/theirs", True)
 
 
 def test_qos2_is_downgraded_to_1(mini, version):
