@@ -26,7 +26,9 @@ class Progress:
     def __call__(self, done: int) -> None:
         self.done = done
         now = time.monotonic()
-        if self.quiet or (not self.tty and now - self._last < 5 and done < self.total):
+        if self.quiet or (self.total == 0 and done == 0):
+            return
+        if not self.tty and now - self._last < 5 and done < self.total:
             return
         if self.tty and now - self._last < 0.1 and done < self.total:
             return
@@ -49,27 +51,18 @@ class Progress:
 
 
 async def drain_now(cfg: Any, *, retry_for: float | None = None, quiet: bool = False) -> int:
-    from storage import Keyring, Store
+    from storage import open_store
 
     from ._worker import SyncWorker
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
-    if cfg.store.key is None:
-        raise ConfigError("store.key is required (a keyring file, env var or secret)")
     if cfg.sync.device_secret is None:
         raise ConfigError("sync.device_secret is not set (edgepipe-cloud devices add NAME)")
     try:
         secret = cfg.sync.device_secret.get()
     except LookupError as e:
         raise ConfigError(f"sync.device_secret: {e}") from None
-    keyring = Keyring.from_secret(cfg.store.key)
-    store = await Store.open(
-        cfg.resolve(cfg.store.path),
-        keyring,
-        device_id=cfg.device.id,
-        quota_bytes=int(cfg.store.quota_mb * 1024 * 1024),
-        synchronous=cfg.store.synchronous,
-    )
+    store = await open_store(cfg, create=False)
     try:
         from ._status import state_path_for
 

@@ -1,16 +1,15 @@
-"""The "sync" section of ``edgepipe status``: read from the state file the worker persists and
-from the store's batch table (counts only: no key needed, nothing decrypted)."""
+"""The "sync" section of ``edgepipe status``: the state file the worker persists (last
+success, last error, bytes per link today) and the backlog from the open store."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 from ._state import SyncState, default_state_path, utc_day
 
-__all__ = ["backlog_counts", "state_path_for", "status_section"]
+__all__ = ["state_path_for", "status_section"]
 
 
 def state_path_for(cfg: Any) -> Path:
@@ -20,51 +19,33 @@ def state_path_for(cfg: Any) -> Path:
     return default_state_path(cfg.resolve(cfg.store.path))
 
 
-def backlog_counts(store_path: Path) -> dict[str, Any] | None:
-    """Unsynced batches/readings and the oldest unsynced reading time, read-only."""
-    if not store_path.exists():
-        return None
-    try:
-        con = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=5)
-        try:
-            b, r, oldest = con.execute(
-                "SELECT count(*), coalesce(sum(n), 0), min(t_min) FROM batches WHERE synced=0"
-            ).fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return None
-    return {"backlog_batches": b, "backlog_readings": r, "oldest_unsynced_ms": oldest}
-
-
-async def status_section(cfg: Any) -> dict[str, Any]:
-    """``{"enabled", "url", "backlog_batches", "backlog_readings", "oldest_unsynced_ms",
-    "last_success_ms", "last_error", "last_error_ms", "link", "online", "waiting",
-    "bytes_today": {link: bytes}, "day"}`` for ``edgepipe status``."""
-    import asyncio
-
+async def status_section(ctx: Any) -> dict[str, Any]:
+    """Section provider for ``edgepipe status`` (``ctx.cfg``, ``ctx.store``)."""
+    cfg = ctx.cfg
     st = SyncState.load(state_path_for(cfg))
-    counts = await asyncio.to_thread(backlog_counts, cfg.resolve(cfg.store.path))
-    today = utc_day()
-    out: dict[str, Any] = {
-        "enabled": cfg.sync.enabled,
-        "url": cfg.sync.url,
-        "backlog_batches": st.backlog_batches,
-        "backlog_readings": st.backlog_readings,
-        "oldest_unsynced_ms": st.oldest_unsynced_ms,
-        "last_success_ms": st.last_success_ms,
-        "last_error": st.last_error,
-        "last_error_ms": st.last_error_ms,
-        "link": st.link,
-        "interface": st.interface,
-        "online": st.online,
-        "waiting": st.waiting,
-        "day": today,
-        "bytes_today": dict(st.bytes_today) if st.day == today else {},
-        "readings_sent_total": st.readings_sent_total,
-    }
-    if counts is not None:
-        out.update(counts)
-    if st.last_success_ms:
-        out["last_success_age_s"] = round(time.time() - st.last_success_ms / 1000, 1)
+    out: dict[str, Any] = {"enabled": cfg.sync.enabled, "url": cfg.sync.url}
+    if ctx.store is not None:
+        s = await ctx.store.stats()
+        out["backlog_batches"] = s["unsynced_batches"]
+        out["backlog_readings"] = s["unsynced_readings"]
+        out["oldest_unsynced_ms"] = s["oldest_unsynced_ms"]
+    else:
+        out["backlog_batches"] = st.backlog_batches
+        out["backlog_readings"] = st.backlog_readings
+        out["oldest_unsynced_ms"] = st.oldest_unsynced_ms
+    out["last_success_ms"] = st.last_success_ms
+    out["last_success_age_s"] = (
+        round(time.time() - st.last_success_ms / 1000, 1) if st.last_success_ms else None
+    )
+    out["last_error"] = st.last_error
+    out["last_error_at_ms"] = st.last_error_ms
+    out["link"] = st.link + (f" ({st.interface})" if st.interface else "")
+    out["online"] = st.online
+    out["waiting"] = st.waiting
+    today = st.bytes_today if st.day == utc_day() else {}
+    for link in sorted(set(today) | {"wifi", "cellular", "ethernet"}):
+        out[f"sent_today_{link}_bytes"] = today.get(link, 0)
+    if "unknown" in today:
+        out["sent_today_unknown_bytes"] = today["unknown"]
+    out["readings_sent_total"] = st.readings_sent_total
     return out

@@ -39,6 +39,7 @@ Provider = Callable[[StatusContext], Awaitable[dict[str, Any] | None]]
 SECTIONS: list[tuple[str, str | Provider]] = [
     ("store", "pipeline.cli._status:store_section"),
     ("keys", "pipeline.cli._status:keys_section"),
+    ("sync", "sync._status:status_section"),
 ]
 
 
