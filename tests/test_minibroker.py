@@ -199,6 +199,27 @@ def test_will_on_abrupt_close_not_on_disconnect(mini, version):
     assert (m.topic, m.payload) == ("status/rude", b"gone")
 
 
+def test_mqtt5_delayed_will_is_published_when_the_session_expires(mini):
+    watcher = Client(mini, "watcher", "5")
+    watcher.subscribe(("status/#", 1))
+    c = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id="gone", protocol=mqtt.MQTTv5
+    )
+    will_props = Properties(PacketTypes.WILLMESSAGE)
+    will_props.WillDelayInterval = 3600
+    c.will_set("status/gone", b"offline", qos=1, properties=will_props)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 1
+    c.connect(mini.host, mini.port, clean_start=False, properties=props)
+    while "gone" not in mini.sessions():
+        c.loop(0.1)
+    c.socket().close()
+    # the session (1 s) ends long before the will delay (1 h): the will goes out then
+    (m,) = watcher.take(1)
+    assert (m.topic, m.payload) == ("status/gone", b"offline")
+    assert "gone" not in mini.sessions()
+
+
 def test_persistent_session_queues_while_away(mini, version):
     sub = Client(mini, "away", version, persistent=True)
     assert sub.present is False
