@@ -139,8 +139,15 @@ class BrokerConfig(_Model):
         le=65535,
         description="MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send",
     )
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect backoff (full jitter)")
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect backoff")
+    redelivery_window_s: float = Field(
+        10.0,
+        ge=0,
+        description="after every (re)connect, messages received for this long are checked "
+        "against the store even without the DUP flag (a broker restored from its "
+        "persistence file may resend what was delivered before without DUP)",
+    )
     status_topic: str | None = Field(
         "edgepipe/{device}/status",
         description="retained online/offline status and Last Will topic ({device} expands)",

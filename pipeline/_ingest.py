@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ._codecs import TopicTemplate, decode_payload
@@ -135,5 +137,30 @@ class Decoder:
         return Decoded(batch, dead, keys)
 
     def dup_identities(self, msgs: list[Message]) -> list[bytes]:
-        """Identities of the messages the broker flagged as redeliveries."""
-        return [self.identity(m) for m in msgs if m.dup and m.qos]
+        """Identities of the messages that may have been delivered before: DUP flag set or
+        received in the redelivery window after a (re)connect."""
+        return [self.identity(m) for m in msgs if m.maybe_seen and m.qos]
+
+
+def fault_hook() -> Callable[[], None] | None:
+    """The test-only fault hook ``EDGEPIPE_FAULT=crash_after_commit:K``: the process exits
+    abruptly (``os._exit(137)``, like ``kill -9``) right after the K-th commit, before its
+    messages are acknowledged, so tests can prove such a batch is redelivered and stored
+    once.  Unset in production; anything else in the variable is an error."""
+    spec = os.environ.get("EDGEPIPE_FAULT", "")
+    if not spec:
+        return None
+    name, _, arg = spec.partition(":")
+    if name != "crash_after_commit" or not arg.isdigit() or int(arg) < 1:
+        raise ValueError(f"EDGEPIPE_FAULT={spec!r}: expected crash_after_commit:K (K >= 1)")
+    left = int(arg)
+
+    def tick() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            log.warning("EDGEPIPE_FAULT: exiting after a commit, before acknowledging")
+            logging.shutdown()
+            os._exit(137)
+
+    return tick

@@ -65,6 +65,10 @@ class Mosquitto:
         self.conf = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
         listener = f"listener {self.port} 127.0.0.1\n" if "listener" not in extra else ""
+        # as root mosquitto would drop to user 'mosquitto', which cannot write the private
+        # directory: no persistence file and no log
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            listener = "user root\n" + listener
         self.conf.write_text(
             listener
             + f"allow_anonymous {'true' if anonymous else 'false'}\n"

@@ -20,6 +20,8 @@ import logging
 import random
 import socket
 import ssl
+import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -36,7 +38,8 @@ __all__ = ["Message", "MQTTClient"]
 
 log = logging.getLogger("edgepipe.mqtt")
 
-_READS_PER_WAKE = 256
+_READS_PER_WAKE = 1024
+_PUBACK = struct.Struct("!BBH")
 
 
 class Message(NamedTuple):
@@ -44,9 +47,38 @@ class Message(NamedTuple):
     payload: bytes
     qos: int
     mid: int
-    dup: bool
+    dup: bool  # the DUP flag as the broker sent it
     arrival_ms: int
     generation: int
+    #: DUP set, or received in the redelivery window after a (re)connect: the runtime
+    #: checks the store before decoding it (see docs/ingest.md, "Redeliveries")
+    maybe_seen: bool = False
+
+
+class _Client(paho.Client):
+    """paho with a read buffer: paho reads a packet in 3+ ``recv`` calls (type byte,
+    length bytes, body); this serves them from one 64 KiB ``recv``, which removes most
+    of the per-message system calls on the receive path."""
+
+    _rbuf: bytes = b""
+    _rpos: int = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            buf = super()._sock_recv(65536)  # BlockingIOError when nothing is there
+            if not buf:
+                return buf  # EOF
+            self._rbuf, pos = buf, 0
+        end = pos + bufsize
+        self._rpos = end
+        return buf[pos:end]
+
+    def buffered(self) -> bool:
+        return self._rpos < len(self._rbuf)
+
+    def reset_buffer(self) -> None:
+        self._rbuf, self._rpos = b"", 0
 
 
 class MQTTClient:
@@ -88,6 +120,9 @@ class MQTTClient:
         self._supervisor: asyncio.Task[None] | None = None
         self._misc: asyncio.Task[None] | None = None
         self._disconnected = asyncio.Event()
+        self._loop_thread: int | None = None
+        self._recheck_until = 0.0
+        self._now_ms = 0
         self._client = self._make_client()
 
     # -- paho set-up ------------------------------------------------------------------
@@ -100,10 +135,10 @@ class MQTTClient:
         t = self.cfg.status_topic
         return t.replace("{device}", self.device_id) if t else None
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _Client:
         cfg = self.cfg
         v5 = cfg.protocol == "5"
-        c = paho.Client(
+        c = _Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -130,6 +165,7 @@ class MQTTClient:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._on_socket_open
         c.on_socket_close = self._on_socket_close
         c.on_socket_register_write = self._on_register_write
@@ -155,6 +191,7 @@ class MQTTClient:
     async def start(self) -> None:
         """Start connecting in the background (retrying with backoff); returns at once."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._supervisor = asyncio.create_task(self._supervise(), name="mqtt-supervisor")
         self._misc = asyncio.create_task(self._misc_loop(), name="mqtt-keepalive")
 
@@ -265,6 +302,9 @@ class MQTTClient:
         self.generation += 1
         self.connected = True
         self.session_present = bool(flags.session_present)
+        # whatever the broker sends first on this connection may have been delivered (and
+        # committed) before: check it against the store, DUP flag or not
+        self._recheck_until = time.monotonic() + self.cfg.redelivery_window_s
         if not self.session_present:
             if self.generation > 1 or self.stats["sessions"]:
                 log.warning(
@@ -292,6 +332,14 @@ class MQTTClient:
         if not self._connack.done():
             self._connack.set_result((True, 0, "ok"))
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("broker refused %d subscription(s): %s", len(failed), failed)
+        else:
+            log.info("subscribed to %d topic filter(s)", len(reason_codes))
+        self.stats["subscribed"] += 1
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         was = self.connected
         self.connected = False
@@ -312,38 +360,72 @@ class MQTTClient:
         self._wakeup.set()
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
-        self._pending.append(
+        # per message: keep this lean (arrival time is taken once per socket read)
+        dup = msg.dup
+        pending = self._pending
+        pending.append(
             Message(
                 msg.topic,
                 msg.payload,
                 msg.qos,
                 msg.mid,
-                bool(msg.dup),
-                int(time.time() * 1000),
+                dup,
+                self._now_ms,
                 self.generation,
+                dup or (self._recheck_until and self._in_recheck_window()),
             )
         )
-        if len(self._pending) >= self.max_pending:
+        if len(pending) >= self.max_pending:
             self._pause()
-        self._wakeup.set()
+
+    def _in_recheck_window(self) -> bool:
+        if time.monotonic() < self._recheck_until:
+            return True
+        self._recheck_until = 0.0
+        return False
+
+    # paho calls the socket callbacks from connect(), which runs in an executor thread
+    # (the TCP/TLS handshake blocks): hop onto the event loop thread first
+    def _in_loop(self, fn: Callable[..., None], *args: object) -> None:
+        if self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_socket_open(self, client, userdata, sock) -> None:  # noqa: ANN001
+        self._in_loop(self._socket_opened, sock)
+
+    def _socket_opened(self, sock: socket.socket) -> None:
+        self._client.reset_buffer()
         self._sock = sock
         self._paused = False
+        self._reading = False
         self._add_reader()
 
     def _on_socket_close(self, client, userdata, sock) -> None:  # noqa: ANN001
-        self._remove_reader()
-        if self._loop is not None:
+        self._in_loop(self._socket_closed, sock)
+
+    def _socket_closed(self, sock: socket.socket) -> None:
+        if self._sock is sock:
+            self._remove_reader()
+            self._sock = None
+        if self._loop is not None and sock.fileno() >= 0:
             self._loop.remove_writer(sock)
-        self._sock = None
 
     def _on_register_write(self, client, userdata, sock) -> None:  # noqa: ANN001
-        if self._loop is not None:
+        self._in_loop(self._register_write, sock)
+
+    def _register_write(self, sock: socket.socket) -> None:
+        if self._loop is not None and sock.fileno() >= 0 and self._client.socket() is sock:
             self._loop.add_writer(sock, self._do_write)
 
     def _on_unregister_write(self, client, userdata, sock) -> None:  # noqa: ANN001
-        if self._loop is not None:
+        self._in_loop(self._unregister_write, sock)
+
+    def _unregister_write(self, sock: socket.socket) -> None:
+        if self._loop is not None and sock.fileno() >= 0:
             self._loop.remove_writer(sock)
 
     def _do_write(self) -> None:
@@ -351,17 +433,20 @@ class MQTTClient:
 
     def _do_read(self) -> None:
         c = self._client
+        pending = self._pending
+        self._now_ms = int(time.time() * 1000)
+        before = len(pending)
         for _ in range(_READS_PER_WAKE):
-            if c.socket() is None or self._paused:
+            sock = c.socket()
+            if sock is None or self._paused:
                 break
-            before = len(self._pending)
             rc = c.loop_read()
-            if rc != paho.MQTT_ERR_SUCCESS or len(self._pending) == before:
-                # nothing more buffered (or an error paho already handled)
-                if rc != paho.MQTT_ERR_SUCCESS:
-                    break
-                if not _has_data(c.socket()):
-                    break
+            if rc != paho.MQTT_ERR_SUCCESS:
+                break  # an error paho already handled (on_disconnect ran)
+            if not c.buffered() and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                break  # the selector wakes us again if the kernel holds more
+        if len(pending) != before:
+            self._wakeup.set()
 
     # -- backpressure -----------------------------------------------------------------
     def _add_reader(self) -> None:
@@ -423,30 +508,23 @@ class MQTTClient:
         return out
 
     def ack(self, messages: list[Message]) -> int:
-        """Acknowledge ``messages`` (in arrival order); returns how many acks were sent."""
-        c = self._client
-        gen = self.generation
-        sent = 0
+        """Acknowledge ``messages`` in arrival order; returns how many acks were sent.
+
+        The PUBACKs of a batch go out as one write (one system call, not one per message).
+        Messages received on an earlier connection are not acknowledged: the broker
+        redelivers them on the current one."""
         if not self.connected:
             return 0
-        for m in messages:
-            if m.qos and m.generation == gen:
-                c.ack(m.mid, m.qos)
-                sent += 1
-        if sent and self._sock is not None:
+        gen = self.generation
+        mids = [m.mid for m in messages if m.qos == 1 and m.generation == gen]
+        if not mids:
+            return 0
+        c = self._client
+        # PUBACK: fixed header 0x40, remaining length 2, packet id (the same bytes in
+        # MQTT 3.1.1 and 5, where reason code 0 and no properties may be omitted)
+        pack = _PUBACK.pack
+        data = b"".join([pack(0x40, 2, mid) for mid in mids])
+        c._packet_queue(paho.PUBACK, data, 0, 0)
+        if self._sock is not None:
             c.loop_write()
-        return sent
-
-
-def _has_data(sock: socket.socket | None) -> bool:
-    if sock is None:
-        return False
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes buffered
-        return True
-    try:
-        # the plain socket's recv, also for TLS sockets: any raw byte means progress
-        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return False
+        return len(mids)
