@@ -425,8 +425,12 @@ class MiniBroker:
     """``with MiniBroker() as broker: ... broker.host, broker.port ...``
 
     The asyncio server runs on its own daemon thread. Sessions and retained messages live
-    in memory and survive ``restart()`` (not the process). ``stats`` counts connections,
-    messages in/out, drops and protocol violations.
+    in memory and survive ``restart()`` (not the process). ``max_queued`` bounds each
+    session's queue of QoS 1 messages (the oldest are dropped and counted). ``stats``
+    counts ``connections``, ``messages_received``, ``messages_routed`` (one per copy sent or
+    queued), ``messages_acked``, ``messages_dropped`` (queue overflow, too large for the
+    client, or QoS 0 for an absent or stalled client), ``protocol_violations``,
+    ``keepalive_timeouts`` and ``refused``; ``sessions()`` gives a snapshot per client.
     """
 
     def __init__(
