@@ -31,8 +31,8 @@ from ._aot import ModuleCache
 from ._config import StageConfig
 from ._errors import FilterError, FilterLoadError, FilterRuntimeError
 from ._metrics import METRICS
-from ._model import Batch, DeadLetter, SeriesRegistry
-from ._wasm import LoadedModule, WasmStage, engine, engine_settings, load_module
+from ._model import RECORD, Batch, DeadLetter, SeriesRegistry
+from ._wasm import LoadedModule, WasmStage, engine, engine_settings, load_module, unpack
 
 __all__ = ["Chain", "ChainResult"]
 
@@ -189,65 +189,75 @@ class Chain:
         return [s.name for s in self._slots]
 
     def process(self, batch: Batch) -> ChainResult:
+        """Run ``batch`` through every stage.  Between stages the records stay packed in
+        the ABI layout (no per-stage ``Batch`` conversion)."""
         if self._closed:
             raise FilterRuntimeError("the chain is closed", code="closed")
         if self.stopped is not None:
             raise FilterRuntimeError(f"the chain stopped: {self.stopped}", code="stopped")
         dead: list[DeadLetter] = []
+        data = batch.pack()
         for slot in self._slots:
-            if not len(batch):
+            if not data:
                 break
-            out = self._run(slot, batch, dead)
+            out = self._through(slot, data, dead)
             if out is None:
                 return ChainResult(Batch(), dead)
-            batch = out
-        return ChainResult(batch, dead)
+            data = out
+        return ChainResult(unpack(data), dead)
 
-    def _run(self, slot: _Slot, batch: Batch, dead: list[DeadLetter]) -> Batch | None:
-        sub, rest = slot.split(batch, self.registry)
+    def _through(self, slot: _Slot, data: bytes, dead: list[DeadLetter]) -> bytes | None:
+        """One stage, honouring its ``match:``; None when the chain stopped."""
+        if slot.match_all:
+            return self._run(slot, data, dead)
+        sub, rest = slot.split(unpack(data), self.registry)
         if not len(sub):
-            return batch
+            return data
+        if rest is None:
+            return self._run(slot, data, dead)
+        out = self._run(slot, sub.pack(), dead)
+        return None if out is None else out + rest.pack()
+
+    def _run(self, slot: _Slot, data: bytes, dead: list[DeadLetter]) -> bytes | None:
         name = slot.name
-        n = len(sub)
+        n = len(data) // RECORD.size
         _RECORDS.inc(n, name, "in")
+        out: bytes | None
         if not slot.breaker.allows():
             err = FilterRuntimeError("circuit breaker open", stage=name, code="breaker_open")
-            out = self._failed(slot, sub, err, dead, call_guest=False)
+            out = self._failed(slot, data, err, dead, call_guest=False)
         else:
             t0 = time.perf_counter()
             try:
-                out = slot.stage.process(sub)
+                out = slot.stage.process_raw(data, n)
                 if slot.stage.stateful:
                     slot.good_state = slot.stage.snapshot()
             except FilterRuntimeError as err:
-                out = self._failed(slot, sub, err, dead)
+                out = self._failed(slot, data, err, dead)
             else:
                 slot.batches += 1
                 if slot.breaker.failures:
                     slot.breaker.success()
                     _BREAKER.set(0, name)
+                m = len(out) // RECORD.size
+                if m < n and slot.cfg.kind != "expand":
+                    reason = "aggregated" if slot.cfg.kind == "aggregate" else "filtered"
+                    _DROPPED.inc(n - m, name, reason)
             _SECONDS.inc(time.perf_counter() - t0, name)
-        if out is None:
-            return None
-        m = len(out)
-        _RECORDS.inc(m, name, "out")
-        if m < n and out is not sub and slot.cfg.kind != "expand":
-            reason = "aggregated" if slot.cfg.kind == "aggregate" else "filtered"
-            _DROPPED.inc(n - m, name, reason)
-        if rest is not None:
-            out.extend(rest)
+        if out is not None:
+            _RECORDS.inc(len(out) // RECORD.size, name, "out")
         return out
 
     def _failed(
         self,
         slot: _Slot,
-        sub: Batch,
+        data: bytes,
         err: FilterError,
         dead: list[DeadLetter],
         *,
         call_guest: bool = True,
-    ) -> Batch | None:
-        """Apply the stage's on_error policy; the batch to pass on, or None when stopped."""
+    ) -> bytes | None:
+        """Apply the stage's on_error policy; the records to pass on, or None when stopped."""
         name, code = slot.name, err.code or "error"
         _ERRORS.inc(1, name, code)
         slot.failures += 1
@@ -268,18 +278,19 @@ class Chain:
             self.stopped = f"stage {name}: {code}: {err.message}"
             return None
         if policy == "pass":
-            return sub
-        dead.append(
-            DeadLetter(
-                ts=int(time.time() * 1000),
-                topic="",
-                reason=f"stage {name}: trap: {code}",
-                payload=sub.pack(),
-                stage=name,
+            return data
+        if data:
+            dead.append(
+                DeadLetter(
+                    ts=int(time.time() * 1000),
+                    topic="",
+                    reason=f"stage {name}: trap: {code}",
+                    payload=data,
+                    stage=name,
+                )
             )
-        )
-        _DROPPED.inc(len(sub), name, "dead_letter")
-        return Batch()
+            _DROPPED.inc(len(data) // RECORD.size, name, "dead_letter")
+        return b""
 
     def _reset(self, slot: _Slot) -> None:
         try:
@@ -291,26 +302,26 @@ class Chain:
     def flush(self) -> ChainResult:
         """Emit pending aggregate output (``ep_flush``), carried through later stages."""
         dead: list[DeadLetter] = []
-        carry = Batch()
+        carry = b""
         for slot in self._slots:
-            if len(carry):
-                out = self._run(slot, carry, dead)
+            if carry:
+                out = self._through(slot, carry, dead)
                 if out is None:
                     return ChainResult(Batch(), dead)
                 carry = out
             if not slot.stage.has_flush:
                 continue
             try:
-                flushed = slot.stage.flush()
+                flushed = slot.stage.flush_raw()
                 if slot.stage.stateful:
                     slot.good_state = slot.stage.snapshot()
             except FilterRuntimeError as err:
-                if self._failed(slot, Batch(), err, dead) is None:
+                if self._failed(slot, b"", err, dead) is None:
                     return ChainResult(Batch(), dead)
                 continue
-            _RECORDS.inc(len(flushed), slot.name, "out")
-            carry.extend(flushed)
-        return ChainResult(carry, dead)
+            _RECORDS.inc(len(flushed) // RECORD.size, slot.name, "out")
+            carry += flushed
+        return ChainResult(unpack(carry), dead)
 
     # -- state ---------------------------------------------------------------------------
     def snapshot(self) -> dict[str, bytes]:

@@ -90,8 +90,9 @@ def build(tmp_path, stages, reg):
 def test_hostile_stage_is_contained_and_next_stage_works(tmp_path, reg, name):
     body, extra, limits, code = HOSTILE[name]
     mod = write_wat(tmp_path, name, wat_module(body, extra=extra))
+    kind = "filter_map" if name == "unknown_series" else "filter"  # a filter: kind_violation
     stages = [
-        stage("hostile", mod, "filter", **limits),
+        stage("hostile", mod, kind, **limits),
         stage("ema", "ema", "map", {"alpha": 0.5}),
     ]
     errors_before = METRICS.value("edgepipe_stage_errors_total", stage="hostile", code=code)
@@ -114,7 +115,7 @@ def test_hostile_stage_is_contained_and_next_stage_works(tmp_path, reg, name):
     )
 
     # with on_error=pass the records skip the broken stage and reach the healthy one
-    stages[0] = stage("hostile", mod, "filter", on_error="pass", **limits)
+    stages[0] = stage("hostile", mod, kind, on_error="pass", **limits)
     with build(tmp_path, stages, reg) as chain:
         for k in range(3):
             res = chain.process(sample(4, start=10 * k))

@@ -3,7 +3,6 @@ stage configs and hostile/minimal WAT modules."""
 
 from __future__ import annotations
 
-import calendar
 import math
 from pathlib import Path
 from typing import Any
@@ -24,20 +23,9 @@ def airquality(registry: SeriesRegistry) -> Batch:
     order (row by row, metrics in column order); -200 marks a missing value."""
     if not AIRQUALITY.exists():
         pytest.skip(f"air-quality data set not found at {AIRQUALITY}")
-    lines = AIRQUALITY.read_text().splitlines()
-    metrics = lines[0].split(",")[2:]
-    sids = [registry.intern(DEVICE, m) for m in metrics]
-    out = Batch()
-    for line in lines[1:]:
-        if not line.strip():
-            continue
-        cols = line.split(",")
-        d, mo, y = (int(x) for x in cols[0].split("/"))
-        hh, mm, ss = (int(x) for x in cols[1].split(":"))
-        ts = calendar.timegm((y, mo, d, hh, mm, ss)) * 1000
-        for sid, raw in zip(sids, cols[2:], strict=True):
-            out.append(ts, float(raw), sid)
-    return out
+    from bench.chain import read_airquality
+
+    return read_airquality(AIRQUALITY, registry, DEVICE)
 
 
 def stage(

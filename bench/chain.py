@@ -1,0 +1,280 @@
+"""Filter chain cost: Wasm stages vs the same filters in pure Python, and cold start.
+
+    python -m bench.chain [--records N] [--json bench/results/chain.json]
+
+Per-record cost (ns) of 1, 3 and 5 chained stages at batch sizes 1, 10, 100 and 1000 on
+the UCI air-quality data (13 metrics per hourly row, file order), next to a pure-Python
+implementation of the same math; then the cold start of one stage from the AOT cache
+vs compiling the module from its bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import json
+import math
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline._chain import Chain
+from pipeline._config import StageConfig
+from pipeline._model import Batch, Flags, SeriesRegistry
+
+REPO = Path(__file__).resolve().parents[1]
+LIB = REPO / "filters" / "lib"
+DATA_CANDIDATES = [
+    REPO.parent / "shared" / "data" / "airquality-uci.csv",
+    Path("/work/shared/data/airquality-uci.csv"),
+]
+
+RANGES = {"CO_GT": [0, 50], "T": [-40, 60], "RH": [0, 100], "AH": [0, 5]}
+STAGES = {
+    "validity": ("filter", {"range": RANGES}),
+    "calibrate": ("map", {"unit": {"T": "c_to_f"}, "scale": {"CO_GT": 1.05}}),
+    "ema": ("map", {"alpha": 0.3}),
+    "spike": ("map", {"max_rate": 0.5}),
+    "zscore": ("map", {"alpha": 0.05, "threshold": 3, "warmup": 24}),
+}
+CHAINS = {1: ["validity"], 3: ["validity", "ema", "zscore"], 5: list(STAGES)}
+SIZES = [1, 10, 100, 1000]
+
+
+def read_airquality(path: Path, registry: SeriesRegistry, device: str = "airq-1") -> Batch:
+    """The UCI air-quality CSV (Date,Time + 13 metrics, -200 = missing) as one batch,
+    row by row, metrics in column order; timestamps as UTC."""
+    lines = path.read_text().splitlines()
+    sids = [registry.intern(device, m) for m in lines[0].split(",")[2:]]
+    out = Batch()
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        c = line.split(",")
+        d, mo, y = (int(x) for x in c[0].split("/"))
+        hh, mm, ss = (int(x) for x in c[1].split(":"))
+        ts = calendar.timegm((y, mo, d, hh, mm, ss)) * 1000
+        for sid, raw in zip(sids, c[2:], strict=True):
+            out.append(ts, float(raw), sid)
+    return out
+
+
+def load_data(registry: SeriesRegistry) -> Batch:
+    path = next((p for p in DATA_CANDIDATES if p.exists()), None)
+    if path is None:
+        raise SystemExit("airquality-uci.csv not found (expected ../shared/data/)")
+    return read_airquality(path, registry)
+
+
+# -- the same filters in pure Python (batch in, batch out) -----------------------------
+
+
+class PyStages:
+    def __init__(self, registry: SeriesRegistry) -> None:
+        self.reg = registry
+        self.metric = lambda sid: registry.key(sid).metric
+        self.ranges: dict[int, tuple[float, float]] = {}
+        self.cal: dict[int, tuple[float, float, float, float]] = {}
+        self.ema: dict[int, float] = {}
+        self.prev: dict[int, tuple[float, int]] = {}
+        self.z: dict[int, list] = {}
+
+    def validity(self, b: Batch) -> Batch:
+        out = Batch()
+        rng = self.ranges
+        for ts, v, sid, fl in b.rows():
+            r = rng.get(sid)
+            if r is None:
+                lo, hi = RANGES.get(self.metric(sid), (-math.inf, math.inf))
+                r = rng[sid] = (lo, hi)
+            if math.isfinite(v) and v != -200.0 and r[0] <= v <= r[1]:
+                out.append(ts, v, sid, fl)
+        return out
+
+    def calibrate(self, b: Batch) -> Batch:
+        out = Batch()
+        for ts, v, sid, fl in b.rows():
+            c = self.cal.get(sid)
+            if c is None:
+                m = self.metric(sid)
+                scale = 1.05 if m == "CO_GT" else 1.0
+                mul, add = (1.8, 32.0) if m == "T" else (1.0, 0.0)
+                c = self.cal[sid] = (scale, 0.0, mul, add)
+            v = v * c[0] + c[1]
+            out.append(ts, v * c[2] + c[3], sid, fl | Flags.CALIBRATED)
+        return out
+
+    def ema_(self, b: Batch) -> Batch:
+        out = Batch()
+        ema = self.ema
+        for ts, v, sid, fl in b.rows():
+            e = ema.get(sid)
+            e = v if e is None else e + 0.3 * (v - e)
+            ema[sid] = e
+            out.append(ts, e, sid, fl)
+        return out
+
+    def spike(self, b: Batch) -> Batch:
+        out = Batch()
+        prev = self.prev
+        for ts, v, sid, fl in b.rows():
+            p = prev.get(sid)
+            if p is not None and ts > p[1] and abs(v - p[0]) / ((ts - p[1]) / 1000.0) > 0.5:
+                fl |= Flags.SPIKE
+            prev[sid] = (v, ts)
+            out.append(ts, v, sid, fl)
+        return out
+
+    def zscore(self, b: Batch) -> Batch:
+        out = Batch()
+        st = self.z
+        for ts, x, sid, fl in b.rows():
+            s = st.get(sid)
+            if s is None:
+                st[sid] = [x, 0.0, 1]
+            else:
+                mean, var, n = s
+                diff = x - mean
+                if n >= 24 and var > 0.0 and abs(diff) / math.sqrt(var) > 3.0:
+                    fl |= Flags.ANOMALY
+                incr = 0.05 * diff
+                s[0] = mean + incr
+                s[1] = 0.95 * (var + diff * incr)
+                s[2] = n + 1
+            out.append(ts, x, sid, fl)
+        return out
+
+    def chain(self, names: list[str]):
+        fns = [getattr(self, "ema_" if n == "ema" else n) for n in names]
+
+        def run(b: Batch) -> Batch:
+            for f in fns:
+                b = f(b)
+            return b
+
+        return run
+
+
+def stage_cfgs(names: list[str]) -> list[StageConfig]:
+    return [
+        StageConfig(name=n, module=LIB / f"{n}.wasm", kind=STAGES[n][0], config=STAGES[n][1])
+        for n in names
+    ]
+
+
+def split(batch: Batch, size: int, limit: int) -> list[Batch]:
+    n = min(len(batch), limit)
+    return [batch.take(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def measure(fn, parts: list[Batch]) -> tuple[float, float, int]:
+    """(wall ns/record, CPU ns/record of this thread, records)."""
+    records = sum(len(p) for p in parts)
+    t, c = time.perf_counter(), time.thread_time()
+    for p in parts:
+        fn(p)
+    wall, cpu = time.perf_counter() - t, time.thread_time() - c
+    return wall / records * 1e9, cpu / records * 1e9, records
+
+
+def cold_start(cache_dir: Path, reg: SeriesRegistry, repeat: int = 7) -> dict[str, float]:
+    from pipeline._wasm import WasmStage
+
+    cfg = stage_cfgs(["zscore"])[0]
+    res = {}
+    for label, cdir in (("compile_ms", None), ("aot_cache_ms", cache_dir)):
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            st = WasmStage(cfg, reg, base_dir=REPO, cache=_cache(cdir))
+            times.append((time.perf_counter() - t) * 1000)
+            st.close()
+        res[label] = statistics.median(times)
+    t = time.perf_counter()
+    with Chain.build(stage_cfgs(CHAINS[5]), reg, base_dir=REPO, cache_dir=None):
+        pass
+    res["chain5_compile_ms"] = (time.perf_counter() - t) * 1000
+    with Chain.build(stage_cfgs(CHAINS[5]), reg, base_dir=REPO, cache_dir=cache_dir):
+        pass  # fills the cache
+    t = time.perf_counter()
+    with Chain.build(stage_cfgs(CHAINS[5]), reg, base_dir=REPO, cache_dir=cache_dir):
+        pass
+    res["chain5_from_cache_ms"] = (time.perf_counter() - t) * 1000
+    return res
+
+
+def _cache(cdir: Path | None):
+    from pipeline._aot import ModuleCache
+    from pipeline._wasm import engine, engine_settings
+
+    return ModuleCache(cdir, engine(), engine_settings())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=30_000, help="records per measurement")
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "chain.json")
+    args = ap.parse_args(argv)
+
+    reg = SeriesRegistry()
+    data = load_data(reg)
+    tmp = Path(tempfile.mkdtemp(prefix="edgepipe-bench-"))
+    rows = []
+    print(
+        f"{'stages':>6} {'batch':>6} {'wasm cpu':>12} {'python cpu':>12} {'wasm wall':>12} "
+        f"{'python wall':>12} {'wasm us/bat':>12}\n{'':>14}(ns per record; CPU = this thread)"
+    )
+    try:
+        for n_stages, names in CHAINS.items():
+            for size in SIZES:
+                limit = args.records if size >= 100 else args.records // (3 if size == 1 else 2)
+                parts = split(data, size, limit)
+                with Chain.build(stage_cfgs(names), reg, base_dir=REPO, cache_dir=tmp) as ch:
+                    measure(ch.process, parts[: max(1, len(parts) // 20)])  # warm up
+                    wasm_wall, wasm_cpu, records = measure(ch.process, parts)
+                py = PyStages(reg).chain(names)
+                py_wall, py_cpu, _ = measure(py, parts)
+                rows.append(
+                    {
+                        "stages": n_stages,
+                        "batch": size,
+                        "records": records,
+                        "wasm_cpu_ns_per_record": round(wasm_cpu, 1),
+                        "python_cpu_ns_per_record": round(py_cpu, 1),
+                        "wasm_wall_ns_per_record": round(wasm_wall, 1),
+                        "python_wall_ns_per_record": round(py_wall, 1),
+                        "wasm_cpu_us_per_batch": round(wasm_cpu * size / 1000, 2),
+                    }
+                )
+                print(
+                    f"{n_stages:>6} {size:>6} {wasm_cpu:>12.0f} {py_cpu:>12.0f} "
+                    f"{wasm_wall:>12.0f} {py_wall:>12.0f} {wasm_cpu * size / 1000:>12.1f}",
+                    flush=True,
+                )
+        cold = cold_start(tmp / "cold", reg)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"cold start of one stage (zscore): compile {cold['compile_ms']:.2f} ms, "
+        f"from AOT cache {cold['aot_cache_ms']:.2f} ms; 5-stage chain: compile "
+        f"{cold['chain5_compile_ms']:.1f} ms, from cache {cold['chain5_from_cache_ms']:.1f} ms"
+    )
+    result = {
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "data_records": len(data),
+        "chains": {str(k): v for k, v in CHAINS.items()},
+        "per_record": rows,
+        "cold_start": {k: round(v, 3) for k, v in cold.items()},
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
