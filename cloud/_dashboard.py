@@ -42,7 +42,7 @@ log = logging.getLogger("edgepipe.cloud.dashboard")
 
 STATIC = Path(__file__).with_name("static")
 #: Most buckets a chart request returns (per series).
-MAX_POINTS = 720
+MAX_POINTS = 900
 RANGES_MS = {
     "15m": 15 * 60_000,
     "1h": 3_600_000,

@@ -97,7 +97,7 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
   }
 
   function logTable(table, cols, rows, empty) {
-    const head = el("tr", null, ...cols.map(([label, , cls]) => el("th", { class: cls, text: label })));
+    const head = el("tr", null, ...cols.map(([label, , cls]) => el("th", { class: cls === "num" ? cls : null, text: label })));
     const tbody = rows.length
       ? rows.map((r) => el("tr", null, ...cols.map(([, f, cls]) => {
           const v = f(r);
@@ -207,6 +207,28 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
       return { width: w, height: window.innerWidth < 640 ? 240 : 340 };
     }
 
+    // Empty buckets come as null.  A run of them shorter than the device's usual cadence
+    // (3x the median spacing of its readings) is just the time between two readings: the
+    // line spans it (undefined).  A longer run is a real gap: the line breaks and the run
+    // is shaded.
+    let gaps = [];
+    function shapeGaps(ts, avg) {
+      const idx = [];
+      avg.forEach((v, i) => { if (v != null) idx.push(i); });
+      const d = idx.slice(1).map((v, i) => v - idx[i]).sort((a, b) => a - b);
+      const cadence = d.length ? d[Math.floor(d.length / 2)] : 1;
+      const minRun = Math.max(3, 3 * cadence);
+      gaps = [];
+      const out = avg.slice();
+      for (let k = 1; k < idx.length; k++) {
+        const run = idx[k] - idx[k - 1] - 1;
+        if (run <= 0) continue;
+        if (run < minRun) for (let i = idx[k - 1] + 1; i < idx[k]; i++) out[i] = undefined;
+        else gaps.push([ts[idx[k - 1]], ts[idx[k]]]);
+      }
+      return out;
+    }
+
     function makePlot(data, step) {
       const fmtX = step >= 86400000 ? "{YYYY}-{MM}-{DD}" : "{HH}:{mm}:{ss}";
       const opts = {
@@ -225,6 +247,17 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
           { stroke: "#64748b", grid: { stroke: "#eef1f5" }, ticks: { stroke: "#e2e8f0" }, size: 56 },
         ],
         hooks: {
+          drawClear: [(u) => {
+            const { ctx } = u;
+            ctx.save();
+            ctx.fillStyle = "rgba(220, 38, 38, 0.08)";
+            for (const [a, b] of gaps) {
+              const x0 = u.valToPos(a, "x", true);
+              const x1 = u.valToPos(b, "x", true);
+              ctx.fillRect(x0, u.bbox.top, Math.max(1, x1 - x0), u.bbox.height);
+            }
+            ctx.restore();
+          }],
           setSelect: [(u) => {
             if (u.select.width > 4) {
               const a = u.posToVal(u.select.left, "x");
@@ -250,7 +283,10 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
       const q = new URLSearchParams({ device: name, metric, source });
       if (zoom) { q.set("since", zoom.since); q.set("until", zoom.until); } else q.set("range", range);
       const s = await getJSON(`/ui/api/series?${q}`);
-      const data = [s.ts.map((t) => t / 1000), s.avg, s.min, s.max];
+      const xs = s.ts.map((t) => t / 1000);
+      const avg = shapeGaps(xs, s.avg);
+      const span = (arr) => arr.map((v, i) => (avg[i] === undefined ? undefined : v));
+      const data = [xs, avg, span(s.min), span(s.max)];
       const pts = s.avg.filter((v) => v != null).length;
       window.edgepipeChart = s;
       Object.assign(chartEl.dataset, {
@@ -261,11 +297,12 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
         since: String(s.since),
         until: String(s.until),
         series: seriesKey.replace("\u0000", "/"),
+        gaps: String(gaps.length),
         updated: String((Number(chartEl.dataset.updated) || 0) + 1),
       });
       $("#chart-note").textContent =
         `${num(pts)} buckets of ${dur(s.step)} with data, ${num(Number(chartEl.dataset.readings))} readings` +
-        `${s.avg.length - pts ? `; ${num(s.avg.length - pts)} empty buckets (gaps)` : ""}. Drag across the chart to zoom.`;
+        `${gaps.length ? `; ${gaps.length} gap${gaps.length > 1 ? "s" : ""} (shaded: no readings received)` : ""}. Drag across the chart to zoom.`;
       if (!plot || plot._step !== s.step || !chartEl.contains(plot.root)) {
         if (plot) plot.destroy();
         plot = makePlot(data, s.step);
@@ -285,7 +322,7 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
       cards($("#device-summary"), [
         ["Last seen", ago(d.last_seen_ms, f.now), "", "last-seen"],
         ["Last sync", ago(d.last_sync_ms, f.now), "", "last-sync"],
-        ["Backlog (reported)", d.backlog_readings == null ? "–" : `${num(d.backlog_readings)} readings`, "", "backlog"],
+        ["Backlog", num(d.backlog_readings), "", "backlog"],
         ["Sync lag", dur(d.lag_ms), "", "lag"],
         ["Readings today", num(d.today.readings || 0), "", "readings"],
         ["Received today", bytes(d.today.bytes || 0), "", "bytes"],
