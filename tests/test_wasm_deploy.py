@@ -228,3 +228,20 @@ def test_filter_build_and_test_cli(tmp_path, capsys):
     sample.write_text('{"device": "d", "metric": "T", "ts": 1}\n')
     assert main(["filter", "test", str(tmp_path / "pos.wasm"), "-i", str(sample)]) == 2
     assert f"{sample}:1" in capsys.readouterr().err
+
+
+def test_filter_build_zig(tmp_path, capsys):
+    src = tmp_path / "neg.zig"
+    src.write_text(
+        'const ep = @import("edgepipe");\n'
+        "fn neg(rec: *ep.Record) void { rec.value = -rec.value; }\n"
+        "comptime { ep.map(neg, .{}); }\n"
+    )
+    out = tmp_path / "neg.wasm"
+    assert main(["filter", "build", str(src), "-o", str(out)]) == 0
+    reg = SeriesRegistry()
+    sid = reg.intern("d", "T")
+    from tests.wasm_helpers import stage
+
+    with Chain.build([stage("neg", out, "map")], reg, base_dir=tmp_path, cache_dir=None) as ch:
+        assert ch.process(Batch([1, 2], [1.5, -2.0], [sid, sid])).batch.value == [-1.5, 2.0]

@@ -300,3 +300,31 @@ def test_map_must_keep_records(tmp_path, reg):
     with build(tmp_path, [stage("short", mod, "map")], reg) as chain:
         res = chain.process(sample())
         assert res.dead_letters[0].reason == "stage short: trap: kind_violation"
+
+
+def test_epoch_ticker_parks_when_idle(tmp_path, reg):
+    from pipeline import _wasm
+
+    with build(tmp_path, [stage("ema", "ema", "map")], reg) as chain:
+        chain.process(sample())
+        time.sleep(0.05)
+        idle = _wasm._TICKER.ticks
+        time.sleep(0.05)
+        assert _wasm._TICKER.ticks == idle  # no guest call in flight: no ticking
+    # and it does tick while a guest runs (the epoch deadline depends on it)
+    mod = write_wat(tmp_path, "spin", wat_module("(loop $l (br $l)) (unreachable)"))
+    with build(tmp_path, [stage("spin", mod, "filter", fuel=None, timeout_ms=10)], reg) as chain:
+        before = _wasm._TICKER.ticks
+        assert chain.process(sample()).dead_letters[0].reason == "stage spin: trap: timeout"
+        assert _wasm._TICKER.ticks > before
+
+
+def test_config_flattening():
+    from pipeline._wasm import flatten_config
+
+    text = flatten_config(
+        {"a": 1, "b": {"c": [1, 2.5], "d": True}, "e": None, "f": "x y", "g": 0.1}
+    )
+    assert text == "a=1\nb.c=1,2.5\nb.d=true\ne=\nf=x y\ng=0.1\n"
+    with pytest.raises(ValueError):
+        flatten_config({"bad": "two\nlines"})
