@@ -328,3 +328,44 @@ def test_config_flattening():
     assert text == "a=1\nb.c=1,2.5\nb.d=true\ne=\nf=x y\ng=0.1\n"
     with pytest.raises(ValueError):
         flatten_config({"bad": "two\nlines"})
+
+
+HOST_IMPORTS = """
+  (import "edgepipe" "series_derive" (func $derive (param i32 i32 i32) (result i32)))
+  (import "edgepipe" "series_name" (func $name (param i32 i32 i32 i32) (result i32)))
+  (import "edgepipe" "log" (func $log (param i32 i32 i32)))
+"""
+
+
+def test_host_imports(tmp_path, reg, caplog):
+    # record 0: series := derive(series, "_x"); record 1: value := series_name(99999) (-1);
+    # record 2: value := len(metric of its series), name copied to 600
+    body = f"""
+      (call $log (i32.const 1) (i32.const 512) (i32.const 2))
+      (i32.store (i32.const 1040)
+        (call $derive (i32.load (i32.const 1040)) (i32.const 512) (i32.const 2)))
+      (f64.store (i32.const 1056)
+        (f64.convert_i32_s (call $name (i32.const 99999) (i32.const 1) (i32.const 600) (i32.const 16))))
+      (f64.store (i32.const 1080)
+        (f64.convert_i32_s (call $name (i32.load (i32.const 1088)) (i32.const 1) (i32.const 600) (i32.const 16))))
+      (if (i32.ne (i32.load8_u (i32.const 600)) (i32.const 82)) (then (unreachable)))  ;; "R"
+      {IDENTITY}"""
+    extra = '(data (i32.const 512) "_x")'
+    mod = write_wat(tmp_path, "host", wat_module(body, extra=extra, imports=HOST_IMPORTS))
+    with build(tmp_path, [stage("host", mod, "filter_map")], reg) as chain:
+        with caplog.at_level("INFO", logger="edgepipe.filter"):
+            out = chain.process(Batch([1, 2, 3], [0.0, 0.0, 0.0], [0, 0, 1])).batch
+    assert reg.key(out.series[0]).metric == "T_x"
+    assert out.value[1:] == [-1.0, 2.0]  # unknown id; len("RH")
+    assert "stage host: _x" in caplog.text
+
+    body = f"(drop (call $derive (i32.const 99999) (i32.const 512) (i32.const 2))) {IDENTITY}"
+    mod = write_wat(tmp_path, "bad", wat_module(body, extra=extra, imports=HOST_IMPORTS))
+    with build(tmp_path, [stage("bad", mod, "filter_map")], reg) as chain:
+        res = chain.process(sample())
+        assert res.dead_letters[0].reason == "stage bad: trap: unknown_series"
+        # a name buffer outside guest memory traps too
+    body = f"(drop (call $name (i32.const 0) (i32.const 0) (i32.const 0x7ffffff0) (i32.const 16))) {IDENTITY}"
+    mod = write_wat(tmp_path, "oob", wat_module(body, imports=HOST_IMPORTS))
+    with build(tmp_path, [stage("oob", mod, "filter_map")], reg) as chain:
+        assert chain.process(sample()).dead_letters[0].reason == "stage oob: trap: out_of_bounds"
