@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import tomllib
 import urllib.error
@@ -774,13 +775,34 @@ class Pod:
                     total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def publish(self, metric: str, payload: str, user: str = "edgepipe", password: str = "") -> int:
-        return subprocess.run(
-            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port), "-q", "1",
-             "-t", f"sensors/{self.device}/{metric}", "-m", payload]
-            + (["-u", user, "-P", password or self.password] if user else []),
-            capture_output=True, timeout=20,
-        ).returncode  # fmt: skip
+    def publish(self, metric: str, payload: str, user: str = "edgepipe", password: str = "") -> str:
+        """Publish one QoS 1 message as ``user`` (none: anonymous); the CONNACK reason,
+        "Success" once the broker has acknowledged the message."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        connack: list[str] = []
+        done = threading.Event()
+
+        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            connack.append(str(reason))
+            done.set()
+
+        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+        c.on_connect = on_connect
+        if user:
+            c.username_pw_set(user, password or self.password)
+        c.connect("127.0.0.1", self.port)
+        c.loop_start()
+        try:
+            assert done.wait(20), "no CONNACK"
+            if connack[0] != "Success":
+                return connack[0]
+            c.publish(f"sensors/{self.device}/{metric}", payload, qos=1).wait_for_publish(20)
+            return connack[0]
+        finally:
+            c.disconnect()
+            c.loop_stop()
 
     def wait_acked(self, n: int) -> None:
         self._until(
@@ -830,12 +852,14 @@ def test_pod_configuration_runs(pod: Pod) -> None:
     """mosquitto with the ConfigMap's mosquitto.conf and `edgepipe run` with the ConfigMaps'
     pipeline.yaml and filters.yaml become ready, take a reading over authenticated MQTT and
     stop cleanly on SIGTERM."""
-    assert pod.publish("temperature", "1", user="") != 0, "anonymous clients must be refused"
-    assert pod.publish("temperature", "1", password="wrong") != 0
+    assert pod.publish("temperature", "1", user="") == "Not authorized"  # anonymous
+    assert pod.publish("temperature", "1", password="wrong") == "Not authorized"
     pod.start_edge()
     assert pod.get("/healthz") == (200, "ok\n")
-    assert pod.publish("temperature", '{"value": 21.5, "seq": 1}') == 0
-    assert pod.publish("temperature", '{"value": 120, "seq": 2}') == 0  # impossible: dropped
+    assert pod.publish("temperature", '{"value": 21.5, "seq": 1}') == "Success"
+    assert (
+        pod.publish("temperature", '{"value": 120, "seq": 2}') == "Success"
+    )  # impossible: dropped
     pod.wait_acked(2)
     # the chain from the chain ConfigMap ran
     assert pod.metric("edgepipe_readings_dropped_total", stage="validity") == 1
@@ -856,7 +880,7 @@ def test_configmap_update_hot_reloads_the_chain(pod: Pod) -> None:
     def dropped() -> float:
         return pod.metric("edgepipe_readings_dropped_total", stage="validity")
 
-    assert pod.publish("temperature", '{"value": 120, "seq": 1}') == 0  # above 85: dropped
+    assert pod.publish("temperature", '{"value": 120, "seq": 1}') == "Success"  # above 85: dropped
     pod.wait_acked(1)
     assert dropped() == 1
 
@@ -868,7 +892,7 @@ def test_configmap_update_hot_reloads_the_chain(pod: Pod) -> None:
         "the chain reload",
         pod.edge,
     )
-    assert pod.publish("temperature", '{"value": 120, "seq": 2}') == 0  # now within range
+    assert pod.publish("temperature", '{"value": 120, "seq": 2}') == "Success"  # now within range
     pod.wait_acked(2)
     assert dropped() == 1
 
@@ -881,7 +905,9 @@ def test_configmap_update_hot_reloads_the_chain(pod: Pod) -> None:
         "the refused reload",
         pod.edge,
     )
-    assert pod.publish("temperature", '{"value": 140, "seq": 3}') == 0  # the [-40, 150] chain
+    assert (
+        pod.publish("temperature", '{"value": 140, "seq": 3}') == "Success"
+    )  # the [-40, 150] chain
     pod.wait_acked(3)
     assert dropped() == 1
     assert pod.edge.pid == pid and pod.edge.poll() is None
