@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 SESSION_COOKIE = "ep_session"
+_UNSET = object()
 CSRF_COOKIE = "ep_csrf"
 
 _hasher = PasswordHasher()  # argon2id, the library's current recommended parameters
@@ -159,8 +160,9 @@ async def read_form(request: Request) -> dict[str, str]:
 # -- sessions -------------------------------------------------------------------------------
 async def current_session(request: Request) -> dict[str, Any] | None:
     """The live session of this request (cached on ``request.state``), or None."""
-    if "session" in request.state._state:
-        return request.state.session
+    cached = getattr(request.state, "session", _UNSET)
+    if cached is not _UNSET:
+        return cached
     session = None
     token = request.cookies.get(SESSION_COOKIE)
     if token and len(token) <= 128:
