@@ -3,8 +3,9 @@
 ``create_app(settings)`` returns a Starlette app with the storage backend on
 ``app.state.backend`` and the settings on ``app.state.settings``.  Pages can be mounted next
 to the API with ``create_app(settings, extra_routes=[...])``; the read endpoints call
-:func:`require_operator`, which defers to ``app.state.authorize_operator`` (by default a bearer
-token from the settings) -- a device signature never opens them.
+:func:`require_operator`, which defers to ``app.state.authorize_operator`` (an operator
+session of the dashboard, see :mod:`cloud._auth`, or the settings' API bearer token) -- a
+device signature never opens them.
 
 Every endpoint's docstring carries its OpenAPI operation (YAML after ``---``); Starlette's
 SchemaGenerator assembles them into ``GET /openapi.json``.
