@@ -226,8 +226,11 @@ class Proxy:
 
 
 def _abort(s: socket.socket) -> None:
+    # shutdown() first: it wakes a thread blocked in recv() on this socket, which a bare
+    # close() would not (the peer would then see nothing until its own timeout).
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     try:
