@@ -372,7 +372,15 @@ class SyncWorker:
         registry = self.store.registry
         blobs, size = [], 0
         for sb in batches:
-            blob = encode_batch(sb.seq, sb.batch, registry)
+            try:
+                blob = encode_batch(sb.seq, sb.batch, registry)
+            except IndexError:
+                if blobs:  # send what this process can name; the rest on the next run
+                    break
+                raise SyncError(
+                    f"batch {sb.seq} uses a series this process has not loaded (another "
+                    "edgepipe process added it since the store was opened); run again"
+                ) from None
             if blobs and size + len(blob) > self.cfg.max_request_bytes:
                 break
             blobs.append(blob)
