@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import os
 import sqlite3
@@ -135,6 +136,13 @@ def _migrate_v2(store: Store, con: sqlite3.Connection) -> None:
     ):
         con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, con.execute(q).fetchone()[0]))
     con.execute("INSERT OR REPLACE INTO meta VALUES ('evicted', 0)")
+    for kid in s.keyring.ids:  # the device id in clear gives way to a MAC per key
+        con.execute(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"dev:{kid}", store._device_mac(kid))
+        )
+    # key check values become MACs (checked against schema 1's form before migrating)
+    con.execute("DELETE FROM meta WHERE k LIKE 'kcv:%'")
+    con.execute("DELETE FROM meta WHERE k='device'")
     # message identities: one appended row per commit (sequential writes; a keyed-hash
     # index of random ids dirtied a dozen pages per commit), the newest SEEN_KEEP kept
     con.execute("CREATE TABLE seen2 (n INTEGER PRIMARY KEY, ids BLOB NOT NULL)")
@@ -283,7 +291,8 @@ class Store:
     def _init_sync(self, con: sqlite3.Connection, synchronous: str) -> None:
         self._io = _ThreadIO()
         con.execute("PRAGMA busy_timeout=10000")
-        con.execute("PRAGMA auto_vacuum=INCREMENTAL")  # effective on a new file only
+        if con.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file (setting it
+            con.execute("PRAGMA auto_vacuum=INCREMENTAL")  # on an old one writes the header)
         mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: cannot enable WAL mode (got {mode})")
@@ -297,9 +306,9 @@ class Store:
                 f"{self.path}: written by a newer edgepipe (schema {version}, this one knows "
                 f"{SCHEMA_VERSION}); refusing to open"
             )
-        if version > 0:  # an existing store: check the device and keys before any change
-            self._check_device(con)
+        if version > 0:  # an existing store: check the keys and device before any change
             self._check_keys(con, version)
+            self._check_device(con)
         migrated = version < SCHEMA_VERSION
         for v in range(version, SCHEMA_VERSION):
             con.execute("BEGIN IMMEDIATE")
@@ -314,12 +323,7 @@ class Store:
             if v > 0:
                 log.info("%s: migrated the store schema to version %d", self.path, v + 1)
         self.schema_version = SCHEMA_VERSION
-        if version == 0:
-            con.execute("BEGIN IMMEDIATE")
-            self._check_device(con)
-            self._check_keys(con, SCHEMA_VERSION)
-            con.execute("COMMIT")
-        elif self._new_kcv(con):
+        if self._new_kcv(con):  # a new store, or keys added to the keyring
             con.execute("BEGIN IMMEDIATE")
             self._check_keys(con, SCHEMA_VERSION)
             con.execute("COMMIT")
@@ -338,15 +342,41 @@ class Store:
         row = con.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
         return default if row is None else row[0]
 
+    def _kcv(self, kid: str) -> bytes:
+        """A key check value: a MAC of a constant, independent of the device."""
+        return hashlib.blake2b(
+            b"edgepipe key check", key=self.sealer.keyring.key(kid), person=b"edgepipe-kcv"
+        ).digest()
+
+    def _kcv_ok(self, kid: str, value: bytes, version: int) -> bool:
+        if version >= 2:
+            return hmac.compare_digest(value, self._kcv(kid))
+        s = self.sealer  # schema 1: a fixed-nonce AES-GCM encryption of a constant
+        try:
+            s._aead[kid].decrypt(b"\0" * 12, value, s._aad("meta", "kcv", kid))
+            return True
+        except Exception:
+            return False
+
+    def _device_mac(self, kid: str) -> bytes:
+        # the device id is not stored in clear: a MAC of it under each key
+        return hashlib.blake2b(
+            self.sealer.device, key=self.sealer.keyring.key(kid), person=b"edgepipe-device"
+        ).digest()
+
     def _check_device(self, con: sqlite3.Connection) -> None:
         device = self.sealer.device.decode()
-        row = con.execute("SELECT v FROM meta WHERE k='device'").fetchone()
-        if row is None:
-            con.execute("INSERT INTO meta VALUES ('device', ?)", (device,))
-        elif row[0] != device:
+        row = con.execute("SELECT v FROM meta WHERE k='device'").fetchone()  # schema 1
+        if row is not None and row[0] != device:
             raise StoreError(
                 f"{self.path} belongs to device {row[0]!r}, not {device!r}; refusing to mix"
             )
+        for kid in self.sealer.keyring.ids:
+            mac = self._meta(con, f"dev:{kid}")
+            if mac is not None and mac != self._device_mac(kid):
+                raise StoreError(
+                    f"{self.path} belongs to another device, not {device!r}; refusing to mix"
+                )
 
     def _new_kcv(self, con: sqlite3.Connection) -> bool:
         have = {r[0] for r in con.execute("SELECT k FROM meta WHERE k LIKE 'kcv:%'")}
@@ -362,9 +392,7 @@ class Store:
             if row is None:
                 new.append(kid)
                 continue
-            try:
-                s._aead[kid].decrypt(b"\0" * 12, row[0], s._aad("meta", "kcv", kid))
-            except Exception:
+            if not self._kcv_ok(kid, row[0], version):
                 raise KeyError_(
                     f"the key with id {kid!r} from {s.keyring.source} is not the key this "
                     f"store was written with; nothing was changed"
@@ -382,11 +410,11 @@ class Store:
             )
         if new and con.in_transaction:
             for kid in new:
-                # the one fixed-nonce encryption per key: a constant, under its own AAD
-                blob = s._aead[kid].encrypt(
-                    b"\0" * 12, b"edgepipe key check", s._aad("meta", "kcv", kid)
+                con.execute("INSERT INTO meta VALUES (?, ?)", (f"kcv:{kid}", self._kcv(kid)))
+                con.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    (f"dev:{kid}", self._device_mac(kid)),
                 )
-                con.execute("INSERT INTO meta VALUES (?, ?)", (f"kcv:{kid}", blob))
 
     def _load_series(self, con: sqlite3.Connection) -> None:
         keys = list(self.registry._keys) if self.registry is not None else []

@@ -89,7 +89,7 @@ def test_refuses_other_device_and_missing_file(tmp_path: Path) -> None:
         kr = keyring()
         async with await Store.open(tmp_path / "s.db", kr, device_id=DEVICE) as s:
             await s.commit(make_batch(s, 0))
-        with pytest.raises(StoreError, match="belongs to device"):
+        with pytest.raises(StoreError, match="belongs to another device"):
             await Store.open(tmp_path / "s.db", kr, device_id="other")
         with pytest.raises(StoreError, match="no store there"):
             await Store.open(tmp_path / "nope.db", kr, device_id=DEVICE, create=False)
