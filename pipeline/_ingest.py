@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from ._codecs import TopicTemplate, decode_payload
@@ -142,17 +142,29 @@ class Decoder:
         return [self.identity(m) for m in msgs if m.maybe_seen and m.qos]
 
 
-def fault_hook() -> Callable[[], None] | None:
-    """The test-only fault hook ``EDGEPIPE_FAULT=crash_after_commit:K``: the process exits
-    abruptly (``os._exit(137)``, like ``kill -9``) right after the K-th commit, before its
-    messages are acknowledged, so tests can prove such a batch is redelivered and stored
-    once.  Unset in production; anything else in the variable is an error."""
+def fault_hook() -> Callable[[], Awaitable[None] | None] | None:
+    """Test-only fault hooks, from ``EDGEPIPE_FAULT`` (unset in production), run by the
+    runtime right after each commit and before the acknowledgement:
+
+    ``crash_after_commit:K``  exit abruptly (``os._exit(137)``, like ``kill -9``) after the
+                              K-th commit, so tests can prove such a batch is redelivered
+                              and stored once;
+    ``slow_commit:MS``        every commit takes MS milliseconds longer (without blocking
+                              the event loop), a store that cannot keep up.
+    """
     spec = os.environ.get("EDGEPIPE_FAULT", "")
     if not spec:
         return None
     name, _, arg = spec.partition(":")
-    if name != "crash_after_commit" or not arg.isdigit() or int(arg) < 1:
-        raise ValueError(f"EDGEPIPE_FAULT={spec!r}: expected crash_after_commit:K (K >= 1)")
+    if name not in ("crash_after_commit", "slow_commit") or not arg.isdigit() or int(arg) < 1:
+        raise ValueError(
+            f"EDGEPIPE_FAULT={spec!r}: expected crash_after_commit:K or slow_commit:MS"
+        )
+    if name == "slow_commit":
+        import asyncio
+
+        delay = int(arg) / 1000
+        return lambda: asyncio.sleep(delay)
     left = int(arg)
 
     def tick() -> None:

@@ -33,10 +33,20 @@ from paho.mqtt.properties import Properties
 
 from ._config import BrokerConfig
 from ._errors import IngestError
+from ._metrics import METRICS
 
 __all__ = ["Message", "MQTTClient"]
 
 log = logging.getLogger("edgepipe.mqtt")
+
+_pauses = METRICS.counter(
+    "edgepipe_mqtt_reader_pauses_total",
+    "times edgepipe stopped reading the MQTT socket because max_pending messages waited",
+)
+_sessions_lost = METRICS.counter(
+    "edgepipe_mqtt_sessions_lost_total", "reconnects on which the broker had no session"
+)
+_connects = METRICS.counter("edgepipe_mqtt_connects_total", "successful MQTT connections")
 
 _READS_PER_WAKE = 1024
 _PUBACK = struct.Struct("!BBH")
@@ -112,6 +122,11 @@ class MQTTClient:
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
+        # registrations are kept by file descriptor number: paho may close a socket (from
+        # the connect thread) before the loop thread hears of it, and a closed socket no
+        # longer knows its descriptor
+        self._fd = -1
+        self._writer_fd = -1
         self._reading = False
         self._paused = False
         self._closing = False
@@ -121,6 +136,7 @@ class MQTTClient:
         self._misc: asyncio.Task[None] | None = None
         self._disconnected = asyncio.Event()
         self._loop_thread: int | None = None
+        self._connack: asyncio.Future[tuple[bool, int, str]] | None = None
         self._recheck_until = 0.0
         self._now_ms = 0
         self._client = self._make_client()
@@ -222,8 +238,7 @@ class MQTTClient:
                 except (asyncio.CancelledError, Exception):
                     pass
         self._remove_reader()
-        if self._sock is not None and self._loop is not None:
-            self._loop.remove_writer(self._sock)
+        self._remove_writer()
         try:
             c.socket() and c.socket().close()  # type: ignore[union-attr]
         except Exception:
@@ -251,13 +266,20 @@ class MQTTClient:
                 delay = min(delay * 2, self.cfg.reconnect_max_s)
                 continue
             first = False
-            delay = self.cfg.reconnect_min_s
+            since = time.monotonic()
             await self._disconnected.wait()
+            if time.monotonic() - since > 10:
+                delay = self.cfg.reconnect_min_s  # a healthy connection resets the backoff
+            else:
+                # dropped soon after connecting: back off before trying again
+                wait = random.uniform(0, delay)
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                await asyncio.sleep(wait)
 
     async def _connect(self, first: bool) -> None:
         assert self._loop is not None
         c = self._client
-        self._connack: asyncio.Future[tuple[bool, int, str]] = self._loop.create_future()
+        self._connack = self._loop.create_future()
         props = self._connect_properties()
         v5 = self.cfg.protocol == "5"
 
@@ -280,10 +302,7 @@ class MQTTClient:
 
     def _drop_socket(self) -> None:
         try:
-            sock = self._client.socket()
-            if sock is not None:
-                self._remove_reader()
-                sock.close()
+            self._client._sock_close()  # runs the socket-close callbacks, then closes
         except Exception:
             pass
 
@@ -296,7 +315,7 @@ class MQTTClient:
     # -- paho callbacks (run in the event loop thread) --------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
-            if not self._connack.done():
+            if self._connack is not None and not self._connack.done():
                 self._connack.set_result((False, reason_code.value, str(reason_code)))
             return
         self.generation += 1
@@ -313,8 +332,11 @@ class MQTTClient:
                     self.client_id,
                 )
             self.stats["sessions_lost"] += 1
+            if self.generation > 1:
+                _sessions_lost.inc()
         self.stats["sessions"] += 1
         self.stats["connects"] += 1
+        _connects.inc()
         # resubscribe every time: harmless with a session, required without one
         client.subscribe([(t, q) for t, q in self.subscriptions])
         if self.status_topic:
@@ -329,7 +351,7 @@ class MQTTClient:
         self._connected_evt.set()
         if self.on_state:
             self.on_state(True)
-        if not self._connack.done():
+        if self._connack is not None and not self._connack.done():
             self._connack.set_result((True, 0, "ok"))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
@@ -341,6 +363,10 @@ class MQTTClient:
         self.stats["subscribed"] += 1
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        connack = self._connack
+        if connack is not None and not connack.done():
+            # e.g. a TLS 1.3 server rejecting the client certificate after the handshake
+            connack.set_result((False, -1, f"connection closed before CONNACK ({reason_code})"))
         was = self.connected
         self.connected = False
         self._connected_evt.clear()
@@ -398,10 +424,12 @@ class MQTTClient:
         self._in_loop(self._socket_opened, sock)
 
     def _socket_opened(self, sock: socket.socket) -> None:
+        self._remove_reader()
+        self._remove_writer()
         self._client.reset_buffer()
         self._sock = sock
+        self._fd = sock.fileno()
         self._paused = False
-        self._reading = False
         self._add_reader()
 
     def _on_socket_close(self, client, userdata, sock) -> None:  # noqa: ANN001
@@ -410,23 +438,29 @@ class MQTTClient:
     def _socket_closed(self, sock: socket.socket) -> None:
         if self._sock is sock:
             self._remove_reader()
+            self._remove_writer()
             self._sock = None
-        if self._loop is not None and sock.fileno() >= 0:
-            self._loop.remove_writer(sock)
+            self._fd = -1
 
     def _on_register_write(self, client, userdata, sock) -> None:  # noqa: ANN001
         self._in_loop(self._register_write, sock)
 
     def _register_write(self, sock: socket.socket) -> None:
-        if self._loop is not None and sock.fileno() >= 0 and self._client.socket() is sock:
-            self._loop.add_writer(sock, self._do_write)
+        if self._sock is sock and self._loop is not None and self._writer_fd < 0:
+            self._loop.add_writer(self._fd, self._do_write)
+            self._writer_fd = self._fd
 
     def _on_unregister_write(self, client, userdata, sock) -> None:  # noqa: ANN001
         self._in_loop(self._unregister_write, sock)
 
     def _unregister_write(self, sock: socket.socket) -> None:
-        if self._loop is not None and sock.fileno() >= 0:
-            self._loop.remove_writer(sock)
+        if self._sock is sock:
+            self._remove_writer()
+
+    def _remove_writer(self) -> None:
+        if self._writer_fd >= 0 and self._loop is not None:
+            self._loop.remove_writer(self._writer_fd)
+        self._writer_fd = -1
 
     def _do_write(self) -> None:
         self._client.loop_write()
@@ -450,13 +484,13 @@ class MQTTClient:
 
     # -- backpressure -----------------------------------------------------------------
     def _add_reader(self) -> None:
-        if self._sock is not None and self._loop is not None and not self._reading:
-            self._loop.add_reader(self._sock, self._do_read)
+        if self._fd >= 0 and self._loop is not None and not self._reading:
+            self._loop.add_reader(self._fd, self._do_read)
             self._reading = True
 
     def _remove_reader(self) -> None:
-        if self._sock is not None and self._loop is not None and self._reading:
-            self._loop.remove_reader(self._sock)
+        if self._fd >= 0 and self._loop is not None and self._reading:
+            self._loop.remove_reader(self._fd)
         self._reading = False
 
     def _pause(self) -> None:
@@ -464,6 +498,7 @@ class MQTTClient:
             self._paused = True
             self._remove_reader()
             self.stats["pauses"] += 1
+            _pauses.inc()
 
     def _maybe_resume(self) -> None:
         if self._paused and len(self._pending) < self.max_pending // 2:

@@ -73,6 +73,8 @@ class Publisher(threading.Thread):
         rate: float = 3000,
         qos: int = 1,
         client_id: str = "test-publisher",
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         super().__init__(daemon=True)
         self.messages, self.rate, self.qos = messages, rate, qos
@@ -84,6 +86,8 @@ class Publisher(threading.Thread):
         self.c.max_inflight_messages_set(200)
         self.c.max_queued_messages_set(0)
         self.c.reconnect_delay_set(0.1, 0.5)
+        if username:
+            self.c.username_pw_set(username, password)
         self.c.connect(broker.host, broker.port)
         self.c.loop_start()
         self.error: BaseException | None = None
