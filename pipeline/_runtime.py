@@ -261,8 +261,10 @@ class Pipeline:
         await self._commit(result.batch, dead, dec.keys, chain.snapshot())
         if _trace_commit is not None:
             _trace_commit(len(msgs), dec.batch)
-        if _fault_after_commit is not None:
-            _fault_after_commit()  # test hook: EDGEPIPE_FAULT=crash_after_commit:K
+        if _fault_after_commit is not None:  # test hook, see pipeline._ingest.fault_hook
+            slow = _fault_after_commit()
+            if slow is not None:
+                await slow
         n = self.mqtt.ack(msgs)
         _acked.inc(n)
         _batches.inc()
