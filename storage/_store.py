@@ -320,7 +320,7 @@ class Store:
             except BaseException:
                 self._abort(con)
                 raise
-            if v > 0:
+            if version > 0:
                 log.info("%s: migrated the store schema to version %d", self.path, v + 1)
         self.schema_version = SCHEMA_VERSION
         if self._new_kcv(con):  # a new store, or keys added to the keyring
