@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import PipelineConfig
-from ._errors import ConfigError, EdgepipeError, StoreError, StoreFullError
+from ._errors import ConfigError, EdgepipeError, FilterError, StoreError, StoreFullError
 from ._metrics import METRICS
 from ._model import Batch, DeadLetter
 
@@ -38,6 +38,9 @@ _acked = METRICS.counter("edgepipe_messages_acked_total", "QoS 1 messages acknow
 _store_full = METRICS.gauge("edgepipe_store_full", "1 while the store refuses writes")
 _backlog = METRICS.gauge("edgepipe_sync_backlog_readings", "readings not yet synced")
 _store_bytes = METRICS.gauge("edgepipe_store_bytes", "size of the store file")
+_chain_errors = METRICS.counter(
+    "edgepipe_chain_load_errors_total", "chain files that could not be loaded at start-up"
+)
 
 
 def _fault_hook() -> Any:
@@ -113,6 +116,8 @@ class Pipeline:
         self._stop = asyncio.Event()
         self._store_ok = True
         self._chain_ok = False
+        self.watcher: Any = None
+        self._batch_lock = asyncio.Lock()
         self.started_at = time.monotonic()
         self.first_commit_at: float | None = None
 
@@ -151,8 +156,9 @@ class Pipeline:
             synchronous=cfg.store.synchronous,
         )
         self.chain = self._build_chain()
-        self.chain.restore(await self.store.load_states())
-        self._chain_ok = True
+        if self.chain is not None:
+            await self._restore_states(self.chain)
+            self._chain_ok = True
         self.decoder = Decoder(
             cfg.subscriptions,
             self.store.registry,
@@ -168,14 +174,96 @@ class Pipeline:
         )
 
     def _build_chain(self) -> Any:
-        if not self.cfg.chain:
+        """The chain from ``chain:`` or ``chain_file:``; None while a chain file is broken.
+
+        With a chain file, a watcher hot-swaps the chain when the file changes (``edgepipe
+        deploy``, a ConfigMap update).  A chain file that can't be loaded at start-up leaves
+        the process running but not ready and not consuming (the broker holds the messages)
+        until a fixed file appears."""
+        cfg = self.cfg
+        if cfg.chain_file is None and not cfg.chain:
             return _NoChain()
         from ._chain import Chain
+        from ._deploy import ChainSpec, ChainWatcher, default_cache_dir, load_chain
 
-        cache = self.cfg.resolve(self.cfg.store.path).parent / ".edgepipe-cache"
-        return Chain.build(
-            list(self.cfg.chain), self.store.registry, base_dir=self.cfg.base_dir, cache_dir=cache
-        )
+        cache = default_cache_dir(cfg)
+        chain = None
+        try:
+            spec = load_chain(cfg)
+            chain = Chain.build(
+                spec.stages, self.store.registry, base_dir=spec.base_dir, cache_dir=cache
+            )
+        except (ConfigError, FilterError) as e:
+            if cfg.chain_file is None:
+                raise
+            log.error(
+                "the filter chain cannot be loaded, waiting for a fixed chain file "
+                "(not consuming meanwhile): %s",
+                e,
+            )
+            _chain_errors.inc()
+            spec = ChainSpec([], cfg.base_dir, cfg.resolve(cfg.chain_file), None)
+        if spec.path is not None:
+            self.watcher = ChainWatcher(spec, self.store.registry, cache_dir=cache)
+        return chain
+
+    # Filter state is stored tagged with the sha256 of the module that wrote it, so a
+    # changed module never receives a state blob it does not understand.
+    def _state_tags(self, chain: Any) -> dict[str, bytes]:
+        tags = getattr(chain, "_edgepipe_state_tags", None)
+        if tags is None:
+            tags = {d["name"]: bytes.fromhex(d["sha256"]) for d in chain.describe()}
+            try:
+                chain._edgepipe_state_tags = tags
+            except AttributeError:
+                pass
+        return tags
+
+    def _snapshot(self, chain: Any) -> dict[str, bytes]:
+        states = chain.snapshot()
+        if not states:
+            return states
+        tags = self._state_tags(chain)
+        return {name: tags[name] + blob for name, blob in states.items()}
+
+    async def _restore_states(self, chain: Any) -> None:
+        stored = await self.store.load_states()
+        tags = self._state_tags(chain)
+        usable = {}
+        for name, blob in stored.items():
+            tag = tags.get(name)
+            if tag is not None and blob[:32] == tag:
+                usable[name] = blob[32:]
+            elif tag is not None:
+                log.warning(
+                    "stage %s: stored state was written by another module version; "
+                    "starting it cold",
+                    name,
+                )
+        chain.restore(usable)
+
+    async def _swap_chain(self, new: Any) -> None:
+        """Atomically between batches: flush the old chain, commit what it emitted with the
+        new chain's state, continue with the new one (previous kept for rollback)."""
+        old = self.chain
+        if old is None or isinstance(old, _NoChain):
+            await self._restore_states(new)
+            flushed = _Result(Batch(), [])
+        else:
+            flushed = old.hand_over(new)
+        await self._commit(flushed.batch, list(flushed.dead_letters), [], self._snapshot(new))
+        self.chain = new
+        self._chain_ok = True
+        log.info("filter chain swapped: %s", ", ".join(d["name"] for d in new.describe()))
+
+    async def _watch_chain(self) -> None:
+        """Poll the chain file between batches (the lock keeps a swap out of a batch)."""
+        while True:
+            await asyncio.sleep(0.25)
+            new = self.watcher.poll()
+            if new is not None:
+                async with self._batch_lock:
+                    await self._swap_chain(new)
 
     def _start_sync(self) -> asyncio.Task[None] | None:
         cfg = self.cfg.sync
@@ -184,7 +272,9 @@ class Pipeline:
         from sync import SyncWorker
 
         secret = cfg.device_secret.get() if cfg.device_secret is not None else None
-        self.sync = SyncWorker(self.store, cfg, device_id=self.cfg.device.id, secret=secret)
+        self.sync = SyncWorker(
+            self.store, cfg, device_id=self.cfg.device.id, secret=secret, base_dir=self.cfg.base_dir
+        )
         return asyncio.create_task(self.sync.run(self._stop), name="sync")
 
     # -- the loop ---------------------------------------------------------------------
@@ -196,6 +286,10 @@ class Pipeline:
             await self._open()
             if self.cfg.metrics.listen:
                 health = await self._start_health()
+            if self.watcher is not None:
+                tasks.append(asyncio.create_task(self._watch_chain(), name="chain-watch"))
+            while self.chain is None and not self._stop.is_set():
+                await asyncio.sleep(0.2)  # a broken chain file: wait for a fixed one
             await self.mqtt.start()
             t = self._start_sync()
             if t is not None:
@@ -215,6 +309,8 @@ class Pipeline:
                 await self.mqtt.close()
             if self.sync is not None:
                 self.sync.close()
+            if self.watcher is not None:
+                self.watcher.close()
             if self.chain is not None:
                 self.chain.close()
             if health is not None:
@@ -237,14 +333,19 @@ class Pipeline:
             msgs = await mqtt.get_batch(bc.max_messages, delay)
             if not msgs:
                 continue
-            if not await self._handle(msgs):
+            async with self._batch_lock:
+                ok = await self._handle(msgs)
+            if not ok:
                 return 1
         # stopping: finish what was already taken off the socket
         mqtt.interrupt()
         while True:
             msgs = await mqtt.get_batch(bc.max_messages, 0)
-            if not msgs or not await self._handle(msgs):
+            if not msgs:
                 break
+            async with self._batch_lock:
+                if not await self._handle(msgs):
+                    break
         return 0
 
     async def _handle(self, msgs: list[Any]) -> bool:
@@ -258,7 +359,7 @@ class Pipeline:
             log.error("stopping: %s (the batch was not acknowledged)", chain.stopped)
             return False
         dead = dec.dead_letters + list(result.dead_letters)
-        await self._commit(result.batch, dead, dec.keys, chain.snapshot())
+        await self._commit(result.batch, dead, dec.keys, self._snapshot(chain))
         if _trace_commit is not None:
             _trace_commit(len(msgs), dec.batch)
         if _fault_after_commit is not None:  # test hook, see pipeline._ingest.fault_hook
@@ -301,6 +402,8 @@ class Pipeline:
                 wait = min(wait * 2, 10.0)
 
     async def _flush_chain(self) -> None:
+        if self.chain is None:
+            return
         try:
             result = self.chain.flush()
         except EdgepipeError as e:
@@ -308,7 +411,7 @@ class Pipeline:
             return
         if len(result.batch) or result.dead_letters:
             await self.store.commit(
-                result.batch, list(result.dead_letters), (), self.chain.snapshot()
+                result.batch, list(result.dead_letters), (), self._snapshot(self.chain)
             )
 
     async def _gauges(self) -> None:
