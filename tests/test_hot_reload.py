@@ -13,10 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-
 from conftest import REPO, make_config, publish, reading_msg, wait_for
-from pipeline._mosquitto import free_port
 from test_e2e import stored
+
+from pipeline._mosquitto import free_port
 
 VALIDITY = str(REPO / "filters/lib/validity.wasm")
 EMA = str(REPO / "filters/lib/ema.wasm")
@@ -164,7 +164,8 @@ def test_filter_state_survives_kill9(tmp_path, broker, keyfile, edge):
         chunk = rng.randint(200, 400)
         publish(broker, msgs[sent : sent + chunk])
         sent += chunk
-        wait_for(lambda: len(stored(tmp_path / "store.db", keyfile)) > sent - chunk // 2, 20)
+        half = sent - chunk // 2
+        wait_for(lambda h=half: len(stored(tmp_path / "store.db", keyfile)) > h, 20)
         proc.kill9()
         proc = edge(cfg)
     wait_for(lambda p=proc: "subscribed to" in p.output(), 20, "subscribe")
