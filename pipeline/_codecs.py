@@ -160,6 +160,8 @@ def _object_rows(
     for key, value in obj.items():
         if key in _RESERVED or key == ts_field or key == "metric" or key == sub.id_field:
             continue
+        if not key:
+            raise DecodeError("a metric field has an empty name")
         yield device, str(key), ts, _number(value, f"field {key!r}"), tags
         found = True
     if not found:
@@ -270,30 +272,34 @@ def decode_payload(
             return list(_structured_rows(data, metric, arrival, sub))
         if fmt == "msgpack":
             try:
-                data = msgpack.unpackb(
-                    payload, raw=False, strict_map_key=False, max_buffer_size=len(payload) + 1
-                )
+                # unpackb bounds every container by the input length already
+                data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
             except Exception as e:
-                raise DecodeError(f"invalid MessagePack: {type(e).__name__}") from None
+                raise DecodeError(f"invalid MessagePack: {type(e).__name__}: {e}"[:120]) from None
             return list(_structured_rows(data, metric, arrival, sub))
     except RecursionError:
         raise DecodeError("payload nests too deeply") from None
     raise DecodeError(f"unknown format {fmt!r}")  # pragma: no cover
 
 
+_MSGPACK_HEADS = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}  # maps and arrays
+
+
 def _sniff(payload: bytes) -> str:
     head = payload.lstrip()[:1]
-    if head in (b"{", b"["):
+    if not head:
+        raise DecodeError("empty payload")
+    if head in b'{["tfn':
         return "json"
-    if head and head in b"0123456789-+.":
+    if head in b"0123456789-+.":
         try:
             float(payload)
             return "number"
         except ValueError:
             return "json"
-    if not head:
-        raise DecodeError("empty payload")
-    return "msgpack"
+    if payload[0] in _MSGPACK_HEADS:
+        return "msgpack"
+    raise DecodeError("unknown format: neither JSON, MessagePack (map or array) nor a number")
 
 
 def _looks_senml(data: Any) -> bool:
