@@ -34,6 +34,7 @@ __all__ = ["TopicTemplate", "decode_payload", "parse_timestamp"]
 # Readings must fall between 2000-01-01 and 2100-01-01 (milliseconds).
 _TS_MIN = 946_684_800_000
 _TS_MAX = 4_102_444_800_000
+_json_decode = json.JSONDecoder().decode
 _RESERVED = frozenset({"ts", "time", "timestamp", "t", "seq", "id", "device", "tags", "value", "v"})
 
 # (device or None, metric or None, ts_ms, value, tags or None)
@@ -264,7 +265,8 @@ def decode_payload(
             return [(None, metric, arrival, value, None)]
         if fmt in ("json", "senml"):
             try:
-                data = json.loads(payload)
+                # bytes.decode + a bound decoder: json.loads would sniff the encoding first
+                data = _json_decode(payload.decode())
             except (ValueError, UnicodeDecodeError) as e:
                 raise DecodeError(f"invalid JSON: {e}") from None
             if fmt == "senml" or (sub.format == "auto" and _looks_senml(data)):

@@ -27,6 +27,8 @@ from ._mqtt import Message
 
 __all__ = ["Decoded", "Decoder"]
 
+_blake2b = hashlib.blake2b
+
 log = logging.getLogger("edgepipe.ingest")
 
 _received = METRICS.counter("edgepipe_messages_received_total", "MQTT messages received", ["qos"])
@@ -65,11 +67,9 @@ class Decoder:
         return [(t.filter, s.qos) for t, s in self.subs]
 
     def identity(self, m: Message) -> bytes:
-        h = hashlib.blake2b(digest_size=16, key=self._key)
-        h.update(m.topic.encode())
-        h.update(b"\0")
-        h.update(m.payload)
-        return h.digest()
+        return _blake2b(
+            b"%s\0%s" % (m.topic.encode(), m.payload), digest_size=16, key=self._key
+        ).digest()
 
     def _route(self, topic: str) -> tuple[SubscriptionConfig, str | None, str | None] | None:
         try:
@@ -98,10 +98,12 @@ class Decoder:
         keys: list[bytes] = []
         intern = self.registry.intern
         ts_l, val_l, sid_l, fl_l = batch.ts, batch.value, batch.series, batch.flags
+        identity = self.identity
+        n_qos1 = 0
         for m in msgs:
-            _received.inc(1, str(m.qos))
             if m.qos:
-                key = self.identity(m)
+                n_qos1 += 1
+                key = identity(m)
                 if key in skip:
                     _dupes.inc()
                     continue
@@ -134,6 +136,10 @@ class Decoder:
                 _dead.inc(1, "ingest", reason.split(":")[0][:60])
                 dead.append(DeadLetter(m.arrival_ms, m.topic, reason, bytes(m.payload), None))
         _readings_in.inc(len(batch))
+        if n_qos1:
+            _received.inc(n_qos1, "1")
+        if n_qos1 != len(msgs):
+            _received.inc(len(msgs) - n_qos1, "0")
         return Decoded(batch, dead, keys)
 
     def dup_identities(self, msgs: list[Message]) -> list[bytes]:
