@@ -327,7 +327,6 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
         ["Readings today", num(d.today.readings || 0), "", "readings"],
         ["Received today", bytes(d.today.bytes || 0), "", "bytes"],
         ["Link", d.link || "–", "", "link"],
-        ["Rejected (24 h)", num(d.rejections_24h), d.rejections_24h ? "warn" : "", "rejections"],
       ]);
     }
 

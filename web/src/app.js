@@ -324,7 +324,6 @@
         ["Readings today", num(d.today.readings || 0), "", "readings"],
         ["Received today", bytes(d.today.bytes || 0), "", "bytes"],
         ["Link", d.link || "–", "", "link"],
-        ["Rejected (24 h)", num(d.rejections_24h), d.rejections_24h ? "warn" : "", "rejections"],
       ]);
     }
 
