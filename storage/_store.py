@@ -500,6 +500,8 @@ class Store:
     #: message identities of this many commits are kept: redeliveries only concern the
     #: few batches committed right before a crash (a commit precedes its acknowledgement).
     SEEN_KEEP = 256
+    #: ... and at least this many when the quota is reached
+    SEEN_MIN_KEEP = 16
 
     def _commit_sync(
         self,
@@ -589,7 +591,12 @@ class Store:
         if used + need <= self.max_bytes:
             return False
         target = int(self.max_bytes * 0.9) - need  # low-water mark: evict in rounds
-        evicted = False
+        # message identities first: only the newest few commits can see redeliveries
+        con.execute(
+            "DELETE FROM seen WHERE n <= (SELECT max(n) FROM seen) - ?", (self.SEEN_MIN_KEEP,)
+        )
+        evicted = True
+        used = self._used_bytes(con)
         for synced in (1, 0):
             if synced == 0 and self.on_full != "drop_oldest":
                 break
@@ -634,9 +641,14 @@ class Store:
                 evicted = True
                 used = self._used_bytes(con)
         if used + need > self.max_bytes:
+            why = (
+                "nothing is left to evict"
+                if self.on_full == "drop_oldest"
+                else "unsynced data is kept (on_full: backpressure)"
+            )
             raise StoreFullError(
                 f"store quota of {self.max_bytes} bytes reached ({used} in use, "
-                f"{need} more needed); unsynced data is kept (on_full: {self.on_full})"
+                f"{need} more needed); {why}"
             )
         return evicted
 

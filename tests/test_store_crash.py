@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 from storage import Keyring, Store, generate_key_line
@@ -48,17 +49,20 @@ def _read_until(proc: subprocess.Popen[str], n_lines: int, timeout: float = 60) 
 async def _check(db: Path, keyfile: Path) -> dict[int, int]:
     async with await Store.open(db, Keyring.from_file(keyfile), device_id=DEVICE) as s:
         counts = await s.verify()  # integrity_check == ok, every row decrypts, none missing
-        assert counts["batches"] == (await s.stats())["last_seq"]
+        st = await s.stats()
+        assert counts["batches"] + st["evicted_batches"] == st["last_seq"]
         return {sb.seq: len(sb.batch) for sb in await s.batches()}
 
 
-def test_kill9_during_heavy_writes(tmp_path: Path, keyfile: Path) -> None:
+@pytest.mark.parametrize("quota", [None, 400_000], ids=["plain", "evicting"])
+def test_kill9_during_heavy_writes(tmp_path: Path, keyfile: Path, quota: int | None) -> None:
+    """With a quota, kills also land in eviction rounds (delete, vacuum, checkpoint)."""
     db = tmp_path / "store.db"
     rnd = random.Random(7)
     committed: set[int] = set()
     report = []
     for run in range(12):
-        proc = _spawn("write", str(db), str(keyfile))
+        proc = _spawn("write", str(db), str(keyfile), "0", str(quota or 0))
         # let it commit a random number of batches, then kill it at a random moment
         lines = _read_until(proc, rnd.randint(5, 60))
         time.sleep(rnd.random() * 0.05)
@@ -69,12 +73,18 @@ def test_kill9_during_heavy_writes(tmp_path: Path, keyfile: Path) -> None:
         seqs = {int(x) for x in lines}
         committed |= seqs
         found = asyncio.run(_check(db, keyfile))
-        missing = committed - set(found)
+        expected = committed if not quota else {s for s in committed if s >= min(found)}
+        missing = expected - set(found)
         assert not missing, f"run {run}: committed batches lost after kill -9: {sorted(missing)}"
-        assert all(found[s] == 100 for s in committed)
-        report.append({"run": run, "committed": len(committed), "found": len(found)})
-    (tmp_path / "crash-report.json").write_text(json.dumps(report))
+        assert all(found[s] == 100 for s in expected)
+        assert max(found) >= max(committed)
+        report.append(
+            {"run": run, "committed": len(committed), "found": len(found), "integrity": "ok"}
+        )
+    print(f"\nkill -9 x{len(report)} ({'quota' if quota else 'no quota'}): {json.dumps(report)}")
     assert len(committed) >= 12 * 5
+    if quota:
+        assert min(found) > 1  # evictions really happened in between the kills
 
 
 def test_kill9_during_reencryption_then_resume(tmp_path: Path) -> None:
@@ -82,7 +92,7 @@ def test_kill9_during_reencryption_then_resume(tmp_path: Path) -> None:
     keyfile.write_text(generate_key_line("old") + "\n")
     keyfile.chmod(0o600)
     db = tmp_path / "store.db"
-    writer = _spawn("write", str(db), str(keyfile), "400")
+    writer = _spawn("write", str(db), str(keyfile), "400", "0")
     out, err = writer.communicate(timeout=120)
     assert writer.returncode == 0, err
     before = asyncio.run(_check(db, keyfile))
@@ -113,12 +123,14 @@ def test_kill9_during_reencryption_then_resume(tmp_path: Path) -> None:
 # -- the writer process ----------------------------------------------------------------
 
 
-async def _writer(db: str, keyfile: str, count: int | None) -> None:
+async def _writer(db: str, keyfile: str, count: int, quota: int) -> None:
     from pipeline._model import Batch
 
-    async with await Store.open(db, Keyring.from_file(keyfile), device_id=DEVICE) as s:
+    kr = Keyring.from_file(keyfile)
+    opts = {"quota_bytes": quota, "on_full": "drop_oldest"} if quota else {}
+    async with await Store.open(db, kr, device_id=DEVICE, **opts) as s:
         i = 0
-        while count is None or i < count:
+        while not count or i < count:
             b = Batch()
             sid = s.registry.intern(f"dev{i % 7}", "temp")
             for j in range(100):
@@ -136,6 +148,6 @@ async def _reencrypt(db: str, keyfile: str) -> None:
 if __name__ == "__main__":
     mode, db, keyfile, *rest = sys.argv[1:]
     if mode == "write":
-        asyncio.run(_writer(db, keyfile, int(rest[0]) if rest else None))
+        asyncio.run(_writer(db, keyfile, int(rest[0]), int(rest[1])))
     else:
         asyncio.run(_reencrypt(db, keyfile))
