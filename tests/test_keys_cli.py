@@ -145,6 +145,18 @@ def test_status_text_and_json(setup, capsys) -> None:
     assert materials(keyfile)[0] not in out
 
 
+def test_status_before_the_first_run(tmp_path, capsys) -> None:
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(
+        "subscriptions: [{topic: 'a/{device}/{metric}'}]\n"
+        f"store: {{path: none-yet.db, key: {{file: {tmp_path / 'k'}}}}}\nsync: {{enabled: false}}\n"
+    )
+    code, out, err = cli(capsys, "status", "-c", str(cfg), "--json")
+    assert code == 0, err
+    assert json.loads(out)["store"]["exists"] is False
+    assert not (tmp_path / "none-yet.db").exists()
+
+
 def test_status_section_providers(setup, capsys) -> None:
     from pipeline.cli import _status
 

@@ -26,7 +26,8 @@ __all__ = ["SECTIONS", "StatusContext", "add_section", "collect"]
 
 @dataclass
 class StatusContext:
-    """What a section provider gets: the loaded config and the open store."""
+    """What a section provider gets: the loaded config and the open store (None when the
+    store does not exist yet)."""
 
     cfg: Any
     store: Any
@@ -60,6 +61,8 @@ def _resolve(p: str | Provider) -> Provider:
 
 
 async def store_section(ctx: StatusContext) -> dict[str, Any]:
+    if ctx.store is None:
+        return {"path": str(ctx.cfg.resolve(ctx.cfg.store.path)), "exists": False}
     s = await ctx.store.stats()
     out = {
         "path": str(ctx.store.path),
@@ -83,7 +86,9 @@ async def store_section(ctx: StatusContext) -> dict[str, Any]:
     return out
 
 
-async def keys_section(ctx: StatusContext) -> dict[str, Any]:
+async def keys_section(ctx: StatusContext) -> dict[str, Any] | None:
+    if ctx.store is None:
+        return None
     s = await ctx.store.stats()
     ring = ctx.store.sealer.keyring
     return {
@@ -99,12 +104,18 @@ async def collect(cfg: Any, *, verify: bool = False) -> dict[str, dict[str, Any]
     from storage import open_store
 
     report: dict[str, dict[str, Any]] = {}
-    async with await open_store(cfg, create=False) as store:
+    store = None
+    if cfg.resolve(cfg.store.path).exists():
+        store = await open_store(cfg, create=False)
+    try:
         ctx = StatusContext(cfg, store, verify)
         for name, p in SECTIONS:
             section = await _resolve(p)(ctx)
             if section is not None:
                 report[name] = section
+    finally:
+        if store is not None:
+            await store.close()
     return report
 
 
