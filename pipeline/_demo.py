@@ -142,6 +142,7 @@ class Demo:
     ) -> None:
         self.rate, self.devices, self.duration, self.keep = rate, devices, duration, keep
         self.broker_kind = broker
+        self._receiver_url: str | None = None
         self._own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="edgepipe-demo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -279,6 +280,7 @@ class Demo:
         try:
             with self._broker() as broker:
                 receiver = self._receiver()
+                self._receiver_url = receiver[0] if receiver else None
                 mport = free_port()
                 cfg = self._config(broker, receiver, mport)
                 edge = self._spawn(
@@ -333,9 +335,10 @@ class Demo:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             m = scrape(port)
-            if m.get("edgepipe_messages_acked_total", 0) >= sent and (
-                not m.get("edgepipe_sync_backlog_readings", 0)
-            ):
+            synced_all = self._receiver_url is None or m.get(
+                "edgepipe_readings_synced_total", 0
+            ) >= m.get("edgepipe_readings_stored_total", 0)
+            if m.get("edgepipe_messages_acked_total", 0) >= sent and synced_all:
                 return
             time.sleep(0.5)
 

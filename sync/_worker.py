@@ -268,10 +268,14 @@ class SyncWorker:
             self._set_waiting(waiting, link)
             return 0
         stats = await self.store.stats()
+        # the backlog as it will be once this request is acknowledged
+        left_batches = max(0, stats["unsynced_batches"] - len(batches))
         status = {
-            "backlog_batches": stats["unsynced_batches"],
-            "backlog_readings": stats["unsynced_readings"],
-            "oldest_unsynced_ms": stats["oldest_unsynced_ms"],
+            "backlog_batches": left_batches,
+            "backlog_readings": max(
+                0, stats["unsynced_readings"] - sum(len(sb.batch) for sb in batches)
+            ),
+            "oldest_unsynced_ms": stats["oldest_unsynced_ms"] if left_batches else None,
             "dead_letters": stats["dead_letters"],
             "link": link.kind,
         }

@@ -74,6 +74,7 @@ def test_demo_flows_and_stops_cleanly(tmp_path, broker):
     assert n["stored"] + n["filtered out"] == n["received"]
     assert n["synced"] == n["stored"], last
     assert "stopped (edgepipe exit code 0)" in out
+    assert ("embedded pure-Python broker" in out) == (broker == "embedded")
     # broker, receiver and pipeline are gone
     for pid in kids:
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"process {pid} left running"

@@ -45,4 +45,5 @@ def _demo(args: argparse.Namespace) -> int:
         devices=args.devices,
         duration=args.duration,
         keep=args.keep,
+        broker=args.broker,
     ).run()
