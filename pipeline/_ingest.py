@@ -60,6 +60,7 @@ class Decoder:
         self.device_id = device_id
         self.max_payload = max_payload
         self._key = identity_key[:64]
+        self._keys_for: tuple[list[Message], list[bytes]] | None = None
         self._routes: dict[str, tuple[SubscriptionConfig, str | None, str | None] | None] = {}
 
     @property
@@ -99,11 +100,14 @@ class Decoder:
         intern = self.registry.intern
         ts_l, val_l, sid_l, fl_l = batch.ts, batch.value, batch.series, batch.flags
         identity = self.identity
+        cached = self._keys_for
+        self._keys_for = None
+        known = cached[1] if cached is not None and cached[0] is msgs else None
         n_qos1 = 0
-        for m in msgs:
+        for i, m in enumerate(msgs):
             if m.qos:
                 n_qos1 += 1
-                key = identity(m)
+                key = known[i] if known is not None else identity(m)
                 if key in skip:
                     _dupes.inc()
                     continue
@@ -144,8 +148,12 @@ class Decoder:
 
     def dup_identities(self, msgs: list[Message]) -> list[bytes]:
         """Identities of the messages that may have been delivered before: DUP flag set or
-        received in the redelivery window after a (re)connect."""
-        return [self.identity(m) for m in msgs if m.maybe_seen and m.qos]
+        received in the redelivery window after a (re)connect.  (The identities of the
+        whole batch are kept for the :meth:`decode` call that follows.)"""
+        identity = self.identity
+        keys = [identity(m) if m.qos else b"" for m in msgs]
+        self._keys_for = (msgs, keys)
+        return [k for m, k in zip(msgs, keys, strict=True) if m.maybe_seen and m.qos]
 
 
 def fault_hook() -> Callable[[], Awaitable[None] | None] | None:
