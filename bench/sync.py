@@ -21,7 +21,6 @@ import asyncio
 import csv
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -123,59 +122,10 @@ def wire_sizes(readings: list[tuple[str, int, float]], device: str = "aq-1") -> 
 
 
 # -- 2. drain over loopback --------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _proc_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class _Receiver:
-    def __init__(self, db: str, workdir: Path) -> None:
-        self.db, self.port = db, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(workdir / f"receiver-{self.port}.log", "wb")
-
-    def add_device(self, name: str) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "cloud.cli", "devices", "--db", self.db, "add", name],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=REPO,
-        )
-        return r.stdout.strip()
-
-    def __enter__(self) -> _Receiver:
-        import httpx
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cloud.cli", "serve", "--db", self.db]
-            + ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/v1/ping", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("receiver did not start")
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        self.proc.wait(20)
-        self.log.close()
 
 
 async def _make_store(path: Path, keyfile: Path, readings, total: int, device: str):
@@ -233,17 +183,19 @@ def drain_run(
     store_path.unlink(missing_ok=True)
     for suffix in ("-wal", "-shm"):
         Path(str(store_path) + suffix).unlink(missing_ok=True)
-    rcv = _Receiver(db_url, workdir)
+    from cloud._local import LocalReceiver
+
+    rcv = LocalReceiver(db_url, log=workdir / "receiver.log", cwd=REPO)
     secret = rcv.add_device(device)
 
     async def go() -> dict[str, Any]:
         store = await _make_store(store_path, keyfile, readings, total, device)
         try:
             with rcv:
-                r0, e0, t0 = _proc_cpu_s(rcv.proc.pid), time.process_time(), time.perf_counter()
+                r0, e0, t0 = _proc_cpu_s(rcv.pid), time.process_time(), time.perf_counter()
                 sent = await _drain(store, rcv.url, secret, device, compression)
                 wall = time.perf_counter() - t0
-                e1, r1 = time.process_time(), _proc_cpu_s(rcv.proc.pid)
+                e1, r1 = time.process_time(), _proc_cpu_s(rcv.pid)
         finally:
             await store.close()
         assert sent == total, (sent, total)

@@ -143,6 +143,7 @@ class Demo:
         self.rate, self.devices, self.duration, self.keep = rate, devices, duration, keep
         self.broker_kind = broker
         self._receiver_url: str | None = None
+        self._rx: Any = None
         self._own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="edgepipe-demo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +204,7 @@ class Demo:
         try:
             import uvicorn  # noqa: F401
 
+            import cloud._local  # noqa: F401
             import cloud.cli  # noqa: F401
         except ImportError:
             self.say(
@@ -210,35 +212,15 @@ class Demo:
                 "'edgepipe[cloud]') to see readings arrive in the cloud"
             )
             return None
-        db = f"sqlite:///{self.dir / 'cloud.db'}"
-        port = free_port()
-        cli = [sys.executable, "-c", "import sys; from cloud.cli import main; sys.exit(main())"]
-        out = subprocess.run(
-            cli + ["devices", "--db", db, "add", "aq-gateway-01"],
-            capture_output=True,
-            text=True,
-            check=True,
+        from cloud._local import LocalReceiver
+
+        self._rx = LocalReceiver(
+            f"sqlite:///{self.dir / 'cloud.db'}", log=self.dir / "receiver.log"
         )
-        secret = out.stdout.strip().splitlines()[0]
-        self._spawn(
-            cli
-            + [
-                "serve",
-                "--db",
-                db,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            "receiver.log",
-        )
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(url + "/v1/ping", 20)
-        self.say(f"  receiver    {url}  (data in {self.dir / 'cloud.db'})")
-        return url, secret
+        secret = self._rx.add_device("aq-gateway-01")
+        self._rx.start()
+        self.say(f"  receiver    {self._rx.url}  (data in {self.dir / 'cloud.db'})")
+        return self._rx.url, secret
 
     def _config(self, broker: Any, receiver: tuple[str, str] | None, metrics_port: int) -> Path:
         from storage import generate_key_line
@@ -324,6 +306,8 @@ class Demo:
                     except subprocess.TimeoutExpired:
                         p.kill()
                         p.wait()
+            if self._rx is not None:
+                self._rx.stop()
             for s, h in prev.items():
                 signal.signal(s, h)
             if self._own_dir and not self.keep:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -15,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
+from cloud._local import LocalReceiver
 from pipeline._config import Secret, SyncConfig
 from pipeline._model import Batch
 from storage import Keyring, Store, generate_key_line
@@ -26,16 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 BASE_TS = 1_700_000_000_000
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Receiver:
-    """``edgepipe-cloud serve`` on a free loopback port with a SQLite database."""
+class Receiver(LocalReceiver):
+    """``edgepipe-cloud serve`` on a free loopback port with a SQLite database, plus
+    queries of what arrived."""
 
     def __init__(
         self,
@@ -46,101 +38,22 @@ class Receiver:
         ca: Path | None = None,
     ):
         self.tmp = tmp
-        self.ca = ca
-        self.db = tmp / "cloud.db"
-        self.port = port or free_port()
-        self.extra = extra or []
-        scheme = "https" if ca else "http"
-        self.url = f"{scheme}://{'localhost' if ca else '127.0.0.1'}:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tmp / "receiver.log"
-
-    def _verify(self) -> Any:
-        import ssl
-
-        return ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
-
-    def add_device(self, name: str) -> str:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cloud.cli",
-                "devices",
-                "--db",
-                f"sqlite:///{self.db}",
-                "add",
-                name,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
+        self.db_path = tmp / "cloud.db"
+        super().__init__(
+            f"sqlite:///{self.db_path}",
+            log=tmp / "receiver.log",
+            port=port,
+            extra=extra,
+            ca=ca,
             cwd=REPO,
         )
-        return out.stdout.strip()
-
-    def start(self) -> Receiver:
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cloud.cli",
-                "serve",
-                "--db",
-                f"sqlite:///{self.db}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                *self.extra,
-            ],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        logf.close()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if (
-                    httpx.get(self.url + "/v1/ping", timeout=1, verify=self._verify()).status_code
-                    == 200
-                ):
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("receiver did not start:\n" + self.log.read_text())
-            time.sleep(0.05)
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-    def __enter__(self) -> Receiver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- what arrived ----------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         """readings stored, distinct readings (each test value is unique), batches."""
-        if not self.db.exists():
+        if not self.db_path.exists():
             return {"readings": 0, "distinct": 0, "batches": 0, "rejections": 0}
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
         try:
             r, d = con.execute("SELECT count(*), count(DISTINCT val) FROM readings").fetchone()
             b = con.execute("SELECT count(*) FROM batches").fetchone()[0]
@@ -150,14 +63,14 @@ class Receiver:
         return {"readings": r, "distinct": d, "batches": b, "rejections": rej}
 
     def batch_seqs_in_arrival_order(self) -> list[int]:
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
         try:
             return [r[0] for r in con.execute("SELECT seq FROM batches ORDER BY rowid")]
         finally:
             con.close()
 
     def rejection_reasons(self) -> list[str]:
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
         try:
             cols = [r[1] for r in con.execute("PRAGMA table_info(rejections)")]
             col = "code" if "code" in cols else "reason"
@@ -166,7 +79,7 @@ class Receiver:
             con.close()
 
     def device_row(self, name: str) -> dict[str, Any]:
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
         con.row_factory = sqlite3.Row
         try:
             return dict(con.execute("SELECT * FROM devices WHERE name = ?", (name,)).fetchone())

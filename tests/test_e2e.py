@@ -47,35 +47,11 @@ def test_readings_flow_to_encrypted_store(tmp_path, broker, keyfile, edge):
 
 def _receiver(tmp_path):
     """A real receiver (edgepipe-cloud serve) on loopback with one registered device."""
-    import subprocess
-    import sys
+    from cloud._local import LocalReceiver
 
-    from conftest import free_port
-
-    db = f"sqlite:///{tmp_path / 'cloud.db'}"
-    cli = [sys.executable, "-c", "import sys; from cloud.cli import main; sys.exit(main())"]
-    secret = subprocess.run(
-        cli + ["devices", "--db", db, "add", "test-device"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()[0]
-    port = free_port()
-    proc = subprocess.Popen(
-        cli
-        + [
-            "serve",
-            "--db",
-            db,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ]
-    )
-    return proc, f"http://127.0.0.1:{port}", secret, tmp_path / "cloud.db"
+    rx = LocalReceiver(f"sqlite:///{tmp_path / 'cloud.db'}", log=tmp_path / "receiver.log")
+    secret = rx.add_device("test-device")
+    return rx.start(), secret, tmp_path / "cloud.db"
 
 
 def _cloud_values(db: Path) -> list[float]:
@@ -95,9 +71,9 @@ def test_end_to_end_through_filter_and_receiver(tmp_path, broker, keyfile, edge)
     real receiver: every valid one arrives in both places, the -200 sentinels in neither."""
     from conftest import REPO
 
-    proc_rx, url, secret, cloud_db = _receiver(tmp_path)
+    rx, secret, cloud_db = _receiver(tmp_path)
+    url = rx.url
     try:
-        wait_for(lambda: _ping(url), 20, "receiver")
         cfg = make_config(
             tmp_path,
             broker,
@@ -122,15 +98,4 @@ def test_end_to_end_through_filter_and_receiver(tmp_path, broker, keyfile, edge)
         assert proc.terminate() == 0
         assert sorted(v for *_, v in stored(tmp_path / "store.db", keyfile)) == expected
     finally:
-        proc_rx.terminate()
-        proc_rx.wait(10)
-
-
-def _ping(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url + "/v1/ping", timeout=1):
-            return True
-    except OSError:
-        return False
+        rx.stop()

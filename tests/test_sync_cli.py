@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline._mosquitto import free_port
 from sync._cli import Progress
-from tests._sync_env import Receiver, edgepipe, fill_sync, free_port, unsynced, write_pipeline
+from tests._sync_env import Receiver, edgepipe, fill_sync, unsynced, write_pipeline
 
 DEVICE = "edge-1"
 
