@@ -74,7 +74,7 @@ def test_nothing_readable_after_insert_eviction_and_rotation(tmp_path: Path) -> 
 
     async def go() -> None:
         # 1. insert: check while the store is open (WAL full of frames) and after close
-        s = await Store.open(db, ring(k1), device_id=DEVICE, quota_bytes=300_000)
+        s = await Store.open(db, ring(k1), device_id=DEVICE, quota_bytes=120_000)
         await _fill(s, 5)
         assert Path(f"{db}-wal").stat().st_size > 0
         assert leaks(db, CANARIES) == []
@@ -86,7 +86,7 @@ def test_nothing_readable_after_insert_eviction_and_rotation(tmp_path: Path) -> 
         con.close()
         # 2. eviction (drop_oldest): the evicted rows' ciphertext is gone from every file
         s = await Store.open(
-            db, ring(k1), device_id=DEVICE, quota_bytes=300_000, on_full="drop_oldest"
+            db, ring(k1), device_id=DEVICE, quota_bytes=120_000, on_full="drop_oldest"
         )
         await _fill(s, 200, start=5, canary=False)
         st = await s.stats()
