@@ -29,7 +29,7 @@ from ._load import run_publishers, start_publishers
 from .e2e import Edge, _pct
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEP = [(500, 0), (500, 2), (500, 5), (500, 20), (100, 5), (2000, 5)]
+SWEEP = [(500, 0), (500, 2), (500, 5), (500, 10), (500, 20), (100, 5), (2000, 5)]
 
 
 def _config(d: Path, b: Mosquitto, name: str, max_messages: int, delay: int) -> Path:
@@ -100,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "mqtt.json")
     args = ap.parse_args(argv)
     results = []
-    with Mosquitto() as b, tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
         for mm, delay in SWEEP:
-            r = run_one(b, Path(tmp), mm, delay, args.messages, args.rate, args.seconds)
+            # a fresh broker each time: the earlier runs' persistent sessions would
+            # otherwise keep queuing every message (and inflate the broker's autosaves)
+            with Mosquitto() as b:
+                r = run_one(b, Path(tmp), mm, delay, args.messages, args.rate, args.seconds)
             results.append(r)
             print(
                 f"max_messages {mm:>5}  max_delay_ms {delay:>3}:  {r['throughput_msg_s']:>8,.0f} "

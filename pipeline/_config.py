@@ -174,7 +174,14 @@ class SubscriptionConfig(_Model):
 
 class BatchConfig(_Model):
     max_messages: int = Field(500, ge=1, le=100_000, description="messages per group commit")
-    max_delay_ms: int = Field(20, ge=0, le=60_000, description="longest wait to fill a batch")
+    max_delay_ms: int = Field(
+        5,
+        ge=0,
+        le=60_000,
+        description="longest time the oldest message of a batch waits for the batch to fill "
+        "(5 ms: p99 publish->commit 7 ms at 1,000 msg/s, 6x fewer fsyncs than 0; "
+        "docs/ingest.md)",
+    )
     max_pending: int = Field(
         5000, ge=1, description="messages buffered before edgepipe stops reading the socket"
     )

@@ -26,6 +26,9 @@ max_inflight_messages 1000
 # While edgepipe is down the broker queues for its persistent session.
 max_queued_messages 200000
 max_queued_bytes 0
+# Send each message at once (no Nagle): edgepipe acknowledges in batches, and Nagle would
+# hold messages back until the previous segment is acknowledged.
+set_tcp_nodelay true
 """
 
 

@@ -50,6 +50,7 @@ _connects = METRICS.counter("edgepipe_mqtt_connects_total", "successful MQTT con
 
 _READS_PER_WAKE = 1024
 _PUBACK = struct.Struct("!BBH")
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 
 
 class Message(NamedTuple):
@@ -529,6 +530,14 @@ class MQTTClient:
                 break  # the selector wakes us again if the kernel holds more
         if len(pending) != before:
             self._wakeup.set()
+        if _QUICKACK is not None and self._sock is not None:
+            # Acknowledge the TCP segments now: edgepipe answers with PUBACKs only after a
+            # commit, so a delayed ACK would let the broker's Nagle algorithm hold back the
+            # next messages for up to 40 ms (mosquitto without set_tcp_nodelay)
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
 
     # -- backpressure -----------------------------------------------------------------
     def _add_reader(self) -> None:
@@ -565,8 +574,9 @@ class MQTTClient:
 
     # -- consuming --------------------------------------------------------------------
     async def get_batch(self, max_messages: int, max_delay: float) -> list[Message]:
-        """Wait for at least one message, then up to ``max_delay`` seconds more to fill
-        the batch to ``max_messages``.  Returns [] only when closing."""
+        """Wait for at least one message, then fill the batch to ``max_messages`` until
+        the oldest message has waited ``max_delay`` seconds (messages that arrived during
+        the previous commit have been waiting already).  Returns [] only when closing."""
         pending = self._pending
         while not pending:
             if self._closing or self._interrupted:
@@ -575,8 +585,11 @@ class MQTTClient:
             self._maybe_resume()
             await self._wakeup.wait()
         if len(pending) < max_messages and max_delay > 0:
-            deadline = time.monotonic() + max_delay
-            while len(pending) < max_messages and not (self._closing or self._interrupted):
+            waited = time.time() - pending[0].arrival_ms / 1000
+            deadline = time.monotonic() + max_delay - max(0.0, waited)
+            while len(pending) < max_messages and not (
+                self._closing or self._interrupted or self._paused
+            ):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
