@@ -168,3 +168,39 @@ def test_quota_drop_oldest_counts_and_keeps_file_bounded(tmp_path: Path) -> None
             assert (await s.verify())["batches"] == len(kept)
 
     run(go())
+
+
+def test_key_usage_limit_forces_rotation(tmp_path: Path, caplog) -> None:
+    from storage._crypto import KEY_REFUSE_AT, KEY_WARN_AT
+
+    db = tmp_path / "s.db"
+    k1, k2 = generate_key_line("k1"), generate_key_line("k2")
+
+    async def go() -> None:
+        async with await Store.open(db, Keyring.parse(k1, "t"), device_id=DEVICE) as s:
+            await s.commit(make_batch(s, 0))
+        # pretend k1 has sealed close to the warning and the refusal thresholds
+        con = sqlite3.connect(db)
+        con.execute("UPDATE meta SET v=? WHERE k='uses:k1'", (KEY_WARN_AT - 1,))
+        con.commit()
+        con.close()
+        async with await Store.open(db, Keyring.parse(k1, "t"), device_id=DEVICE) as s:
+            await s.commit(make_batch(s, 1))
+            assert "rotate it soon" in caplog.text
+            await s._run(
+                lambda con: con.execute(
+                    "UPDATE meta SET v=? WHERE k='uses:k1'", (KEY_REFUSE_AT - 1,)
+                )
+            )
+        async with await Store.open(db, Keyring.parse(k1, "t"), device_id=DEVICE) as s:
+            await s.commit(make_batch(s, 2))  # reaches the limit
+            with pytest.raises(StoreError, match="rotate it"):
+                await s.commit(make_batch(s, 3))
+            assert (await s.stats())["key_seals"] == KEY_REFUSE_AT
+        # rotation: a fresh active key writes again, old rows stay readable
+        async with await Store.open(db, Keyring.parse(k1 + "\n" + k2, "t"), device_id=DEVICE) as s:
+            assert await s.commit(make_batch(s, 3)) == 4
+            assert len(await s.batches()) == 4
+            assert (await s.stats())["key_seals"] == 1
+
+    asyncio.run(go())

@@ -90,10 +90,13 @@ async def keys_section(ctx: StatusContext) -> dict[str, Any] | None:
     if ctx.store is None:
         return None
     s = await ctx.store.stats()
+    from storage._crypto import KEY_REFUSE_AT
+
     ring = ctx.store.sealer.keyring
     return {
         "active_key_id": s["key_id"],
         "active_key_seals": s["key_seals"],
+        "seal_limit": KEY_REFUSE_AT,  # writes stop there until `edgepipe keys rotate`
         "keyring_ids": ring.ids,
         "keyring_source": ring.source,
         "rows_by_key": await ctx.store.rows_by_key(),
