@@ -37,6 +37,7 @@ def run(coro):
 def test_round_trip_query_and_stats(tmp_path: Path) -> None:
     async def go() -> None:
         kr = keyring()
+        written = METRICS.value("edgepipe_store_bytes_written_total")
         async with await Store.open(tmp_path / "s.db", kr, device_id=DEVICE) as s:
             seqs = []
             for i in range(20):
@@ -50,6 +51,10 @@ def test_round_trip_query_and_stats(tmp_path: Path) -> None:
                 )
             assert seqs == list(range(1, 21))
             assert await s.commit(Batch(), keys=[b"x" * 16]) is None
+            # flash-wear accounting: at least the WAL frames of 21 commits were written
+            assert s.bytes_written >= 21 * 4096
+            assert METRICS.value("edgepipe_store_bytes_written_total") - written == s.bytes_written
+            assert METRICS.value("edgepipe_store_bytes_written_per_reading") > 0
             st = await s.stats()
             assert st["batches"] == 20 and st["readings"] == 1000
             assert st["unsynced_batches"] == 20 and st["sync_cursor"] == 0
