@@ -142,12 +142,16 @@ class MQTTClient:
         device_id: str,
         max_pending: int = 5000,
         on_state: Callable[[bool], None] | None = None,
+        expect_session: bool = False,
     ) -> None:
         self.cfg = cfg
         self.subscriptions = subscriptions
         self.device_id = device_id
         self.max_pending = max_pending
         self.on_state = on_state
+        #: True when this client id has had a session before (the store holds data): a
+        #: first CONNACK without one means the broker lost it
+        self.expect_session = expect_session
         self.connected = False
         self.session_present: bool | None = None
         self.generation = 0
@@ -370,16 +374,17 @@ class MQTTClient:
         # whatever the broker sends first on this connection may have been delivered (and
         # committed) before: check it against the store, DUP flag or not
         self._recheck_until = time.monotonic() + self.cfg.redelivery_window_s
-        if not self.session_present:
-            if self.generation > 1 or self.stats["sessions"]:
-                log.warning(
-                    "broker has no session for %s: messages published while edgepipe was "
-                    "disconnected may not have been queued",
-                    self.client_id,
-                )
+        if not self.session_present and (self.generation > 1 or self.expect_session):
+            # a reconnect, or the first connect of a process whose store already holds
+            # data: the broker lost (or expired) the session
+            log.warning(
+                "broker has no session for %s: messages published while edgepipe was "
+                "disconnected may not have been queued (broker restarted without "
+                "persistence, or session_expiry too short?)",
+                self.client_id,
+            )
             self.stats["sessions_lost"] += 1
-            if self.generation > 1:
-                _sessions_lost.inc()
+            _sessions_lost.inc()
         self.stats["sessions"] += 1
         self.stats["connects"] += 1
         _connects.inc()

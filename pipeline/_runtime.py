@@ -171,6 +171,7 @@ class Pipeline:
             self.decoder.topic_filters,
             device_id=cfg.device.id,
             max_pending=cfg.batch.max_pending,
+            expect_session=self.store.last_seq > 0,
         )
 
     def _build_chain(self) -> Any:

@@ -361,3 +361,31 @@ def test_slow_store_stops_reading_the_socket_rss_bounded_nothing_lost(
     assert pauses >= 1  # edgepipe stopped reading instead of buffering
     assert peak - base < 40_000, f"RSS grew by {(peak - base) / 1024:.0f} MB"
     assert_exactly([v for v in stored_values(db, keyfile) if v >= 0], n1)
+
+
+# -- lost sessions -----------------------------------------------------------------------
+def test_a_lost_session_is_reported(tmp_path, keyfile, edge):
+    """A broker without persistence forgets edgepipe's session on restart: edgepipe says so
+    on the reconnect, and on the first connect of a new process whose store has data."""
+    lost = "broker has no session"
+    with Mosquitto(persistence=False) as b:
+        cfg = config(
+            tmp_path,
+            b,
+            keyfile,
+            broker={"client_id": "edgepipe-lost", "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+        )
+        proc = started(edge, cfg)
+        assert lost not in proc.output()  # a first start has no session to lose
+        pub = Publisher(b, [seq_message(i) for i in range(50)])
+        pub.start()
+        pub.join_ok()
+        db = tmp_path / "store.db"
+        wait_for(lambda: len(stored_values(db, keyfile)) >= 50, 20, "readings stored")
+        b.restart()
+        wait_for(lambda: lost in proc.output(), 20, "the lost session reported on reconnect")
+        assert proc.terminate() == 0
+        b.restart()
+        proc = started(edge, cfg)
+        assert lost in proc.output()
+        assert proc.terminate() == 0
