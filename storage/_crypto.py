@@ -128,10 +128,14 @@ class Keyring:
             st = path.stat()  # follows symlinks: Kubernetes Secret mounts are links
         except OSError as e:
             raise KeyError_(f"cannot read store key file {path}: {e.strerror}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        # A Kubernetes Secret volume (kubelet layout: FILE -> ..data/FILE) with fsGroup is
+        # 0440 root:<pod group>: readable by the pod's own group is accepted there.
+        secret_mount = path.is_symlink() and (path.parent / "..data").is_symlink()
+        forbidden = stat.S_IRWXO | (stat.S_IWGRP | stat.S_IXGRP if secret_mount else stat.S_IRWXG)
+        if st.st_mode & forbidden:
             fix = f"run: chmod 600 {path}"
-            if path.is_symlink():  # a Kubernetes Secret volume: the mode comes from the pod
-                fix = "set defaultMode: 0400 on the Secret volume (or chmod 600 the target)"
+            if secret_mount:  # the mode comes from the pod spec
+                fix = "set defaultMode: 0400 on the Secret volume (0440 with fsGroup is fine)"
             raise KeyError_(
                 f"store key file {path} is readable by group or others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); {fix}"

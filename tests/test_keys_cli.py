@@ -82,9 +82,16 @@ def test_kubernetes_secret_mount_and_env(tmp_path, monkeypatch) -> None:
     with pytest.raises(KeyError_, match="defaultMode: 0400") as e:
         Keyring.from_file(mount / "keyring")
     assert line1.split()[1] not in str(e.value)
-    publish_version("..2026_01_02_00_00_00.2", line1 + "\n" + generate_key_line("b"), 0o400)
+    # defaultMode 0400 with fsGroup: 0440, readable by the pod's group only -- accepted
+    publish_version("..2026_01_02_00_00_00.2", line1 + "\n" + generate_key_line("b"), 0o440)
     ring = Keyring.from_secret(Secret(file=mount / "keyring"))
     assert ring.ids == ["a", "b"] and ring.active_id == "b"
+    # ... but not for a plain file
+    plain = tmp_path / "plain.key"
+    plain.write_text(line1 + "\n")
+    plain.chmod(0o440)
+    with pytest.raises(KeyError_, match="chmod 600"):
+        Keyring.from_file(plain)
     assert line1.split()[1] not in repr(ring)
 
     monkeypatch.setenv("EDGEPIPE_STORE_KEY", line1)
