@@ -117,6 +117,12 @@ class Publisher(threading.Thread):
             raise self.error
 
 
+def publish_now(b: Mosquitto, messages: list[tuple[str, bytes]]) -> None:
+    pub = Publisher(b, messages)
+    pub.start()
+    pub.join_ok()
+
+
 def metric(port: int, name: str) -> float:
     """The sum of a metric's samples from an edgepipe's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -246,3 +252,29 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
         assert out.count("connected to") >= 2, out
         assert "session present: True" in out, out
         assert_exactly(stored_values(db, keyfile), n)
+
+
+def test_redelivery_window_catches_a_resend_without_dup(tmp_path, broker, keyfile, edge):
+    """A broker restored from its save file may resend an already committed message as a
+    first delivery (no DUP).  Right after a connect edgepipe checks every message against
+    the store; after the window, a byte-identical message is a genuine repeat and kept."""
+    cfg = config(
+        tmp_path, broker, keyfile, broker={"client_id": "edgepipe-window", "redelivery_window_s": 2}
+    )
+    db = tmp_path / "store.db"
+    same = seq_message(1)
+    proc = started(edge, cfg)
+    time.sleep(2.2)  # past this connection's window: a plain first delivery
+    publish_now(broker, [same, seq_message(2)])
+    wait_for(lambda: len(stored_values(db, keyfile)) >= 2, 20, "first readings")
+    assert proc.terminate() == 0
+
+    proc = started(edge, cfg)  # a new connection: its window is open
+    publish_now(broker, [same, seq_message(3)])  # `same` without DUP, as after a restore
+    wait_for(lambda: len(stored_values(db, keyfile)) >= 3, 20, "seq 3")
+    time.sleep(2.2)  # the window closes
+    publish_now(broker, [same, seq_message(4)])  # a genuine repeat: kept
+    wait_for(lambda: len(stored_values(db, keyfile)) >= 5, 20, "seq 4 and the repeat")
+    time.sleep(0.3)
+    assert proc.terminate() == 0
+    assert sorted(stored_values(db, keyfile)) == [1.0, 1.0, 2.0, 3.0, 4.0]
