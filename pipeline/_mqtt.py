@@ -115,7 +115,8 @@ class _Client(paho.Client):
                     break
                 mult <<= 7
             pos += plen
-        fast(topic.decode("utf-8", "replace"), pkt[pos:], qos, mid, bool(cmd & 0x08))
+        payload = bytes(memoryview(pkt)[pos:])  # paho's packet is a bytearray
+        fast(topic.decode("utf-8", "replace"), payload, qos, mid, bool(cmd & 0x08))
         return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def buffered(self) -> bool:
