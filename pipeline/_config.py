@@ -139,6 +139,14 @@ class BrokerConfig(_Model):
         le=65535,
         description="MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send",
     )
+    max_packet_kb: int = Field(
+        1024,
+        ge=1,
+        le=262_144,
+        description="MQTT 5 Maximum Packet Size: the broker drops larger messages instead of "
+        "sending them (bounds edgepipe's memory); payloads between batch.max_payload_bytes "
+        "and this are dead-lettered",
+    )
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect backoff (full jitter)")
     reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect backoff")
     redelivery_window_s: float = Field(

@@ -239,6 +239,7 @@ class MQTTClient:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry
         props.ReceiveMaximum = self.cfg.receive_maximum
+        props.MaximumPacketSize = self.cfg.max_packet_kb * 1024
         return props
 
     # -- lifecycle --------------------------------------------------------------------

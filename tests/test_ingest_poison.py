@@ -13,6 +13,7 @@ from test_mqtt_durability import (
     assert_exactly,
     config,
     dead_letters,
+    publish_now,
     seq_message,
     started,
     stored_values,
@@ -94,3 +95,28 @@ def test_poison_messages_are_dead_lettered_once_and_good_ones_stored(
     assert proc.terminate() == 0
     assert len(dead_letters(db, keyfile)) == k
     assert_exactly(stored_values(db, keyfile), n_good)
+
+
+def test_packets_over_the_maximum_packet_size_never_reach_edgepipe(tmp_path, broker, keyfile, edge):
+    """MQTT 5 Maximum Packet Size: the broker drops a message larger than
+    broker.max_packet_kb instead of sending it; the stream around it is unaffected."""
+    cfg = config(
+        tmp_path,
+        broker,
+        keyfile,
+        broker={"client_id": "edgepipe-maxpacket", "max_packet_kb": 64},
+        batch={"max_payload_bytes": 1024},
+    )
+    proc = started(edge, cfg)
+    publish_now(
+        broker,
+        [seq_message(0), ("sensors/big/temp", b"x" * 200_000), ("sensors/mid/temp", b"y" * 4000)]
+        + [seq_message(1)],
+    )
+    db = tmp_path / "store.db"
+    wait_for(lambda: len(stored_values(db, keyfile)) >= 2, 20, "readings around the big one")
+    wait_for(lambda: len(dead_letters(db, keyfile)) >= 1, 20, "the mid-sized dead letter")
+    time.sleep(0.3)
+    assert proc.terminate() == 0
+    assert_exactly(stored_values(db, keyfile), 2)
+    assert [d.topic for d in dead_letters(db, keyfile)] == ["sensors/mid/temp"]
