@@ -48,7 +48,8 @@ _sessions_lost = METRICS.counter(
 )
 _connects = METRICS.counter("edgepipe_mqtt_connects_total", "successful MQTT connections")
 
-_READS_PER_WAKE = 1024
+_READS_PER_WAKE = 64  # TLS: records decrypted but not yet read
+_RECV_SIZE = 65536
 _PUBACK = struct.Struct("!BBH")
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 
@@ -67,63 +68,128 @@ class Message(NamedTuple):
 
 
 class _Client(paho.Client):
-    """paho with a read buffer: paho reads a packet in 3+ ``recv`` calls (type byte,
-    length bytes, body); this serves them from one 64 KiB ``recv``, which removes most
-    of the per-message system calls on the receive path."""
+    """paho, with its receive path replaced for throughput.
 
-    _rbuf: bytes = b""
-    _rpos: int = 0
+    paho reads one packet per ``loop_read`` in three or more ``recv`` calls (type byte,
+    length bytes, body) and turns every PUBLISH into an ``MQTTMessage`` with an MQTT 5
+    ``Properties`` object and a topic-matcher pass -- well over half of the per-message
+    cost.  :meth:`read_burst` reads up to 64 KiB at once, splits it into packets, hands
+    QoS 0/1 PUBLISH packets straight to :attr:`fast_publish` and passes every other packet
+    (CONNACK, SUBACK, PINGRESP, PUBACK of our own publishes, QoS 2) to paho's handler.
+    edgepipe never sets Topic Alias Maximum, so no PUBLISH needs its properties.
+    """
 
-    def _sock_recv(self, bufsize: int) -> bytes:
-        buf, pos = self._rbuf, self._rpos
-        if pos >= len(buf):
-            buf = super()._sock_recv(65536)  # BlockingIOError when nothing is there
-            if not buf:
-                return buf  # EOF
-            self._rbuf, pos = buf, 0
-        end = pos + bufsize
-        self._rpos = end
-        return buf[pos:end]
-
-    #: ``fn(topic, payload, qos, mid, dup)`` for QoS 0/1 PUBLISH packets, bypassing paho's
-    #: MQTTMessage, MQTT 5 Properties object and topic matcher (over half of the per-message
-    #: cost); edgepipe never sets Topic Alias Maximum, so no PUBLISH needs a property
+    #: ``fn(topic, payload, qos, mid, dup)`` for QoS 0/1 PUBLISH packets
     fast_publish: Callable[[str, bytes, int, int, bool], None] | None = None
-
-    def _packet_handle(self) -> paho.MQTTErrorCode:
-        inp = self._in_packet
-        cmd = inp["command"]
-        fast = self.fast_publish
-        if cmd & 0xF0 != paho.PUBLISH or fast is None or cmd & 0x06 == 0x04:
-            return super()._packet_handle()  # everything else, and QoS 2
-        pkt = inp["packet"]
-        qos = (cmd & 0x06) >> 1
-        tlen = (pkt[0] << 8) | pkt[1]
-        pos = 2 + tlen
-        topic = pkt[2:pos]
-        mid = 0
-        if qos:
-            mid = (pkt[pos] << 8) | pkt[pos + 1]
-            pos += 2
-        if self._protocol == paho.MQTTv5:  # skip the properties (variable byte integer)
-            mult, plen = 1, 0
-            while True:
-                b = pkt[pos]
-                pos += 1
-                plen += (b & 0x7F) * mult
-                if not b & 0x80:
-                    break
-                mult <<= 7
-            pos += plen
-        payload = bytes(memoryview(pkt)[pos:])  # paho's packet is a bytearray
-        fast(topic.decode("utf-8", "replace"), payload, qos, mid, bool(cmd & 0x08))
-        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def buffered(self) -> bool:
-        return self._rpos < len(self._rbuf)
+    _rest: bytes = b""  # the start of a packet whose remainder has not arrived yet
 
     def reset_buffer(self) -> None:
-        self._rbuf, self._rpos = b"", 0
+        self._rest = b""
+
+    def read_burst(self) -> paho.MQTTErrorCode:
+        """Read once from the socket and handle every complete packet; an error is
+        handled like paho's ``loop_read`` does (socket closed, on_disconnect called)."""
+        if self._sock is None:
+            return paho.MQTTErrorCode.MQTT_ERR_NO_CONN
+        try:
+            data = self._sock_recv(_RECV_SIZE)
+        except BlockingIOError:
+            return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+        except OSError as err:
+            log.debug("receive failed: %s", err)
+            return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        if not data:
+            return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        buf = self._rest + data if self._rest else data
+        n = len(buf)
+        pos = 0
+        fast = self.fast_publish
+        v5 = self._protocol == paho.MQTTv5
+        while pos < n:
+            start = pos
+            cmd = buf[pos]
+            pos += 1
+            length = 0
+            shift = 0
+            while pos < n:  # remaining length: variable byte integer
+                b = buf[pos]
+                pos += 1
+                length |= (b & 0x7F) << shift
+                if not b & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_PROTOCOL)
+            else:
+                pos = start  # the length itself is incomplete
+                break
+            end = pos + length
+            if end > n:
+                pos = start
+                break
+            if cmd & 0xF0 == 0x30 and cmd & 0x06 != 0x04 and fast is not None:
+                # PUBLISH, QoS 0 or 1
+                qos = (cmd & 0x06) >> 1
+                t_end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+                topic = buf[pos + 2 : t_end]
+                pos = t_end
+                mid = 0
+                if qos:
+                    mid = (buf[pos] << 8) | buf[pos + 1]
+                    pos += 2
+                if v5:  # skip the properties
+                    plen = 0
+                    shift = 0
+                    while True:
+                        b = buf[pos]
+                        pos += 1
+                        plen |= (b & 0x7F) << shift
+                        if not b & 0x80:
+                            break
+                        shift += 7
+                    pos += plen
+                fast(topic.decode("utf-8", "replace"), buf[pos:end], qos, mid, bool(cmd & 0x08))
+            else:
+                rc = self._handle_other(cmd, buf[pos:end])
+                if rc:
+                    self._rest = b""
+                    return self._loop_rc_handle(rc)
+                if self._sock is None:  # e.g. the broker sent DISCONNECT
+                    self._rest = b""
+                    return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+            pos = end
+        self._rest = buf[pos:] if pos < n else b""
+        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_other(self, cmd: int, body: bytes) -> paho.MQTTErrorCode:
+        self._in_packet = {
+            "command": cmd,
+            "have_remaining": 1,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": len(body),
+            "packet": bytearray(body),
+            "to_process": 0,
+            "pos": 0,
+        }
+        try:
+            rc = self._packet_handle()
+        except paho.MalformedPacket as exc:
+            log.debug("malformed packet from the broker: %s", exc)
+            rc = paho.MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        return rc
 
 
 class MQTTClient:
@@ -359,10 +425,18 @@ class MQTTClient:
             pass
 
     async def _misc_loop(self) -> None:
+        c = self._client
         while True:
             await asyncio.sleep(1.0)
-            if self._client.socket() is not None:
-                self._client.loop_misc()
+            sock = c.socket()
+            if sock is None:
+                continue
+            if self._paused and _unread_bytes(sock):
+                # not reading on purpose (backpressure), and the broker keeps sending: it
+                # is alive, so paho's keepalive must not time the connection out
+                with c._msgtime_mutex:
+                    c._last_bytes_received = paho.time_func()
+            c.loop_misc()
 
     # -- paho callbacks (run in the event loop thread) --------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -530,10 +604,9 @@ class MQTTClient:
             sock = c.socket()
             if sock is None or self._paused:
                 break
-            rc = c.loop_read()
-            if rc != paho.MQTT_ERR_SUCCESS:
+            if c.read_burst() != paho.MQTT_ERR_SUCCESS:
                 break  # an error paho already handled (on_disconnect ran)
-            if not c.buffered() and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 break  # the selector wakes us again if the kernel holds more
         if len(pending) != before:
             self._wakeup.set()
@@ -568,6 +641,9 @@ class MQTTClient:
         if self._paused and len(self._pending) < self.max_pending // 2:
             self._paused = False
             self._add_reader()
+            if self._loop is not None and self._fd >= 0:
+                # TLS may hold decrypted bytes the selector cannot see
+                self._loop.call_soon(self._do_read)
 
     def interrupt(self) -> None:
         """Stop reading the socket and make :meth:`get_batch` return what is buffered."""
@@ -631,3 +707,11 @@ class MQTTClient:
         if self._sock is not None:
             c.loop_write()
         return len(mids)
+
+
+def _unread_bytes(sock: socket.socket) -> bool:
+    """True if the kernel holds received bytes edgepipe has not read yet."""
+    try:
+        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
