@@ -935,6 +935,33 @@ class Store:
 
         return await self._run(q)
 
+    async def unsynced_dead_letters(self, limit: int = 200) -> list[tuple[int, DeadLetter]]:
+        """The oldest dead letters not yet reported to the cloud, with their sequence."""
+
+        def q(con: sqlite3.Connection) -> list[tuple[int, DeadLetter]]:
+            rows = con.execute(
+                "SELECT seq, key_id, blob FROM dead_letters WHERE synced=0 ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [
+                (seq, DeadLetter(*msgpack.unpackb(self.sealer.open("dead_letters", seq, kid, b))))
+                for seq, kid, b in rows
+            ]
+
+        return await self._run(q)
+
+    async def mark_dead_letters_synced(self, seqs: Iterable[int]) -> None:
+        seqs = list(seqs)
+        if not seqs:
+            return
+
+        def q(con: sqlite3.Connection) -> None:
+            con.execute("BEGIN")
+            con.executemany("UPDATE dead_letters SET synced=1 WHERE seq=?", [(s,) for s in seqs])
+            con.execute("COMMIT")
+
+        await self._run(q)
+
     async def verify(self) -> dict[str, Any]:
         """Check everything: SQLite's integrity check, every row decrypts in its place, and
         no batch is missing (batches + evicted == sequence numbers handed out).

@@ -91,12 +91,32 @@ def compress(body: bytes, compression: str) -> tuple[bytes, str]:
 
 
 def encode_request(
-    device: str, blobs: list[bytes], status: dict[str, Any], compression: str
+    device: str,
+    blobs: list[bytes],
+    status: dict[str, Any],
+    compression: str,
+    dead_letters: list[dict[str, Any]] | None = None,
 ) -> tuple[bytes, str]:
-    body = msgpack.packb(
-        {"v": 1, "device": device, "status": status, "batches": blobs}, use_bin_type=True
-    )
-    return compress(body, compression)
+    top: dict[str, Any] = {"v": 1, "device": device, "status": status, "batches": blobs}
+    if dead_letters:
+        top["dead_letters"] = dead_letters
+    return compress(msgpack.packb(top, use_bin_type=True), compression)
+
+
+def dead_letter_meta(seq: int, d: Any) -> dict[str, Any]:
+    """What the cloud's dead-letter log shows of one dead letter (never the raw payload)."""
+    return {
+        "seq": seq,
+        "ts": d.ts,
+        "topic": d.topic,
+        "stage": d.stage,
+        "reason": d.reason,
+        "size": len(d.payload),
+    }
+
+
+#: Dead letters (metadata) sent along with one request.
+DEAD_LETTERS_PER_REQUEST = 200
 
 
 def classify(batch: Any, recent_after_ms: int) -> str:
@@ -264,7 +284,8 @@ class SyncWorker:
             self._set_waiting(f"daily budget of the {link.kind} link is used up", link)
             return 0
         batches, advance, waiting = await self._select(link)
-        if not batches:
+        dead = await self.store.unsynced_dead_letters(limit=DEAD_LETTERS_PER_REQUEST)
+        if not batches and not dead:
             self._set_waiting(waiting, link)
             return 0
         stats = await self.store.stats()
@@ -279,10 +300,11 @@ class SyncWorker:
             "dead_letters": stats["dead_letters"],
             "link": link.kind,
         }
+        dead_meta = [dead_letter_meta(seq, d) for seq, d in dead]
         body, encoding, batches = await asyncio.to_thread(
-            self._encode, batches, status, budget_left
+            self._encode, batches, status, budget_left, dead_meta
         )
-        if not batches:
+        if not body:
             self._set_waiting(f"daily budget of the {link.kind} link is used up", link)
             return 0
         if self._probe_first:
@@ -302,6 +324,8 @@ class SyncWorker:
             # bytes were (probably) on the wire all the same: count them against the budget
             self._count_bytes(link, len(body))
             raise
+        # a 200 means the whole request was committed, dead letters included
+        await self.store.mark_dead_letters_synced(seq for seq, _ in dead)
         acked = set()
         for s in result.get("acked", ()):
             if isinstance(s, int):
@@ -312,6 +336,8 @@ class SyncWorker:
         _batches_synced.inc(len(ok))
         _readings_synced.inc(n)
         self._count_bytes(link, len(body))
+        if not batches:
+            return 0  # dead letters only
         if not ok:
             raise SyncError("the receiver acknowledged none of the batches sent", status=200)
         if len(ok) == len(batches):
@@ -371,7 +397,11 @@ class SyncWorker:
         return int(mb * 1024 * 1024) - self.status.used_today(link.kind)
 
     def _encode(
-        self, batches: list[Any], status: dict[str, Any], budget_left: int | None
+        self,
+        batches: list[Any],
+        status: dict[str, Any],
+        budget_left: int | None,
+        dead_letters: list[dict[str, Any]] | None = None,
     ) -> tuple[bytes, str, list[Any]]:
         registry = self.store.registry
         blobs, size = [], 0
@@ -390,10 +420,12 @@ class SyncWorker:
             blobs.append(blob)
             size += len(blob)
         while True:
-            body, encoding = encode_request(self.device_id, blobs, status, self.cfg.compression)
+            body, encoding = encode_request(
+                self.device_id, blobs, status, self.cfg.compression, dead_letters
+            )
             if budget_left is None or len(body) <= budget_left:
                 return body, encoding, batches[: len(blobs)]
-            if len(blobs) == 1:
+            if len(blobs) <= 1:
                 return b"", encoding, []
             blobs = blobs[: len(blobs) // 2]
 

@@ -54,6 +54,18 @@ def _receiver(tmp_path):
     return rx.start(), secret, tmp_path / "cloud.db"
 
 
+def _cloud_dead_letters(db: Path) -> list[tuple[str, str]]:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        return list(con.execute("SELECT topic, reason FROM dead_letters ORDER BY seq"))
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
 def _cloud_values(db: Path) -> list[float]:
     import sqlite3
 
@@ -92,9 +104,14 @@ def test_end_to_end_through_filter_and_receiver(tmp_path, broker, keyfile, edge)
         wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
         n = 1000
         values = [-200.0 if i % 10 == 0 else float(i) for i in range(n)]
-        publish(broker, [reading_msg("dev", "co", i, v) for i, v in enumerate(values)])
+        poison = [(f"sensors/dev/bad{i}", b"{not json") for i in range(3)]
+        publish(broker, [reading_msg("dev", "co", i, v) for i, v in enumerate(values)] + poison)
         expected = sorted(v for v in values if v != -200.0)
         wait_for(lambda: _cloud_values(cloud_db) == expected, 40, "all readings at receiver")
+        # the dead letters' metadata reaches the cloud's dead-letter log (never the payload)
+        wait_for(lambda: len(_cloud_dead_letters(cloud_db)) == 3, 20, "dead letters at receiver")
+        assert {t for t, _ in _cloud_dead_letters(cloud_db)} == {t for t, _ in poison}
+        assert all("invalid JSON" in r for _, r in _cloud_dead_letters(cloud_db))
         assert proc.terminate() == 0
         assert sorted(v for *_, v in stored(tmp_path / "store.db", keyfile)) == expected
     finally:
