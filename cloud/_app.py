@@ -14,7 +14,6 @@ SchemaGenerator assembles them into ``GET /openapi.json``.
 from __future__ import annotations
 
 import functools
-import hmac
 import inspect
 import logging
 import time
@@ -53,26 +52,6 @@ def _error(exc: Rejected) -> JSONResponse:
 
 
 # -- operator auth --------------------------------------------------------------------------
-def bearer_authorizer(settings: Settings) -> Callable[[Request], Any]:
-    """The default operator check: ``Authorization: Bearer <settings.api_token>``."""
-    token = settings.api_token.get_secret_value().encode() if settings.api_token else None
-
-    def authorize(request: Request) -> str:
-        if token is None:
-            raise Rejected(401, "unauthorized", "the read API is disabled: no API token is set")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            raise Rejected(
-                401,
-                "unauthorized",
-                "operator credentials required",
-                headers={"WWW-Authenticate": 'Bearer realm="edgepipe"'},
-            )
-        return "api-token"
-
-    return authorize
-
-
 async def require_operator(request: Request) -> Any:
     """Raise 401 unless the request carries operator credentials; returns the operator
     identity (stored on ``request.state.operator``)."""
