@@ -111,20 +111,13 @@ class _Client(paho.Client):
             start = pos
             cmd = buf[pos]
             pos += 1
-            length = 0
-            shift = 0
-            while pos < n:  # remaining length: variable byte integer
-                b = buf[pos]
-                pos += 1
-                length |= (b & 0x7F) << shift
-                if not b & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_PROTOCOL)
-            else:
+            try:
+                length, pos = _varint(buf, pos)  # the remaining length
+            except IndexError:
                 pos = start  # the length itself is incomplete
                 break
+            except ValueError:
+                return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_PROTOCOL)
             end = pos + length
             if end > n:
                 pos = start
@@ -140,15 +133,7 @@ class _Client(paho.Client):
                     mid = (buf[pos] << 8) | buf[pos + 1]
                     pos += 2
                 if v5:  # skip the properties
-                    plen = 0
-                    shift = 0
-                    while True:
-                        b = buf[pos]
-                        pos += 1
-                        plen |= (b & 0x7F) << shift
-                        if not b & 0x80:
-                            break
-                        shift += 7
+                    plen, pos = _varint(buf, pos)
                     pos += plen
                 fast(topic.decode("utf-8", "replace"), buf[pos:end], qos, mid, bool(cmd & 0x08))
             else:
@@ -715,3 +700,19 @@ def _unread_bytes(sock: socket.socket) -> bool:
         return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except OSError:
         return False
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """An MQTT variable byte integer at ``buf[pos]``: (value, position after it).
+    IndexError if ``buf`` ends inside it, ValueError if it is longer than 4 bytes."""
+    b = buf[pos]
+    if b < 0x80:  # the common case: one byte
+        return b, pos + 1
+    value, shift = b & 0x7F, 7
+    for i in range(pos + 1, pos + 4):
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i + 1
+        shift += 7
+    raise ValueError("variable byte integer longer than 4 bytes")
