@@ -226,6 +226,16 @@ class StageConfig(_Model):
     on_error: Literal["dead_letter", "pass", "stop"] = "dead_letter"
 
 
+def unique_stage_names(chain: list[StageConfig]) -> list[StageConfig]:
+    """Validator of a ``chain:`` list (in pipeline.yaml and in a filters file)."""
+    seen: set[str] = set()
+    for stage in chain:
+        if stage.name in seen:
+            raise ValueError(f"stage name {stage.name!r} is used twice")
+        seen.add(stage.name)
+    return chain
+
+
 class StoreConfig(_Model):
     path: Path = Path("edgepipe-store.db")
     key: Secret | None = Field(
@@ -348,12 +358,7 @@ class PipelineConfig(_Model):
     @field_validator("chain")
     @classmethod
     def _unique_stage_names(cls, chain: list[StageConfig]) -> list[StageConfig]:
-        seen: set[str] = set()
-        for stage in chain:
-            if stage.name in seen:
-                raise ValueError(f"stage name {stage.name!r} is used twice")
-            seen.add(stage.name)
-        return chain
+        return unique_stage_names(chain)
 
     # Where relative paths in the file are resolved from (set by load_config).
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

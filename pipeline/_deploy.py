@@ -39,9 +39,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ._chain import Chain, compile_stages
-from ._config import PipelineConfig, StageConfig
+from ._config import PipelineConfig, StageConfig, unique_stage_names
 from ._errors import ConfigError, FilterError
-from ._loader import load_yaml_located, locate_validation_error
+from ._loader import load_yaml_located, locate_validation_error, read_text
 from ._metrics import METRICS
 from ._model import SeriesRegistry
 from ._wasm import LoadedModule
@@ -78,12 +78,7 @@ class ChainFile(BaseModel):
     @field_validator("chain")
     @classmethod
     def _unique(cls, chain: list[StageConfig]) -> list[StageConfig]:
-        seen: set[str] = set()
-        for st in chain:
-            if st.name in seen:
-                raise ValueError(f"stage name {st.name!r} is used twice")
-            seen.add(st.name)
-        return chain
+        return unique_stage_names(chain)
 
 
 @dataclass(frozen=True)
@@ -105,12 +100,7 @@ def load_chain_file(path: Path, text: str | None = None) -> ChainSpec:
     """Parse and validate a filters file; :class:`ConfigError` at file:line:col."""
     shown = str(path)
     if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot read filters file: {e.strerror}", path=shown) from None
-        except UnicodeDecodeError:
-            raise ConfigError("filters file is not UTF-8 text", path=shown) from None
+        text = read_text(path, "filters file")
     data, locs = load_yaml_located(text, shown)
     if isinstance(data, list):  # a bare list of stages is accepted too
         data, locs = {"chain": data}, {("chain", *k): v for k, v in locs.items()}
