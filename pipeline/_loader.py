@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from ._config import PipelineConfig
 from ._errors import ConfigError
 
-__all__ = ["load_config", "load_yaml_located", "locate_validation_error"]
+__all__ = ["load_config", "load_yaml_located", "locate_validation_error", "read_text"]
 
 _Loc = tuple[Any, ...]
 
@@ -107,17 +107,22 @@ def locate_validation_error(
     return ConfigError(text, path=path, line=line, col=col)
 
 
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 file's text; :class:`ConfigError` naming ``what`` when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {what}: {e.strerror}", path=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text", path=str(path)) from None
+
+
 def load_config(path: str | Path, text: str | None = None) -> PipelineConfig:
     """Read, parse and validate a pipeline.yaml; raise :class:`ConfigError` on any problem."""
     path = Path(path)
     shown = str(path)
     if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot read config: {e.strerror}", path=shown) from None
-        except UnicodeDecodeError:
-            raise ConfigError("config is not UTF-8 text", path=shown) from None
+        text = read_text(path, "config")
     data, locs = load_yaml_located(text, shown)
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping of sections", path=shown, line=1, col=1)
