@@ -270,7 +270,10 @@ def decode_payload(
             except (ValueError, UnicodeDecodeError) as e:
                 raise DecodeError(f"invalid JSON: {e}") from None
             if fmt == "senml" or (sub.format == "auto" and _looks_senml(data)):
-                return list(_senml_rows(data, arrival))
+                rows = list(_senml_rows(data, arrival))
+                if not rows:
+                    raise DecodeError("SenML pack has no numeric values")
+                return rows
             return list(_structured_rows(data, metric, arrival, sub))
         if fmt == "msgpack":
             try:
