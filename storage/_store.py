@@ -700,13 +700,16 @@ class Store:
         )
 
     async def mark_synced(self, seqs: Iterable[int]) -> None:
-        seqs = list(seqs)
-        if not seqs:
+        await self._mark_synced("batches", seqs)
+
+    async def _mark_synced(self, table: str, seqs: Iterable[int]) -> None:
+        rows = [(s,) for s in seqs]
+        if not rows:
             return
 
         def q(con: sqlite3.Connection) -> None:
             con.execute("BEGIN")
-            con.executemany("UPDATE batches SET synced=1 WHERE seq=?", [(s,) for s in seqs])
+            con.executemany(f"UPDATE {table} SET synced=1 WHERE seq=?", rows)
             con.execute("COMMIT")
 
         await self._run(q)
@@ -951,16 +954,7 @@ class Store:
         return await self._run(q)
 
     async def mark_dead_letters_synced(self, seqs: Iterable[int]) -> None:
-        seqs = list(seqs)
-        if not seqs:
-            return
-
-        def q(con: sqlite3.Connection) -> None:
-            con.execute("BEGIN")
-            con.executemany("UPDATE dead_letters SET synced=1 WHERE seq=?", [(s,) for s in seqs])
-            con.execute("COMMIT")
-
-        await self._run(q)
+        await self._mark_synced("dead_letters", seqs)
 
     async def verify(self) -> dict[str, Any]:
         """Check everything: SQLite's integrity check, every row decrypts in its place, and
