@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from ._config import PipelineConfig
@@ -431,7 +430,3 @@ def configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-
-
-def state_dir(cfg: PipelineConfig) -> Path:
-    return cfg.resolve(cfg.store.path).parent

@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 __all__ = ["SyncState", "default_state_path", "utc_day"]
 
@@ -79,6 +78,3 @@ class SyncState:
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
