@@ -35,6 +35,18 @@ def keyfile(tmp_path: Path) -> Path:
     return p
 
 
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[object]:
+    """``edgepipe-cloud serve`` (``tests._sync_env.Receiver``) with the device ``edge-1``
+    registered; its secret is ``receiver.secret``."""
+    from tests._sync_env import Receiver
+
+    r = Receiver(tmp_path)
+    r.secret = r.add_device("edge-1")  # type: ignore[attr-defined]
+    with r:
+        yield r
+
+
 def make_config(tmp_path: Path, broker: Mosquitto, keyfile: Path, **sections: object) -> Path:
     """Write a pipeline.yaml for a test; ``sections`` override top-level keys."""
     cfg: dict[str, object] = {

@@ -7,21 +7,9 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from pipeline._mosquitto import free_port
 from sync._cli import Progress
 from tests._sync_env import Receiver, edgepipe, fill_sync, unsynced, write_pipeline
-
-DEVICE = "edge-1"
-
-
-@pytest.fixture
-def receiver(tmp_path: Path):
-    r = Receiver(tmp_path)
-    r.secret = r.add_device(DEVICE)  # type: ignore[attr-defined]
-    with r:
-        yield r
 
 
 def fake_wifi(tmp: Path) -> dict:

@@ -25,16 +25,6 @@ from tests._sync_env import (
     write_pipeline,
 )
 
-DEVICE = "edge-1"
-
-
-@pytest.fixture
-def receiver(tmp_path: Path):
-    r = Receiver(tmp_path)
-    r.secret = r.add_device(DEVICE)  # type: ignore[attr-defined]
-    with r:
-        yield r
-
 
 def assert_exactly_once(receiver: Receiver, tmp: Path, total: int) -> None:
     c = receiver.counts()

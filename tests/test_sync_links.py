@@ -16,7 +16,7 @@ from sync._state import SyncState
 from tests._proxy import Proxy
 from tests._sync_env import Receiver, WorkerThread, fill_sync, sync_cfg, unsynced, wait_until
 
-DEVICE = "edge-1"
+DEVICE = "edge-1"  # registered by the receiver fixture (conftest.py)
 
 
 class FakeSys:
@@ -38,14 +38,6 @@ class FakeSys:
 @pytest.fixture
 def fake_sys(tmp_path: Path) -> FakeSys:
     return FakeSys(tmp_path / "sys")
-
-
-@pytest.fixture
-def receiver(tmp_path: Path):
-    r = Receiver(tmp_path)
-    r.secret = r.add_device(DEVICE)  # type: ignore[attr-defined]
-    with r:
-        yield r
 
 
 def links(fake: FakeSys, **kw) -> dict:

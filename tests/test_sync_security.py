@@ -29,15 +29,7 @@ from tests._sync_env import (
     wait_until,
 )
 
-DEVICE = "edge-1"
-
-
-@pytest.fixture
-def receiver(tmp_path: Path):
-    r = Receiver(tmp_path)
-    r.secret = r.add_device(DEVICE)  # type: ignore[attr-defined]
-    with r:
-        yield r
+DEVICE = "edge-1"  # registered by the receiver fixture (conftest.py)
 
 
 def _no_secret_anywhere(caplog: pytest.LogCaptureFixture, tmp: Path, *secrets: str) -> None:
