@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from conftest import REPO, wait_for
 
 from cloud._local import LocalReceiver
 from pipeline._config import Secret, SyncConfig
 from pipeline._model import Batch
 from storage import Keyring, Store, generate_key_line
 
-REPO = Path(__file__).resolve().parents[1]
+wait_until = wait_for  # the sync tests' name for it
 BASE_TS = 1_700_000_000_000
 
 
@@ -263,17 +264,6 @@ def sample_rss(proc: subprocess.Popen[bytes], every: float = 0.1) -> list[int]:
             break
         time.sleep(every)
     return samples
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def edgepipe(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
