@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SyncWorker", "SyncStatus"]
+__all__ = ["SyncState", "SyncWorker"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import _worker
+    if name == "SyncWorker":
+        from ._worker import SyncWorker
 
-        return getattr(_worker, name)
+        return SyncWorker
+    if name == "SyncState":
+        from ._state import SyncState
+
+        return SyncState
     raise AttributeError(name)

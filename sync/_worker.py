@@ -38,7 +38,7 @@ from ._link import Link, LinkMonitor
 from ._state import SyncState, default_state_path
 from ._transport import Transport
 
-__all__ = ["SyncStatus", "SyncWorker", "encode_batch", "encode_request"]
+__all__ = ["SyncWorker", "encode_batch", "encode_request"]
 
 log = logging.getLogger("edgepipe.sync")
 
@@ -51,8 +51,6 @@ _sync_errors = METRICS.counter("edgepipe_sync_errors_total", "failed uploads", [
 _SCAN_PAGE = 64
 #: Most batches looked at per request while scanning (bounds the work of one step).
 _SCAN_MAX = 4096
-
-SyncStatus = SyncState  # the name exported before the state was persisted
 
 
 def encode_batch(seq: int, batch: Any, registry: SeriesRegistry) -> bytes:
