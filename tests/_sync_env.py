@@ -73,9 +73,7 @@ class Receiver(LocalReceiver):
     def rejection_reasons(self) -> list[str]:
         con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
         try:
-            cols = [r[1] for r in con.execute("PRAGMA table_info(rejections)")]
-            col = "code" if "code" in cols else "reason"
-            return [r[0] for r in con.execute(f"SELECT {col} FROM rejections ORDER BY rowid")]
+            return [r[0] for r in con.execute("SELECT reason FROM rejections ORDER BY rowid")]
         finally:
             con.close()
 
