@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -175,6 +176,20 @@ def pg_schema_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@contextmanager
+def open_test_backend(kind: str, tmp: Path) -> Iterator[Any]:
+    """A fresh receiver backend: ``kind`` "sqlite" (a file in ``tmp``) or "postgres" (a
+    schema of its own, dropped afterwards)."""
+    from cloud import open_backend
+
+    if kind == "sqlite":
+        with open_backend(f"sqlite:///{tmp / 'cloud.db'}") as b:
+            yield b
+    else:
+        with pg_schema_url() as url, open_backend(url) as b:
+            yield b
 
 
 def new_device(backend: Any, prefix: str = "dev") -> tuple[str, bytes]:

@@ -20,7 +20,7 @@ from _cloud_client import (
     encode,
     make_batch,
     new_device,
-    pg_schema_url,
+    open_test_backend,
     series_readings,
 )
 
@@ -36,13 +36,8 @@ MAX_DECOMPRESSED = 2 * 1024 * 1024
 def backend(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("cloud") / "cloud.db"
-        with open_backend(f"sqlite:///{path}") as b:
-            yield b
-    else:
-        with pg_schema_url() as url, open_backend(url) as b:
-            yield b
+    with open_test_backend(request.param, tmp_path_factory.mktemp("cloud")) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")

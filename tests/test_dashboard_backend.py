@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import msgpack
 import pytest
-from _cloud_client import make_batch, new_device, pg_schema_url
+from _cloud_client import make_batch, new_device, open_test_backend
 
 from cloud import Backend, ReadingsQuery, open_backend
 from cloud._backend import ROLLUP_MS, OperatorExists
@@ -23,13 +23,8 @@ T0 = 1_700_000_000_000 // HOUR * HOUR  # an hour boundary
 def backend(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("dash") / "cloud.db"
-        with open_backend(f"sqlite:///{path}") as b:
-            yield b
-    else:
-        with pg_schema_url() as url, open_backend(url) as b:
-            yield b
+    with open_test_backend(request.param, tmp_path_factory.mktemp("dash")) as b:
+        yield b
 
 
 def _ingest(backend: Backend, device: str, seq: int, readings: list, now: int = T0) -> None:
