@@ -536,8 +536,10 @@ def test_backend_conflict_raises_and_stores_nothing(backend: Backend) -> None:
 
 
 def test_schema_init_is_idempotent(backend: Backend) -> None:
+    name, secret = new_device(backend)
     backend.init()
     backend.init()
+    assert backend.get_device_secret(name) == secret  # nothing stored was dropped
 
 
 def test_sqlite_reopen_keeps_data(tmp_path: Path) -> None:
