@@ -352,7 +352,7 @@ class MQTTClient:
             except (OSError, IngestError, ssl.SSLError) as e:
                 wait = random.uniform(0, delay)  # full jitter
                 log.warning(
-                    "cannot connect to MQTT broker %s:%d: %s; retrying in %.1fs",
+                    "cannot connect to MQTT broker %s:%d: %s; retrying in %.2fs",
                     self.cfg.host,
                     self.cfg.port,
                     e,

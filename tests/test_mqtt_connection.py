@@ -393,6 +393,12 @@ def test_a_lost_session_is_reported(tmp_path, keyfile, edge):
         wait_for(lambda: len(stored_values(db, keyfile)) >= 50, 20, "readings stored")
         b.restart()
         wait_for(lambda: lost in proc.output(), 20, "the lost session reported on reconnect")
+        # resubscribed: the new session receives again
+        time.sleep(0.3)
+        pub = Publisher(b, [seq_message(i) for i in range(50, 80)])
+        pub.start()
+        pub.join_ok()
+        wait_for(lambda: len(stored_values(db, keyfile)) >= 80, 20, "readings after resubscribe")
         assert proc.terminate() == 0
         b.restart()
         proc = started(edge, cfg)
@@ -419,3 +425,33 @@ def test_password_file_written_without_mosquitto_passwd(tmp_path, monkeypatch):
                 c.disconnect()
                 c.loop_stop()
             assert codes == [expect]
+
+
+def test_reconnects_with_jittered_backoff_until_the_broker_appears(tmp_path, keyfile, edge):
+    port = free_port()
+    b = Mosquitto(port=port)
+    cfg = config(
+        tmp_path,
+        b,
+        keyfile,
+        broker={"client_id": "edgepipe-late", "reconnect_min_s": 0.05, "reconnect_max_s": 0.4},
+    )
+    proc = edge(cfg)
+    wait_for(lambda: proc.output().count("cannot connect") >= 6, 20, "several attempts")
+    waits = [
+        float(line.rsplit("retrying in ", 1)[1].rstrip("s"))
+        for line in proc.output().splitlines()
+        if "retrying in" in line
+    ]
+    assert all(0 <= w <= 0.4 for w in waits), waits  # full jitter below the cap
+    assert len(set(waits)) > 1  # jittered, not a fixed interval
+    with b:
+        wait_for(lambda: "connected to" in proc.output(), 20, "connected once the broker is up")
+        time.sleep(0.3)
+        pub = Publisher(b, [seq_message(i) for i in range(20)])
+        pub.start()
+        pub.join_ok()
+        db = tmp_path / "store.db"
+        wait_for(lambda: len(stored_values(db, keyfile)) >= 20, 20, "readings")
+        assert proc.terminate() == 0
+    assert_exactly(stored_values(db, keyfile), 20)
