@@ -513,7 +513,7 @@ class MQTTClient:
                 dup,
                 self._now_ms,
                 self.generation,
-                dup or (self._recheck_until and self._in_recheck_window()),
+                dup or (self._recheck_until != 0.0 and self._in_recheck_window()),
             )
         )
         if len(pending) >= self.max_pending:
