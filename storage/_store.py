@@ -21,6 +21,7 @@ filesystem and no old WAL frame of a deleted row lingers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import logging
@@ -267,6 +268,10 @@ class Store:
         self._io: _ThreadIO | None = None
         self.bytes_written = 0
         self._readings = 0
+        # (seen row, monotonic time) of the identities this process committed
+        self._seen_rows: collections.deque[tuple[int, float]] = collections.deque()
+        self._opened_at = time.monotonic()
+        self._first_seen_row: int | None = None
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -489,18 +494,16 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------
     async def seen(self, keys: list[bytes]) -> set[bytes]:
-        """Which of these message identities are already committed (among the last
-        :attr:`SEEN_KEEP` commits: redeliveries only concern the commits right before a
-        crash).  Only redelivered messages are looked up, so this scan is rare."""
+        """Which of these message identities are already committed (those of the last
+        :attr:`SEEN_KEEP` commits and :attr:`SEEN_WINDOW_S` seconds are kept).  Only
+        messages that may be redeliveries are looked up, so this scan is rare."""
         if not keys:
             return set()
         want = set(keys)
 
         def q(con: sqlite3.Connection) -> set[bytes]:
             out: set[bytes] = set()
-            for (ids,) in con.execute(
-                "SELECT ids FROM seen ORDER BY n DESC LIMIT ?", (self.SEEN_KEEP,)
-            ):
+            for (ids,) in con.execute("SELECT ids FROM seen ORDER BY n DESC"):
                 out.update(want.intersection(msgpack.unpackb(ids)))
                 if len(out) == len(want):
                     break
@@ -530,9 +533,12 @@ class Store:
             _stored.inc(len(batch))
         return seq
 
-    #: message identities of this many commits are kept: redeliveries only concern the
-    #: few batches committed right before a crash (a commit precedes its acknowledgement).
+    #: message identities are kept for at least this many commits and this many seconds.
+    #: An edgepipe crash only leaves the batch in hand unacknowledged, but a broker that
+    #: crashes restores its last autosave and resends what was acknowledged since then:
+    #: the window must cover the broker's ``autosave_interval`` (docs/broker.md).
     SEEN_KEEP = 256
+    SEEN_WINDOW_S = 120.0
     #: ... and at least this many when the quota is reached
     SEEN_MIN_KEEP = 16
 
@@ -587,8 +593,7 @@ class Store:
                 con.execute("UPDATE meta SET v=? WHERE k='last_dl_seq'", (dseq,))
             if keys:
                 n = con.execute("INSERT INTO seen (ids) VALUES (?)", (msgpack.packb(keys),))
-                if n.lastrowid % 64 == 0:
-                    con.execute("DELETE FROM seen WHERE n <= ?", (n.lastrowid - self.SEEN_KEEP,))
+                self._note_seen_row(con, n.lastrowid)
             for stage, blob_plain in states.items():
                 hid = _stage_id(self.identity_key, stage)
                 kid, blob = seal("filter_state", hid.hex(), msgpack.packb([stage, blob_plain]))
@@ -616,6 +621,25 @@ class Store:
         pages = con.execute("PRAGMA page_count").fetchone()[0]
         free = con.execute("PRAGMA freelist_count").fetchone()[0]
         return (pages - free) * page
+
+    def _note_seen_row(self, con: sqlite3.Connection, row: int) -> None:
+        """Forget identities older than both SEEN_KEEP commits and SEEN_WINDOW_S seconds."""
+        now = time.monotonic()
+        rows = self._seen_rows
+        rows.append((row, now))
+        if self._first_seen_row is None:
+            self._first_seen_row = row
+        if row % 64:
+            return
+        horizon = now - self.SEEN_WINDOW_S
+        cut = 0
+        while rows and rows[0][1] < horizon:
+            cut = rows.popleft()[0]
+        if not cut and self._opened_at < horizon:
+            cut = self._first_seen_row - 1  # rows of earlier processes are old enough now
+        cut = min(cut, row - self.SEEN_KEEP)
+        if cut > 0:
+            con.execute("DELETE FROM seen WHERE n <= ?", (cut,))
 
     def _make_room(self, con: sqlite3.Connection, need: int) -> bool:
         """Inside the commit's transaction: keep live pages + ``need`` within the quota.
