@@ -324,17 +324,9 @@ def _install(target: Path, text: bytes, number: int) -> None:
     _atomic_write(_history_dir(target) / "CURRENT", f"{number}\n".encode())
 
 
-def deploy(cfg: PipelineConfig, source: Path, *, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Validate, compile and install ``source`` as the watched chain file."""
-    target = _target(cfg)
-    spec = load_chain_file(source)  # ConfigError at file:line:col
-    cache_dir = cache_dir or default_cache_dir(cfg)
-    loaded = compile_stages(spec.stages, base_dir=spec.base_dir, cache_dir=cache_dir)
-    # instantiate once against a scratch registry: runs ep_init with the real config
-    with Chain.build(
-        spec.stages, SeriesRegistry(), base_dir=spec.base_dir, cache_dir=cache_dir, loaded=loaded
-    ):
-        pass
+def _pinned(target: Path, source: Path, spec: ChainSpec, loaded: dict[str, LoadedModule]) -> bytes:
+    """The chain as installed: modules copied into a content-addressed store beside the
+    target, referred to relatively and pinned by sha256."""
     modules_dir = target.parent / STATE_DIR / "modules"
     modules_dir.mkdir(parents=True, exist_ok=True)
     stages_out = []
@@ -352,8 +344,38 @@ def deploy(cfg: PipelineConfig, source: Path, *, cache_dir: Path | None = None) 
         stages_out.append(data)
     body = yaml.safe_dump({"version": 1, "chain": stages_out}, sort_keys=False)
     header = f"# installed by `edgepipe deploy` from {source.resolve()}\n"
-    text = (header + body).encode()
+    return (header + body).encode()
+
+
+def deploy(cfg: PipelineConfig, source: Path, *, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Validate, compile and install ``source`` as the watched chain file."""
+    target = _target(cfg)
+    spec = load_chain_file(source)  # ConfigError at file:line:col
+    cache_dir = cache_dir or default_cache_dir(cfg)
+    loaded = compile_stages(spec.stages, base_dir=spec.base_dir, cache_dir=cache_dir)
+    # instantiate once against a scratch registry: runs ep_init with the real config
+    with Chain.build(
+        spec.stages, SeriesRegistry(), base_dir=spec.base_dir, cache_dir=cache_dir, loaded=loaded
+    ):
+        pass
+    text = _pinned(target, source, spec, loaded)
     entries, _ = history(cfg)
+    if not entries and target.exists() and not target.is_symlink():
+        # the chain that was there before the first deploy (written by hand): keep it,
+        # pinned like a deployed one, as version 1 so that `edgepipe rollback` returns to it
+        try:
+            before = load_chain_file(target)
+            pinned = _pinned(
+                target,
+                target,
+                before,
+                compile_stages(before.stages, base_dir=before.base_dir, cache_dir=cache_dir),
+            )
+        except (ConfigError, FilterError) as e:
+            log.warning("the chain installed before this deploy is not kept for rollback: %s", e)
+        else:
+            _atomic_write(_history_dir(target) / f"{1:06d}.yaml", pinned)
+            entries = [_history_dir(target) / f"{1:06d}.yaml"]
     number = int(entries[-1].stem) + 1 if entries else 1
     _atomic_write(_history_dir(target) / f"{number:06d}.yaml", text)
     _install(target, text, number)

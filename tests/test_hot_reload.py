@@ -179,3 +179,52 @@ def test_filter_state_survives_kill9(tmp_path, broker, keyfile, edge):
         expected.append(ema)
     assert len(got) == len(expected)
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-9
+
+
+def test_deploy_and_rollback_against_a_running_pipeline(tmp_path, broker, keyfile, edge):
+    """`edgepipe deploy` swaps the chain of the running process; `edgepipe rollback`
+    brings the previous one back; a deploy that fails validation changes nothing."""
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+
+    chain_file = tmp_path / "filters.yaml"
+    chain_file.write_text(yaml.safe_dump(_chain(0, 10)))
+    cfg = make_config(tmp_path, broker, keyfile, chain_file=str(chain_file))
+    proc = edge(cfg)
+    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+
+    def burst(seq0: int) -> None:
+        publish(broker, [reading_msg("d", "m", seq0 + i, float(i)) for i in range(30)])
+
+    burst(0)  # 0..10 pass
+    wait_for(lambda: len(_values(tmp_path, keyfile)) == 11, 20, "v1 output")
+
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump(_chain(0, 20)))
+    r = cli("deploy", str(new), "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: proc.output().count("filter chain swapped") >= 1, 20, "deploy swap")
+    burst(100)  # 0..20 pass
+    wait_for(lambda: len(_values(tmp_path, keyfile)) == 11 + 21, 20, "v2 output")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_chain(0, 20)).replace("kind: filter", "kind: nope"))
+    r = cli("deploy", str(bad), "-c", str(cfg))
+    assert r.returncode == 2 and "bad.yaml:" in r.stderr  # located, nothing installed
+
+    r = cli("rollback", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: proc.output().count("filter chain swapped") >= 2, 20, "rollback swap")
+    burst(200)  # back to 0..10
+    wait_for(lambda: len(_values(tmp_path, keyfile)) == 11 + 21 + 11, 20, "v1 again")
+    assert proc.terminate() == 0
+    assert len(_values(tmp_path, keyfile)) == 43  # nothing lost, nothing twice
