@@ -986,6 +986,14 @@ class Store:
         Raises StoreError / TamperedError; returns counts when all is well."""
 
         def q(con: sqlite3.Connection) -> dict[str, Any]:
+            # one read transaction: a consistent snapshot while a running edgepipe writes
+            con.execute("BEGIN")
+            try:
+                return check(con)
+            finally:
+                con.execute("COMMIT")
+
+        def check(con: sqlite3.Connection) -> dict[str, Any]:
             res = [r[0] for r in con.execute("PRAGMA integrity_check")]
             if res != ["ok"]:
                 raise StoreError(f"{self.path}: integrity check failed: {'; '.join(res[:5])}")

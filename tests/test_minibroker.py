@@ -411,7 +411,7 @@ def test_edgepipe_end_to_end_on_minibroker(tmp_path: Path, keyfile, edge, protoc
         cfg.write_text(yaml.safe_dump(settings, sort_keys=False))
         proc = edge(cfg)
         n = 500
-        wait_for(lambda: "connected to" in proc.output(), 20, "edgepipe to connect")
+        wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
         publish(mini, [reading_msg(f"dev{i % 5}", "temp", i, i * 0.5) for i in range(n)])
         db = tmp_path / "store.db"
         wait_for(

@@ -446,7 +446,7 @@ def test_reconnects_with_jittered_backoff_until_the_broker_appears(tmp_path, key
     assert all(0 <= w <= 0.4 for w in waits), waits  # full jitter below the cap
     assert len(set(waits)) > 1  # jittered, not a fixed interval
     with b:
-        wait_for(lambda: "connected to" in proc.output(), 20, "connected once the broker is up")
+        wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribed once the broker is up")
         time.sleep(0.3)
         pub = Publisher(b, [seq_message(i) for i in range(20)])
         pub.start()

@@ -75,7 +75,7 @@ def test_disk_full_under_a_running_edgepipe(tmp_path, tmpfs, broker, keyfile, ed
         batch={"max_messages": 200, "max_delay_ms": 10},
     )
     proc = edge(cfg)
-    wait_for(lambda: "connected to" in proc.output(), 20, "edgepipe to connect")
+    wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
     # leave ~250 KiB free on the 2 MiB filesystem
     free = lambda: __import__("os").statvfs(tmpfs).f_bavail * 4096  # noqa: E731
     ballast.write_bytes(b"\0" * (free() - 250 * 1024))
