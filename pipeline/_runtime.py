@@ -116,6 +116,7 @@ class Pipeline:
         self._store_ok = True
         self._chain_ok = False
         self.watcher: Any = None
+        self._tagged: tuple[Any, dict[str, bytes]] = (None, {})  # chain -> its module hashes
         self._batch_lock = asyncio.Lock()
         self.started_at = time.monotonic()
         self.first_commit_at: float | None = None
@@ -210,14 +211,12 @@ class Pipeline:
     # Filter state is stored tagged with the sha256 of the module that wrote it, so a
     # changed module never receives a state blob it does not understand.
     def _state_tags(self, chain: Any) -> dict[str, bytes]:
-        tags = getattr(chain, "_edgepipe_state_tags", None)
-        if tags is None:
-            tags = {d["name"]: bytes.fromhex(d["sha256"]) for d in chain.describe()}
-            try:
-                chain._edgepipe_state_tags = tags
-            except AttributeError:
-                pass
-        return tags
+        if chain is not self._tagged[0]:
+            self._tagged = (
+                chain,
+                {d["name"]: bytes.fromhex(d["sha256"]) for d in chain.describe()},
+            )
+        return self._tagged[1]
 
     def _snapshot(self, chain: Any) -> dict[str, bytes]:
         states = chain.snapshot()
