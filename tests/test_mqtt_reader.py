@@ -36,11 +36,14 @@ def test_every_packet_arrives_intact_whatever_its_size(broker, protocol):
         got: list = []
         async with MQTTClient(cfg, [("rd/#", 1)], device_id="rd") as m:
             await m.wait_connected(10)
-            await asyncio.sleep(0.2)
+            while not m.stats["subscribed"]:  # SUBACK: messages from now on are ours
+                await asyncio.sleep(0.01)
             for qos in (0, 1):  # one publisher per QoS keeps each stream's order
                 pub = Publisher(broker, [(t, p) for t, p, q in msgs if q == qos], qos=qos)
                 pub.start()
-                pub.join_ok()
+                # wait off the loop: a blocked loop stops reading and the broker drops
+                # QoS 0 messages it cannot deliver (at most once)
+                await asyncio.to_thread(pub.join_ok)
             deadline = time.monotonic() + 30
             while len(got) < len(msgs) and time.monotonic() < deadline:
                 try:
