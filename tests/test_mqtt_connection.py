@@ -287,7 +287,8 @@ def test_broker_respects_receive_maximum(broker):
         )
         async with MQTTClient(cfg, [("rm/#", 1)], device_id="rm") as m:
             await m.wait_connected(10)
-            await asyncio.sleep(0.2)
+            while not m.stats["subscribed"]:  # SUBACK: messages from now on are ours
+                await asyncio.sleep(0.01)
             pub = Publisher(broker, [("rm/x", b"%d" % i) for i in range(40)])
             pub.start()
             got = await _drain(m, 2.0)

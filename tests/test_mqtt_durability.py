@@ -142,8 +142,8 @@ def config(tmp_path: Path, b: Mosquitto, keyfile: Path, broker: dict | None = No
 
 def started(edge, cfg: Path):  # noqa: ANN001, ANN201
     proc = edge(cfg)
-    n = proc.output().count("connected to")
-    wait_for(lambda: proc.output().count("connected to") > n or not proc.alive(), 20, "connect")
+    n = proc.output().count("subscribed to")
+    wait_for(lambda: proc.output().count("subscribed to") > n or not proc.alive(), 20, "subscribe")
     assert proc.alive(), proc.output()
     return proc
 
