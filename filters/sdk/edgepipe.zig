@@ -326,21 +326,13 @@ fn exportCommon(comptime opts: anytype) void {
 
 // ---- kinds ------------------------------------------------------------------------
 pub fn filter(comptime f: fn (*const Record) bool, comptime opts: anytype) void {
-    const S = struct {
-        fn process(n: u32) callconv(.c) i64 {
-            const recs = inputRecords(n);
-            var k: u32 = 0;
-            for (recs, 0..) |*r, i| {
-                if (f(r)) {
-                    if (k != i) recs[k] = r.*;
-                    k += 1;
-                }
-            }
-            return result(in_buf.p, k);
+    // a filter is a filter-map that never changes the record
+    const W = struct {
+        fn keep(r: *Record) bool {
+            return f(r);
         }
     };
-    exportCommon(opts);
-    @export(&S.process, .{ .name = "ep_process" });
+    filterMap(W.keep, opts);
 }
 
 pub fn filterMap(comptime f: fn (*Record) bool, comptime opts: anytype) void {
