@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from _cloud_client import DeviceClient, make_batch, pg_schema_url, series_readings
+from _pki import TestCA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,49 +118,11 @@ def test_serve_from_environment(tmp_path: Path) -> None:
     assert proc.returncode == 0, text
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_serve_tls(tmp_path: Path) -> None:
     import ssl
 
-    cert, key = _self_signed(tmp_path)
+    ca = TestCA(tmp_path)
+    cert, key = ca.issue("server")
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as out:
@@ -184,7 +147,7 @@ def test_serve_tls(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
         )
     try:
-        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx = ssl.create_default_context(cafile=str(ca.path))
         deadline = time.monotonic() + 30
         while True:
             try:

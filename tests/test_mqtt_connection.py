@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
 import hashlib
-import ipaddress
 import os
 import shutil
 import subprocess
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from _pki import TestCA
 from conftest import free_port, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 from test_mqtt_durability import (
@@ -36,67 +35,16 @@ from pipeline._mqtt import MQTTClient
 # -- certificates ------------------------------------------------------------------------
 def _write_pki(d: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def key() -> ec.EllipticCurvePrivateKey:
-        return ec.generate_private_key(ec.SECP256R1())
-
-    def save(stem: str, cert: x509.Certificate, k: ec.EllipticCurvePrivateKey) -> None:
-        (d / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (d / f"{stem}.key").write_bytes(
-            k.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-
-    def builder(subject: str, issuer: str, pub) -> x509.CertificateBuilder:  # noqa: ANN001
-        return (
-            x509.CertificateBuilder()
-            .subject_name(name(subject))
-            .issuer_name(name(issuer))
-            .public_key(pub)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-        )
-
-    ca_key = key()
-    ca = (
-        builder("edgepipe test CA", "edgepipe test CA", ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    save("ca", ca, ca_key)
-    for stem, cn, usage, sans in (
-        (
-            "server",
-            "localhost",
-            ExtendedKeyUsageOID.SERVER_AUTH,
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        ),
-        ("client", "edgepipe-device", ExtendedKeyUsageOID.CLIENT_AUTH, None),
-    ):
-        k = key()
-        b = builder(cn, "edgepipe test CA", k.public_key()).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False
-        )
-        if sans:
-            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        save(stem, b.sign(ca_key, hashes.SHA256()), k)
-    return {p.stem + "_" + p.suffix[1:]: p for p in d.iterdir()}
+    ca = TestCA(d)
+    server_crt, server_key = ca.issue("server")
+    client_crt, client_key = ca.issue("client", cn="edgepipe-device", client=True)
+    return {
+        "ca_crt": ca.path,
+        "server_crt": server_crt,
+        "server_key": server_key,
+        "client_crt": client_crt,
+        "client_key": client_key,
+    }
 
 
 def _scrape(port: int) -> str:

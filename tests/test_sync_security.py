@@ -6,19 +6,14 @@ device keeps its data), the error is clear, and no secret appears in logs or sta
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import socket
 import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests._pki import TestCA
 from tests._proxy import Proxy
 from tests._sync_env import (
     Receiver,
@@ -117,81 +112,11 @@ def test_oversized_body(tmp_path: Path) -> None:
 
 
 # -- HTTPS ---------------------------------------------------------------------------------
-def _ca(tmp: Path, name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    path = tmp / f"{name}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key, cert, path
-
-
-def _server_cert(tmp: Path, ca_key, ca_cert) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "server.pem", tmp / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.fixture
 def tls_receiver(tmp_path: Path):
-    ca_key, ca_cert, ca_path = _ca(tmp_path, "edgepipe-test-ca")
-    cert, key = _server_cert(tmp_path, ca_key, ca_cert)
-    r = Receiver(tmp_path, extra=["--tls-cert", str(cert), "--tls-key", str(key)], ca=ca_path)
+    ca = TestCA(tmp_path, "edgepipe-test-ca")
+    cert, key = ca.issue("server")
+    r = Receiver(tmp_path, extra=["--tls-cert", str(cert), "--tls-key", str(key)], ca=ca.path)
     r.secret = r.add_device(DEVICE)  # type: ignore[attr-defined]
     with r:
         yield r
@@ -210,7 +135,7 @@ def test_https_with_custom_ca(tmp_path: Path, tls_receiver: Receiver) -> None:
 def test_https_wrong_ca_fails_clearly(tmp_path: Path, tls_receiver: Receiver, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     fill_sync(tmp_path, 2, 100)
-    _, _, other_ca = _ca(tmp_path, "some-other-ca")
+    other_ca = TestCA(tmp_path, "some-other-ca").path
     cfg = sync_cfg(tls_receiver.url, tls_receiver.secret, ca_file=str(other_ca))
     with WorkerThread(tmp_path, cfg) as w:
         err = _refused_and_kept(w, tls_receiver, tmp_path, 2)
