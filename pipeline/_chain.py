@@ -46,6 +46,11 @@ _RECORDS = METRICS.counter(
 _DROPPED = METRICS.counter(
     "edgepipe_readings_dropped_total", "Readings dropped, by stage and reason", ("stage", "reason")
 )
+_EMITTED = METRICS.counter(
+    "edgepipe_readings_emitted_total",
+    "Readings created by a stage (aggregates, expansions): stored = in - dropped + emitted",
+    ("stage",),
+)
 _ERRORS = METRICS.counter(
     "edgepipe_stage_errors_total", "Filter stage failures, by trap/error code", ("stage", "code")
 )
@@ -240,9 +245,11 @@ class Chain:
                     slot.breaker.success()
                     _BREAKER.set(0, name)
                 m = len(out) // RECORD.size
-                if m < n and slot.cfg.kind != "expand":
+                if m < n:
                     reason = "aggregated" if slot.cfg.kind == "aggregate" else "filtered"
                     _DROPPED.inc(n - m, name, reason)
+                elif m > n:
+                    _EMITTED.inc(m - n, name)
             _SECONDS.inc(time.perf_counter() - t0, name)
         if out is not None:
             _RECORDS.inc(len(out) // RECORD.size, name, "out")
@@ -319,7 +326,10 @@ class Chain:
                 if self._failed(slot, b"", err, dead) is None:
                     return ChainResult(Batch(), dead)
                 continue
-            _RECORDS.inc(len(flushed) // RECORD.size, slot.name, "out")
+            k = len(flushed) // RECORD.size
+            _RECORDS.inc(k, slot.name, "out")
+            if k:
+                _EMITTED.inc(k, slot.name)
             carry += flushed
         return ChainResult(unpack(carry), dead)
 

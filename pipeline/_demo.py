@@ -331,9 +331,11 @@ class Demo:
         received = m.get("edgepipe_readings_in_total", 0)
         stored = m.get("edgepipe_readings_stored_total", 0)
         dropped = m.get("edgepipe_readings_dropped_total", 0)
+        emitted = m.get("edgepipe_readings_emitted_total", 0)
         line = (
             f"\r{datetime.now():%H:%M:%S}  published {sent:,} msgs | received {received:,.0f} "
-            f"readings | filtered out {dropped:,.0f} | stored {stored:,.0f} | synced "
+            f"readings | filtered out {dropped:,.0f} | aggregates {emitted:,.0f} | "
+            f"stored {stored:,.0f} | synced "
             f"{m.get('edgepipe_readings_synced_total', 0):,.0f} | backlog "
             f"{m.get('edgepipe_sync_backlog_readings', 0):,.0f} | dead letters "
             f"{m.get('edgepipe_dead_letters_total', 0):,.0f}   "

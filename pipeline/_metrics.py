@@ -44,13 +44,12 @@ class Metrics:
         self._collectors.append(fn)
 
     def value(self, name: str, **labels: str) -> float:
+        """A metric's value summed over the series whose labels match those given."""
         m = self._metrics.get(name)
         if m is None:
             return 0.0
-        if not labels:
-            return sum(m.values.values())
-        key = tuple(str(labels.get(lbl, "")) for lbl in m.labels)
-        return m.values.get(key, 0.0)
+        want = [(i, str(labels[lbl])) for i, lbl in enumerate(m.labels) if lbl in labels]
+        return sum(v for key, v in m.values.items() if all(key[i] == x for i, x in want))
 
     def snapshot(self) -> dict[str, dict[tuple[str, ...], float]]:
         return {name: dict(m.values) for name, m in self._metrics.items()}
