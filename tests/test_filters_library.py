@@ -212,7 +212,10 @@ def test_counters_account_for_every_reading(data, tmp_path):
     def counted(name: str) -> float:
         return sum(METRICS.value(name, stage=s.name) for s in stages)
 
-    before = (counted("edgepipe_readings_dropped_total"), counted("edgepipe_readings_emitted_total"))
+    before = (
+        counted("edgepipe_readings_dropped_total"),
+        counted("edgepipe_readings_emitted_total"),
+    )
     with build(stages, reg, tmp_path) as ch:
         got = run_chain(ch, part, 500, flush=True)
     dropped = counted("edgepipe_readings_dropped_total") - before[0]
