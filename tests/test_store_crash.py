@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -24,13 +25,14 @@ DEVICE = "crash-dev"
 HERE = Path(__file__).resolve()
 
 
-def _spawn(*args: str) -> subprocess.Popen[str]:
+def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(HERE), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=str(REPO),
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -44,6 +46,20 @@ def _read_until(proc: subprocess.Popen[str], n_lines: int, timeout: float = 60) 
             break
         lines.append(line.strip())
     return lines
+
+
+def kill_after_some_commits(
+    writer: subprocess.Popen[str], rnd: random.Random, most: int, pause: float
+) -> set[int]:
+    """Let a writer commit a random number of batches (5..most), kill -9 it at a random
+    moment after that, and return the sequence numbers it reported committed."""
+    lines = _read_until(writer, rnd.randint(5, most))
+    time.sleep(rnd.random() * pause)
+    writer.kill()
+    out, err = writer.communicate()
+    lines += [x for x in out.split("\n") if x.strip()]
+    assert lines, f"writer printed nothing: {err}"
+    return {int(x) for x in lines}
 
 
 async def _check(db: Path, keyfile: Path) -> dict[int, int]:
@@ -63,15 +79,7 @@ def test_kill9_during_heavy_writes(tmp_path: Path, keyfile: Path, quota: int | N
     report = []
     for run in range(12):
         proc = _spawn("write", str(db), str(keyfile), "0", str(quota or 0))
-        # let it commit a random number of batches, then kill it at a random moment
-        lines = _read_until(proc, rnd.randint(5, 60))
-        time.sleep(rnd.random() * 0.05)
-        proc.kill()
-        out, err = proc.communicate()
-        lines += [x for x in out.split("\n") if x.strip()]
-        assert lines, f"writer printed nothing: {err}"
-        seqs = {int(x) for x in lines}
-        committed |= seqs
+        committed |= kill_after_some_commits(proc, rnd, 60, 0.05)
         found = asyncio.run(_check(db, keyfile))
         expected = committed if not quota else {s for s in committed if s >= min(found)}
         missing = expected - set(found)
@@ -123,18 +131,20 @@ def test_kill9_during_reencryption_then_resume(tmp_path: Path) -> None:
 # -- the writer process ----------------------------------------------------------------
 
 
-async def _writer(db: str, keyfile: str, count: int, quota: int) -> None:
+async def _writer(db: str, keyfile: str, count: int, quota: int, sync: str = "FULL") -> None:
     from pipeline._model import Batch
 
     kr = Keyring.from_file(keyfile)
-    opts = {"quota_bytes": quota, "on_full": "drop_oldest"} if quota else {}
+    opts: dict = {"quota_bytes": quota, "on_full": "drop_oldest"} if quota else {}
+    opts["synchronous"] = sync
     async with await Store.open(db, kr, device_id=DEVICE, **opts) as s:
         i = 0
         while not count or i < count:
             b = Batch()
             sid = s.registry.intern(f"dev{i % 7}", "temp")
             for j in range(100):
-                b.append(1_700_000_000_000 + i * 100 + j, float(j), sid)
+                # incompressible values: the quota run must reach its quota whatever the pace
+                b.append(1_700_000_000_000 + i * 100 + j, random.random(), sid)
             seq = await s.commit(b, keys=[random.randbytes(16) for _ in range(100)])
             print(seq, flush=True)
             i += 1
@@ -148,6 +158,6 @@ async def _reencrypt(db: str, keyfile: str) -> None:
 if __name__ == "__main__":
     mode, db, keyfile, *rest = sys.argv[1:]
     if mode == "write":
-        asyncio.run(_writer(db, keyfile, int(rest[0]), int(rest[1])))
+        asyncio.run(_writer(db, keyfile, int(rest[0]), int(rest[1]), *rest[2:]))
     else:
         asyncio.run(_reencrypt(db, keyfile))
