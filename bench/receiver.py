@@ -111,7 +111,13 @@ def run(backend: str, requests: int, batches: int, per_batch: int, clients: int)
     tmp = tempfile.TemporaryDirectory()
     db = f"sqlite:///{tmp.name}/cloud.db" if backend == "sqlite" else f"{PG}?schema={schema}"
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "EDGEPIPE_CLOUD_DB": db}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "EDGEPIPE_CLOUD_DB": db,
+        "EDGEPIPE_CLOUD_MASTER_KEY_FILE": f"{tmp.name}/master.key",
+    }
+    _cli(env, "master-key", "generate", "--out", f"{tmp.name}/master.key")
     secret = bytes.fromhex(_cli(env, "devices", "add", "bench-1"))
     bodies = _bodies("bench-1", requests, batches, per_batch)
     proc = subprocess.Popen(

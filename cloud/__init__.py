@@ -4,11 +4,13 @@ protocol v1) and serves their data and sync status to operators.
     app = cloud.create_app(cloud.Settings(db="sqlite:///cloud.db", api_token="..."))
 
 Storage sits behind :class:`Backend` (SQLite by default, PostgreSQL for larger fleets).
+Device secrets are stored sealed with the receiver's :class:`MasterKey`.
 """
 
 from ._app import api_routes, create_app, require_operator
 from ._backend import Backend, DeviceExists, IngestResult, ReadingsQuery, open_backend
 from ._errors import CloudError, Rejected, SequenceConflict, UnknownDevice
+from ._secrets import MasterKey, MasterKeyError, SecretUnreadable
 from ._settings import Settings
 
 __all__ = [
@@ -16,8 +18,11 @@ __all__ = [
     "CloudError",
     "DeviceExists",
     "IngestResult",
+    "MasterKey",
+    "MasterKeyError",
     "ReadingsQuery",
     "Rejected",
+    "SecretUnreadable",
     "SequenceConflict",
     "Settings",
     "UnknownDevice",

@@ -37,6 +37,7 @@ from sync import _signing as signing
 from ._backend import Backend, ReadingsQuery, open_backend
 from ._errors import Rejected, UnknownDevice
 from ._openapi import BASE_SCHEMA
+from ._secrets import MasterKey, MasterKeyError, SecretUnreadable, no_master_key
 from ._settings import Settings
 from ._wire import ENCODINGS, decode_upload, decompress
 
@@ -159,6 +160,7 @@ async def post_batches(request: Request) -> Response:
             schema: {$ref: "#/components/schemas/SequenceConflict"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
+      "500": {$ref: "#/components/responses/Error"}
       "503": {$ref: "#/components/responses/Overloaded"}
     """
     state = request.app.state
@@ -261,7 +263,18 @@ async def _receive(
     if not signing.is_valid_nonce(nonce):
         raise Rejected(401, "unauthenticated", "X-Edgepipe-Nonce must be 32 lowercase hex chars")
 
-    secret = await run_in_threadpool(backend.get_device_secret, device)
+    try:
+        secret = await run_in_threadpool(backend.get_device_secret, device)
+    except (MasterKeyError, SecretUnreadable) as exc:
+        # Not the device's fault and not a bad signature: say so, loudly, and keep the
+        # device retrying (5xx) until an operator fixes its stored credentials.
+        log.error("cannot authenticate device %r: %s", device[:64], exc)
+        ctx.device = device
+        raise Rejected(
+            500,
+            "secret_unreadable",
+            "the receiver cannot use its stored credentials for this device; see the receiver log",
+        ) from None
     if secret is None:
         raise Rejected(401, "unknown_device", "unknown device or bad signature")
     ctx.device = device
@@ -568,15 +581,21 @@ def create_app(
     extra_routes: Sequence[BaseRoute] = (),
     dashboard: DashboardSettings | None = None,
 ) -> Starlette:
-    """The receiver app.  Without ``backend`` one is opened from ``settings.db`` at startup
-    and closed at shutdown; a given backend is left open (the caller owns it)."""
+    """The receiver app.  Without ``backend`` one is opened from ``settings.db`` with the
+    master key from ``settings`` at startup (none configured: :class:`MasterKeyError`) and
+    closed at shutdown; a given backend is left open (the caller owns it)."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         owned = app.state.backend is None
         if owned:
-            app.state.backend = await run_in_threadpool(open_backend, settings.db)
+            master_key = MasterKey.from_settings(settings)
+            if master_key is None:
+                raise no_master_key()
+            app.state.backend = await run_in_threadpool(
+                functools.partial(open_backend, settings.db, master_key=master_key)
+            )
         try:
             yield
         finally:

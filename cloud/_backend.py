@@ -12,7 +12,9 @@ Times are integer milliseconds since the Unix epoch throughout.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -21,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from ._errors import CloudError, Rejected, SequenceConflict, UnknownDevice
+from ._secrets import MasterKey, MasterKeyError, SecretUnreadable, no_master_key
 from ._wire import Upload
 
 __all__ = [
@@ -33,7 +36,11 @@ __all__ = [
     "open_backend",
 ]
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("edgepipe.cloud")
+
+#: 1: device secrets in plaintext hex.  2: sealed with the master key (``secret_key_id``).
+SCHEMA_VERSION = 2
+_HEX_SECRET = re.compile(r"[0-9a-f]{64}")
 #: Rejections kept in the log; older rows are pruned so a flood can't fill the disk.
 REJECTION_LOG_ROWS = 10_000
 MAX_READINGS_LIMIT = 10_000
@@ -83,18 +90,31 @@ def utc_day(ms: int) -> str:
 @runtime_checkable
 class Backend(Protocol):
     """What the receiver needs from storage. All methods block; none returns secrets except
-    :meth:`get_device_secret`."""
+    :meth:`get_device_secret`.  Device secrets are stored sealed with ``master_key``; without
+    one the backend serves everything except device secrets."""
+
+    master_key: MasterKey | None
 
     def init(self) -> None:
-        """Create or migrate the schema (idempotent)."""
+        """Create or migrate the schema (idempotent).  With a master key: refuse a key that
+        is not the one the database was sealed with (:class:`MasterKeyError`, nothing
+        written), then seal any secret still stored in plaintext."""
 
     def close(self) -> None: ...
 
-    def add_device(self, name: str, secret: bytes) -> None: ...
+    def add_device(self, name: str, secret: bytes) -> None:
+        """Raises :class:`DeviceExists`, or :class:`MasterKeyError` without a master key."""
 
     def remove_device(self, name: str) -> bool: ...
 
-    def get_device_secret(self, name: str) -> bytes | None: ...
+    def get_device_secret(self, name: str) -> bytes | None:
+        """None for an unknown device; :class:`SecretUnreadable` if the stored secret fails
+        authentication, :class:`MasterKeyError` if its key is missing."""
+
+    def rewrap_secrets(self, batch: int = 200) -> int:
+        """Re-seal every device secret not sealed with the active master key (one short
+        transaction per ``batch`` rows; the others stay readable meanwhile), then forget
+        the key checks of keys no row uses.  Returns the number re-sealed."""
 
     def nonce_seen(self, device: str, nonce: str, now: int) -> bool: ...
 
@@ -169,10 +189,11 @@ class Backend(Protocol):
     def delete_session(self, key: str) -> bool: ...
 
 
-def open_backend(url: str) -> Backend:
+def open_backend(url: str, *, master_key: MasterKey | None = None) -> Backend:
     """``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (the SQLAlchemy
     convention), a bare path, or ``postgresql://user@host:port/db`` (optionally
-    ``?schema=name``).  The schema is created or migrated."""
+    ``?schema=name``).  The schema is created or migrated; with ``master_key`` it is checked
+    against the database and plaintext device secrets are sealed with it."""
     if url.startswith(("postgresql://", "postgres://")):
         from ._postgres import PostgresBackend
 
@@ -187,7 +208,12 @@ def open_backend(url: str) -> Backend:
         else:
             path = url
         backend = SQLiteBackend(path)
-    backend.init()
+    backend.master_key = master_key
+    try:
+        backend.init()
+    except BaseException:
+        backend.close()
+        raise
     return backend
 
 
@@ -215,6 +241,12 @@ class SQLBackend:
     AUTO_PK = "INTEGER PRIMARY KEY"
     DOUBLE = "REAL"
     LOCK_ROW = ""  # "FOR UPDATE" where row locks exist
+
+    #: Seals device secrets; None: every other method works, device secrets are refused.
+    master_key: MasterKey | None = None
+    #: Per device name: (key id, sealed, secret).  A hit needs the row to be unchanged, so
+    #: a device removed and added again (by another process too) is never served stale.
+    _secret_cache: dict[str, tuple[str, str, bytes]]
 
     # -- dialect hooks -------------------------------------------------------------------
     def _write(self) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
@@ -250,6 +282,7 @@ class SQLBackend:
                 id {pk},
                 name TEXT NOT NULL UNIQUE,
                 secret TEXT NOT NULL,
+                secret_key_id TEXT,
                 created_ms BIGINT NOT NULL,
                 last_seen_ms BIGINT,
                 last_sync_ms BIGINT,
@@ -331,6 +364,10 @@ class SQLBackend:
                 created_ms BIGINT NOT NULL,
                 expires_ms BIGINT NOT NULL)""",
             "CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_ms)",
+            """CREATE TABLE IF NOT EXISTS master_keys (
+                key_id TEXT PRIMARY KEY,
+                key_check TEXT NOT NULL,
+                created_ms BIGINT NOT NULL)""",
         ]
 
     def init(self) -> None:
@@ -340,12 +377,18 @@ class SQLBackend:
             cur.execute("SELECT version FROM schema_version")
             row = cur.fetchone()
             if row is None:
-                cur.execute(self._q("INSERT INTO schema_version (version) VALUES (?)"), (1,))
+                cur.execute(
+                    self._q("INSERT INTO schema_version (version) VALUES (?)"), (SCHEMA_VERSION,)
+                )
             elif row[0] > SCHEMA_VERSION:
                 raise CloudError(
                     f"database schema version {row[0]} is newer than this edgepipe-cloud "
                     f"({SCHEMA_VERSION}); upgrade edgepipe-cloud"
                 )
+            elif row[0] < 2:
+                # Version 1 kept device secrets in plaintext; NULL key id marks such a row.
+                cur.execute("ALTER TABLE devices ADD COLUMN secret_key_id TEXT")
+                cur.execute(self._q("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
             # Databases created before the hourly rollup existed: build it once.
             cur.execute("SELECT 1 FROM readings_hourly LIMIT 1")
             if cur.fetchone() is None:
@@ -356,16 +399,129 @@ class SQLBackend:
                     f"ELSE ((ts - {h} + 1) / {h}) * {h} END, count(*), sum(val), min(val), "
                     "max(val) FROM readings GROUP BY 1, 2"
                 )
+            if self.master_key is not None:
+                self._adopt_master_key(cur, self.master_key)
+
+    # -- the master key ------------------------------------------------------------------
+    def _require_master_key(self) -> MasterKey:
+        if self.master_key is None:
+            raise no_master_key()
+        return self.master_key
+
+    def _adopt_master_key(self, cur: Any, mk: MasterKey) -> None:
+        """Check ``mk`` against the database, then seal plaintext secrets (same transaction:
+        a refused key writes nothing)."""
+        q = self._q
+        cur.execute("SELECT key_id, key_check FROM master_keys")
+        checks = dict(cur.fetchall())
+        cur.execute("SELECT DISTINCT secret_key_id FROM devices WHERE secret_key_id IS NOT NULL")
+        used = {r[0] for r in cur.fetchall()}
+        missing = sorted((used | set(checks)) - set(mk.ids))
+        if missing:
+            raise MasterKeyError(
+                f"this database's device secrets are sealed with master key id(s) "
+                f"{', '.join(missing)}, which the master key from {mk.source} (ids "
+                f"{', '.join(mk.ids)}) does not have: wrong master key, or an old key line was "
+                "removed before 'edgepipe-cloud master-key rotate' finished"
+            )
+        for kid, check in checks.items():
+            if not mk.verify_check(kid, check):
+                raise MasterKeyError(
+                    f"master key {kid!r} from {mk.source} is not the key this database was "
+                    "sealed with (its key check fails): wrong master key"
+                )
+        for kid in sorted(used - set(checks)):  # no key check (yet): try one of its rows
+            cur.execute(
+                q("SELECT name, secret FROM devices WHERE secret_key_id = ? LIMIT 1"), (kid,)
+            )
+            name, sealed = cur.fetchone()
+            try:
+                mk.open(name, kid, sealed)
+            except SecretUnreadable:
+                raise MasterKeyError(
+                    f"master key {kid!r} from {mk.source} does not open the device secrets "
+                    "sealed with that key id: wrong master key"
+                ) from None
+            cur.execute(
+                q("INSERT INTO master_keys (key_id, key_check, created_ms) VALUES (?, ?, ?)"),
+                (*mk.check_value(kid), now_ms()),
+            )
+        if mk.active_id not in checks and mk.active_id not in used:
+            cur.execute(
+                q(
+                    "INSERT INTO master_keys (key_id, key_check, created_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key_id) DO NOTHING"
+                ),
+                (*mk.check_value(), now_ms()),
+            )
+        cur.execute("SELECT id, name, secret FROM devices WHERE secret_key_id IS NULL")
+        plain = cur.fetchall()
+        for did, name, text in plain:
+            if not _HEX_SECRET.fullmatch(text):
+                raise CloudError(f"device {name!r}: stored secret is neither sealed nor hex")
+            kid, sealed = mk.seal(name, bytes.fromhex(text))
+            cur.execute(
+                q(
+                    "UPDATE devices SET secret = ?, secret_key_id = ? "
+                    "WHERE id = ? AND secret_key_id IS NULL"
+                ),
+                (sealed, kid, did),
+            )
+        if plain:
+            log.warning(
+                "sealed %d plaintext device secret(s) with master key %r", len(plain), mk.active_id
+            )
+
+    def rewrap_secrets(self, batch: int = 200) -> int:
+        mk = self._require_master_key()
+        q = self._q
+        done = 0
+        while True:
+            with self._write() as cur:
+                active = mk.active_id
+                cur.execute(
+                    q(
+                        "INSERT INTO master_keys (key_id, key_check, created_ms) VALUES (?, ?, ?) "
+                        "ON CONFLICT (key_id) DO NOTHING"
+                    ),
+                    (*mk.check_value(active), now_ms()),
+                )
+                cur.execute(
+                    q(
+                        "SELECT id, name, secret, secret_key_id FROM devices WHERE "
+                        "secret_key_id IS NOT NULL AND secret_key_id <> ? ORDER BY id LIMIT ?"
+                    ),
+                    (active, batch),
+                )
+                rows = cur.fetchall()
+                for did, name, sealed, kid in rows:
+                    secret = mk.open(name, kid, sealed)
+                    new_kid, resealed = mk.seal(name, secret)
+                    cur.execute(
+                        q("UPDATE devices SET secret = ?, secret_key_id = ? WHERE id = ?"),
+                        (resealed, new_kid, did),
+                    )
+                done += len(rows)
+                if not rows:
+                    cur.execute(
+                        q(
+                            "DELETE FROM master_keys WHERE key_id <> ? AND key_id NOT IN "
+                            "(SELECT secret_key_id FROM devices WHERE secret_key_id IS NOT NULL)"
+                        ),
+                        (active,),
+                    )
+                    return done
 
     # -- devices -------------------------------------------------------------------------
     def add_device(self, name: str, secret: bytes) -> None:
+        kid, sealed = self._require_master_key().seal(name, secret)
         with self._write() as cur:
             cur.execute(
                 self._q(
-                    "INSERT INTO devices (name, secret, created_ms) VALUES (?, ?, ?) "
-                    "ON CONFLICT (name) DO NOTHING"
+                    "INSERT INTO devices (name, secret, secret_key_id, created_ms) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING"
                 ),
-                (name, secret.hex(), now_ms()),
+                (name, sealed, kid, now_ms()),
             )
             if cur.rowcount != 1:
                 raise DeviceExists(name)
@@ -395,13 +551,39 @@ class SQLBackend:
             for table in ("series", "batches", "nonces", "dead_letters", "device_daily"):
                 cur.execute(self._q(f"DELETE FROM {table} WHERE device_id = ?"), (did,))
             cur.execute(self._q("DELETE FROM devices WHERE id = ?"), (did,))
-            return True
+        self._cache().pop(name, None)
+        return True
+
+    def _cache(self) -> dict[str, tuple[str, str, bytes]]:
+        try:
+            return self._secret_cache
+        except AttributeError:
+            self._secret_cache = {}
+            return self._secret_cache
 
     def get_device_secret(self, name: str) -> bytes | None:
+        mk = self._require_master_key()
         with self._read() as cur:
-            cur.execute(self._q("SELECT secret FROM devices WHERE name = ?"), (name,))
+            cur.execute(
+                self._q("SELECT secret_key_id, secret FROM devices WHERE name = ?"), (name,)
+            )
             row = cur.fetchone()
-        return bytes.fromhex(row[0]) if row else None
+        if row is None:
+            return None
+        kid, sealed = row
+        if kid is None:  # only a process without the master key can have written it
+            raise SecretUnreadable(
+                name, None, "it is stored in plaintext; restart the receiver to seal it"
+            )
+        cache = self._cache()
+        hit = cache.get(name)
+        if hit is not None and hit[0] == kid and hit[1] == sealed:
+            return hit[2]
+        secret = mk.open(name, kid, sealed)
+        if len(cache) >= 100_000:
+            cache.clear()
+        cache[name] = (kid, sealed, secret)
+        return secret
 
     _DEVICE_COLS = (
         "d.name, d.created_ms, d.last_seen_ms, d.last_sync_ms, d.last_link, d.last_seq, "

@@ -34,7 +34,9 @@ class LocalReceiver:
 
     ``db`` is a database URL (``sqlite:///path`` or ``postgresql://...``); ``extra`` are
     more ``serve`` arguments (e.g. TLS); with ``ca`` the URL is https://localhost and the
-    readiness probe verifies against that CA.
+    readiness probe verifies against that CA.  The master key that seals the device secrets
+    is ``master_key_file``, by default ``cloud-master.key`` next to the log, made (0600) if
+    it does not exist yet.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class LocalReceiver:
         extra: list[str] | None = None,
         ca: Path | None = None,
         cwd: Path | None = None,
+        master_key_file: Path | None = None,
     ) -> None:
         self.db = db
         self.port = port or _free_port()
@@ -55,11 +58,22 @@ class LocalReceiver:
         self.cwd = cwd
         self.url = f"https://localhost:{self.port}" if ca else f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.master_key_file = Path(master_key_file or self.log.parent / "cloud-master.key")
+
+    def _key_args(self) -> list[str]:
+        if not self.master_key_file.exists():
+            from ._secrets import generate_master_key_line, write_new_key_file
+
+            try:
+                write_new_key_file(self.master_key_file, generate_master_key_line() + "\n")
+            except FileExistsError:  # made meanwhile by another user of the directory
+                pass
+        return ["--master-key-file", str(self.master_key_file)]
 
     def add_device(self, name: str) -> str:
         """Register a device; returns its secret (hex), as ``devices add`` prints it."""
         out = subprocess.run(
-            cli_command("devices", "--db", self.db, "add", name),
+            cli_command("devices", "--db", self.db, *self._key_args(), "add", name),
             capture_output=True,
             text=True,
             check=True,
@@ -80,6 +94,7 @@ class LocalReceiver:
                     str(self.port),
                     "--log-level",
                     "warning",
+                    *self._key_args(),
                     *self.extra,
                 ),
                 stdout=logf,

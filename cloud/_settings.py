@@ -35,11 +35,22 @@ class Settings(BaseModel):
     api_token: SecretStr | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: File (mode 0600) with the master key lines that seal device secrets at rest;
+    #: ``edgepipe-cloud master-key generate --out FILE`` makes one.
+    master_key_file: str | None = None
+    #: Or the master key lines themselves (``EDGEPIPE_CLOUD_MASTER_KEY``).
+    master_key: SecretStr | None = None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    @model_validator(mode="after")
+    def _one_master_key(self) -> Settings:
+        if self.master_key_file is not None and self.master_key is not None:
+            raise ValueError("give master_key_file or master_key, not both")
         return self
 
     @classmethod
@@ -54,5 +65,10 @@ class Settings(BaseModel):
         mb = overrides.pop("max_body_mb", None) or env.get(ENV_PREFIX + "MAX_BODY_MB")
         if mb:
             values["max_body_bytes"] = int(float(mb) * MiB)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "master_key_file" in given or "master_key" in given:
+            # A key named on the command line replaces one from the environment.
+            values.pop("master_key_file", None)
+            values.pop("master_key", None)
+        values.update(given)
         return cls(**values)

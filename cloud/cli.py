@@ -1,6 +1,8 @@
 """``edgepipe-cloud``: run the receiver and manage device credentials.
 
+    edgepipe-cloud master-key generate --out /etc/edgepipe/cloud-master.key   # 0600
     edgepipe-cloud serve --db sqlite:///cloud.db --host 0.0.0.0 --port 8443 \\
+        --master-key-file /etc/edgepipe/cloud-master.key \\
         [--max-body-mb 8] [--tls-cert cert.pem --tls-key key.pem]
     edgepipe-cloud devices add NAME        # prints the device secret, once
     edgepipe-cloud devices list
@@ -8,9 +10,13 @@
     edgepipe-cloud users add NAME          # dashboard operator; prompts for the password twice
     edgepipe-cloud users add NAME --password-stdin
     edgepipe-cloud users list | remove NAME
+    edgepipe-cloud master-key rotate       # new key line in the file, re-seal every secret
+    edgepipe-cloud master-key rotate --keep-key   # re-seal with the key's last line as is
 
-Every option can also come from the environment (``EDGEPIPE_CLOUD_DB``,
-``EDGEPIPE_CLOUD_API_TOKEN``, ``EDGEPIPE_CLOUD_PORT`` ...).
+Device secrets are stored sealed with the master key (``--master-key-file`` or
+``EDGEPIPE_CLOUD_MASTER_KEY_FILE``, or the key lines in ``EDGEPIPE_CLOUD_MASTER_KEY``);
+``serve`` and ``devices add`` refuse to run without it.  Every option can also come from the
+environment (``EDGEPIPE_CLOUD_DB``, ``EDGEPIPE_CLOUD_API_TOKEN``, ``EDGEPIPE_CLOUD_PORT`` ...).
 """
 
 from __future__ import annotations
@@ -23,8 +29,15 @@ import sys
 
 from pydantic import ValidationError
 
-from ._backend import DeviceExists, OperatorExists, open_backend
+from ._backend import Backend, DeviceExists, OperatorExists, open_backend
 from ._errors import CloudError
+from ._secrets import (
+    MasterKey,
+    MasterKeyError,
+    generate_master_key_line,
+    no_master_key,
+    write_new_key_file,
+)
 from ._settings import Settings
 
 __all__ = ["main"]
@@ -44,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert")
     serve.add_argument("--tls-key")
     serve.add_argument("--log-level", default="info")
+    _key_option(serve)
 
     devices = sub.add_parser("devices", help="manage device credentials")
     devices.add_argument("--db", help="database URL (default: $EDGEPIPE_CLOUD_DB)")
+    _key_option(devices)
     dsub = devices.add_subparsers(dest="action", required=True)
     add = dsub.add_parser("add", help="register a device and print its secret once")
     add.add_argument("name")
@@ -56,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     users = sub.add_parser("users", help="manage dashboard operators")
     users.add_argument("--db", help="database URL (default: $EDGEPIPE_CLOUD_DB)")
+    _key_option(users)
     usub = users.add_subparsers(dest="action", required=True)
     uadd = usub.add_parser("add", help="add an operator (password hashed with argon2id)")
     uadd.add_argument("name")
@@ -65,7 +81,37 @@ def _parser() -> argparse.ArgumentParser:
     usub.add_parser("list", help="list operators")
     urm = usub.add_parser("remove", help="remove an operator and end their sessions")
     urm.add_argument("name")
+
+    mkey = sub.add_parser("master-key", help="the key that seals device secrets at rest")
+    mksub = mkey.add_subparsers(dest="action", required=True)
+    gen = mksub.add_parser("generate", help="make a new master key line")
+    gen.add_argument("--out", help="write it to this new file (mode 0600) instead of stdout")
+    rot = mksub.add_parser(
+        "rotate",
+        help="add a new key line to the master key file and re-seal every device secret",
+    )
+    rot.add_argument("--db", help="database URL (default: $EDGEPIPE_CLOUD_DB)")
+    _key_option(rot)
+    rot.add_argument(
+        "--keep-key",
+        action="store_true",
+        help="do not add a key line: re-seal with the last line as configured (use this when "
+        "the key comes from the environment or a read-only Secret)",
+    )
     return p
+
+
+def _key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--master-key-file",
+        help="file (mode 0600) with the master key that seals device secrets "
+        "(default: $EDGEPIPE_CLOUD_MASTER_KEY_FILE or the key in $EDGEPIPE_CLOUD_MASTER_KEY)",
+    )
+
+
+def _open(settings: Settings) -> Backend:
+    """The backend, with the master key if one is configured (checked, plaintext sealed)."""
+    return open_backend(settings.db, master_key=MasterKey.from_settings(settings))
 
 
 def _serve(settings: Settings, log_level: str) -> int:
@@ -73,28 +119,39 @@ def _serve(settings: Settings, log_level: str) -> int:
 
     from ._app import create_app
 
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ssl_certfile=settings.tls_cert,
-        ssl_keyfile=settings.tls_key,
-        log_level=log_level,
-        proxy_headers=False,
-    )
+    if MasterKey.from_settings(settings) is None:
+        raise no_master_key()
+    # Opened here, not in the app's startup, so a wrong key ends the command with its
+    # message (and before anything is written or served).
+    backend = _open(settings)
+    try:
+        app = create_app(settings, backend=backend)
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            ssl_certfile=settings.tls_cert,
+            ssl_keyfile=settings.tls_key,
+            log_level=log_level,
+            proxy_headers=False,
+        )
+    finally:
+        backend.close()
     return 0
 
 
 def _devices(args: argparse.Namespace, settings: Settings) -> int:
-    with open_backend(settings.db) as backend:
+    if args.action == "add":
+        if not _NAME.fullmatch(args.name):
+            print(
+                "edgepipe-cloud: device names are 1-64 chars of letters, digits, '.', '_', '-'",
+                file=sys.stderr,
+            )
+            return 2
+        if MasterKey.from_settings(settings) is None:
+            raise no_master_key()
+    with _open(settings) as backend:
         if args.action == "add":
-            if not _NAME.fullmatch(args.name):
-                print(
-                    "edgepipe-cloud: device names are 1-64 chars of letters, digits, '.', '_', '-'",
-                    file=sys.stderr,
-                )
-                return 2
             secret = os.urandom(32)
             try:
                 backend.add_device(args.name, secret)
@@ -133,7 +190,7 @@ def _read_password(from_stdin: bool) -> str | None:
 def _users(args: argparse.Namespace, settings: Settings) -> int:
     from ._auth import hash_password
 
-    with open_backend(settings.db) as backend:
+    with _open(settings) as backend:
         if args.action == "add":
             if not _NAME.fullmatch(args.name):
                 print(
@@ -164,6 +221,74 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _master_key(args: argparse.Namespace) -> int:
+    if args.action == "generate":
+        line = generate_master_key_line() + "\n"
+        if args.out is None:
+            sys.stdout.write(line)
+            return 0
+        try:
+            write_new_key_file(args.out, line)
+        except FileExistsError:
+            print(f"edgepipe-cloud: {args.out} exists; not overwriting a key", file=sys.stderr)
+            return 1
+        print(f"master key written to {args.out} (mode 0600)", file=sys.stderr)
+        return 0
+    settings = Settings.from_env(db=args.db, master_key_file=args.master_key_file)
+    key = MasterKey.from_settings(settings)
+    if key is None:
+        raise no_master_key()
+    if not args.keep_key and key.path is None:
+        raise MasterKeyError(
+            f"the master key comes from {key.source}, which edgepipe-cloud cannot change: put "
+            "a new line ('edgepipe-cloud master-key generate') after the old one there, restart "
+            "the receivers, then run 'edgepipe-cloud master-key rotate --keep-key'"
+        )
+    # The current key must open this database before the key file is touched.
+    with open_backend(settings.db, master_key=key) as backend:
+        old = key.ids
+        if not args.keep_key:
+            assert key.path is not None
+            _append_key_line(key.path, generate_master_key_line())
+            key = MasterKey.from_file(key.path)
+            backend.master_key = key
+        n = backend.rewrap_secrets()
+    stale = [k for k in old if k != key.active_id]
+    print(f"re-sealed {n} device secret(s) with master key {key.active_id!r}", file=sys.stderr)
+    if stale:
+        print(
+            f"no device secret needs key(s) {', '.join(stale)} any more: remove their lines from "
+            f"{key.source} once no backup of the database made before now is needed",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _append_key_line(path: os.PathLike[str] | str, line: str) -> None:
+    """Add ``line`` as the new last (active) line of the key file: a new 0600 file renamed
+    over the old one, so a crash leaves the old or the new file, never half of one."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_symlink():
+        raise MasterKeyError(
+            f"{path} is a link (a mounted Secret?): update the Secret with a new last line "
+            "('edgepipe-cloud master-key generate'), restart the receivers, then run "
+            "'edgepipe-cloud master-key rotate --keep-key'"
+        )
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text += "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    write_new_key_file(tmp, text + line + "\n")
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -175,11 +300,15 @@ def main(argv: list[str] | None = None) -> int:
                 max_body_mb=args.max_body_mb,
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
+                master_key_file=args.master_key_file,
             )
             return _serve(settings, args.log_level)
+        if args.command == "master-key":
+            return _master_key(args)
+        settings = Settings.from_env(db=args.db, master_key_file=args.master_key_file)
         if args.command == "users":
-            return _users(args, Settings.from_env(db=args.db))
-        return _devices(args, Settings.from_env(db=args.db))
+            return _users(args, settings)
+        return _devices(args, settings)
     except ValidationError as exc:
         errors = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()

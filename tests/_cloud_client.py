@@ -178,17 +178,25 @@ def pg_schema_url() -> Iterator[str]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+def new_master_key(*lines: str) -> Any:
+    """A master key of ``lines`` (key lines), or of one fresh key."""
+    from cloud import MasterKey
+    from cloud._secrets import generate_master_key_line
+
+    return MasterKey.parse("\n".join(lines or [generate_master_key_line()]), "test key")
+
+
 @contextmanager
 def open_test_backend(kind: str, tmp: Path) -> Iterator[Any]:
-    """A fresh receiver backend: ``kind`` "sqlite" (a file in ``tmp``) or "postgres" (a
-    schema of its own, dropped afterwards)."""
+    """A fresh receiver backend with a master key of its own: ``kind`` "sqlite" (a file in
+    ``tmp``) or "postgres" (a schema of its own, dropped afterwards)."""
     from cloud import open_backend
 
     if kind == "sqlite":
-        with open_backend(f"sqlite:///{tmp / 'cloud.db'}") as b:
+        with open_backend(f"sqlite:///{tmp / 'cloud.db'}", master_key=new_master_key()) as b:
             yield b
     else:
-        with pg_schema_url() as url, open_backend(url) as b:
+        with pg_schema_url() as url, open_backend(url, master_key=new_master_key()) as b:
             yield b
 
 

@@ -30,6 +30,37 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+def key_file(tmp_path: Path, name: str = "master.key") -> Path:
+    path = tmp_path / name
+    r = cli("master-key", "generate", "--out", str(path))
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def start_serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple:
+    """``edgepipe-cloud serve ARGS`` on a free port; -> (process, url, log path)."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cloud.cli", "serve", "--port", str(port), *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(url + "/v1/ping").status_code == 200:
+                return proc, url, log
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,12 +69,14 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_devices_add_list_remove(tmp_path: Path, kind: str) -> None:
+    key = str(key_file(tmp_path))
+
     def run(db: str) -> None:
-        added = cli("devices", "--db", db, "add", "pump-7")
+        added = cli("devices", "--db", db, "--master-key-file", key, "add", "pump-7")
         assert added.returncode == 0, added.stderr
         secret = added.stdout.strip()
         assert len(bytes.fromhex(secret)) == 32
-        again = cli("devices", "--db", db, "add", "pump-7")
+        again = cli("devices", "--db", db, "--master-key-file", key, "add", "pump-7")
         assert again.returncode == 1 and "already exists" in again.stderr
         assert secret not in again.stdout + again.stderr
         listed = cli("devices", "--db", db, "list")
@@ -72,11 +105,13 @@ def test_bad_device_name_and_settings(tmp_path: Path) -> None:
 
 def test_serve_from_environment(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'cloud.db'}"
-    secret = bytes.fromhex(cli("devices", "--db", db, "add", "gw-1").stdout.strip())
+    key = {"EDGEPIPE_CLOUD_MASTER_KEY": cli("master-key", "generate").stdout}  # the key itself
+    secret = bytes.fromhex(cli("devices", "--db", db, "add", "gw-1", env=key).stdout.strip())
     port = free_port()
     log = tmp_path / "serve.log"
     env = {
         **os.environ,
+        **key,
         "PYTHONPATH": str(REPO),
         "EDGEPIPE_CLOUD_DB": db,
         "EDGEPIPE_CLOUD_API_TOKEN": "tok-123",
@@ -140,6 +175,8 @@ def test_serve_tls(tmp_path: Path) -> None:
                 str(cert),
                 "--tls-key",
                 str(key),
+                "--master-key-file",
+                str(key_file(tmp_path)),
             ],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -162,3 +199,82 @@ def test_serve_tls(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
+
+
+def test_master_key_generate(tmp_path: Path) -> None:
+    path = key_file(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    kid, material = path.read_text().split()
+    again = cli("master-key", "generate", "--out", str(path))
+    assert again.returncode == 1 and "not overwriting" in again.stderr
+    assert path.read_text().split() == [kid, material]
+    assert cli("master-key", "generate").stdout.split()[1] != material
+
+
+def test_serve_refuses_a_missing_or_wrong_master_key(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'cloud.db'}"
+    right, wrong = key_file(tmp_path, "right.key"), key_file(tmp_path, "wrong.key")
+    added = cli("devices", "--db", db, "add", "gw-1")
+    assert added.returncode == 1 and "no master key configured" in added.stderr
+    assert (
+        cli("devices", "--db", db, "--master-key-file", str(right), "add", "gw-1").returncode == 0
+    )
+    before = (tmp_path / "cloud.db").read_bytes()
+    r = cli("serve", "--db", db, "--port", str(free_port()))
+    assert r.returncode == 1 and "no master key configured" in r.stderr
+    assert "master-key generate" in r.stderr
+    r = cli("serve", "--db", db, "--port", str(free_port()), "--master-key-file", str(wrong))
+    assert r.returncode == 1 and "wrong master key" in r.stderr and "Traceback" not in r.stderr
+    right.chmod(0o644)
+    r = cli("serve", "--db", db, "--port", str(free_port()), "--master-key-file", str(right))
+    assert r.returncode == 1 and "chmod 600" in r.stderr
+    assert (tmp_path / "cloud.db").read_bytes() == before  # nothing was written
+
+
+def test_rotation_while_serving(tmp_path: Path) -> None:
+    """A receiver started before the rotation keeps authenticating the devices afterwards
+    (it picks up the new key line from its file), and one started after it too."""
+    db = f"sqlite:///{tmp_path / 'cloud.db'}"
+    key = key_file(tmp_path)
+    env = {"EDGEPIPE_CLOUD_DB": db, "EDGEPIPE_CLOUD_MASTER_KEY_FILE": str(key)}
+    secret = bytes.fromhex(cli("devices", "add", "gw-1", env=env).stdout.strip())
+    old_id = key.read_text().split()[0]
+    proc, url, log = start_serve(tmp_path, "--host", "127.0.0.1", env=env)
+    try:
+        dev = DeviceClient(url, "gw-1", secret)
+        assert dev.upload([make_batch(1, series_readings(2))]).json()["acked"] == [1]
+        r = cli("master-key", "rotate", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "re-sealed 1 device secret" in r.stderr and old_id in r.stderr
+        lines = key.read_text().splitlines()
+        assert len(lines) == 2 and lines[0].split()[0] == old_id
+        assert key.stat().st_mode & 0o777 == 0o600
+        assert dev.upload([make_batch(2, series_readings(2))]).json()["acked"] == [2]
+        dev.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    key.write_text(lines[1] + "\n")  # the old line is no longer needed
+    proc, url, log = start_serve(tmp_path, "--host", "127.0.0.1", env=env)
+    try:
+        dev = DeviceClient(url, "gw-1", secret)
+        assert dev.upload([make_batch(3, series_readings(2))]).json()["acked"] == [3]
+        dev.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    assert secret.hex() not in log.read_text()
+
+
+def test_rotate_needs_a_changeable_key(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'cloud.db'}"
+    env = {
+        "EDGEPIPE_CLOUD_DB": db,
+        "EDGEPIPE_CLOUD_MASTER_KEY": cli("master-key", "generate").stdout,
+    }
+    assert cli("devices", "add", "gw-1", env=env).returncode == 0
+    r = cli("master-key", "rotate", env=env)
+    assert r.returncode == 1 and "--keep-key" in r.stderr
+    env["EDGEPIPE_CLOUD_MASTER_KEY"] += cli("master-key", "generate").stdout
+    r = cli("master-key", "rotate", "--keep-key", env=env)
+    assert r.returncode == 0 and "re-sealed 1 device secret" in r.stderr

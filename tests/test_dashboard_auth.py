@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _cloud_client import DeviceClient, LiveServer, make_batch, new_device
+from _cloud_client import DeviceClient, LiveServer, make_batch, new_device, new_master_key
 
 from cloud import Backend, Settings, create_app, open_backend
 from cloud._auth import LoginLimiter, hash_password
@@ -26,7 +26,7 @@ TOKEN = "api-token-for-scripts"
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     path = tmp_path_factory.mktemp("dash-auth") / "cloud.db"
-    with open_backend(f"sqlite:///{path}") as b:
+    with open_backend(f"sqlite:///{path}", master_key=new_master_key()) as b:
         b.add_operator("alice", hash_password(PASSWORD))
         yield b
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import msgpack
 import pytest
-from _cloud_client import make_batch, new_device, open_test_backend
+from _cloud_client import make_batch, new_device, new_master_key, open_test_backend
 
 from cloud import Backend, ReadingsQuery, open_backend
 from cloud._backend import ROLLUP_MS, OperatorExists
@@ -131,7 +131,7 @@ def test_rollup_agrees_with_raw_downsampling(backend: Backend) -> None:
 
 def test_rollup_is_built_for_an_existing_database(tmp_path) -> None:
     path = tmp_path / "old.db"
-    with open_backend(f"sqlite:///{path}") as b:
+    with open_backend(f"sqlite:///{path}", master_key=new_master_key()) as b:
         name, _ = new_device(b, "old")
         _ingest(b, name, 1, [("s", "m", None, T0 + i * 60_000, float(i), 0) for i in range(120)])
         with b._write() as cur:  # as written by a receiver without the rollup

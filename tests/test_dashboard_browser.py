@@ -42,7 +42,7 @@ CLI = [sys.executable, "-c", "import sys; from cloud.cli import main; sys.exit(m
 def _cli(rx: Receiver, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     group, *rest = args
     return subprocess.run(
-        [*CLI, group, "--db", rx.db, *rest],
+        [*CLI, group, "--db", rx.db, "--master-key-file", str(rx.master_key_file), *rest],
         input=stdin,
         capture_output=True,
         text=True,

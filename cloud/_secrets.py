@@ -1,0 +1,251 @@
+"""Device secrets at rest: sealed with the receiver's master key.
+
+The receiver must keep each device's HMAC secret (it verifies signatures with it), so a copy
+of its database would otherwise let anyone sign uploads as any device.  Every secret is
+stored sealed with AES-256-GCM under a *master key* that lives outside the database: a 0600
+file (``EDGEPIPE_CLOUD_MASTER_KEY_FILE``, ``--master-key-file``) or an environment variable
+(``EDGEPIPE_CLOUD_MASTER_KEY``).
+
+The master key uses the edge store's key-line format (:func:`storage.generate_key_line`):
+one ``<key id> <base64url of 32 random bytes>`` per line, the last line is the active key
+(new and re-wrapped secrets), older lines keep secrets sealed with them readable until
+``edgepipe-cloud master-key rotate`` has re-wrapped them.
+
+Each row stores ``(key id, base64url(nonce || ciphertext))``.  The associated data binds the
+ciphertext to the device name and the key id, so a row copied to another device, or relabelled
+with another key id, fails authentication.  For every key id the database also keeps a *key
+check* (a fixed text sealed with that key), so a wrong master key is refused when the
+receiver starts, before it writes anything, even in a database without devices.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+from ._errors import CloudError
+
+__all__ = [
+    "MasterKey",
+    "MasterKeyError",
+    "SecretUnreadable",
+    "generate_master_key_line",
+    "write_new_key_file",
+]
+
+#: Layout of the associated data; bound into every ciphertext.
+SECRET_FORMAT = 1
+_CHECK_TEXT = b"edgepipe-cloud master key check"
+#: A file-backed master key is re-read at most this often when a row names an unknown key
+#: id (another process rotated to a key added to the file after this one started).
+_RELOAD_EVERY_S = 2.0
+
+
+class MasterKeyError(CloudError):
+    """The master key is missing, unreadable, or not the one this database was sealed with."""
+
+
+class SecretUnreadable(CloudError):
+    """A stored device secret failed authentication: modified, or moved from another device."""
+
+    def __init__(self, device: str, key_id: str | None, reason: str) -> None:
+        self.device, self.key_id = device, key_id
+        super().__init__(f"the stored secret of device {device!r} cannot be used: {reason}")
+
+
+def no_master_key() -> MasterKeyError:
+    return MasterKeyError(
+        "no master key configured: device secrets are stored sealed with it; set "
+        "EDGEPIPE_CLOUD_MASTER_KEY_FILE or --master-key-file (a 0600 file), or "
+        "EDGEPIPE_CLOUD_MASTER_KEY; 'edgepipe-cloud master-key generate --out FILE' makes one"
+    )
+
+
+def _b64e(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def _b64d(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def generate_master_key_line(key_id: str | None = None) -> str:
+    """A new random key line (the edge store's format, ``<key id> <base64url key>``)."""
+    from storage._crypto import generate_key_line
+
+    return generate_key_line(key_id)
+
+
+def write_new_key_file(path: str | Path, text: str) -> None:
+    """Create ``path`` with mode 0600 and ``text``; never overwrites an existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _aad(device: str, key_id: str) -> bytes:
+    d, k = device.encode(), key_id.encode()
+    return b"edgepipe-cloud/device-secret/v%d|%d:%s|%d:%s" % (SECRET_FORMAT, len(d), d, len(k), k)
+
+
+def _check_aad(key_id: str) -> bytes:
+    k = key_id.encode()
+    return b"edgepipe-cloud/key-check/v%d|%d:%s" % (SECRET_FORMAT, len(k), k)
+
+
+class MasterKey:
+    """The receiver's master keyring.  Never printable; ``source`` says where it came from."""
+
+    def __init__(self, keys: dict[str, bytes], active_id: str, source: str) -> None:
+        self.source = source
+        self._path: Path | None = None
+        self._lock = threading.Lock()
+        self._next_reload = 0.0
+        self._install(keys, active_id)
+
+    def _install(self, keys: dict[str, bytes], active_id: str) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if active_id not in keys:
+            raise MasterKeyError(f"active key {active_id!r} is not in the master key")
+        # One dict assignment: readers in other threads see the old or the new set, whole.
+        self._aead = {kid: AESGCM(key) for kid, key in keys.items()}
+        self.active_id = active_id
+
+    def __repr__(self) -> str:
+        return f"<MasterKey {len(self._aead)} key(s), active {self.active_id!r} from {self.source}>"
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._aead)
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str, source: str) -> MasterKey:
+        from pipeline._errors import KeyError_
+        from storage._crypto import Keyring
+
+        try:
+            ring = Keyring.parse(text, source)
+        except KeyError_ as exc:
+            raise MasterKeyError(f"master key: {exc}") from None
+        return cls({kid: ring.key(kid) for kid in ring.ids}, ring.active_id, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> MasterKey:
+        path = Path(path)
+        key = cls.parse(_read_key_file(path), str(path))
+        key._path = path
+        return key
+
+    @classmethod
+    def from_settings(cls, settings: object) -> MasterKey | None:
+        """From :class:`cloud.Settings` (``master_key_file`` or ``master_key``), or None."""
+        file = getattr(settings, "master_key_file", None)
+        if file:
+            return cls.from_file(file)
+        inline = getattr(settings, "master_key", None)
+        if inline is not None:
+            return cls.parse(inline.get_secret_value(), "$EDGEPIPE_CLOUD_MASTER_KEY")
+        return None
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def _reload(self) -> bool:
+        """Re-read the key file (rate-limited); True if it now has more keys."""
+        if self._path is None:
+            return False
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_reload:
+                return False
+            self._next_reload = now + _RELOAD_EVERY_S
+            try:
+                fresh = MasterKey.from_file(self._path)
+            except MasterKeyError:
+                return False
+            if set(fresh._aead) <= set(self._aead):
+                return False
+            # Keys this process already has stay usable even if their lines were removed.
+            self._aead = {**fresh._aead, **self._aead}
+            self.active_id = fresh.active_id  # the file decides which key seals new secrets
+            return True
+
+    # -- sealing ---------------------------------------------------------------------------
+    def seal(self, device: str, secret: bytes) -> tuple[str, str]:
+        """-> (key id, base64url(nonce || ciphertext)) for the ``devices`` row of ``device``."""
+        kid = self.active_id
+        nonce = os.urandom(12)
+        return kid, _b64e(nonce + self._aead[kid].encrypt(nonce, secret, _aad(device, kid)))
+
+    def open(self, device: str, key_id: str, sealed: str) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        aead = self._aead.get(key_id)
+        if aead is None and self._reload():
+            aead = self._aead.get(key_id)
+        if aead is None:
+            raise MasterKeyError(
+                f"the secret of device {device!r} is sealed with master key {key_id!r}, which "
+                f"the master key from {self.source} does not have (wrong key, or its line was "
+                "removed before 'edgepipe-cloud master-key rotate' finished)"
+            )
+        try:
+            blob = _b64d(sealed)
+            return aead.decrypt(blob[:12], blob[12:], _aad(device, key_id))
+        except (InvalidTag, ValueError):
+            raise SecretUnreadable(
+                device,
+                key_id,
+                f"it fails authentication with master key {key_id!r} (modified, or copied "
+                "from another device's row); remove the device and add it again",
+            ) from None
+
+    def check_value(self, key_id: str | None = None) -> tuple[str, str]:
+        """-> (key id, key check) for the active key or ``key_id``."""
+        kid = key_id or self.active_id
+        nonce = os.urandom(12)
+        return kid, _b64e(nonce + self._aead[kid].encrypt(nonce, _CHECK_TEXT, _check_aad(kid)))
+
+    def verify_check(self, key_id: str, value: str) -> bool:
+        from cryptography.exceptions import InvalidTag
+
+        aead = self._aead.get(key_id)
+        if aead is None:
+            return False
+        try:
+            blob = _b64d(value)
+            return aead.decrypt(blob[:12], blob[12:], _check_aad(key_id)) == _CHECK_TEXT
+        except (InvalidTag, ValueError):
+            return False
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        st = path.stat()  # follows symlinks: Kubernetes Secret mounts are links
+    except OSError as e:
+        raise MasterKeyError(f"cannot read master key file {path}: {e.strerror}") from None
+    # A Kubernetes Secret volume (kubelet layout: FILE -> ..data/FILE) with fsGroup is
+    # 0440 root:<pod group>: readable by the pod's own group is accepted there.
+    secret_mount = path.is_symlink() and (path.parent / "..data").is_symlink()
+    forbidden = stat.S_IRWXO | (stat.S_IWGRP | stat.S_IXGRP if secret_mount else stat.S_IRWXG)
+    if st.st_mode & forbidden:
+        fix = f"run: chmod 600 {path}"
+        if secret_mount:
+            fix = "set defaultMode: 0400 on the Secret volume (0440 with fsGroup is fine)"
+        raise MasterKeyError(
+            f"master key file {path} is readable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); {fix}"
+        )
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise MasterKeyError(f"cannot read master key file {path}: {e.strerror}") from None
