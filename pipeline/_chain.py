@@ -44,7 +44,9 @@ _RECORDS = METRICS.counter(
     ("stage", "direction"),
 )
 _DROPPED = METRICS.counter(
-    "edgepipe_readings_dropped_total", "Readings dropped, by stage and reason", ("stage", "reason")
+    "edgepipe_readings_dropped_total",
+    "Readings dropped, by stage and reason (filtered, aggregated, dead_letter; stage store: quota)",
+    ("stage", "reason"),
 )
 _EMITTED = METRICS.counter(
     "edgepipe_readings_emitted_total",

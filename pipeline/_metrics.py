@@ -51,6 +51,10 @@ class Metrics:
         want = [(i, str(labels[lbl])) for i, lbl in enumerate(m.labels) if lbl in labels]
         return sum(v for key, v in m.values.items() if all(key[i] == x for i, x in want))
 
+    def describe(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """(name, kind, labels, help) of every registered metric, in registration order."""
+        return [(m.name, m.kind, m.labels, m.help) for m in self._metrics.values()]
+
     def snapshot(self) -> dict[str, dict[tuple[str, ...], float]]:
         return {name: dict(m.values) for name, m in self._metrics.items()}
 

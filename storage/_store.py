@@ -49,7 +49,9 @@ T = TypeVar("T")
 _committed = METRICS.counter("edgepipe_store_batches_total", "batches committed to the store")
 _stored = METRICS.counter("edgepipe_readings_stored_total", "readings durably stored")
 _dropped = METRICS.counter(
-    "edgepipe_readings_dropped_total", "readings dropped, by stage and reason", ["stage", "reason"]
+    "edgepipe_readings_dropped_total",
+    "Readings dropped, by stage and reason (filtered, aggregated, dead_letter; stage store: quota)",
+    ["stage", "reason"],
 )
 _dl_dropped = METRICS.counter(
     "edgepipe_dead_letters_dropped_total", "dead letters evicted to stay within the quota"

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,24 @@ def test_schema_is_json_schema_and_docs_are_current():
     assert (REPO / "docs/configuration.md").read_text() == md, (
         "docs/configuration.md is stale: edgepipe schema --format markdown -o docs/configuration.md"
     )
+
+
+def test_metrics_reference_is_current_and_complete(tmp_path, broker, keyfile, edge):
+    r = edgepipe("metrics")
+    assert r.returncode == 0, r.stderr
+    assert (REPO / "docs/metrics.md").read_text() == r.stdout, (
+        "docs/metrics.md is stale: edgepipe metrics -o docs/metrics.md"
+    )
+    documented = {line.split("`")[1] for line in r.stdout.splitlines() if line.startswith("| `")}
+    # everything a running edge process serves is in the reference
+    port = free_port()
+    proc = edge(make_config(tmp_path, broker, keyfile, metrics={"listen": f"127.0.0.1:{port}"}))
+    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        served = {x.split()[2] for x in resp.read().decode().splitlines() if x.startswith("# HELP")}
+    assert proc.terminate() == 0
+    assert len(served) > 20
+    assert served <= documented, f"not in docs/metrics.md: {sorted(served - documented)}"
 
 
 def test_cli_usage_errors():

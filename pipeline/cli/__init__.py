@@ -30,6 +30,7 @@ COMMANDS = (
     "keys",
     "export",
     "status",
+    "metrics",
 )
 
 
