@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import os
-import stat
 import threading
 import time
 from pathlib import Path
@@ -140,7 +139,9 @@ class MasterKey:
     @classmethod
     def from_file(cls, path: str | Path) -> MasterKey:
         path = Path(path)
-        key = cls.parse(_read_key_file(path), str(path))
+        from storage._crypto import read_key_file
+
+        key = cls.parse(read_key_file(path, "master key", MasterKeyError), str(path))
         key._path = path
         return key
 
@@ -226,26 +227,3 @@ class MasterKey:
             return aead.decrypt(blob[:12], blob[12:], _check_aad(key_id)) == _CHECK_TEXT
         except (InvalidTag, ValueError):
             return False
-
-
-def _read_key_file(path: Path) -> str:
-    try:
-        st = path.stat()  # follows symlinks: Kubernetes Secret mounts are links
-    except OSError as e:
-        raise MasterKeyError(f"cannot read master key file {path}: {e.strerror}") from None
-    # A Kubernetes Secret volume (kubelet layout: FILE -> ..data/FILE) with fsGroup is
-    # 0440 root:<pod group>: readable by the pod's own group is accepted there.
-    secret_mount = path.is_symlink() and (path.parent / "..data").is_symlink()
-    forbidden = stat.S_IRWXO | (stat.S_IWGRP | stat.S_IXGRP if secret_mount else stat.S_IRWXG)
-    if st.st_mode & forbidden:
-        fix = f"run: chmod 600 {path}"
-        if secret_mount:
-            fix = "set defaultMode: 0400 on the Secret volume (0440 with fsGroup is fine)"
-        raise MasterKeyError(
-            f"master key file {path} is readable by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); {fix}"
-        )
-    try:
-        return path.read_text()
-    except OSError as e:
-        raise MasterKeyError(f"cannot read master key file {path}: {e.strerror}") from None

@@ -123,28 +123,7 @@ class Keyring:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Keyring:
-        path = Path(path)
-        try:
-            st = path.stat()  # follows symlinks: Kubernetes Secret mounts are links
-        except OSError as e:
-            raise KeyError_(f"cannot read store key file {path}: {e.strerror}") from None
-        # A Kubernetes Secret volume (kubelet layout: FILE -> ..data/FILE) with fsGroup is
-        # 0440 root:<pod group>: readable by the pod's own group is accepted there.
-        secret_mount = path.is_symlink() and (path.parent / "..data").is_symlink()
-        forbidden = stat.S_IRWXO | (stat.S_IWGRP | stat.S_IXGRP if secret_mount else stat.S_IRWXG)
-        if st.st_mode & forbidden:
-            fix = f"run: chmod 600 {path}"
-            if secret_mount:  # the mode comes from the pod spec
-                fix = "set defaultMode: 0400 on the Secret volume (0440 with fsGroup is fine)"
-            raise KeyError_(
-                f"store key file {path} is readable by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); {fix}"
-            )
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise KeyError_(f"cannot read store key file {path}: {e.strerror}") from None
-        return cls.parse(text, str(path))
+        return cls.parse(read_key_file(path, "store key", KeyError_), str(path))
 
     @classmethod
     def from_secret(cls, secret: object) -> Keyring:
@@ -201,3 +180,28 @@ class Sealer:
                 table=table,
                 seq=row if isinstance(row, int) else None,
             ) from None
+
+
+def read_key_file(path: str | Path, what: str, error: type[Exception]) -> str:
+    """The text of a key file, refused (``error``) when others can read it: group or others
+    for a plain file; others for a Kubernetes Secret mount, whose mode comes from the pod
+    spec and which is 0440 root:<pod group> with fsGroup."""
+    path = Path(path)
+    try:
+        st = path.stat()  # follows symlinks: Kubernetes Secret mounts are links
+    except OSError as e:
+        raise error(f"cannot read {what} file {path}: {e.strerror}") from None
+    secret_mount = path.is_symlink() and (path.parent / "..data").is_symlink()
+    forbidden = stat.S_IRWXO | (stat.S_IWGRP | stat.S_IXGRP if secret_mount else stat.S_IRWXG)
+    if st.st_mode & forbidden:
+        fix = f"run: chmod 600 {path}"
+        if secret_mount:
+            fix = "set defaultMode: 0400 on the Secret volume (0440 with fsGroup is fine)"
+        raise error(
+            f"{what} file {path} is readable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); {fix}"
+        )
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise error(f"cannot read {what} file {path}: {e.strerror}") from None
