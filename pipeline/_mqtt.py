@@ -100,6 +100,9 @@ class _Client(paho.Client):
             return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
         if not data:
             return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        lost = False
+        if isinstance(self._sock, ssl.SSLSocket):
+            data, lost = self._more_records(data)
         with self._msgtime_mutex:
             self._last_bytes_received = paho.time_func()
         buf = self._rest + data if self._rest else data
@@ -146,7 +149,32 @@ class _Client(paho.Client):
                     return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
             pos = end
         self._rest = buf[pos:] if pos < n else b""
+        if lost:  # after handling the packets that came before the end
+            return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
         return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _more_records(self, data: bytes) -> tuple[bytes, bool]:
+        """TLS: an SSL socket returns one record per ``recv`` (at most 16 KiB, and mosquitto
+        writes each packet as a record of its own), so read on until the socket would block
+        or ``_RECV_SIZE`` is reached: one wake then handles a burst, as over plain TCP.
+        Each ``recv`` asks for ``_RECV_SIZE``, more than a record holds, so no decrypted
+        bytes stay behind in the SSL object where the selector cannot see them.
+        Returns (the bytes, whether the connection ended after them)."""
+        chunks = [data]
+        size = len(data)
+        while size < _RECV_SIZE:
+            try:
+                more = self._sock_recv(_RECV_SIZE)
+            except BlockingIOError:
+                break  # SSLWantRead: nothing more yet (paho registers a WantWrite)
+            except OSError as err:
+                log.debug("receive failed: %s", err)
+                more = b""
+            if not more:
+                return b"".join(chunks), True
+            chunks.append(more)
+            size += len(more)
+        return (b"".join(chunks) if len(chunks) > 1 else data), False
 
     def _handle_other(self, cmd: int, body: bytes) -> paho.MQTTErrorCode:
         self._in_packet = {
@@ -585,6 +613,7 @@ class MQTTClient:
         pending = self._pending
         self._now_ms = int(time.time() * 1000)
         before = len(pending)
+        self.stats["reader_wakes"] += 1
         for _ in range(_READS_PER_WAKE):
             sock = c.socket()
             if sock is None or self._paused:

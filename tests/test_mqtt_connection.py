@@ -47,6 +47,15 @@ def _write_pki(d: Path) -> dict[str, Path]:
     }
 
 
+def _listeners(pki: dict[str, Path], plain: int, tls: int) -> str:
+    """mosquitto configuration: a plain listener and a TLS one with the server certificate."""
+    return (
+        f"listener {plain} 127.0.0.1\n"
+        f"listener {tls} 127.0.0.1\n"
+        f"cafile {pki['ca_crt']}\ncertfile {pki['server_crt']}\nkeyfile {pki['server_key']}\n"
+    )
+
+
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
@@ -56,10 +65,7 @@ def _scrape(port: int) -> str:
 def test_mutual_tls(tmp_path, keyfile, edge):
     pki = _write_pki(tmp_path)
     plain, tls = free_port(), free_port()
-    extra = (
-        f"listener {plain} 127.0.0.1\n"
-        f"listener {tls} 127.0.0.1\n"
-        f"cafile {pki['ca_crt']}\ncertfile {pki['server_crt']}\nkeyfile {pki['server_key']}\n"
+    extra = _listeners(pki, plain, tls) + (
         "require_certificate true\nuse_identity_as_username true\n"
     )
     with Mosquitto(port=plain, extra=extra) as b:
@@ -91,6 +97,56 @@ def test_mutual_tls(tmp_path, keyfile, edge):
         wait_for(lambda: "cannot connect" in proc2.output(), 20, "TLS refusal logged")
         assert proc2.alive()
         assert "connected to" not in proc2.output()
+
+
+@pytest.mark.timeout(120)
+def test_tls_backlog_is_read_in_bursts(tmp_path):
+    # mosquitto writes every packet as a TLS record of its own and an SSL socket returns
+    # one record per recv: a backlog must still be read many packets per wake of the
+    # reader (as over plain TCP), not one event-loop pass per message
+    pki = _write_pki(tmp_path)
+    plain, tls = free_port(), free_port()
+    extra = _listeners(pki, plain, tls)
+    msgs = [(f"burst/{i % 7}", seq_message(i)[1]) for i in range(900)]
+    cfg = BrokerConfig(
+        host="127.0.0.1",
+        port=tls,
+        client_id="edgepipe-tls-burst",
+        status_topic=None,
+        tls={"ca_file": str(pki["ca_crt"])},
+    )
+
+    async def subscribe() -> None:  # a persistent session that holds the subscription
+        async with MQTTClient(cfg, [("burst/#", 1)], device_id="b") as m:
+            await m.wait_connected(10)
+            while not m.stats["subscribed"]:
+                await asyncio.sleep(0.01)
+
+    async def drain() -> tuple[list, int]:
+        got: list = []
+        async with MQTTClient(cfg, [("burst/#", 1)], device_id="b") as m:
+            await m.wait_connected(10)
+            deadline = time.monotonic() + 30
+            while len(got) < len(msgs) and time.monotonic() < deadline:
+                try:
+                    batch = await asyncio.wait_for(m.get_batch(1000, 0), 1)
+                except TimeoutError:
+                    continue
+                m.ack(batch)
+                got += batch
+            return got, m.stats["reader_wakes"]
+
+    with Mosquitto(port=plain, extra=extra) as b:
+        asyncio.run(subscribe())
+        pub = Publisher(b, msgs)  # queued by the broker while edgepipe is offline
+        pub.start()
+        pub.join_ok()
+        got, wakes = asyncio.run(drain())
+    assert len(got) == len(msgs)
+    assert [(g.topic, g.payload) for g in got] == msgs
+    # the 900 queued messages (~80 KB) go out at once on reconnect: a handful of 64 KiB
+    # reads, against 900 wakes when each wake read a single TLS record
+    assert wakes <= len(msgs) // 10, wakes
 
 
 # -- username / password ----------------------------------------------------------------
