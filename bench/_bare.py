@@ -1,4 +1,8 @@
-"""The ceiling: a bare paho-mqtt subscriber that only counts messages (auto ack)."""
+"""The ceiling: a bare paho-mqtt subscriber that only counts messages (auto ack).
+
+    python -m bench._bare HOST PORT TOPIC QOS EXPECTED OUT.json [CA.pem]
+
+With CA.pem (the CA that signed the broker's certificate) it connects over TLS."""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import sys
 import time
 
 
-def main(host: str, port: int, topic: str, qos: int, expected: int, out: str) -> None:
+def main(
+    host: str, port: int, topic: str, qos: int, expected: int, out: str, ca: str | None = None
+) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -35,6 +41,8 @@ def main(host: str, port: int, topic: str, qos: int, expected: int, out: str) ->
         clean_session=True,
     )
     c.on_message, c.on_connect, c.on_subscribe = on_message, on_connect, on_subscribe
+    if ca is not None:
+        c.tls_set(ca_certs=ca)
     c.connect(host, port, keepalive=60)
     deadline = time.time() + 600
     while state["n"] < expected and time.time() < deadline:
@@ -45,4 +53,4 @@ def main(host: str, port: int, topic: str, qos: int, expected: int, out: str) ->
 
 if __name__ == "__main__":
     h, p, t, q, e, o = sys.argv[1:7]
-    main(h, int(p), t, int(q), int(e), o)
+    main(h, int(p), t, int(q), int(e), o, *sys.argv[7:8])

@@ -1,10 +1,12 @@
 """Load generation for the benchmarks: publisher processes that are not the bottleneck.
 
-``run_publishers(host, port, total, procs=2, qos=1, rate=None)`` starts ``procs`` separate
-processes, each publishing its share of ``total`` JSON readings ({"seq", "value", "ts"}) on
-``bench/<device>/<metric>`` as fast as the broker takes them (in-flight window 1000), or
-paced at ``rate`` messages/s in all.  Each payload carries its publish time as ``ts`` (epoch
-seconds with microseconds), so a consumer can compute publish-to-commit latency.
+``run_publishers(host, port, total, procs=2, qos=1, rate=None, ca=None)`` starts ``procs``
+separate processes, each publishing its share of ``total`` JSON readings ({"seq", "value",
+"ts"}) on ``bench/<device>/<metric>`` as fast as the broker takes them (in-flight window
+1000), or paced at ``rate`` messages/s in all.  Each payload carries its publish time as
+``ts`` (epoch seconds with microseconds), so a consumer can compute publish-to-commit
+latency.  With ``ca`` (the PEM of the CA that signed the broker's certificate) they connect
+over TLS.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import time
+from pathlib import Path
 from typing import Any
 
 __all__ = ["TOPIC", "run_publishers", "start_publishers"]
@@ -28,6 +31,7 @@ def _publisher(
     rate: float | None,
     start_at: float,
     out: Any,
+    ca: str | None = None,
 ) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -37,6 +41,8 @@ def _publisher(
     )
     c.max_inflight_messages_set(1000)
     c.max_queued_messages_set(0)
+    if ca is not None:
+        c.tls_set(ca_certs=ca)
     c.connect(host, port, keepalive=60)
     c.loop_start()
     delay = start_at - time.time()
@@ -74,6 +80,7 @@ def start_publishers(
     qos: int = 1,
     rate: float | None = None,
     delay: float = 0.5,
+    ca: Path | None = None,
 ) -> tuple[list[Any], Any]:
     """Start the publisher processes; returns (processes, result queue)."""
     ctx = mp.get_context("spawn")
@@ -85,7 +92,17 @@ def start_publishers(
         count = per if k < procs - 1 else total - per * (procs - 1)
         p = ctx.Process(
             target=_publisher,
-            args=(host, port, k * per, count, qos, rate / procs if rate else None, start_at, q),
+            args=(
+                host,
+                port,
+                k * per,
+                count,
+                qos,
+                rate / procs if rate else None,
+                start_at,
+                q,
+                str(ca) if ca else None,
+            ),
             daemon=True,
         )
         p.start()

@@ -1,6 +1,7 @@
 """End-to-end benchmark of the edge process, side by side with a bare paho subscriber.
 
     python -m bench.e2e [--messages 40000] [--quick]
+    python -m bench.e2e --tls [--repeats 3]
 
 In one run, on a private mosquitto on loopback:
 
@@ -14,6 +15,12 @@ In one run, on a private mosquitto on loopback:
 
 The load comes from separate publisher processes (bench/_load.py).  Prints a table and
 writes bench/results/e2e.json.  Timings are measurements, never test assertions.
+
+``--tls`` measures what TLS costs instead: throughput at QoS 1 and 0 of edgepipe and of the
+bare subscriber, over plain TCP and over TLS (publishers, subscriber and edgepipe all on
+the broker's TLS listener; server certificate from a throw-away CA, bench/_pki.py), the
+four measurements of each QoS interleaved and repeated, medians reported; and edgepipe's
+peak RSS on each transport.  Writes bench/results/e2e-tls.json.
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
-from pipeline._mosquitto import Mosquitto
+from pipeline._mosquitto import Mosquitto, free_port
 
 from ._load import run_publishers, start_publishers
+from ._pki import ThrowAwayCA
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -47,7 +55,33 @@ def _chain() -> list[dict[str, Any]]:
     return chain
 
 
-def _config(d: Path, broker: Mosquitto, qos: int, chain: bool, client: str) -> Path:
+class TLS(NamedTuple):
+    """The broker's TLS listener: the CA clients verify it with, its certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def issue(cls, d: Path) -> TLS:
+        ca = ThrowAwayCA(d)
+        return cls(ca.path, *ca.issue("broker"))
+
+
+def _broker(d: Path, name: str, tls: TLS | None = None) -> Mosquitto:
+    # a fresh broker per measurement: earlier runs' persistent sessions would keep queuing
+    # every later message and load the broker
+    if tls is None:
+        return Mosquitto(workdir=d / f"broker-{name}")
+    port = free_port()
+    tls_conf = f"cafile {tls.ca}\ncertfile {tls.cert}\nkeyfile {tls.key}\n"
+    extra = f"listener {port} 127.0.0.1\n{tls_conf}"
+    return Mosquitto(port=port, workdir=d / f"broker-{name}", extra=extra)
+
+
+def _config(
+    d: Path, broker: Mosquitto, qos: int, chain: bool, client: str, tls: TLS | None = None
+) -> Path:
     from storage import generate_key_line
 
     key = d / "store.key"
@@ -56,7 +90,12 @@ def _config(d: Path, broker: Mosquitto, qos: int, chain: bool, client: str) -> P
         key.chmod(0o600)
     cfg = {
         "device": {"id": "bench"},
-        "broker": {"host": broker.host, "port": broker.port, "client_id": client},
+        "broker": {
+            "host": broker.host,
+            "port": broker.port,
+            "client_id": client,
+            **({"tls": {"ca_file": str(tls.ca)}} if tls else {}),
+        },
         "subscriptions": [{"topic": "bench/{device}/{metric}", "qos": qos}],
         "chain": _chain() if chain else [],
         "store": {"path": str(d / f"{client}.db"), "key": {"file": str(key)}},
@@ -123,8 +162,11 @@ class Edge:
             self.proc.kill()
 
 
-def _bare(broker: Mosquitto, qos: int, n: int, d: Path, procs: int) -> dict[str, float]:
+def _bare(
+    broker: Mosquitto, qos: int, n: int, d: Path, procs: int, tls: TLS | None = None
+) -> dict[str, float]:
     out = d / f"bare-{qos}.json"
+    out.unlink(missing_ok=True)
     p = subprocess.Popen(
         [
             sys.executable,
@@ -136,6 +178,7 @@ def _bare(broker: Mosquitto, qos: int, n: int, d: Path, procs: int) -> dict[str,
             str(qos),
             str(n),
             str(out),
+            *([str(tls.ca)] if tls else []),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -143,7 +186,7 @@ def _bare(broker: Mosquitto, qos: int, n: int, d: Path, procs: int) -> dict[str,
     )
     assert p.stdout is not None
     p.stdout.readline()  # "subscribed"
-    run_publishers(broker.host, broker.port, n, procs=procs, qos=qos)
+    run_publishers(broker.host, broker.port, n, procs=procs, qos=qos, ca=tls and tls.ca)
     p.wait(600)
     st = json.loads(out.read_text())
     dt = st["last"] - st["first"]
@@ -151,13 +194,19 @@ def _bare(broker: Mosquitto, qos: int, n: int, d: Path, procs: int) -> dict[str,
 
 
 def _edge_throughput(
-    broker: Mosquitto, qos: int, n: int, d: Path, procs: int, chain: bool = True
+    broker: Mosquitto,
+    qos: int,
+    n: int,
+    d: Path,
+    procs: int,
+    chain: bool = True,
+    tls: TLS | None = None,
+    tag: str = "",
 ) -> dict[str, float]:
-    edge = Edge(
-        _config(d, broker, qos, chain, f"edge-q{qos}-{int(chain)}"), d / f"trace-q{qos}.jsonl"
-    )
+    client = f"edge-q{qos}-{int(chain)}{tag}"
+    edge = Edge(_config(d, broker, qos, chain, client, tls), d / f"trace-q{qos}.jsonl")
     edge.wait_subscribed()
-    pubs, q = start_publishers(broker.host, broker.port, n, procs=procs, qos=qos)
+    pubs, q = start_publishers(broker.host, broker.port, n, procs=procs, qos=qos, ca=tls and tls.ca)
     deadline = time.time() + 600
     got = 0
     while time.time() < deadline:
@@ -285,8 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=40_000, help="messages per throughput run")
     ap.add_argument("--publishers", type=int, default=2, help="publisher processes")
     ap.add_argument("--quick", action="store_true", help="small runs (a smoke test)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
+    ap.add_argument(
+        "--tls", action="store_true", help="throughput over TLS against plain TCP (only that)"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="with --tls: runs of each measurement")
+    ap.add_argument("--out", type=Path, help="the JSON (default bench/results/e2e[-tls].json)")
     args = ap.parse_args(argv)
+    out = args.out or RESULTS / ("e2e-tls.json" if args.tls else "e2e.json")
     n = 3000 if args.quick else args.messages
     lat_s = 3 if args.quick else 10
     cold_runs = 2 if args.quick else 5
@@ -299,26 +353,43 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
         d = Path(tmp)
         res["aot_compile_ms"] = _warm_aot_cache(d)
-
-        def broker(name: str) -> Mosquitto:
-            # a fresh broker per measurement: earlier runs' persistent sessions would keep
-            # queuing every later message and load the broker
-            return Mosquitto(workdir=d / f"broker-{name}")
-
-        for qos in (1, 0):
-            with broker(f"bare{qos}") as b:
-                res[f"bare_q{qos}"] = _bare(b, qos, n, d, args.publishers)
-            with broker(f"edge{qos}") as b:
-                res[f"edge_q{qos}"] = _edge_throughput(b, qos, n, d, args.publishers)
-        with broker("latency") as b:
-            res["latency_1000"] = _latency(b, d, 1000, lat_s)
-        with broker("cold") as b:
-            res["cold_start"] = _cold_start(b, d, cold_runs)
-    _print(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nwritten to {args.out}")
+        if args.tls:
+            res.update(_tls_comparison(d, n, args.publishers, 1 if args.quick else args.repeats))
+            _print_tls(res)
+        else:
+            for qos in (1, 0):
+                with _broker(d, f"bare{qos}") as b:
+                    res[f"bare_q{qos}"] = _bare(b, qos, n, d, args.publishers)
+                with _broker(d, f"edge{qos}") as b:
+                    res[f"edge_q{qos}"] = _edge_throughput(b, qos, n, d, args.publishers)
+            with _broker(d, "latency") as b:
+                res["latency_1000"] = _latency(b, d, 1000, lat_s)
+            with _broker(d, "cold") as b:
+                res["cold_start"] = _cold_start(b, d, cold_runs)
+            _print(res)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nwritten to {out}")
     return 0
+
+
+def _tls_comparison(d: Path, n: int, procs: int, repeats: int) -> dict[str, Any]:
+    """Bare subscriber and edgepipe, plain TCP and TLS, QoS 1 and 0: each measurement on a
+    fresh broker, the four of a QoS run back to back (so drift of the machine hits them
+    alike), ``repeats`` times; medians and every run."""
+    tls = TLS.issue(d)
+    runs: dict[str, list[dict[str, float]]] = {}
+    for r in range(repeats):
+        for qos in (1, 0):
+            for name, t in (("plain", None), ("tls", tls)):
+                key = f"{name}_q{qos}"
+                with _broker(d, f"bare-{key}-{r}", t) as b:
+                    runs.setdefault(f"bare_{key}", []).append(_bare(b, qos, n, d, procs, t))
+                with _broker(d, f"edge-{key}-{r}", t) as b:
+                    m = _edge_throughput(b, qos, n, d, procs, tls=t, tag=f"-{name}-{r}")
+                    runs.setdefault(f"edge_{key}", []).append(m)
+    median = {k: {f: statistics.median(m[f] for m in ms) for f in ms[0]} for k, ms in runs.items()}
+    return {"repeats": repeats, "median": median, "runs": runs}
 
 
 def _print(r: dict[str, Any]) -> None:
@@ -348,6 +419,33 @@ def _print(r: dict[str, Any]) -> None:
         f"{cs['exec_to_subscribed_ms']:.0f} ms, exec -> first reading stored "
         f"{cs['exec_to_first_commit_ms']:.0f} ms"
     )
+
+
+def _print_tls(r: dict[str, Any]) -> None:
+    m = r["median"]
+    print(
+        f"\nedgepipe over TLS against plain TCP, {r['messages']:,} messages, {r['publishers']} "
+        f"publisher processes, {r['cpu_count']} CPUs, Python {r['python']}, median of "
+        f"{r['repeats']}"
+    )
+    print(
+        f"{'':34}{'plain msg/s':>12}{'TLS msg/s':>11}{'TLS/plain':>10}{'vs bare':>9}"
+        f"{'RSS plain':>11}{'RSS TLS':>9}"
+    )
+    for qos in (1, 0):
+        for who, label in (("bare", "bare paho subscriber"), ("edge", "edgepipe (3 Wasm, AES)")):
+            p, t = m[f"{who}_plain_q{qos}"], m[f"{who}_tls_q{qos}"]
+            line = (
+                f"{f'{label}, QoS {qos}':34}{p['msg_per_s']:>12,.0f}{t['msg_per_s']:>11,.0f}"
+                f"{t['msg_per_s'] / p['msg_per_s']:>10.0%}"
+            )
+            if who == "edge":
+                bare = m[f"bare_tls_q{qos}"]["msg_per_s"]
+                line += (
+                    f"{t['msg_per_s'] / bare:>9.0%}{p['peak_rss_mb']:>9.1f}MB"
+                    f"{t['peak_rss_mb']:>7.1f}MB"
+                )
+            print(line)
 
 
 if __name__ == "__main__":
