@@ -3,7 +3,9 @@
 Each ``lib/<name>.c`` (with sdk/edgepipe.h) or ``lib/<name>.zig`` (with sdk/edgepipe.zig)
 becomes ``lib/<name>.wasm`` with the pinned toolchain ``python -m ziglang`` and the same
 fixed flags ``edgepipe filter build`` uses (no timestamps, no absolute paths, no debug
-info), so a rebuild is byte-for-byte identical.  ``--check`` rebuilds into a temporary
+info), so a rebuild is byte-for-byte identical.  ``lib/<name>.rs`` (with sdk/rust) is
+built with Debian's wasm32 rustc (``apt-get install rustc libstd-rust-dev-wasm32
+lld-14``); without it the Rust modules are skipped with a message.  ``--check`` rebuilds into a temporary
 directory and fails if any committed module differs from its source.
 """
 
@@ -15,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.cli._filter import compile_filter
+from pipeline.cli._filter import RUST_PACKAGES, compile_filter, find_rustc
 
 HERE = Path(__file__).resolve().parent
 SDK = HERE / "sdk"
@@ -23,7 +25,7 @@ LIB = HERE / "lib"
 
 
 def sources() -> list[Path]:
-    return sorted(p for p in LIB.iterdir() if p.suffix in (".c", ".zig"))
+    return sorted(p for p in LIB.iterdir() if p.suffix in (".c", ".zig", ".rs"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("names", nargs="*", help="only these filters (default: all)")
     args = ap.parse_args(argv)
     srcs = [s for s in sources() if not args.names or s.stem in args.names]
+    rust = [s for s in srcs if s.suffix == ".rs"]
+    if rust and find_rustc() is None:
+        print(
+            f"skipping {', '.join(s.name for s in rust)}: no wasm32 rustc "
+            f"(apt-get install {' '.join(RUST_PACKAGES)})",
+            file=sys.stderr,
+        )
+        srcs = [s for s in srcs if s.suffix != ".rs"]
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             stale = []

@@ -347,5 +347,5 @@ def test_committed_modules_rebuild_byte_identical():
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.stem for p in LIB.glob("*.wasm")) == sorted(
-        p.stem for p in LIB.iterdir() if p.suffix in (".c", ".zig")
+        p.stem for p in LIB.iterdir() if p.suffix in (".c", ".zig", ".rs")
     )

@@ -1,15 +1,16 @@
-"""``edgepipe filter build|test``: compile a filter from C or Zig, try it on sample data."""
+"""``edgepipe filter build|test``: compile a filter from C, Zig or Rust, try it on sample data."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["add_parser", "compile_filter", "find_sdk"]
+__all__ = ["RUST_PACKAGES", "add_parser", "compile_filter", "find_rustc", "find_sdk"]
 
 C_FLAGS = (
     "--target=wasm32-freestanding",
@@ -24,6 +25,123 @@ C_FLAGS = (
     "-Wl,--strip-debug",
     "-Wl,-z,stack-size=65536",
 )
+
+RUST_TARGET = "wasm32-unknown-unknown"
+#: Debian's packages that give a wasm32-capable rustc (rust-lld comes from lld-14).
+RUST_PACKAGES = ("rustc", "libstd-rust-dev-wasm32", "lld-14")
+RUST_FLAGS = (
+    "--edition",
+    "2021",
+    "--target",
+    RUST_TARGET,
+    "-C",
+    "opt-level=2",
+    "-C",
+    "panic=abort",
+    "-C",
+    "codegen-units=1",
+)
+
+
+def _rustc_has_wasm32(rustc: str) -> bool:
+    """``rustc`` has the wasm32 core library and a linker for it."""
+    try:
+        proc = subprocess.run(
+            [rustc, "--print", "target-libdir", "--target", RUST_TARGET],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if proc.returncode != 0:
+            return False
+        libdir = Path(proc.stdout.strip())
+        if not any(libdir.glob("libcore-*.rlib")):
+            return False
+        # rust-lld: in the toolchain (rustup) or next to rustc (Debian, a link to lld-14)
+        lld = [libdir.parent / "bin" / "rust-lld", Path(rustc).resolve().parent / "rust-lld"]
+        return any(p.exists() for p in lld)  # exists() follows a dangling link to False
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def find_rustc() -> str | None:
+    """A rustc that can build for wasm32-unknown-unknown: $EDGEPIPE_RUSTC, else Debian's
+    /usr/bin/rustc, else any rustc on PATH (the first on PATH often lacks the target)."""
+    env = os.environ.get("EDGEPIPE_RUSTC")
+    if env:
+        return env if _rustc_has_wasm32(env) else None
+    seen: set[str] = set()
+    candidates = ["/usr/bin/rustc"]
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        if d:
+            candidates.append(str(Path(d) / "rustc"))
+    for c in candidates:
+        if c in seen or not os.access(c, os.X_OK):
+            continue
+        seen.add(c)
+        if _rustc_has_wasm32(c):
+            return c
+    return None
+
+
+def _rust_commands(src: Path, out: Path, sdk: Path, tmp: Path, werror: bool) -> list[list[str]]:
+    """The SDK crate as an rlib, then the filter as a cdylib linked against it."""
+    rustc = find_rustc()
+    if rustc is None:
+        raise SystemExit(
+            f"edgepipe: building {src.name} needs a Rust compiler with the {RUST_TARGET} "
+            f"target; on Debian: apt-get install {' '.join(RUST_PACKAGES)} "
+            "(or set EDGEPIPE_RUSTC to such a rustc)"
+        )
+    crate = sdk / "rust"
+    if not (crate / "src" / "lib.rs").exists():
+        raise SystemExit(f"edgepipe: Rust SDK not found at {crate}")
+    rlib = tmp / "libedgepipe_filter.rlib"
+    lints = ["-D", "warnings"] if werror else []
+    name = re.sub(r"\W", "_", src.stem)
+    if not name or name[0].isdigit():
+        name = f"filter_{name}"
+    return [
+        [
+            rustc,
+            *RUST_FLAGS,
+            *lints,
+            "--crate-type",
+            "rlib",
+            "--crate-name",
+            "edgepipe_filter",
+            "-C",
+            "metadata=edgepipe_filter",
+            f"--remap-path-prefix={crate.resolve()}=edgepipe_filter",
+            str(crate / "src" / "lib.rs"),
+            "-o",
+            str(rlib),
+        ],
+        [
+            rustc,
+            *RUST_FLAGS,
+            *lints,
+            "--crate-type",
+            "cdylib",
+            "--crate-name",
+            name,
+            "-C",
+            "lto",
+            "-C",
+            "strip=symbols",
+            "-C",
+            "link-arg=-zstack-size=65536",
+            f"--remap-path-prefix={src.parent}=.",
+            f"--remap-path-prefix={crate.resolve()}=edgepipe_filter",
+            "--extern",
+            f"edgepipe_filter={rlib}",
+            "-L",
+            str(tmp),
+            str(src),
+            "-o",
+            str(out),
+        ],
+    ]
 
 
 def find_sdk() -> Path:
@@ -40,14 +158,18 @@ def find_sdk() -> Path:
 
 
 def compile_filter(src: Path, out: Path, *, sdk: Path | None = None, werror: bool = False) -> None:
-    """C or Zig source -> .wasm with ``python -m ziglang`` (reproducible flags)."""
+    """C or Zig source -> .wasm with ``python -m ziglang``, Rust source -> .wasm with a
+    wasm32-capable rustc (reproducible flags)."""
     sdk = sdk or find_sdk()
     src = src.resolve()
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     zig = [sys.executable, "-m", "ziglang"]
     with tempfile.TemporaryDirectory() as tmp:
-        if src.suffix == ".c":
+        cmds: list[list[str]] = []
+        if src.suffix == ".rs":
+            cmds = _rust_commands(src, out, sdk, Path(tmp), werror)
+        elif src.suffix == ".c":
             cmd = [
                 *zig,
                 "cc",
@@ -82,20 +204,21 @@ def compile_filter(src: Path, out: Path, *, sdk: Path | None = None, werror: boo
                 f"-femit-bin={out}",
             ]
         else:
-            raise SystemExit(f"edgepipe: {src}: expected a .c or .zig filter source")
+            raise SystemExit(f"edgepipe: {src}: expected a .c, .zig or .rs filter source")
         env = dict(os.environ, SOURCE_DATE_EPOCH="0")
-        proc = subprocess.run(cmd, cwd=src.parent, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"edgepipe: building {src.name} failed")
+        for step in cmds or [cmd]:
+            proc = subprocess.run(step, cwd=src.parent, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                raise SystemExit(f"edgepipe: building {src.name} failed")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("filter", help="build a Wasm filter or try one on sample readings")
     fsub = p.add_subparsers(dest="filter_command", metavar="ACTION", required=True)
 
-    b = fsub.add_parser("build", help="compile a C or Zig filter (with the edgepipe SDK)")
-    b.add_argument("source", type=Path, help="my_filter.c or my_filter.zig")
+    b = fsub.add_parser("build", help="compile a C, Zig or Rust filter (with the edgepipe SDK)")
+    b.add_argument("source", type=Path, help="my_filter.c, my_filter.zig or my_filter.rs")
     b.add_argument("-o", "--output", type=Path, help="output .wasm (default: next to SOURCE)")
     b.add_argument("--sdk", type=Path, help="filters/sdk directory (default: auto)")
     b.set_defaults(func=_build)
