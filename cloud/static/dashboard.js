@@ -45,9 +45,17 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
   }
 
   // -- fetching and the live loop -----------------------------------------------------------
+  // Once the page is being left (a form such as "Log out" was submitted), a poll that comes
+  // back 401 must not take over the navigation with its own redirect to the login page.
+  let leaving = false;
+  document.addEventListener("submit", () => { leaving = true; }, true);
+  window.addEventListener("beforeunload", () => { leaving = true; });
+  window.addEventListener("pageshow", () => { leaving = false; });
+
   async function getJSON(url) {
     const r = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
     if (r.status === 401) {
+      if (leaving) throw new Error("signed out");
       location.href = `/login?next=${encodeURIComponent(location.pathname + location.search)}`;
       throw new Error("signed out");
     }
