@@ -893,6 +893,11 @@ class Store:
             got = await self._run(q)
             if not got:
                 return
+            top = max((max(sb.batch.series) for sb in got if len(sb.batch)), default=-1)
+            if top >= len(self.registry):
+                # series a running writer added since this store was opened: they were
+                # committed with (or before) the batches that use them
+                await self._run(self._load_series)
             yield got
             after = got[-1].seq
 
@@ -925,12 +930,12 @@ class Store:
         order.  ``progress(n)`` is called with the readings scanned so far."""
         scanned = 0
         wanted: set[int] | None = None
+        known = len(self.registry)
         async for chunk in self._batch_chunks(since_ms, until_ms):
+            if len(self.registry) != known:  # series added by a running writer
+                known, wanted = len(self.registry), None
             for sb in chunk:
                 b = sb.batch
-                if b.series and max(b.series) >= len(self.registry):
-                    await self._run(self._load_series)  # series added by a running writer
-                    wanted = None
                 if wanted is None and (device is not None or metric is not None):
                     wanted = {
                         i

@@ -209,3 +209,25 @@ def test_key_usage_limit_forces_rotation(tmp_path: Path, caplog) -> None:
             assert (await s.stats())["key_seals"] == 1
 
     asyncio.run(go())
+
+
+def test_a_reader_resolves_series_a_running_writer_added_after_it_opened(tmp_path: Path) -> None:
+    """`edgepipe export`/`status` and tests open the store while `edgepipe run` writes:
+    batches read later may use series committed after the reader loaded its registry."""
+
+    async def go() -> None:
+        kr = keyring("k1")
+        async with await Store.open(tmp_path / "s.db", kr, device_id=DEVICE) as writer:
+            await writer.commit(make_batch(writer, 0, n=3))
+            async with await Store.open(
+                tmp_path / "s.db", kr, device_id=DEVICE, create=False
+            ) as reader:
+                await writer.commit(make_batch(writer, 1, n=3, device="new-device"))
+                got = await reader.batches()
+                devices = [reader.registry.key(s).device for sb in got for s in sb.batch.series]
+                assert devices == ["boiler-1"] * 3 + ["new-device"] * 3
+                await writer.commit(make_batch(writer, 2, n=3, device="newer-device"))
+                rows = [r async for r in reader.query(device="newer-device")]
+                assert len(rows) == 3
+
+    run(go())
