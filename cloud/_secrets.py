@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from storage._crypto import write_new_key_file
+
 from ._errors import CloudError
 
 __all__ = [
@@ -77,15 +79,6 @@ def generate_master_key_line(key_id: str | None = None) -> str:
     from storage._crypto import generate_key_line
 
     return generate_key_line(key_id)
-
-
-def write_new_key_file(path: str | Path, text: str) -> None:
-    """Create ``path`` with mode 0600 and ``text``; never overwrites an existing file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _aad(device: str, key_id: str) -> bytes:

@@ -29,6 +29,8 @@ import sys
 
 from pydantic import ValidationError
 
+from storage._crypto import append_key_line
+
 from ._backend import Backend, DeviceExists, OperatorExists, open_backend
 from ._errors import CloudError
 from ._secrets import (
@@ -276,17 +278,7 @@ def _append_key_line(path: os.PathLike[str] | str, line: str) -> None:
             "('edgepipe-cloud master-key generate'), restart the receivers, then run "
             "'edgepipe-cloud master-key rotate --keep-key'"
         )
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text += "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
-    write_new_key_file(tmp, text + line + "\n")
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_key_line(path, line)
 
 
 def main(argv: list[str] | None = None) -> int:

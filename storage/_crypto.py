@@ -205,3 +205,36 @@ def read_key_file(path: str | Path, what: str, error: type[Exception]) -> str:
         return path.read_text()
     except OSError as e:
         raise error(f"cannot read {what} file {path}: {e.strerror}") from None
+
+
+def write_new_key_file(path: str | Path, text: str) -> None:
+    """Create ``path`` with mode 0600 and ``text``, fsynced; never replaces an existing file
+    (``FileExistsError``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_key_line(path: str | Path, line: str) -> None:
+    """Add ``line`` as the new last (active) line of a key file: a new 0600 file renamed over
+    the old one and the directory fsynced, so a crash leaves the old or the new file, never
+    half of one.  Raises ``OSError`` (nothing changed) when it cannot."""
+    path = Path(path)
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text += "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        write_new_key_file(tmp, text + line + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

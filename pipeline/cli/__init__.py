@@ -17,7 +17,7 @@ import sys
 
 from .._errors import EdgepipeError
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "main", "write_output"]
 
 COMMANDS = (
     "run",
@@ -71,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def write_output(text: str, output: str | None) -> None:
+    """``text`` to the file ``-o/--output`` names, or to stdout."""
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:

@@ -7,7 +7,6 @@ without ``-o``, to standard output on request; messages name key *ids*, never ke
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -47,18 +46,9 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def _write_new(path: Path, text: str) -> None:
-    """Create ``path`` with mode 0600; never replaces an existing file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _generate(args: argparse.Namespace) -> int:
     from storage import generate_key_line
+    from storage._crypto import write_new_key_file
 
     line = generate_key_line(args.id) + "\n"
     if not args.output:
@@ -66,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.output)
     try:
-        _write_new(path, line)
+        write_new_key_file(path, line)
     except FileExistsError:
         return _fail(f"{path} exists; refusing to overwrite a keyring (use 'keys rotate')")
     except OSError as e:
@@ -77,6 +67,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _rotate(args: argparse.Namespace) -> int:
     from storage import Keyring, generate_key_line
+    from storage._crypto import append_key_line
 
     path = Path(args.file)
     if path.is_symlink():
@@ -90,20 +81,9 @@ def _rotate(args: argparse.Namespace) -> int:
     line = generate_key_line(args.id)
     while line.split()[0] in ring.ids:
         line = generate_key_line()
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text += "\n"
-    tmp = path.with_name(f".{path.name}.rotate-{os.getpid()}")
     try:
-        _write_new(tmp, text + line + "\n")
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        append_key_line(path, line)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         return _fail(f"cannot rewrite {path}: {e.strerror}")
     new_id = line.split()[0]
     print(

@@ -3,6 +3,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from . import write_output
+
 #: The modules of the edge process that register metrics when imported.
 _SOURCES = (
     "pipeline._ingest",
@@ -52,9 +54,5 @@ def markdown_reference() -> str:
 
 def _metrics(args: argparse.Namespace) -> int:
     text = markdown_reference()
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-    else:
-        print(text, end="")
+    write_output(text, args.output)
     return 0

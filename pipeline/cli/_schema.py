@@ -4,6 +4,8 @@ import argparse
 import json
 from typing import Any
 
+from . import write_output
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schema", help="print the JSON Schema of pipeline.yaml (or its reference)")
@@ -98,9 +100,5 @@ def _schema(args: argparse.Namespace) -> int:
         text = markdown_reference(schema)
     else:
         text = json.dumps(schema, indent=2) + "\n"
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-    else:
-        print(text, end="")
+    write_output(text, args.output)
     return 0
