@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import wasmtime
+
+from ._fsutil import atomic_write
 
 try:
     from importlib.metadata import version as _dist_version
@@ -103,17 +103,6 @@ class ModuleCache:
         assert self.directory is not None
         header = _HEADER.pack(_MAGIC, key, hashlib.sha256(payload).digest(), len(payload))
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".cwasm")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(header)
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, header + payload)
         except OSError as e:  # a read-only or full disk only costs compile time
             log.warning("cannot write AOT cache entry %s: %s", path, e.strerror)

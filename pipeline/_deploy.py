@@ -28,7 +28,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from ._chain import Chain, compile_stages
 from ._config import PipelineConfig, StageConfig, unique_stage_names
 from ._errors import ConfigError, FilterError
+from ._fsutil import atomic_write
 from ._loader import load_yaml_located, locate_validation_error, read_text
 from ._metrics import METRICS
 from ._model import SeriesRegistry
@@ -284,25 +284,6 @@ def _history_dir(target: Path) -> Path:
     return target.parent / STATE_DIR / "history"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def history(cfg: PipelineConfig) -> tuple[list[Path], int | None]:
     """Installed versions (oldest first) and the number of the current one."""
     hdir = _history_dir(_target(cfg))
@@ -320,8 +301,8 @@ def _install(target: Path, text: bytes, number: int) -> None:
             f"{target} is a symlink (a mounted ConfigMap?); update it through its source",
             path=str(target),
         )
-    _atomic_write(target, text)
-    _atomic_write(_history_dir(target) / "CURRENT", f"{number}\n".encode())
+    atomic_write(target, text)
+    atomic_write(_history_dir(target) / "CURRENT", f"{number}\n".encode())
 
 
 def _pinned(target: Path, source: Path, spec: ChainSpec, loaded: dict[str, LoadedModule]) -> bytes:
@@ -374,10 +355,10 @@ def deploy(cfg: PipelineConfig, source: Path, *, cache_dir: Path | None = None) 
         except (ConfigError, FilterError) as e:
             log.warning("the chain installed before this deploy is not kept for rollback: %s", e)
         else:
-            _atomic_write(_history_dir(target) / f"{1:06d}.yaml", pinned)
+            atomic_write(_history_dir(target) / f"{1:06d}.yaml", pinned)
             entries = [_history_dir(target) / f"{1:06d}.yaml"]
     number = int(entries[-1].stem) + 1 if entries else 1
-    _atomic_write(_history_dir(target) / f"{number:06d}.yaml", text)
+    atomic_write(_history_dir(target) / f"{number:06d}.yaml", text)
     _install(target, text, number)
     return {
         "installed": str(target),

@@ -23,6 +23,7 @@ import stat
 from pathlib import Path
 
 from pipeline._errors import KeyError_, TamperedError
+from pipeline._fsutil import atomic_write
 
 __all__ = [
     "KEY_WARN_AT",
@@ -226,15 +227,4 @@ def append_key_line(path: str | Path, line: str) -> None:
     text = path.read_text()
     if text and not text.endswith("\n"):
         text += "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
-    try:
-        write_new_key_file(tmp, text + line + "\n")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, (text + line + "\n").encode())
