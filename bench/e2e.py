@@ -9,7 +9,7 @@ In one run, on a private mosquitto on loopback:
   Wasm chain) and at QoS 0, against a bare paho subscriber that only counts messages --
   the ceiling for a Python MQTT consumer on the same broker and load;
 * publish-to-durable-commit latency p50/p99 at a fixed 1,000 msg/s;
-* peak RSS of the edge process (VmHWM);
+* peak RSS of the edge process (VmHWM), and idle RSS with and without the Wasm chain;
 * cold start: process exec -> subscribed (retained "online" status seen by an observer),
   and exec -> first reading durably stored (a retained reading waits on the broker).
 
@@ -329,6 +329,27 @@ def _cold_start(broker: Mosquitto, d: Path, runs: int) -> dict[str, float]:
     }
 
 
+def _idle_rss(broker: Mosquitto, d: Path, runs: int) -> dict[str, dict[str, float]]:
+    """Resident memory of an idle, subscribed edge process with the 3-stage Wasm chain and
+    with none (medians of ``runs`` starts, AOT cache warm): what the chain adds."""
+    out = {}
+    for chain in (True, False):
+        samples: dict[str, list[float]] = {"VmRSS": [], "RssAnon": [], "RssFile": []}
+        for i in range(runs):
+            edge = Edge(_config(d, broker, 1, chain, f"edge-idle-{chain}-{i}"), d / "idle.jsonl")
+            edge.wait_subscribed()
+            time.sleep(1)
+            for line in open(f"/proc/{edge.proc.pid}/status"):
+                name = line.split(":")[0]
+                if name in samples:
+                    samples[name].append(int(line.split()[1]) / 1024)
+            edge.stop()
+        out["chain" if chain else "no_chain"] = {
+            k.lower() + "_mb": statistics.median(v) for k, v in samples.items()
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=40_000, help="messages per throughput run")
@@ -366,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 res["latency_1000"] = _latency(b, d, 1000, lat_s)
             with _broker(d, "cold") as b:
                 res["cold_start"] = _cold_start(b, d, cold_runs)
+            with _broker(d, "idle") as b:
+                res["idle_rss"] = _idle_rss(b, d, 2 if args.quick else 3)
             _print(res)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
@@ -419,6 +442,12 @@ def _print(r: dict[str, Any]) -> None:
         f"{cs['exec_to_subscribed_ms']:.0f} ms, exec -> first reading stored "
         f"{cs['exec_to_first_commit_ms']:.0f} ms"
     )
+    for k, label in (("chain", "with the 3-stage Wasm chain"), ("no_chain", "with no chain")):
+        m = r["idle_rss"][k]
+        print(
+            f"idle RSS {label}: {m['vmrss_mb']:.1f} MB "
+            f"({m['rssanon_mb']:.1f} anonymous, {m['rssfile_mb']:.1f} file-backed)"
+        )
 
 
 def _print_tls(r: dict[str, Any]) -> None:
