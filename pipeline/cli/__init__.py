@@ -3,8 +3,8 @@
 Each subcommand is one module ``pipeline/cli/_<name>.py`` exposing
 ``add_parser(sub)``, which builds its parser and sets ``func=handler`` where
 ``handler(args) -> int`` returns the exit code.  Adding a subcommand is: write the module,
-add its name to :data:`COMMANDS`.  Heavy imports happen inside handlers, so ``--help``
-and every command start fast.
+add its name to :data:`COMMANDS`.  A command imports only its own module, and heavy
+imports happen inside handlers, so every command starts fast.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 130 interrupted.
 """
@@ -34,17 +34,34 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: subcommands that live in another subcommand's module
+_MODULE_OF = {"rollback": "deploy"}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand's (what a start-up needs: importing
+    every subcommand module costs tens of milliseconds on a small device)."""
     parser = argparse.ArgumentParser(
         prog="edgepipe",
         description="Edge IoT stream processing: MQTT in, sandboxed Wasm filters, "
         "encrypted local store, batched cloud sync.",
     )
-    parser.add_argument("--version", action="version", version=f"edgepipe {_version()}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         importlib.import_module(f"._{name}", __name__).add_parser(sub)
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for (the package metadata costs start-up)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"edgepipe {_version()}")
+        parser.exit()
 
 
 def _version() -> str:
@@ -57,7 +74,9 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = _MODULE_OF.get(argv[0], argv[0]) if argv else None
+    parser = build_parser(first if first in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
