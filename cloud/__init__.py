@@ -8,9 +8,18 @@ Device secrets are stored sealed with the receiver's :class:`MasterKey`.
 """
 
 from ._app import api_routes, create_app, require_operator
-from ._backend import Backend, DeviceExists, IngestResult, ReadingsQuery, open_backend
-from ._errors import CloudError, Rejected, SequenceConflict, UnknownDevice
-from ._secrets import MasterKey, MasterKeyError, SecretUnreadable
+from ._backend import Backend, IngestResult, ReadingsQuery, open_backend
+from ._errors import (
+    CloudError,
+    DeviceExists,
+    MasterKeyError,
+    OperatorExists,
+    Rejected,
+    SecretUnreadable,
+    SequenceConflict,
+    UnknownDevice,
+)
+from ._secrets import MasterKey
 from ._settings import Settings
 
 __all__ = [
@@ -20,6 +29,7 @@ __all__ = [
     "IngestResult",
     "MasterKey",
     "MasterKeyError",
+    "OperatorExists",
     "ReadingsQuery",
     "Rejected",
     "SecretUnreadable",

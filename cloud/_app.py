@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 from sync import _signing as signing
 
 from ._backend import Backend, ReadingsQuery, open_backend
-from ._errors import Rejected, UnknownDevice
+from ._errors import MasterKeyError, Rejected, SecretUnreadable, UnknownDevice
 from ._openapi import BASE_SCHEMA
-from ._secrets import MasterKey, MasterKeyError, SecretUnreadable, no_master_key
+from ._secrets import MasterKey, no_master_key
 from ._settings import Settings
 from ._wire import ENCODINGS, decode_upload, decompress
 

@@ -22,14 +22,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
-from ._errors import CloudError, Rejected, SequenceConflict, UnknownDevice
-from ._secrets import MasterKey, MasterKeyError, SecretUnreadable, no_master_key
+from ._errors import (
+    CloudError,
+    DeviceExists,
+    MasterKeyError,
+    OperatorExists,
+    Rejected,
+    SecretUnreadable,
+    SequenceConflict,
+    UnknownDevice,
+)
+from ._secrets import MasterKey, no_master_key
 from ._wire import Upload
 
 __all__ = [
     "Backend",
-    "DeviceExists",
-    "OperatorExists",
     "IngestResult",
     "ReadingsQuery",
     "SQLBackend",
@@ -47,18 +54,6 @@ MAX_READINGS_LIMIT = 10_000
 #: Width of the pre-aggregated buckets kept next to the raw readings (``readings_hourly``):
 #: long ranges are downsampled from these instead of scanning every raw row.
 ROLLUP_MS = 3_600_000
-
-
-class DeviceExists(CloudError):
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"a device named {name!r} already exists")
-
-
-class OperatorExists(CloudError):
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"an operator named {name!r} already exists")
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,14 +2,32 @@
 
 Every refusal is a :class:`Rejected` with an HTTP status, a stable machine-readable ``code``
 and a ``detail`` for humans; it renders as ``{"error": code, "detail": detail, ...extra}``.
-No error ever carries a device secret or an API token.
+No error ever carries a device secret, the master key or an API token.
+
+    CloudError
+    ├── Rejected              a request refused (status, code, detail)
+    │   └── SequenceConflict  a (device, seq) stored before with other bytes: 409 (device, seq)
+    ├── UnknownDevice         no device of that name (name)
+    ├── DeviceExists          ``devices add`` of a name in use (name)
+    ├── OperatorExists        ``users add`` of a name in use (name)
+    ├── MasterKeyError        master key missing, unreadable, too permissive or wrong
+    └── SecretUnreadable      a stored device secret failed authentication (device, key_id)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CloudError", "Rejected", "SequenceConflict", "UnknownDevice"]
+__all__ = [
+    "CloudError",
+    "DeviceExists",
+    "MasterKeyError",
+    "OperatorExists",
+    "Rejected",
+    "SecretUnreadable",
+    "SequenceConflict",
+    "UnknownDevice",
+]
 
 
 class CloudError(Exception):
@@ -54,3 +72,27 @@ class UnknownDevice(CloudError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"no device named {name!r}")
+
+
+class DeviceExists(CloudError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"a device named {name!r} already exists")
+
+
+class OperatorExists(CloudError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"an operator named {name!r} already exists")
+
+
+class MasterKeyError(CloudError):
+    """The master key is missing, unreadable, or not the one this database was sealed with."""
+
+
+class SecretUnreadable(CloudError):
+    """A stored device secret failed authentication: modified, or moved from another device."""
+
+    def __init__(self, device: str, key_id: str | None, reason: str) -> None:
+        self.device, self.key_id = device, key_id
+        super().__init__(f"the stored secret of device {device!r} cannot be used: {reason}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from storage._crypto import write_new_key_file
 
-from ._errors import CloudError
+from ._errors import MasterKeyError, SecretUnreadable
 
 __all__ = [
     "MasterKey",
@@ -44,18 +44,6 @@ _CHECK_TEXT = b"edgepipe-cloud master key check"
 #: A file-backed master key is re-read at most this often when a row names an unknown key
 #: id (another process rotated to a key added to the file after this one started).
 _RELOAD_EVERY_S = 2.0
-
-
-class MasterKeyError(CloudError):
-    """The master key is missing, unreadable, or not the one this database was sealed with."""
-
-
-class SecretUnreadable(CloudError):
-    """A stored device secret failed authentication: modified, or moved from another device."""
-
-    def __init__(self, device: str, key_id: str | None, reason: str) -> None:
-        self.device, self.key_id = device, key_id
-        super().__init__(f"the stored secret of device {device!r} cannot be used: {reason}")
 
 
 def no_master_key() -> MasterKeyError:

@@ -31,8 +31,8 @@ from pydantic import ValidationError
 
 from storage._crypto import append_key_line
 
-from ._backend import Backend, DeviceExists, OperatorExists, open_backend
-from ._errors import CloudError
+from ._backend import Backend, open_backend
+from ._errors import CloudError, DeviceExists, OperatorExists
 from ._secrets import (
     MasterKey,
     MasterKeyError,

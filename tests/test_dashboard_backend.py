@@ -11,8 +11,8 @@ import msgpack
 import pytest
 from _cloud_client import make_batch, new_device, new_master_key, open_test_backend
 
-from cloud import Backend, ReadingsQuery, open_backend
-from cloud._backend import ROLLUP_MS, OperatorExists
+from cloud import Backend, OperatorExists, ReadingsQuery, open_backend
+from cloud._backend import ROLLUP_MS
 from cloud._wire import decode_upload
 
 HOUR = ROLLUP_MS
