@@ -127,7 +127,7 @@ def test_power_cuts_end_to_end_store_every_message_once(
     """edgepipe under a QoS 1 stream, its power cut 3 times mid-commit when it can: after each cut it restarts on a
     disk holding a random torn subset of its unsynced writes, and the broker redelivers what
     it never acknowledged.  In the end every message is stored exactly once."""
-    n = 12000
+    n = 20000
     d = tmp_path / "data"
     d.mkdir()
     db = d / "store.db"
