@@ -363,3 +363,43 @@ def test_a_compile_error_is_reported(rustc, tmp_path):
     proc = edgepipe("filter", "build", str(src))
     assert proc.returncode != 0
     assert "nope" in proc.stderr and "building broken.rs failed" in proc.stderr
+
+
+def test_cargo_builds_the_sdk_crate_into_the_same_filter(rustc, tmp_path):
+    """The cargo route in filters/ABI.md, with Debian's cargo driving Debian's rustc: the
+    library's threshold filter as a cdylib crate depending on the SDK by path."""
+    cargo = Path("/usr/bin/cargo")
+    if not cargo.exists():
+        if os.environ.get("CI"):
+            pytest.fail("no /usr/bin/cargo (apt-get install cargo)")
+        pytest.skip("no /usr/bin/cargo (apt-get install cargo)")
+    crate = tmp_path / "crate"
+    crate.mkdir()
+    (crate / "my_filter.rs").write_text((LIB / "threshold.rs").read_text())
+    (crate / "Cargo.toml").write_text(
+        '[package]\nname = "my_filter"\nversion = "0.1.0"\nedition = "2021"\n\n'
+        '[lib]\ncrate-type = ["cdylib"]\npath = "my_filter.rs"\n\n'
+        f'[dependencies]\nedgepipe-filter = {{ path = "{SDK / "rust"}" }}\n\n'
+        '[profile.release]\npanic = "abort"\nlto = true\nstrip = true\n'
+    )
+    env = {
+        **os.environ,
+        "RUSTC": rustc,
+        "CARGO_HOME": str(tmp_path / "cargo-home"),
+        "RUSTFLAGS": "-C link-arg=-zstack-size=65536",
+    }
+    r = subprocess.run(
+        [str(cargo), "build", "--offline", "--release", "--target", "wasm32-unknown-unknown"],
+        cwd=crate,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    module = crate / "target" / "wasm32-unknown-unknown" / "release" / "my_filter.wasm"
+    reg = SeriesRegistry()
+    batch = airquality(reg)
+    cfg = {"high": HIGH, "low": LOW, "hysteresis": HYST}
+    with chain([stage("th", module, "map", cfg)], reg, tmp_path) as ch:
+        got = run_chain(ch, batch, 1000)
+    assert rows(got) == rows(ref_threshold(batch, reg, 0.0))
