@@ -142,14 +142,22 @@ def _serve(settings: Settings, log_level: str) -> int:
     return 0
 
 
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"edgepipe-cloud: {msg}", file=sys.stderr)
+    return code
+
+
+def _bad_name(kind: str, name: str) -> int | None:
+    """Exit code 2 with a message when ``name`` is not a valid device or user name."""
+    if _NAME.fullmatch(name):
+        return None
+    return _fail(f"{kind} names are 1-64 chars of letters, digits, '.', '_', '-'", 2)
+
+
 def _devices(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "add":
-        if not _NAME.fullmatch(args.name):
-            print(
-                "edgepipe-cloud: device names are 1-64 chars of letters, digits, '.', '_', '-'",
-                file=sys.stderr,
-            )
-            return 2
+        if (bad := _bad_name("device", args.name)) is not None:
+            return bad
         if MasterKey.from_settings(settings) is None:
             raise no_master_key()
     with _open(settings) as backend:
@@ -158,8 +166,7 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
             try:
                 backend.add_device(args.name, secret)
             except DeviceExists as exc:
-                print(f"edgepipe-cloud: {exc}", file=sys.stderr)
-                return 1
+                return _fail(str(exc))
             print(secret.hex())
             print(
                 f"device {args.name!r} added; the secret above is shown only once: "
@@ -171,8 +178,7 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
                 print(json.dumps(device, sort_keys=True))
         elif args.action == "remove":
             if not backend.remove_device(args.name):
-                print(f"edgepipe-cloud: no device named {args.name!r}", file=sys.stderr)
-                return 1
+                return _fail(f"no device named {args.name!r}")
             print(f"device {args.name!r} removed", file=sys.stderr)
     return 0
 
@@ -184,7 +190,7 @@ def _read_password(from_stdin: bool) -> str | None:
 
     first = getpass.getpass("Password: ")
     if getpass.getpass("Password (again): ") != first:
-        print("edgepipe-cloud: the passwords do not match", file=sys.stderr)
+        _fail("the passwords do not match")
         return None
     return first
 
@@ -194,31 +200,24 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
 
     with _open(settings) as backend:
         if args.action == "add":
-            if not _NAME.fullmatch(args.name):
-                print(
-                    "edgepipe-cloud: user names are 1-64 chars of letters, digits, '.', '_', '-'",
-                    file=sys.stderr,
-                )
-                return 2
+            if (bad := _bad_name("user", args.name)) is not None:
+                return bad
             password = _read_password(args.password_stdin)
             if password is None:
                 return 1
             if len(password) < 8:
-                print("edgepipe-cloud: the password must be at least 8 characters", file=sys.stderr)
-                return 2
+                return _fail("the password must be at least 8 characters", 2)
             try:
                 backend.add_operator(args.name, hash_password(password))
             except OperatorExists as exc:
-                print(f"edgepipe-cloud: {exc}", file=sys.stderr)
-                return 1
+                return _fail(str(exc))
             print(f"operator {args.name!r} added", file=sys.stderr)
         elif args.action == "list":
             for op in backend.list_operators():
                 print(json.dumps(op, sort_keys=True))
         elif args.action == "remove":
             if not backend.remove_operator(args.name):
-                print(f"edgepipe-cloud: no operator named {args.name!r}", file=sys.stderr)
-                return 1
+                return _fail(f"no operator named {args.name!r}")
             print(f"operator {args.name!r} removed and signed out", file=sys.stderr)
     return 0
 
@@ -232,8 +231,7 @@ def _master_key(args: argparse.Namespace) -> int:
         try:
             write_new_key_file(args.out, line)
         except FileExistsError:
-            print(f"edgepipe-cloud: {args.out} exists; not overwriting a key", file=sys.stderr)
-            return 1
+            return _fail(f"{args.out} exists; not overwriting a key")
         print(f"master key written to {args.out} (mode 0600)", file=sys.stderr)
         return 0
     settings = Settings.from_env(db=args.db, master_key_file=args.master_key_file)
@@ -305,11 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         errors = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
-        print(f"edgepipe-cloud: invalid settings: {errors}", file=sys.stderr)
-        return 2
+        return _fail(f"invalid settings: {errors}", 2)
     except (CloudError, OSError) as exc:
-        print(f"edgepipe-cloud: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
 
 
 if __name__ == "__main__":
