@@ -450,8 +450,9 @@ static inline int64_t ep__finish_out(ep_out *out) {
 }
 
 /* ---- the kind macros -------------------------------------------------------- */
-#define EP_FILTER(fn)                                                                  \
-    static int fn(const ep_record *rec);                                               \
+/* keep the records for which fn returns non-zero, in place (filter and filter_map) */
+#define EP__KEEP_IF(fn, qual)                                                          \
+    static int fn(qual ep_record *rec);                                                \
     EP_EXPORT(ep_process) int64_t ep_process(uint32_t n) {                            \
         ep_record *in = (ep_record *)ep__in.p;                                         \
         uint32_t k = 0;                                                                \
@@ -462,7 +463,9 @@ static inline int64_t ep__finish_out(ep_out *out) {
             }                                                                          \
         return ep__result(in, k);                                                      \
     }                                                                                  \
-    static int fn(const ep_record *rec)
+    static int fn(qual ep_record *rec)
+
+#define EP_FILTER(fn) EP__KEEP_IF(fn, const)
 
 #define EP_MAP(fn)                                                                     \
     static void fn(ep_record *rec);                                                    \
@@ -473,19 +476,7 @@ static inline int64_t ep__finish_out(ep_out *out) {
     }                                                                                  \
     static void fn(ep_record *rec)
 
-#define EP_FILTER_MAP(fn)                                                              \
-    static int fn(ep_record *rec);                                                     \
-    EP_EXPORT(ep_process) int64_t ep_process(uint32_t n) {                            \
-        ep_record *in = (ep_record *)ep__in.p;                                         \
-        uint32_t k = 0;                                                                \
-        for (uint32_t i = 0; i < n; i++)                                               \
-            if (fn(&in[i])) {                                                          \
-                if (k != i) in[k] = in[i];                                             \
-                k++;                                                                   \
-            }                                                                          \
-        return ep__result(in, k);                                                      \
-    }                                                                                  \
-    static int fn(ep_record *rec)
+#define EP_FILTER_MAP(fn) EP__KEEP_IF(fn, )
 
 #define EP_EXPAND(fn)                                                                  \
     static void fn(const ep_record *rec, ep_out *out);                                 \
