@@ -80,7 +80,13 @@ def _broker(d: Path, name: str, tls: TLS | None = None) -> Mosquitto:
 
 
 def _config(
-    d: Path, broker: Mosquitto, qos: int, chain: bool, client: str, tls: TLS | None = None
+    d: Path,
+    broker: Mosquitto,
+    qos: int,
+    chain: bool,
+    client: str,
+    tls: TLS | None = None,
+    batch: dict[str, int] | None = None,
 ) -> Path:
     from storage import generate_key_line
 
@@ -98,6 +104,7 @@ def _config(
         },
         "subscriptions": [{"topic": "bench/{device}/{metric}", "qos": qos}],
         "chain": _chain() if chain else [],
+        **({"batch": batch} if batch else {}),
         "store": {"path": str(d / f"{client}.db"), "key": {"file": str(key)}},
         "sync": {"enabled": False},
         "metrics": {"listen": None},

@@ -21,37 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from pipeline._mosquitto import Mosquitto
 
 from ._load import run_publishers, start_publishers
 from .e2e import Edge, _pct
+from .e2e import _config as e2e_config
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = [(500, 0), (500, 2), (500, 5), (500, 10), (500, 20), (100, 5), (2000, 5)]
 
 
 def _config(d: Path, b: Mosquitto, name: str, max_messages: int, delay: int) -> Path:
-    from storage import generate_key_line
-
-    key = d / "store.key"
-    if not key.exists():
-        key.write_text(generate_key_line() + "\n")
-        key.chmod(0o600)
-    cfg = {
-        "device": {"id": "bench"},
-        "broker": {"host": b.host, "port": b.port, "client_id": name},
-        "subscriptions": [{"topic": "bench/{device}/{metric}", "qos": 1}],
-        "batch": {"max_messages": max_messages, "max_delay_ms": delay},
-        "store": {"path": str(d / f"{name}.db"), "key": {"file": str(key)}},
-        "sync": {"enabled": False},
-        "metrics": {"listen": None},
-        "log_level": "warning",
-    }
-    p = d / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return p
+    batch = {"max_messages": max_messages, "max_delay_ms": delay}
+    return e2e_config(d, b, 1, False, name, batch=batch)
 
 
 def _wait(edge: Edge, n: int, timeout: float) -> None:
