@@ -21,14 +21,7 @@ def load_yaml_located(text: str, path: str) -> tuple[Any, dict[_Loc, tuple[int, 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(
-            f"invalid YAML: {problem}",
-            path=path,
-            line=mark.line + 1 if mark else None,
-            col=mark.column + 1 if mark else None,
-        ) from None
+        raise _yaml_error(e, path) from None
     locs: dict[_Loc, tuple[int, int]] = {}
     if root is None:
         return None, locs
@@ -62,13 +55,18 @@ def load_yaml_located(text: str, path: str) -> tuple[Any, dict[_Loc, tuple[int, 
     try:
         return walk(root, ()), locs
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(
-            f"invalid YAML: {getattr(e, 'problem', e)}",
-            path=path,
-            line=mark.line + 1 if mark else None,
-            col=mark.column + 1 if mark else None,
-        ) from None
+        raise _yaml_error(e, path) from None
+
+
+def _yaml_error(e: yaml.YAMLError, path: str) -> ConfigError:
+    """A YAML syntax or construction error, located at its problem mark."""
+    mark = getattr(e, "problem_mark", None)
+    return ConfigError(
+        f"invalid YAML: {getattr(e, 'problem', None) or e}",
+        path=path,
+        line=mark.line + 1 if mark else None,
+        col=mark.column + 1 if mark else None,
+    )
 
 
 def _clean_loc(loc: _Loc) -> _Loc:
