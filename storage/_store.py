@@ -876,15 +876,12 @@ class Store:
         while True:
 
             def q(con: sqlite3.Connection, after: int = after) -> list[StoredBatch]:
-                sql = "SELECT seq, key_id, blob, n, t_min, t_max FROM batches WHERE seq > ?"
-                args: list[int] = [after]
-                if since_ms is not None:
-                    sql += " AND t_max >= ?"
-                    args.append(since_ms)
-                if until_ms is not None:
-                    sql += " AND t_min < ?"
-                    args.append(until_ms)
-                rows = con.execute(sql + " ORDER BY seq LIMIT ?", [*args, chunk]).fetchall()
+                where, args = _time_range(since_ms, until_ms)
+                rows = con.execute(
+                    "SELECT seq, key_id, blob, n, t_min, t_max FROM batches WHERE seq > ?"
+                    f"{where} ORDER BY seq LIMIT ?",
+                    [after, *args, chunk],
+                ).fetchall()
                 return [
                     StoredBatch(s, self._decode_batch(s, k, b, n, (a, z)))
                     for s, k, b, n, a, z in rows
@@ -905,14 +902,8 @@ class Store:
         """Readings in batches overlapping [since, until) (an upper bound for a query)."""
 
         def q(con: sqlite3.Connection) -> int:
-            sql = "SELECT coalesce(sum(n), 0) FROM batches WHERE 1=1"
-            args: list[int] = []
-            if since_ms is not None:
-                sql += " AND t_max >= ?"
-                args.append(since_ms)
-            if until_ms is not None:
-                sql += " AND t_min < ?"
-                args.append(until_ms)
+            where, args = _time_range(since_ms, until_ms)
+            sql = f"SELECT coalesce(sum(n), 0) FROM batches WHERE 1=1{where}"
             return con.execute(sql, args).fetchone()[0]
 
         return await self._run(q)
@@ -1096,6 +1087,18 @@ class Store:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _time_range(since_ms: int | None, until_ms: int | None) -> tuple[str, list[int]]:
+    """SQL conditions (each starting with AND) for batches overlapping [since, until)."""
+    where, args = "", []
+    if since_ms is not None:
+        where += " AND t_max >= ?"
+        args.append(since_ms)
+    if until_ms is not None:
+        where += " AND t_min < ?"
+        args.append(until_ms)
+    return where, args
 
 
 async def open_store(cfg: Any, *, create: bool = True) -> Store:
