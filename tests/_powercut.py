@@ -71,8 +71,7 @@ class PowerCut:
     def __init__(self, shim: Path, directory: Path, log: Path) -> None:
         self.shim, self.dir, self.log = shim, directory.resolve(), log
         self._base: dict[str, bytes] = {}
-        self._pos, self._ops, self._names = 0, list[Op](), dict[int, str]()
-        self._dirty: set[str] = set()
+        self._reset_record()
 
     def arm(self) -> dict[str, str]:
         """Snapshot the directory as the durable starting state, start a fresh record, and
@@ -83,12 +82,19 @@ class PowerCut:
             if p.is_file() and not p.name.endswith("-shm")
         }
         self.log.write_bytes(b"")
-        self._pos, self._ops, self._names, self._dirty = 0, [], {}, set()
+        self._reset_record()
         return {
             "LD_PRELOAD": str(self.shim),
             "POWERCUT_DIR": str(self.dir),
             "POWERCUT_LOG": str(self.log),
         }
+
+    def _reset_record(self) -> None:
+        """Forget what was parsed of the record: read position, ops, file names, dirty set."""
+        self._pos = 0
+        self._ops: list[Op] = []
+        self._names: dict[int, str] = {}
+        self._dirty: set[str] = set()
 
     def ops(self) -> list[Op]:
         """The operations recorded since :meth:`arm` (read incrementally)."""
