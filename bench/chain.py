@@ -11,7 +11,6 @@ vs compiling the module from its bytes.
 from __future__ import annotations
 
 import argparse
-import calendar
 import json
 import math
 import platform
@@ -21,16 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline._chain import Chain
-from pipeline._config import StageConfig
-from pipeline._model import Batch, Flags, SeriesRegistry
+from config._models import StageConfig
+from core._model import Batch, Flags, SeriesRegistry
+from devtools import _dataset as dataset
+from pipeline.chain._chain import Chain
 
 REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "filters" / "lib"
-DATA_CANDIDATES = [
-    REPO.parent / "shared" / "data" / "airquality-uci.csv",
-    Path("/work/shared/data/airquality-uci.csv"),
-]
 
 RANGES = {"CO_GT": [0, 50], "T": [-40, 60], "RH": [0, 100], "AH": [0, 5]}
 STAGES = {
@@ -47,26 +43,16 @@ SIZES = [1, 10, 100, 1000]
 def read_airquality(path: Path, registry: SeriesRegistry, device: str = "airq-1") -> Batch:
     """The UCI air-quality CSV (Date,Time + 13 metrics, -200 = missing) as one batch,
     row by row, metrics in column order; timestamps as UTC."""
-    lines = path.read_text().splitlines()
-    sids = [registry.intern(device, m) for m in lines[0].split(",")[2:]]
+    sids = [registry.intern(device, m) for m in dataset.METRICS]
     out = Batch()
-    for line in lines[1:]:
-        if not line.strip():
-            continue
-        c = line.split(",")
-        d, mo, y = (int(x) for x in c[0].split("/"))
-        hh, mm, ss = (int(x) for x in c[1].split(":"))
-        ts = calendar.timegm((y, mo, d, hh, mm, ss)) * 1000
-        for sid, raw in zip(sids, c[2:], strict=True):
-            out.append(ts, float(raw), sid)
+    for ts, values in dataset.read_rows(path):
+        for sid, v in zip(sids, values, strict=True):
+            out.append(ts, v, sid)
     return out
 
 
 def load_data(registry: SeriesRegistry) -> Batch:
-    path = next((p for p in DATA_CANDIDATES if p.exists()), None)
-    if path is None:
-        raise SystemExit("airquality-uci.csv not found (expected ../shared/data/)")
-    return read_airquality(path, registry)
+    return read_airquality(dataset.FULL, registry)
 
 
 # -- the same filters in pure Python (batch in, batch out) -----------------------------
@@ -181,7 +167,7 @@ def measure(fn, parts: list[Batch]) -> tuple[float, float, int]:
 
 
 def cold_start(cache_dir: Path, reg: SeriesRegistry, repeat: int = 7) -> dict[str, float]:
-    from pipeline._wasm import WasmStage
+    from pipeline.chain._wasm import WasmStage
 
     cfg = stage_cfgs(["zscore"])[0]
     res = {}
@@ -207,8 +193,8 @@ def cold_start(cache_dir: Path, reg: SeriesRegistry, repeat: int = 7) -> dict[st
 
 
 def _cache(cdir: Path | None):
-    from pipeline._aot import ModuleCache
-    from pipeline._wasm import engine, engine_settings
+    from pipeline.chain._aot import ModuleCache
+    from pipeline.chain._wasm import engine, engine_settings
 
     return ModuleCache(cdir, engine(), engine_settings())
 

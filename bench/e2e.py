@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from pipeline._mosquitto import Mosquitto, free_port
+from devtools._mosquitto import Mosquitto, free_port
 
 from ._load import run_publishers, start_publishers
 from ._pki import ThrowAwayCA
@@ -283,9 +283,9 @@ def _pct(xs: list[float], p: float) -> float:
 def _warm_aot_cache(d: Path) -> float:
     """Compile the chain into the cache the edge runs share (as a device's first start
     does once); returns the compile time.  Later starts load the compiled modules."""
-    from pipeline._chain import Chain
-    from pipeline._config import StageConfig
-    from pipeline._model import SeriesRegistry
+    from config._models import StageConfig
+    from core._model import SeriesRegistry
+    from pipeline.chain._chain import Chain
 
     stages = [StageConfig.model_validate(s) for s in _chain()]
     t0 = time.perf_counter()

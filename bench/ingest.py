@@ -5,7 +5,7 @@
 Real readings from the UCI air-quality data set (9,357 hourly rows, 13 metrics) are turned
 into MQTT messages in each payload format -- one metric per message (number, JSON single),
 all metrics of a row per message (JSON multi, MessagePack, SenML) -- and run through
-:class:`pipeline._ingest.Decoder` exactly as the runtime does (routing, parsing, timestamp
+:class:`pipeline.ingest._decoder.Decoder` exactly as the runtime does (routing, parsing, timestamp
 and type validation, series interning, columnar batch, QoS 1 message identity).  Prints
 microseconds per message and per reading; writes bench/results/ingest.json.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import msgpack
 
-from pipeline._config import SubscriptionConfig
-from pipeline._ingest import Decoder
-from pipeline._model import SeriesRegistry
-from pipeline._mqtt import Message
+from config._models import SubscriptionConfig
+from core._model import SeriesRegistry
+from pipeline.ingest._decoder import Decoder
+from pipeline.ingest._mqtt import Message
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "airquality-uci.csv"

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline._mosquitto import Mosquitto
+from devtools._mosquitto import Mosquitto
 
 from ._load import run_publishers, start_publishers
 from .e2e import Edge, _pct

@@ -28,7 +28,7 @@ import msgpack
 import psycopg
 import zstandard
 
-from sync import _signing
+from protocol import _signing
 
 REPO = Path(__file__).resolve().parents[1]
 PG = "postgresql://postgres@127.0.0.1:5432/test"

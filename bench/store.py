@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline._model import Batch
+from core._model import Batch
 from storage import Keyring, Store, generate_key_line
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,46 +18,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from devtools import _dataset as dataset
+
 REPO = Path(__file__).resolve().parents[1]
-DATASET = REPO.parent / "shared" / "data" / "airquality-uci.csv"
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 BATCH = 500  # readings per committed batch (pipeline default batch.max_messages)
 PER_REQUEST = 16
 
 
-def load_readings(path: Path = DATASET) -> list[tuple[str, int, float]]:
+def load_readings(path: Path = dataset.FULL) -> list[tuple[str, int, float]]:
     """(metric, ts_ms, value) in file order, row by row."""
-    out = []
-    with open(path, newline="") as f:
-        rows = csv.reader(f)
-        header = next(rows)
-        metrics = header[2:]
-        for row in rows:
-            if not row or not row[0]:
-                continue
-            dt = datetime.strptime(f"{row[0]} {row[1]}", "%d/%m/%Y %H:%M:%S")
-            ts = int(dt.replace(tzinfo=UTC).timestamp() * 1000)
-            for m, v in zip(metrics, row[2:], strict=False):
-                if v != "":
-                    out.append((m, ts, float(v)))
-    return out
+    return [
+        (m, ts, v)
+        for ts, values in dataset.read_rows(path)
+        for m, v in zip(dataset.METRICS, values, strict=True)
+    ]
 
 
 # -- 1. bytes on the wire ----------------------------------------------------------------------
 def wire_sizes(readings: list[tuple[str, int, float]], device: str = "aq-1") -> dict[str, Any]:
-    from pipeline._model import Batch, SeriesRegistry
-    from sync._signing import CONTENT_TYPE, signed_headers
+    from core._model import Batch, SeriesRegistry
+    from protocol._signing import CONTENT_TYPE, signed_headers
     from sync._worker import encode_batch, encode_request
 
     n = len(readings)
@@ -129,8 +119,8 @@ def _proc_cpu_s(pid: int) -> float:
 
 
 async def _make_store(path: Path, keyfile: Path, readings, total: int, device: str):
-    from pipeline._config import Secret
-    from pipeline._model import Batch
+    from config._models import Secret
+    from core._model import Batch
     from storage import Keyring, Store
 
     store = await Store.open(
@@ -153,7 +143,7 @@ async def _make_store(path: Path, keyfile: Path, readings, total: int, device: s
 
 
 async def _drain(store, url: str, secret: str, device: str, compression: str) -> int:
-    from pipeline._config import SyncConfig
+    from config._models import SyncConfig
     from sync import SyncWorker
 
     cfg = SyncConfig(

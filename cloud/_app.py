@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,8 @@ from starlette.schemas import SchemaGenerator
 if TYPE_CHECKING:
     from ._dashboard import DashboardSettings
 
-from sync import _signing as signing
+from core._clock import now_ms
+from protocol import _signing as signing
 
 from ._backend import Backend, ReadingsQuery, open_backend
 from ._errors import MasterKeyError, Rejected, SecretUnreadable, UnknownDevice
@@ -191,7 +191,7 @@ async def post_batches(request: Request) -> Response:
                     exc.code,
                     detail,
                     remote,
-                    _now_ms(),
+                    now_ms(),
                     authenticated=ctx.authenticated,
                 )
             )
@@ -201,10 +201,6 @@ async def post_batches(request: Request) -> Response:
         return _error(exc)
     finally:
         state.inflight -= 1
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _header(request: Request, name: str) -> str:
@@ -286,7 +282,7 @@ async def _receive(
     ):
         raise Rejected(401, "bad_signature", "unknown device or bad signature")
     ctx.authenticated = True
-    now = _now_ms()
+    now = now_ms()
     if abs(now // 1000 - timestamp) > settings.max_skew_s:
         raise Rejected(
             401,

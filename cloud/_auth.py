@@ -33,6 +33,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from core._clock import now_ms
+
 from ._errors import Rejected
 
 __all__ = [
@@ -89,10 +91,6 @@ def session_key(token: str) -> str:
 
 def tokens_equal(a: str | None, b: str | None) -> bool:
     return bool(a) and bool(b) and hmac.compare_digest(str(a).encode(), str(b).encode())
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 # -- rate limiting ------------------------------------------------------------------------------

@@ -15,12 +15,12 @@ import json
 import logging
 import math
 import re
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
+
+from core._clock import now_ms, utc_day
 
 from ._errors import (
     CloudError,
@@ -72,14 +72,6 @@ class ReadingsQuery:
     until: int | None = None  # exclusive, ms
     limit: int = 1000
     step: int | None = None  # ms; None = raw rows unless there are more than ``limit``
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def utc_day(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
 
 
 @runtime_checkable

@@ -30,9 +30,11 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from core._clock import now_ms
+
 from . import _auth as auth
 from ._app import operator_endpoint
-from ._backend import ROLLUP_MS, ReadingsQuery, now_ms
+from ._backend import ROLLUP_MS, ReadingsQuery
 from ._errors import Rejected, UnknownDevice
 from ._settings import ENV_PREFIX
 

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from storage._crypto import write_new_key_file
+from protocol._keys import write_new_key_file
 
 from ._errors import MasterKeyError, SecretUnreadable
 
@@ -64,7 +64,7 @@ def _b64d(s: str) -> bytes:
 
 def generate_master_key_line(key_id: str | None = None) -> str:
     """A new random key line (the edge store's format, ``<key id> <base64url key>``)."""
-    from storage._crypto import generate_key_line
+    from protocol._keys import generate_key_line
 
     return generate_key_line(key_id)
 
@@ -108,8 +108,8 @@ class MasterKey:
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def parse(cls, text: str, source: str) -> MasterKey:
-        from pipeline._errors import KeyError_
-        from storage._crypto import Keyring
+        from core._errors import KeyError_
+        from protocol._keys import Keyring
 
         try:
             ring = Keyring.parse(text, source)
@@ -120,7 +120,7 @@ class MasterKey:
     @classmethod
     def from_file(cls, path: str | Path) -> MasterKey:
         path = Path(path)
-        from storage._crypto import read_key_file
+        from protocol._keys import read_key_file
 
         key = cls.parse(read_key_file(path, "master key", MasterKeyError), str(path))
         key._path = path

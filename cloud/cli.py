@@ -29,7 +29,7 @@ import sys
 
 from pydantic import ValidationError
 
-from storage._crypto import append_key_line
+from protocol._keys import append_key_line
 
 from ._backend import Backend, open_backend
 from ._errors import CloudError, DeviceExists, OperatorExists

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._errors import (
+from core._errors import (
     ConfigError,
     DecodeError,
     EdgepipeError,
@@ -21,7 +21,7 @@ from ._errors import (
     StoreFullError,
     SyncError,
 )
-from ._model import Batch, DeadLetter, Flags, Reading, SeriesRegistry
+from core._model import Batch, DeadLetter, Flags, Reading, SeriesRegistry
 
 __all__ = [
     "Batch",
@@ -46,8 +46,8 @@ __all__ = [
 
 _LAZY = {
     "Pipeline": ("._runtime", "Pipeline"),
-    "PipelineConfig": ("._config", "PipelineConfig"),
-    "load_config": ("._loader", "load_config"),
+    "PipelineConfig": ("config._models", "PipelineConfig"),
+    "load_config": ("config._loader", "load_config"),
 }
 
 

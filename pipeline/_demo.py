@@ -11,7 +11,6 @@ replaying the UCI air-quality data set.  Prints one live status line; Ctrl-C (or
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import shutil
@@ -29,49 +28,19 @@ from typing import Any
 
 import yaml
 
-from ._mosquitto import Mosquitto, free_port, mosquitto_binary
+from devtools import _dataset as dataset
+from devtools._mosquitto import Mosquitto, free_port, mosquitto_binary
 
-__all__ = ["Demo", "find_dataset", "load_rows"]
+__all__ = ["Demo", "load_rows"]
 
 PKG = Path(__file__).resolve().parent
 REPO = PKG.parent
-_METRICS = (
-    "CO_GT",
-    "PT08_S1_CO",
-    "NMHC_GT",
-    "C6H6_GT",
-    "PT08_S2_NMHC",
-    "NOx_GT",
-    "PT08_S3_NOx",
-    "NO2_GT",
-    "PT08_S4_NO2",
-    "PT08_S5_O3",
-    "T",
-    "RH",
-    "AH",
-)
-
-
-def find_dataset() -> Path:
-    """The full UCI air-quality CSV if it is beside the checkout, else the packaged sample."""
-    for cand in (
-        REPO.parent / "shared" / "data" / "airquality-uci.csv",
-        Path.cwd().parent / "shared" / "data" / "airquality-uci.csv",
-    ):
-        if cand.exists():
-            return cand
-    return PKG / "data" / "airquality-sample.csv"
 
 
 def load_rows(path: Path) -> list[dict[str, float]]:
-    rows = []
-    with open(path, newline="") as f:
-        for rec in csv.DictReader(f):
-            try:
-                rows.append({m: float(rec[m]) for m in _METRICS})
-            except (KeyError, ValueError):
-                continue
-    return rows
+    return [
+        dict(zip(dataset.METRICS, values, strict=True)) for _, values in dataset.read_rows(path)
+    ]
 
 
 def example_config() -> Path:
@@ -168,7 +137,7 @@ class Demo:
             b: Any = Mosquitto(workdir=self.dir / "broker")
             kind = "mosquitto"
         else:
-            from ._minibroker import MiniBroker
+            from devtools._minibroker import MiniBroker
 
             b = MiniBroker()
             kind = "embedded pure-Python broker" + (
@@ -248,11 +217,11 @@ class Demo:
 
     # -- run --------------------------------------------------------------------------
     def run(self) -> int:
-        dataset = find_dataset()
-        rows = load_rows(dataset)
+        dataset_path = dataset.find_dataset()
+        rows = load_rows(dataset_path)
         self.say(f"edgepipe demo in {self.dir}")
         self.say(
-            f"  data        {dataset.name}: {len(rows)} samples x 13 metrics, "
+            f"  data        {dataset_path.name}: {len(rows)} samples x 13 metrics, "
             f"{self.devices} simulated devices at {self.rate:g} samples/s each"
         )
         prev = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -9,7 +9,7 @@ process down.
 - ``GET /healthz``  200 ``ok`` while the event loop runs (Kubernetes liveness probe).
 - ``GET /readyz``   200 ``ready``, or 503 with the reason from the ``ready`` callable
   (the store is unwritable, the chain failed to load, the broker is disconnected ...).
-- ``GET /metrics``  the Prometheus text exposition of :data:`pipeline._metrics.METRICS`,
+- ``GET /metrics``  the Prometheus text exposition of :data:`core._metrics.METRICS`,
   including ``process_*`` gauges read from ``/proc/self`` at scrape time.
 """
 
@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable
 from types import TracebackType
 
-from ._metrics import METRICS, Metrics
+from core._metrics import METRICS, Metrics
 
 __all__ = ["HealthServer", "parse_listen", "register_process_metrics"]
 

@@ -22,10 +22,11 @@ import os
 import time
 from typing import Any
 
-from ._config import PipelineConfig
-from ._errors import ConfigError, EdgepipeError, FilterError, StoreError, StoreFullError
-from ._metrics import METRICS
-from ._model import Batch, DeadLetter
+from config._models import PipelineConfig
+from core._backoff import Backoff
+from core._errors import ConfigError, EdgepipeError, FilterError, StoreError, StoreFullError
+from core._metrics import METRICS
+from core._model import Batch, DeadLetter
 
 __all__ = ["Pipeline"]
 
@@ -43,7 +44,7 @@ _chain_errors = METRICS.counter(
 
 
 def _fault_hook() -> Any:
-    from ._ingest import fault_hook
+    from pipeline.ingest._decoder import fault_hook
 
     return fault_hook()
 
@@ -138,10 +139,9 @@ class Pipeline:
 
     # -- set-up -----------------------------------------------------------------------
     async def _open(self) -> None:
+        from pipeline.ingest._decoder import Decoder
+        from pipeline.ingest._mqtt import MQTTClient
         from storage import Keyring, Store
-
-        from ._ingest import Decoder
-        from ._mqtt import MQTTClient
 
         cfg = self.cfg
         if cfg.store.key is None:
@@ -184,8 +184,8 @@ class Pipeline:
         cfg = self.cfg
         if cfg.chain_file is None and not cfg.chain:
             return _NoChain()
-        from ._chain import Chain
-        from ._deploy import ChainSpec, ChainWatcher, default_cache_dir, load_chain
+        from pipeline.chain._chain import Chain
+        from pipeline.chain._deploy import ChainSpec, ChainWatcher, default_cache_dir, load_chain
 
         cache = default_cache_dir(cfg)
         chain = None
@@ -361,7 +361,7 @@ class Pipeline:
         await self._commit(result.batch, dead, dec.keys, self._snapshot(chain))
         if _trace_commit is not None:
             _trace_commit(len(msgs), dec.batch)
-        if _fault_after_commit is not None:  # test hook, see pipeline._ingest.fault_hook
+        if _fault_after_commit is not None:  # test hook, see pipeline.ingest._decoder.fault_hook
             slow = _fault_after_commit()
             if slow is not None:
                 await slow
@@ -376,7 +376,7 @@ class Pipeline:
     async def _commit(
         self, batch: Batch, dead: list[DeadLetter], keys: list[bytes], states: dict[str, bytes]
     ) -> None:
-        wait = 0.5
+        backoff = Backoff(0.5, 10.0, jitter=False)
         while True:
             try:
                 await self.store.commit(batch, dead, keys, states)
@@ -397,8 +397,7 @@ class Pipeline:
                 self._store_ok = False
                 _store_full.set(1)
                 # keep the batch in hand; the socket reader pauses once max_pending is hit
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 10.0)
+                await asyncio.sleep(backoff.next())
 
     async def _flush_chain(self) -> None:
         if self.chain is None:

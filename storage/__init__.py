@@ -1,6 +1,7 @@
 """edgepipe's encrypted local store (SQLite in WAL mode, AES-256-GCM per row)."""
 
-from ._crypto import Keyring, Sealer, generate_key_line
+from protocol._keys import Keyring, Sealer, generate_key_line
+
 from ._store import SCHEMA_VERSION, Store, StoredBatch, open_store
 
 __all__ = [

@@ -35,11 +35,10 @@ from typing import Any, NamedTuple, TypeVar
 import aiosqlite
 import msgpack
 
-from pipeline._errors import KeyError_, StoreError, StoreFullError, TamperedError
-from pipeline._metrics import METRICS
-from pipeline._model import Batch, DeadLetter, Reading, SeriesKey, SeriesRegistry
-
-from ._crypto import KEY_REFUSE_AT, KEY_WARN_AT, Keyring, Sealer
+from core._errors import KeyError_, StoreError, StoreFullError, TamperedError
+from core._metrics import METRICS
+from core._model import Batch, DeadLetter, Reading, SeriesKey, SeriesRegistry
+from protocol._keys import KEY_REFUSE_AT, KEY_WARN_AT, Keyring, Sealer
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoredBatch"]
 
@@ -1102,8 +1101,8 @@ def _time_range(since_ms: int | None, until_ms: int | None) -> tuple[str, list[i
 
 
 async def open_store(cfg: Any, *, create: bool = True) -> Store:
-    """The store of a loaded ``pipeline.yaml`` (:class:`~pipeline._config.PipelineConfig`)."""
-    from pipeline._errors import ConfigError
+    """The store of a loaded ``pipeline.yaml`` (:class:`~config._models.PipelineConfig`)."""
+    from core._errors import ConfigError
 
     sc = cfg.store
     if sc.key is None:
@@ -1117,7 +1116,3 @@ async def open_store(cfg: Any, *, create: bool = True) -> Store:
         synchronous=sc.synchronous,
         create=create,
     )
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

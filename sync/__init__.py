@@ -1,13 +1,13 @@
 """edgepipe's sync worker: committed batches to the cloud receiver, exactly-once in effect.
 
-The cloud receiver imports ``sync._signing`` only; the worker is loaded on first use.
+The cloud receiver imports ``protocol._signing`` only; the worker is loaded on first use.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SyncState", "SyncWorker"]
+__all__ = ["SyncState", "SyncWorker", "status_report"]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,6 +15,10 @@ def __getattr__(name: str) -> Any:
         from ._worker import SyncWorker
 
         return SyncWorker
+    if name == "status_report":
+        from ._status import status_report
+
+        return status_report
     if name == "SyncState":
         from ._state import SyncState
 

@@ -14,11 +14,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["SyncState", "default_state_path", "utc_day"]
+from core._clock import utc_day
 
-
-def utc_day(t: float | None = None) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(time.time() if t is None else t))
+__all__ = ["SyncState", "default_state_path"]
 
 
 def default_state_path(store_path: Path) -> Path:

@@ -4,31 +4,27 @@ success, last error, bytes per link today) and the backlog from the open store."
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from ._state import SyncState, default_state_path, utc_day
+from config._models import SyncConfig
+from core._clock import utc_day
 
-__all__ = ["state_path_for", "status_section"]
+from ._state import SyncState
 
-
-def state_path_for(cfg: Any) -> Path:
-    """The sync state file of the pipeline configured by ``cfg`` (a PipelineConfig)."""
-    if cfg.sync.state_file is not None:
-        return cfg.resolve(Path(cfg.sync.state_file))
-    return default_state_path(cfg.resolve(cfg.store.path))
+__all__ = ["status_report"]
 
 
-async def status_section(ctx: Any) -> dict[str, Any]:
-    """Section provider for ``edgepipe status`` (``ctx.cfg``, ``ctx.store``)."""
-    cfg = ctx.cfg
-    st = SyncState.load(state_path_for(cfg))
-    out: dict[str, Any] = {"enabled": cfg.sync.enabled, "url": cfg.sync.url}
-    if ctx.store is not None:
-        s = await ctx.store.stats()
-        out["backlog_batches"] = s["unsynced_batches"]
-        out["backlog_readings"] = s["unsynced_readings"]
-        out["oldest_unsynced_ms"] = s["oldest_unsynced_ms"]
+def status_report(
+    cfg: SyncConfig, st: SyncState, backlog: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The "sync" section of ``edgepipe status``: the worker's persisted state ``st``, with
+    the backlog from the store's ``stats()`` when the store exists (else as last saved)."""
+    out: dict[str, Any] = {"enabled": cfg.enabled, "url": cfg.url}
+    if backlog is not None:
+        out["backlog_batches"] = backlog["unsynced_batches"]
+        out["backlog_readings"] = backlog["unsynced_readings"]
+        out["oldest_unsynced_ms"] = backlog["oldest_unsynced_ms"]
     else:
         out["backlog_batches"] = st.backlog_batches
         out["backlog_readings"] = st.backlog_readings

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline._errors import SyncError
-
-from ._signing import CONTENT_TYPE, signed_headers
+from core._errors import SyncError
+from protocol._signing import CONTENT_TYPE, signed_headers
 
 __all__ = ["PATH_BATCHES", "PATH_PING", "Transport"]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +29,11 @@ from typing import Any
 
 import msgpack
 
-from pipeline._errors import SyncError
-from pipeline._metrics import METRICS
-from pipeline._model import SeriesRegistry
+from core._backoff import Backoff
+from core._clock import now_ms
+from core._errors import SyncError
+from core._metrics import METRICS
+from core._model import SeriesRegistry
 
 from ._link import Link, LinkMonitor
 from ._state import SyncState, default_state_path
@@ -126,21 +127,6 @@ def classify(batch: Any, recent_after_ms: int) -> str:
     return "bulk"
 
 
-class _Backoff:
-    """Exponential delays with full jitter: uniform(0, min(max, min * 2**n))."""
-
-    def __init__(self, lo: float, hi: float) -> None:
-        self.lo, self.hi, self.n = lo, max(lo, hi), 0
-
-    def next(self) -> float:
-        cap = min(self.hi, self.lo * (2**self.n))
-        self.n = min(self.n + 1, 62)
-        return random.uniform(0, cap)
-
-    def reset(self) -> None:
-        self.n = 0
-
-
 class SyncWorker:
     """``await worker.run(stop_event)`` keeps the store drained to the receiver until stopped;
     ``await worker.drain()`` uploads until the backlog is empty (``edgepipe sync --now``)."""
@@ -182,7 +168,7 @@ class SyncWorker:
         self.state_path = Path(state_path)
         self.status = SyncState.load(self.state_path)
         self._wake = asyncio.Event()
-        self._backoff = _Backoff(cfg.backoff_min_s, cfg.backoff_max_s)
+        self._backoff = Backoff(cfg.backoff_min_s, cfg.backoff_max_s)
         self._probe_first = False
         self._max_batches = cfg.batches_per_request
         self._cursors: dict[str, int] = {}
@@ -308,7 +294,7 @@ class SyncWorker:
         if self._probe_first:
             await asyncio.to_thread(self.transport.ping)
             self._probe_first = False
-        self.status.last_attempt_ms = _now_ms()
+        self.status.last_attempt_ms = now_ms()
         try:
             result = await asyncio.to_thread(self.transport.post_batches, body, encoding, link.kind)
         except SyncError as e:
@@ -353,7 +339,7 @@ class SyncWorker:
         if not link.metered:
             return await self.store.unsynced(limit=limit), {}, None
         m = self.cfg.metered
-        recent_after = _now_ms() - int(m.recent_hours * 3600_000)
+        recent_after = now_ms() - int(m.recent_hours * 3600_000)
         for cls in m.priority:
             if cls == "bulk":  # everything that is left, oldest first
                 got = await self.store.unsynced(limit=limit)
@@ -456,7 +442,7 @@ class SyncWorker:
 
     def _record_success(self, link: Link, n: int, stats: dict[str, Any], seqs: list[int]) -> None:
         st = self.status
-        st.last_success_ms = _now_ms()
+        st.last_success_ms = now_ms()
         st.online, st.waiting = True, None
         st.link, st.interface = link.kind, link.interface
         st.readings_sent_total += n
@@ -468,7 +454,7 @@ class SyncWorker:
     def _record_error(self, e: SyncError) -> None:
         st = self.status
         st.last_error = str(e)
-        st.last_error_ms = _now_ms()
+        st.last_error_ms = now_ms()
         st.online = e.status is not None
         st.save(self.state_path)
 
@@ -490,10 +476,6 @@ def _secret_bytes(secret: str | None) -> bytes:
     if len(key) < 16:
         raise SyncError("sync.device_secret is too short")
     return key
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def _wait(stop: asyncio.Event, timeout: float, also: asyncio.Event | None = None) -> None:

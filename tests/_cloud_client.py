@@ -2,7 +2,7 @@
 real uvicorn server on a free loopback port.
 
 It is written from docs/sync-protocol.md, independently of the edge worker, and signs with
-``sync._signing`` (the module both sides share).
+``protocol._signing`` (the module both sides share).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import psycopg
 import uvicorn
 import zstandard
 
-from sync import _signing
+from protocol import _signing
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PATH = "/v1/batches"

@@ -18,8 +18,8 @@ import yaml
 from conftest import REPO, wait_for
 
 from cloud._local import LocalReceiver
-from pipeline._config import Secret, SyncConfig
-from pipeline._model import Batch
+from config._models import Secret, SyncConfig
+from core._model import Batch
 from storage import Keyring, Store, generate_key_line
 
 wait_until = wait_for  # the sync tests' name for it

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline._mosquitto import Mosquitto, free_port
+from devtools._mosquitto import Mosquitto, free_port
 from storage import generate_key_line
 
 REPO = Path(__file__).resolve().parents[1]
-DATASET = REPO.parent / "shared" / "data" / "airquality-uci.csv"
+DATASET = REPO / "data" / "airquality-uci.csv"
 
 
 @pytest.fixture(scope="session")

@@ -409,7 +409,7 @@ def test_read_api_needs_operator_credentials(device: DeviceClient, server: LiveS
         "/v1/rejections",
         "/v1/dead-letters",
     ]
-    from sync import _signing
+    from protocol import _signing
 
     for path in paths:
         r = httpx.get(server.url + path)
@@ -610,7 +610,7 @@ def test_overload_answers_503_with_retry_after(backend: Backend) -> None:
             "Content-Type": "application/vnd.edgepipe.batches+msgpack",
             "Content-Encoding": "zstd",
         }
-        from sync import _signing
+        from protocol import _signing
 
         headers |= _signing.signed_headers(secret, name, PATH, sent, timestamp=int(time.time()))
         t = threading.Thread(
@@ -638,8 +638,8 @@ def test_overload_answers_503_with_retry_after(backend: Backend) -> None:
 def test_the_edge_workers_encoding_is_accepted(
     backend: Backend, device: DeviceClient, operator: httpx.Client
 ) -> None:
-    from pipeline._model import Batch as EdgeBatch
-    from pipeline._model import SeriesRegistry
+    from core._model import Batch as EdgeBatch
+    from core._model import SeriesRegistry
     from sync._worker import encode_batch, encode_request
 
     reg = SeriesRegistry()

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline._codecs import TopicTemplate, decode_payload, parse_timestamp
-from pipeline._config import SubscriptionConfig
-from pipeline._errors import DecodeError
+from config._models import SubscriptionConfig
+from core._errors import DecodeError
+from pipeline.ingest._codecs import TopicTemplate, decode_payload, parse_timestamp
 
 ARRIVAL = 1_750_000_000_000
 FORMATS = ["auto", "json", "msgpack", "senml", "number"]

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_config, publish, reading_msg, wait_for
 
+from config._models import Secret
+from devtools._mosquitto import Mosquitto, free_port
 from pipeline import ConfigError, load_config
-from pipeline._config import Secret
-from pipeline._mosquitto import Mosquitto, free_port
 
 
 def edgepipe(

@@ -182,7 +182,7 @@ def test_login_limiter_per_user_and_window() -> None:
 
 def test_device_credentials_do_not_open_the_dashboard(backend: Backend, server: LiveServer) -> None:
     name, secret = new_device(backend, "sep")
-    from sync import _signing
+    from protocol import _signing
 
     for path in ("/v1/devices", "/ui/api/fleet", f"/v1/devices/{name}"):
         headers = _signing.signed_headers(secret, name, path, b"", timestamp=int(time.time()))

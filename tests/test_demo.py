@@ -40,7 +40,7 @@ def _numbers(line: str) -> dict[str, int]:
 @pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
 def test_demo_flows_and_stops_cleanly(tmp_path, broker):
     if broker == "embedded":
-        pytest.importorskip("pipeline._minibroker")
+        pytest.importorskip("devtools._minibroker")
     work = tmp_path / "demo"
     proc = subprocess.Popen(
         [

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline._chain import Chain
-from pipeline._model import Batch, Flags, SeriesRegistry
+from core._model import Batch, Flags, SeriesRegistry
+from pipeline.chain._chain import Chain
 from tests.wasm_helpers import LIB, REPO, airquality, run_chain, stage
 
 SIZES = [1000, 97]
@@ -199,7 +199,7 @@ def test_window_passthrough_and_stats(data, tmp_path):
 def test_counters_account_for_every_reading(data, tmp_path):
     """Every reading out of a chain is explained by the counters: out = in - dropped +
     emitted, with filtering, non-passthrough aggregation and passthrough aggregation."""
-    from pipeline._metrics import METRICS
+    from core._metrics import METRICS
 
     reg, batch = data
     part = batch.take(range(13 * 300))

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from pipeline._chain import Chain
-from pipeline._model import Batch, Flags, SeriesRegistry
+from core._model import Batch, Flags, SeriesRegistry
+from pipeline.chain._chain import Chain
 from pipeline.cli._filter import RUST_PACKAGES, compile_filter, find_rustc
 from tests.wasm_helpers import LIB, REPO, airquality, run_chain, stage
 

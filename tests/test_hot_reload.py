@@ -16,7 +16,7 @@ import yaml
 from conftest import REPO, make_config, publish, reading_msg, wait_for
 from test_e2e import stored
 
-from pipeline._mosquitto import free_port
+from devtools._mosquitto import free_port
 
 VALIDITY = str(REPO / "filters/lib/validity.wasm")
 EMA = str(REPO / "filters/lib/ema.wasm")

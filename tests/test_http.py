@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from core._metrics import Metrics
 from pipeline._http import MAX_CONNECTIONS, MAX_HEAD_BYTES, HealthServer, parse_listen
-from pipeline._metrics import Metrics
 
 
 class Readiness:

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_codecs import json_values
 
-from pipeline._config import SubscriptionConfig
-from pipeline._ingest import Decoder
-from pipeline._model import SeriesRegistry
-from pipeline._mqtt import Message
+from config._models import SubscriptionConfig
+from core._model import SeriesRegistry
+from pipeline.ingest._decoder import Decoder
+from pipeline.ingest._mqtt import Message
 
 SUBS = [
     SubscriptionConfig(topic="s/{device}/{metric}"),

@@ -32,8 +32,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline._loader import load_config
-from pipeline._mosquitto import free_port, mosquitto_binary
+from config._loader import load_config
+from devtools._mosquitto import free_port, mosquitto_binary
 from storage import generate_key_line
 
 ROOT = Path(__file__).resolve().parent.parent

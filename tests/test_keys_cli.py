@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline._config import Secret
-from pipeline._errors import KeyError_
-from pipeline._model import Batch, DeadLetter
+from config._models import Secret
+from core._errors import KeyError_
+from core._model import Batch, DeadLetter
 from pipeline.cli import main
 from storage import Keyring, Store
 

@@ -14,8 +14,8 @@ CLOUD_STACK = ("starlette", "uvicorn", "psycopg", "argon2", "httpx", "anyio", "f
 def test_edge_process_does_not_import_the_cloud_web_stack():
     code = (
         "import json, sys\n"
-        "import pipeline.cli._run, pipeline._runtime, pipeline._ingest, pipeline._mqtt\n"
-        "import pipeline._chain, pipeline._http, storage, sync._worker\n"
+        "import pipeline.cli._run, pipeline._runtime, pipeline.ingest._decoder, pipeline.ingest._mqtt\n"
+        "import pipeline.chain._chain, pipeline._http, storage, sync._worker\n"
         "from pipeline.cli import build_parser; build_parser()\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )

@@ -18,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from pipeline._minibroker import MiniBroker
+from devtools._minibroker import MiniBroker
 
 
 @pytest.fixture

@@ -27,9 +27,9 @@ from test_mqtt_durability import (
     stored_values,
 )
 
-from pipeline._config import BrokerConfig
-from pipeline._mosquitto import Mosquitto
-from pipeline._mqtt import MQTTClient
+from config._models import BrokerConfig
+from devtools._mosquitto import Mosquitto
+from pipeline.ingest._mqtt import MQTTClient
 
 
 # -- certificates ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import yaml
 from conftest import free_port, make_config, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
-from pipeline._mosquitto import Mosquitto
+from devtools._mosquitto import Mosquitto
 from storage import Keyring, Store
 
 

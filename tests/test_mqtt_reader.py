@@ -10,8 +10,8 @@ import time
 import pytest
 from test_mqtt_durability import Publisher
 
-from pipeline._config import BrokerConfig
-from pipeline._mqtt import MQTTClient
+from config._models import BrokerConfig
+from pipeline.ingest._mqtt import MQTTClient
 
 
 @pytest.mark.timeout(120)

@@ -36,7 +36,7 @@ from test_mqtt_durability import (
 )
 from test_store_crash import DEVICE, _spawn, kill_after_some_commits
 
-from pipeline._errors import StoreError
+from core._errors import StoreError
 from storage import Keyring, Store
 
 

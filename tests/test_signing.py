@@ -1,4 +1,4 @@
-"""sync._signing: the canonical request, HMAC signature and constant-time verification."""
+"""protocol._signing: the canonical request, HMAC signature and constant-time verification."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sync import _signing
+from protocol import _signing
 
 SECRET = bytes(range(32))
 BODY = b"\x28\xb5\x2f\xfd compressed bytes"

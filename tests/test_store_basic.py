@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline._errors import StoreError, StoreFullError
-from pipeline._metrics import METRICS
-from pipeline._model import Batch, DeadLetter
+from core._errors import StoreError, StoreFullError
+from core._metrics import METRICS
+from core._model import Batch, DeadLetter
 from storage import Keyring, Store, generate_key_line
 
 DEVICE = "dev-a"
@@ -176,7 +176,7 @@ def test_quota_drop_oldest_counts_and_keeps_file_bounded(tmp_path: Path) -> None
 
 
 def test_key_usage_limit_forces_rotation(tmp_path: Path, caplog) -> None:
-    from storage._crypto import KEY_REFUSE_AT, KEY_WARN_AT
+    from protocol._keys import KEY_REFUSE_AT, KEY_WARN_AT
 
     db = tmp_path / "s.db"
     k1, k2 = generate_key_line("k1"), generate_key_line("k2")

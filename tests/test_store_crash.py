@@ -132,7 +132,7 @@ def test_kill9_during_reencryption_then_resume(tmp_path: Path) -> None:
 
 
 async def _writer(db: str, keyfile: str, count: int, quota: int, sync: str = "FULL") -> None:
-    from pipeline._model import Batch
+    from core._model import Batch
 
     kr = Keyring.from_file(keyfile)
     opts: dict = {"quota_bytes": quota, "on_full": "drop_oldest"} if quota else {}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import make_config, publish, reading_msg, wait_for
 
-from pipeline._errors import StoreFullError
-from pipeline._model import Batch
+from core._errors import StoreFullError
+from core._model import Batch
 from storage import Keyring, Store, generate_key_line
 
 

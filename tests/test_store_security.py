@@ -13,8 +13,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from pipeline._errors import KeyError_, StoreError, TamperedError
-from pipeline._model import Batch, DeadLetter
+from core._errors import KeyError_, StoreError, TamperedError
+from core._model import Batch, DeadLetter
 from storage import Keyring, Sealer, Store, generate_key_line
 from storage._store import _V1
 

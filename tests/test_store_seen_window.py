@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from pipeline._model import Batch
+from core._model import Batch
 from storage import Keyring, Store
 
 

@@ -7,8 +7,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from pipeline._mosquitto import free_port
-from sync._cli import Progress
+from core._progress import Progress
+from devtools._mosquitto import free_port
 from tests._sync_env import Receiver, edgepipe, fill_sync, unsynced, write_pipeline
 
 

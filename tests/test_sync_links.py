@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline._config import SyncLinksConfig
+from config._models import SyncLinksConfig
 from sync._link import LinkMonitor
 from sync._state import SyncState
 from tests._proxy import Proxy

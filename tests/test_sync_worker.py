@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline._errors import SyncError
-from pipeline._model import Batch
+from core._backoff import Backoff
+from core._errors import SyncError
+from core._model import Batch
 from sync._transport import Transport
-from sync._worker import _Backoff, classify
+from sync._worker import classify
 from tests._sync_env import WorkerThread, fill_sync, sync_cfg, unsynced, wait_until
 
 
@@ -68,7 +69,7 @@ def test_retry_after_is_honoured(tmp_path: Path, busy_server, caplog) -> None:
 
 
 def test_backoff_is_exponential_with_full_jitter() -> None:
-    b = _Backoff(1.0, 30.0)
+    b = Backoff(1.0, 30.0)
     caps = [1, 2, 4, 8, 16, 30, 30, 30]
     for cap in caps:
         samples = []

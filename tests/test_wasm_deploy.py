@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline._chain import Chain
-from pipeline._deploy import ChainWatcher, load_chain, load_chain_file
-from pipeline._errors import ConfigError
-from pipeline._loader import load_config
-from pipeline._model import Batch, SeriesRegistry
+from config._loader import load_config
+from core._errors import ConfigError
+from core._model import Batch, SeriesRegistry
+from pipeline.chain._chain import Chain
+from pipeline.chain._deploy import ChainWatcher, load_chain, load_chain_file
 from pipeline.cli import main
 from tests.wasm_helpers import LIB
 

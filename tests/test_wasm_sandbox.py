@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from pipeline._chain import Chain
-from pipeline._errors import FilterLoadError, FilterRuntimeError
-from pipeline._metrics import METRICS
-from pipeline._model import Batch, SeriesRegistry
-from pipeline._wasm import WasmStage
+from core._errors import FilterLoadError, FilterRuntimeError
+from core._metrics import METRICS
+from core._model import Batch, SeriesRegistry
+from pipeline.chain._chain import Chain
+from pipeline.chain._wasm import WasmStage
 from tests.wasm_helpers import LIB, REPO, stage, wat_module, write_wat
 
 IDENTITY = "(i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (local.get 0)))"
@@ -303,7 +303,7 @@ def test_map_must_keep_records(tmp_path, reg):
 
 
 def test_epoch_ticker_parks_when_idle(tmp_path, reg):
-    from pipeline import _wasm
+    from pipeline.chain import _wasm
 
     with build(tmp_path, [stage("ema", "ema", "map")], reg) as chain:
         chain.process(sample())
@@ -320,7 +320,7 @@ def test_epoch_ticker_parks_when_idle(tmp_path, reg):
 
 
 def test_config_flattening():
-    from pipeline._wasm import flatten_config
+    from pipeline.chain._wasm import flatten_config
 
     text = flatten_config(
         {"a": 1, "b": {"c": [1, 2.5], "d": True}, "e": None, "f": "x y", "g": 0.1}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline._aot import ModuleCache
-from pipeline._chain import Chain
-from pipeline._errors import FilterLoadError
-from pipeline._model import Batch, SeriesRegistry
-from pipeline._wasm import engine, engine_settings
+from core._errors import FilterLoadError
+from core._model import Batch, SeriesRegistry
+from pipeline.chain._aot import ModuleCache
+from pipeline.chain._chain import Chain
+from pipeline.chain._wasm import engine, engine_settings
 from tests.wasm_helpers import LIB, REPO, airquality, batches, stage
 
 STAGES = [

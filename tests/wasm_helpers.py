@@ -7,25 +7,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from pipeline._config import LimitsConfig, MatchConfig, StageConfig
-from pipeline._model import Batch, SeriesRegistry
+from config._models import LimitsConfig, MatchConfig, StageConfig
+from core._model import Batch, SeriesRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "filters" / "lib"
-AIRQUALITY = Path(__file__).resolve().parents[2] / "shared" / "data" / "airquality-uci.csv"
 DEVICE = "airq-1"
 
 
 def airquality(registry: SeriesRegistry) -> Batch:
     """The UCI air-quality data (9,357 hourly rows x 13 metrics) as one batch, in file
     order (row by row, metrics in column order); -200 marks a missing value."""
-    if not AIRQUALITY.exists():
-        pytest.skip(f"air-quality data set not found at {AIRQUALITY}")
     from bench.chain import read_airquality
+    from devtools._dataset import FULL
 
-    return read_airquality(AIRQUALITY, registry, DEVICE)
+    return read_airquality(FULL, registry, DEVICE)
 
 
 def stage(

@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from .._errors import EdgepipeError
+from core._errors import EdgepipeError
 
 __all__ = ["COMMANDS", "main", "write_output"]
 
@@ -102,7 +102,7 @@ def write_output(text: str, output: str | None) -> None:
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:
-    from .._errors import ConfigError
+    from core._errors import ConfigError
 
     return (ConfigError,)
 

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .._demo import Demo
+    from pipeline._demo import Demo
 
     if args.rate <= 0 or args.devices < 1:
         print("edgepipe demo: --rate must be > 0 and --devices >= 1")

@@ -29,8 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from .._deploy import deploy
-    from .._loader import load_config
+    from config._loader import load_config
+    from pipeline.chain._deploy import deploy
 
     cfg = load_config(args.config)
     result = deploy(cfg, args.filters)
@@ -44,8 +44,8 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from .._deploy import history, rollback
-    from .._loader import load_config
+    from config._loader import load_config
+    from pipeline.chain._deploy import history, rollback
 
     cfg = load_config(args.config)
     if args.list:

@@ -14,9 +14,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from core._progress import Progress
+
 from . import add_config_arg
 
-__all__ = ["Progress", "parse_time"]
+__all__ = ["parse_time"]
 
 _AGE = re.compile(r"^-?(\d+(?:\.\d+)?)(s|m|h|d|w)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -50,40 +52,6 @@ def iso_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
-class Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal (or forced)."""
-
-    def __init__(self, label: str, total: int | None = None, *, force: bool = False) -> None:
-        self.label, self.total = label, total
-        self.on = force or sys.stderr.isatty()
-        self._last = 0.0
-        self._shown = False
-
-    def update(self, done: int, total: int | None = None) -> None:
-        if not self.on:
-            return
-        if total is not None:
-            self.total = total
-        now = time.monotonic()
-        if now - self._last < 0.1 and (self.total is None or done < self.total):
-            return
-        self._last = now
-        if self.total:
-            frac = min(1.0, done / self.total)
-            bar = "#" * int(frac * 30)
-            line = f"{self.label} [{bar:<30}] {frac * 100:5.1f}% {done}/{self.total}"
-        else:
-            line = f"{self.label} {done}"
-        sys.stderr.write("\r" + line)
-        sys.stderr.flush()
-        self._shown = True
-
-    def done(self) -> None:
-        if self._shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export stored readings (decrypted) as JSON lines or CSV")
     add_config_arg(p)
@@ -100,8 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .._errors import ConfigError
-    from .._loader import load_config
+    from config._loader import load_config
+    from core._errors import ConfigError
 
     try:
         since = parse_time(args.since) if args.since else None
@@ -123,17 +91,23 @@ async def _write(cfg: Any, args: argparse.Namespace, since: Any, until: Any, out
     import csv
     import json
 
-    from storage import open_store
+    from .._compose import open_store
 
     n = 0
     async with await open_store(cfg, create=False) as store:
-        bar = Progress("exporting", await store.count(since, until), force=args.progress)
+        bar = Progress(
+            await store.count(since, until),
+            quiet=not (args.progress or sys.stderr.isatty()),
+            bar=True,
+            label="exporting",
+            verb="exported",
+        )
         readings = store.query(
             device=args.device,
             metric=args.metric,
             since_ms=since,
             until_ms=until,
-            progress=bar.update,
+            progress=bar,
         )
         if args.format == "csv":
             w = csv.writer(out)
@@ -157,5 +131,5 @@ async def _write(cfg: Any, args: argparse.Namespace, since: Any, until: Any, out
                     row["flags"] = r.flags
                 out.write(json.dumps(row) + "\n")
                 n += 1
-        bar.done()
+        bar.finish()
     return n

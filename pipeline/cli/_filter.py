@@ -261,7 +261,7 @@ def _build(args: argparse.Namespace) -> int:
 def _parse_config(items: list[str]) -> dict:
     import yaml
 
-    from .._errors import ConfigError
+    from core._errors import ConfigError
 
     cfg: dict = {}
     for item in items:
@@ -280,10 +280,10 @@ def _test(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from .._chain import Chain
-    from .._config import StageConfig
-    from .._errors import ConfigError
-    from .._model import Batch, SeriesRegistry
+    from config._models import StageConfig
+    from core._errors import ConfigError
+    from core._model import Batch, SeriesRegistry
+    from pipeline.chain._chain import Chain
 
     reg = SeriesRegistry()
     batch = Batch()

@@ -47,8 +47,8 @@ def _fail(msg: str) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from protocol._keys import write_new_key_file
     from storage import generate_key_line
-    from storage._crypto import write_new_key_file
 
     line = generate_key_line(args.id) + "\n"
     if not args.output:
@@ -66,8 +66,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _rotate(args: argparse.Namespace) -> int:
+    from protocol._keys import append_key_line
     from storage import Keyring, generate_key_line
-    from storage._crypto import append_key_line
 
     path = Path(args.file)
     if path.is_symlink():
@@ -106,18 +106,25 @@ def _list(args: argparse.Namespace) -> int:
 def _reencrypt(args: argparse.Namespace) -> int:
     import asyncio
 
-    from storage import open_store
+    from config._loader import load_config
+    from core._progress import Progress
 
-    from .._loader import load_config
-    from ._export import Progress
+    from .._compose import open_store
 
     cfg = load_config(args.config)
 
     async def go() -> int:
         async with await open_store(cfg, create=False) as store:
-            bar = Progress("re-encrypting", force=args.progress)
-            n = await store.reencrypt(chunk=max(1, args.chunk), progress=bar.update)
-            bar.done()
+            bar = Progress(
+                0,
+                quiet=not (args.progress or sys.stderr.isatty()),
+                bar=True,
+                label="re-encrypting",
+                unit="rows",
+                verb="re-encrypted",
+            )
+            n = await store.reencrypt(chunk=max(1, args.chunk), progress=bar)
+            bar.finish()
             by_key = await store.rows_by_key()
         active = store.sealer.keyring.active_id
         left = {k: v for k, v in by_key.items() if k != active}

@@ -7,10 +7,10 @@ from . import write_output
 
 #: The modules of the edge process that register metrics when imported.
 _SOURCES = (
-    "pipeline._ingest",
-    "pipeline._mqtt",
-    "pipeline._chain",
-    "pipeline._deploy",
+    "pipeline.ingest._decoder",
+    "pipeline.ingest._mqtt",
+    "pipeline.chain._chain",
+    "pipeline.chain._deploy",
     "pipeline._runtime",
     "storage._store",
     "sync._worker",
@@ -26,12 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def markdown_reference() -> str:
-    from .._http import register_process_metrics
-    from .._metrics import Metrics
+    from core._metrics import Metrics
+    from pipeline._http import register_process_metrics
 
     for mod in _SOURCES:
         importlib.import_module(mod)
-    from .._metrics import METRICS
+    from core._metrics import METRICS
 
     process = Metrics()
     register_process_metrics(process)

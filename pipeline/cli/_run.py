@@ -33,8 +33,8 @@ def _run(args: argparse.Namespace) -> int:
 
     import asyncio
 
-    from .._loader import load_config
-    from .._runtime import Pipeline, configure_logging
+    from config._loader import load_config
+    from pipeline._runtime import Pipeline, configure_logging
 
     cfg = load_config(args.config)
     configure_logging(args.log_level or cfg.log_level)

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def json_schema() -> dict[str, Any]:
-    from .._config import PipelineConfig
+    from config._models import PipelineConfig
 
     schema = PipelineConfig.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

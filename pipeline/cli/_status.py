@@ -17,7 +17,11 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from config._models import PipelineConfig
+    from storage import Store
 
 from . import add_config_arg
 
@@ -29,19 +33,15 @@ class StatusContext:
     """What a section provider gets: the loaded config and the open store (None when the
     store does not exist yet)."""
 
-    cfg: Any
-    store: Any
+    cfg: PipelineConfig
+    store: Store | None
     verify: bool = False
 
 
 Provider = Callable[[StatusContext], Awaitable[dict[str, Any] | None]]
 
-#: (section name, "module:function"), in display order.
-SECTIONS: list[tuple[str, str | Provider]] = [
-    ("store", "pipeline.cli._status:store_section"),
-    ("keys", "pipeline.cli._status:keys_section"),
-    ("sync", "sync._status:status_section"),
-]
+#: (section name, provider or "module:function"), in display order; filled in below.
+SECTIONS: list[tuple[str, str | Provider]] = []
 
 
 def add_section(name: str, provider: str | Provider) -> None:
@@ -90,7 +90,7 @@ async def keys_section(ctx: StatusContext) -> dict[str, Any] | None:
     if ctx.store is None:
         return None
     s = await ctx.store.stats()
-    from storage._crypto import KEY_REFUSE_AT
+    from protocol._keys import KEY_REFUSE_AT
 
     ring = ctx.store.sealer.keyring
     return {
@@ -103,13 +103,26 @@ async def keys_section(ctx: StatusContext) -> dict[str, Any] | None:
     }
 
 
-async def collect(cfg: Any, *, verify: bool = False) -> dict[str, dict[str, Any]]:
-    from storage import open_store
+async def sync_section(ctx: StatusContext) -> dict[str, Any]:
+    from sync import SyncState, status_report
+
+    from .. import _compose as compose
+
+    stats = await ctx.store.stats() if ctx.store is not None else None
+    state = SyncState.load(compose.sync_state_path(ctx.cfg))
+    return status_report(ctx.cfg.sync, state, stats)
+
+
+SECTIONS += [("store", store_section), ("keys", keys_section), ("sync", sync_section)]
+
+
+async def collect(cfg: PipelineConfig, *, verify: bool = False) -> dict[str, dict[str, Any]]:
+    from .. import _compose as compose
 
     report: dict[str, dict[str, Any]] = {}
     store = None
-    if cfg.resolve(cfg.store.path).exists():
-        store = await open_store(cfg, create=False)
+    if compose.store_path(cfg).exists():
+        store = await compose.open_store(cfg, create=False)
     try:
         ctx = StatusContext(cfg, store, verify)
         for name, p in SECTIONS:
@@ -137,7 +150,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .._loader import load_config
+    from config._loader import load_config
 
     cfg = load_config(args.config)
     report = asyncio.run(collect(cfg, verify=args.verify))

@@ -13,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .._loader import load_config
+    from config._loader import load_config
 
     cfg = load_config(args.config)
     if not args.quiet:

@@ -34,7 +34,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline._mosquitto import free_port
+from devtools._mosquitto import free_port
 
 __all__ = ["MiniBroker", "ProtocolViolation", "SessionInfo"]
 

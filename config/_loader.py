@@ -8,8 +8,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ._config import PipelineConfig
-from ._errors import ConfigError
+from core._errors import ConfigError
+
+from ._models import PipelineConfig
 
 __all__ = ["load_config", "load_yaml_located", "locate_validation_error", "read_text"]
 

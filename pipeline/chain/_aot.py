@@ -17,7 +17,7 @@ from pathlib import Path
 
 import wasmtime
 
-from ._fsutil import atomic_write
+from core._fsutil import atomic_write
 
 try:
     from importlib.metadata import version as _dist_version

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import socket
 import ssl
 import struct
@@ -31,9 +30,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ._config import BrokerConfig
-from ._errors import IngestError
-from ._metrics import METRICS
+from config._models import BrokerConfig
+from core._backoff import Backoff
+from core._errors import IngestError
+from core._metrics import METRICS
 
 __all__ = ["Message", "MQTTClient"]
 
@@ -371,14 +371,14 @@ class MQTTClient:
         self._wakeup.set()
 
     async def _supervise(self) -> None:
-        delay = self.cfg.reconnect_min_s
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
         first = True
         while not self._closing:
             self._disconnected.clear()
             try:
                 await self._connect(first)
             except (OSError, IngestError, ssl.SSLError) as e:
-                wait = random.uniform(0, delay)  # full jitter
+                wait = backoff.next()
                 log.warning(
                     "cannot connect to MQTT broker %s:%d: %s; retrying in %.2fs",
                     self.cfg.host,
@@ -388,18 +388,15 @@ class MQTTClient:
                 )
                 self.stats["connect_failures"] += 1
                 await asyncio.sleep(wait)
-                delay = min(delay * 2, self.cfg.reconnect_max_s)
                 continue
             first = False
             since = time.monotonic()
             await self._disconnected.wait()
             if time.monotonic() - since > 10:
-                delay = self.cfg.reconnect_min_s  # a healthy connection resets the backoff
+                backoff.reset()  # a healthy connection resets the backoff
             else:
                 # dropped soon after connecting: back off before trying again
-                wait = random.uniform(0, delay)
-                delay = min(delay * 2, self.cfg.reconnect_max_s)
-                await asyncio.sleep(wait)
+                await asyncio.sleep(backoff.next())
 
     async def _connect(self, first: bool) -> None:
         assert self._loop is not None

@@ -36,10 +36,11 @@ import wasmtime
 from wasmtime import _bindings as _capi
 from wasmtime import _ffi as ffi
 
+from config._models import StageConfig
+from core._errors import FilterLoadError, FilterRuntimeError
+from core._model import RECORD, Batch, SeriesRegistry
+
 from ._aot import ModuleCache
-from ._config import StageConfig
-from ._errors import FilterLoadError, FilterRuntimeError
-from ._model import RECORD, Batch, SeriesRegistry
 
 __all__ = [
     "ABI_VERSION",

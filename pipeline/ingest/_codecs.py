@@ -26,8 +26,8 @@ from typing import Any
 
 import msgpack
 
-from ._config import SubscriptionConfig
-from ._errors import DecodeError
+from config._models import SubscriptionConfig
+from core._errors import DecodeError
 
 __all__ = ["TopicTemplate", "decode_payload", "parse_timestamp"]
 

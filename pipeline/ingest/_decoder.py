@@ -18,11 +18,12 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
+from config._models import SubscriptionConfig
+from core._errors import DecodeError
+from core._metrics import METRICS
+from core._model import Batch, DeadLetter, SeriesRegistry
+
 from ._codecs import TopicTemplate, decode_payload
-from ._config import SubscriptionConfig
-from ._errors import DecodeError
-from ._metrics import METRICS
-from ._model import Batch, DeadLetter, SeriesRegistry
 from ._mqtt import Message
 
 __all__ = ["Decoded", "Decoder"]

@@ -37,13 +37,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from config._loader import load_yaml_located, locate_validation_error, read_text
+from config._models import PipelineConfig, StageConfig, unique_stage_names
+from core._errors import ConfigError, FilterError
+from core._fsutil import atomic_write
+from core._metrics import METRICS
+from core._model import SeriesRegistry
+
 from ._chain import Chain, compile_stages
-from ._config import PipelineConfig, StageConfig, unique_stage_names
-from ._errors import ConfigError, FilterError
-from ._fsutil import atomic_write
-from ._loader import load_yaml_located, locate_validation_error, read_text
-from ._metrics import METRICS
-from ._model import SeriesRegistry
 from ._wasm import LoadedModule
 
 __all__ = [

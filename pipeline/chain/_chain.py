@@ -27,11 +27,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from config._models import StageConfig
+from core._errors import FilterError, FilterLoadError, FilterRuntimeError
+from core._metrics import METRICS
+from core._model import RECORD, Batch, DeadLetter, SeriesRegistry
+
 from ._aot import ModuleCache
-from ._config import StageConfig
-from ._errors import FilterError, FilterLoadError, FilterRuntimeError
-from ._metrics import METRICS
-from ._model import RECORD, Batch, DeadLetter, SeriesRegistry
 from ._wasm import LoadedModule, WasmStage, engine, engine_settings, load_module, unpack
 
 __all__ = ["Chain", "ChainResult"]

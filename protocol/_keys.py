@@ -22,8 +22,8 @@ import secrets
 import stat
 from pathlib import Path
 
-from pipeline._errors import KeyError_, TamperedError
-from pipeline._fsutil import atomic_write
+from core._errors import KeyError_, TamperedError
+from core._fsutil import atomic_write
 
 __all__ = [
     "KEY_WARN_AT",
@@ -128,7 +128,7 @@ class Keyring:
 
     @classmethod
     def from_secret(cls, secret: object) -> Keyring:
-        """From a config :class:`~pipeline._config.Secret` (file, env or inline)."""
+        """From a config :class:`~config._models.Secret` (file, env or inline)."""
         file = getattr(secret, "file", None)
         if file is not None:
             return cls.from_file(file)

@@ -1,0 +1,10 @@
+"""What the edge and the cloud receiver really share, and nothing else.
+
+* ``protocol._keys`` -- the key-line format (``<key id> <base64url of 32 bytes>``), key
+  files and their permission rules, and the one AEAD scheme (AES-256-GCM with a key check
+  per key id) that seals the edge store's rows and the receiver's device secrets;
+* ``protocol._signing`` -- request signing of the sync wire protocol v1.
+
+It sits just above :mod:`core`; the edge store and the cloud both import it, and it
+imports neither.
+"""
