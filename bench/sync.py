@@ -144,7 +144,7 @@ async def _make_store(path: Path, keyfile: Path, readings, total: int, device: s
 
 async def _drain(store, url: str, secret: str, device: str, compression: str) -> int:
     from config._models import SyncConfig
-    from sync import SyncWorker
+    from pipeline._compose import make_sync_worker
 
     cfg = SyncConfig(
         url=url,
@@ -153,7 +153,9 @@ async def _drain(store, url: str, secret: str, device: str, compression: str) ->
         batches_per_request=PER_REQUEST,
         links={"sysfs_root": "/nonexistent"},  # link kind "unknown": always up
     )
-    w = SyncWorker(store, cfg, device_id=device, secret=secret)
+    w = make_sync_worker(
+        cfg, store, device_id=device, secret=secret, base_dir=Path(store.path).parent
+    )
     try:
         return await w.drain()
     finally:

@@ -10,14 +10,35 @@ here and nowhere else.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from config._models import PipelineConfig
-from core._errors import ConfigError
+from config._models import PipelineConfig, SyncConfig
+from core._clock import SYSTEM_CLOCK, Clock
+from core._errors import ConfigError, FilterError
 from protocol._keys import Keyring
 from storage import Store
 
-__all__ = ["keyring", "open_store", "store_path", "sync_state_path"]
+from ._runtime import FilterChain, NoChain, Parts, Pipeline, chain_load_errors
+
+if TYPE_CHECKING:
+    from sync import BatchSource, SyncWorker
+
+    from .chain import ChainWatcher
+
+__all__ = [
+    "build_pipeline",
+    "chain",
+    "keyring",
+    "make_sync_worker",
+    "open_store",
+    "store_path",
+    "sync_state_path",
+    "sync_worker",
+]
+
+log = logging.getLogger("edgepipe")
 
 
 def store_path(cfg: PipelineConfig) -> Path:
@@ -28,8 +49,11 @@ def sync_state_path(cfg: PipelineConfig) -> Path:
     """The sync worker's state file: ``sync.state_file``, else beside the store."""
     if cfg.sync.state_file is not None:
         return cfg.resolve(Path(cfg.sync.state_file))
-    p = store_path(cfg)
-    return p.with_name(p.name + ".sync.json")
+    return _beside(store_path(cfg), ".sync.json")
+
+
+def _beside(p: Path, suffix: str) -> Path:
+    return p.with_name(p.name + suffix)
 
 
 def keyring(cfg: PipelineConfig) -> Keyring:
@@ -50,4 +74,134 @@ async def open_store(cfg: PipelineConfig, *, create: bool = True) -> Store:
         on_full=sc.on_full,
         synchronous=sc.synchronous,
         create=create,
+    )
+
+
+def sync_worker(
+    cfg: PipelineConfig,
+    store: BatchSource,
+    *,
+    secret: str | None = None,
+    link: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> SyncWorker:
+    """The sync worker of ``cfg`` over ``store``."""
+    sc = cfg.sync
+    if secret is None and sc.device_secret is not None:
+        secret = sc.device_secret.get()
+    return make_sync_worker(
+        sc,
+        store,
+        device_id=cfg.device.id,
+        secret=secret,
+        base_dir=cfg.base_dir,
+        state_path=sync_state_path(cfg),
+        link=link,
+        clock=clock,
+    )
+
+
+def make_sync_worker(
+    sc: SyncConfig,
+    store: BatchSource,
+    *,
+    device_id: str,
+    secret: str | None,
+    base_dir: Path,
+    state_path: Path | None = None,
+    link: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> SyncWorker:
+    """A sync worker from its section: the transport (``sync.url``, the device secret,
+    ``sync.ca_file``), the link monitor (``sync.links``) and the state file (default: beside
+    the store), relative paths resolved against ``base_dir``."""
+    from sync import LinkMonitor, SyncWorker, Transport, secret_bytes
+
+    def resolve(p: Path | str | None) -> Path | None:
+        return None if p is None else (Path(p) if Path(p).is_absolute() else base_dir / p)
+
+    transport = Transport(
+        sc.url,
+        device_id=device_id,
+        secret=secret_bytes(secret),
+        timeout_s=sc.timeout_s,
+        ca_file=resolve(sc.ca_file),
+        clock=clock.time,
+    )
+    if state_path is None:
+        state_path = resolve(sc.state_file) or _beside(Path(store.path), ".sync.json")
+    return SyncWorker(
+        store,
+        sc,
+        transport=transport,
+        links=LinkMonitor(sc.links, resolve(sc.links.sysfs_root)),
+        state_path=state_path,
+        link=link,
+        clock=clock,
+    )
+
+
+def chain(cfg: PipelineConfig, store: Store) -> tuple[FilterChain | None, ChainWatcher | None]:
+    """The chain from ``chain:`` or ``chain_file:``, and the watcher of a chain file.
+
+    The chain is None while a chain file is broken: the process then runs but is not ready
+    and does not consume (the broker holds the messages) until a fixed file appears."""
+    if cfg.chain_file is None and not cfg.chain:
+        return NoChain(), None
+    from .chain import Chain, ChainSpec, ChainWatcher, default_cache_dir, load_chain
+
+    cache = default_cache_dir(cfg)
+    built: FilterChain | None = None
+    try:
+        spec = load_chain(cfg)
+        built = Chain.build(spec.stages, store.registry, base_dir=spec.base_dir, cache_dir=cache)
+    except (ConfigError, FilterError) as e:
+        if cfg.chain_file is None:
+            raise
+        log.error(
+            "the filter chain cannot be loaded, waiting for a fixed chain file "
+            "(not consuming meanwhile): %s",
+            e,
+        )
+        chain_load_errors.inc()
+        spec = ChainSpec([], cfg.base_dir, cfg.resolve(cfg.chain_file), None)
+    watcher = None
+    if spec.path is not None:
+        watcher = ChainWatcher(spec, store.registry, cache_dir=cache)
+    return built, watcher
+
+
+async def build_pipeline(cfg: PipelineConfig) -> Pipeline:
+    """Everything ``edgepipe run`` runs, wired: the store, the chain (and its watcher), the
+    decoder, the MQTT client and, when enabled, the sync worker.  Nothing is connected yet;
+    :meth:`Pipeline.run` starts it and closes every part when it ends."""
+    from .ingest import Decoder, MQTTClient
+
+    store = await open_store(cfg)
+    try:
+        filters, watcher = chain(cfg, store)
+        decoder = Decoder(
+            cfg.subscriptions,
+            store.registry,
+            device_id=cfg.device.id,
+            max_payload=cfg.batch.max_payload_bytes,
+            identity_key=store.identity_key,
+        )
+        mqtt = MQTTClient(
+            cfg.broker,
+            decoder.topic_filters,
+            device_id=cfg.device.id,
+            max_pending=cfg.batch.max_pending,
+            expect_session=store.last_seq > 0,
+        )
+        worker = sync_worker(cfg, store) if cfg.sync.enabled else None
+    except BaseException:
+        await store.close()
+        raise
+    parts = Parts(store, decoder, mqtt, filters, watcher, worker)
+    return Pipeline(
+        parts,
+        batch=cfg.batch,
+        metrics_listen=cfg.metrics.listen,
+        reencrypt=cfg.store.reencrypt,
     )

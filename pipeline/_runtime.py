@@ -20,15 +20,23 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from config._models import PipelineConfig
+from config._models import BatchConfig
 from core._backoff import Backoff
-from core._errors import ConfigError, EdgepipeError, FilterError, StoreError, StoreFullError
+from core._errors import EdgepipeError, StoreError, StoreFullError
 from core._metrics import METRICS
 from core._model import Batch, DeadLetter
 
-__all__ = ["Pipeline"]
+if TYPE_CHECKING:
+    from sync import SyncWorker
+
+    from .chain import ChainWatcher
+    from .ingest import Decoder, Message, MQTTClient
+
+__all__ = ["BatchSink", "FilterChain", "NoChain", "Parts", "Pipeline"]
 
 log = logging.getLogger("edgepipe")
 
@@ -38,7 +46,7 @@ _acked = METRICS.counter("edgepipe_messages_acked_total", "QoS 1 messages acknow
 _store_full = METRICS.gauge("edgepipe_store_full", "1 while the store refuses writes")
 _backlog = METRICS.gauge("edgepipe_sync_backlog_readings", "readings not yet synced")
 _store_bytes = METRICS.gauge("edgepipe_store_bytes", "size of the store file")
-_chain_errors = METRICS.counter(
+chain_load_errors = METRICS.counter(
     "edgepipe_chain_load_errors_total", "chain files that could not be loaded at start-up"
 )
 
@@ -72,15 +80,63 @@ _trace_commit = (
 )
 
 
-class _NoChain:
+class ChainOutput(Protocol):
+    batch: Batch
+    dead_letters: Sequence[DeadLetter]
+
+
+class FilterChain(Protocol):
+    """The seam between the runtime and the filters (``pipeline.chain.Chain`` is one)."""
+
+    @property
+    def stopped(self) -> str | None: ...
+
+    def process(self, batch: Batch) -> ChainOutput: ...
+
+    def flush(self) -> ChainOutput: ...
+
+    def snapshot(self) -> dict[str, bytes]: ...
+
+    def restore(self, states: dict[str, bytes]) -> None: ...
+
+    def describe(self) -> list[dict[str, Any]]: ...
+
+    def hand_over(self, new: Any) -> ChainOutput: ...
+
+    def close(self) -> None: ...
+
+
+class BatchSink(Protocol):
+    """Where a processed batch is committed in one transaction (``storage.Store`` is one)."""
+
+    async def seen(self, keys: list[bytes]) -> set[bytes]: ...
+
+    async def commit(
+        self,
+        batch: Batch,
+        dead_letters: list[DeadLetter],
+        keys: Iterable[bytes],
+        states: dict[str, bytes],
+    ) -> Any: ...
+
+    async def load_states(self) -> dict[str, bytes]: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def reencrypt_in_background(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class NoChain:
     """The chain when none is configured: readings pass through unchanged."""
 
     stopped = None
 
-    def process(self, batch: Batch) -> Any:
+    def process(self, batch: Batch) -> _Result:
         return _Result(batch, [])
 
-    def flush(self) -> Any:
+    def flush(self) -> _Result:
         return _Result(Batch(), [])
 
     def snapshot(self) -> dict[str, bytes]:
@@ -91,6 +147,9 @@ class _NoChain:
 
     def describe(self) -> list[dict[str, Any]]:
         return []
+
+    def hand_over(self, new: Any) -> _Result:
+        return _Result(Batch(), [])  # nothing in flight; the runtime restores new's state
 
     def close(self) -> None:
         pass
@@ -103,20 +162,42 @@ class _Result:
         self.batch, self.dead_letters = batch, dead_letters
 
 
-class Pipeline:
-    """A running edgepipe: ``await Pipeline(cfg).run(stop_event)``."""
+@dataclass
+class Parts:
+    """The collaborators of a running pipeline, built by ``pipeline._compose``."""
 
-    def __init__(self, cfg: PipelineConfig) -> None:
-        self.cfg = cfg
-        self.store: Any = None
-        self.chain: Any = None
-        self.mqtt: Any = None
-        self.sync: Any = None
-        self.decoder: Any = None
+    store: BatchSink
+    decoder: Decoder
+    mqtt: MQTTClient
+    chain: FilterChain | None  # None while a chain file is broken
+    watcher: ChainWatcher | None
+    sync: SyncWorker | None
+
+
+class Pipeline:
+    """A running edgepipe: ``await (await build_pipeline(cfg)).run()`` (see
+    ``pipeline._compose``), stopped by :meth:`stop`."""
+
+    def __init__(
+        self,
+        parts: Parts,
+        *,
+        batch: BatchConfig,
+        metrics_listen: str | None = None,
+        reencrypt: bool = False,
+    ) -> None:
+        self.store = parts.store
+        self.decoder = parts.decoder
+        self.mqtt = parts.mqtt
+        self.chain = parts.chain
+        self.watcher = parts.watcher
+        self.sync = parts.sync
+        self.batch_cfg = batch
+        self.metrics_listen = metrics_listen
+        self.reencrypt = reencrypt
         self._stop = asyncio.Event()
         self._store_ok = True
         self._chain_ok = False
-        self.watcher: Any = None
         self._tagged: tuple[Any, dict[str, bytes]] = (None, {})  # chain -> its module hashes
         self._batch_lock = asyncio.Lock()
         self.started_at = time.monotonic()
@@ -138,79 +219,9 @@ class Pipeline:
             self.mqtt.interrupt()
 
     # -- set-up -----------------------------------------------------------------------
-    async def _open(self) -> None:
-        from pipeline.ingest._decoder import Decoder
-        from pipeline.ingest._mqtt import MQTTClient
-        from storage import Keyring, Store
-
-        cfg = self.cfg
-        if cfg.store.key is None:
-            raise ConfigError("store.key is required (a keyring file, env var or secret)")
-        keyring = Keyring.from_secret(cfg.store.key)
-        self.store = await Store.open(
-            cfg.resolve(cfg.store.path),
-            keyring,
-            device_id=cfg.device.id,
-            quota_bytes=int(cfg.store.quota_mb * 1024 * 1024),
-            on_full=cfg.store.on_full,
-            synchronous=cfg.store.synchronous,
-        )
-        self.chain = self._build_chain()
-        if self.chain is not None:
-            await self._restore_states(self.chain)
-            self._chain_ok = True
-        self.decoder = Decoder(
-            cfg.subscriptions,
-            self.store.registry,
-            device_id=cfg.device.id,
-            max_payload=cfg.batch.max_payload_bytes,
-            identity_key=self.store.identity_key,
-        )
-        self.mqtt = MQTTClient(
-            cfg.broker,
-            self.decoder.topic_filters,
-            device_id=cfg.device.id,
-            max_pending=cfg.batch.max_pending,
-            expect_session=self.store.last_seq > 0,
-        )
-
-    def _build_chain(self) -> Any:
-        """The chain from ``chain:`` or ``chain_file:``; None while a chain file is broken.
-
-        With a chain file, a watcher hot-swaps the chain when the file changes (``edgepipe
-        deploy``, a ConfigMap update).  A chain file that can't be loaded at start-up leaves
-        the process running but not ready and not consuming (the broker holds the messages)
-        until a fixed file appears."""
-        cfg = self.cfg
-        if cfg.chain_file is None and not cfg.chain:
-            return _NoChain()
-        from pipeline.chain._chain import Chain
-        from pipeline.chain._deploy import ChainSpec, ChainWatcher, default_cache_dir, load_chain
-
-        cache = default_cache_dir(cfg)
-        chain = None
-        try:
-            spec = load_chain(cfg)
-            chain = Chain.build(
-                spec.stages, self.store.registry, base_dir=spec.base_dir, cache_dir=cache
-            )
-        except (ConfigError, FilterError) as e:
-            if cfg.chain_file is None:
-                raise
-            log.error(
-                "the filter chain cannot be loaded, waiting for a fixed chain file "
-                "(not consuming meanwhile): %s",
-                e,
-            )
-            _chain_errors.inc()
-            spec = ChainSpec([], cfg.base_dir, cfg.resolve(cfg.chain_file), None)
-        if spec.path is not None:
-            self.watcher = ChainWatcher(spec, self.store.registry, cache_dir=cache)
-        return chain
-
     # Filter state is stored tagged with the sha256 of the module that wrote it, so a
     # changed module never receives a state blob it does not understand.
-    def _state_tags(self, chain: Any) -> dict[str, bytes]:
+    def _state_tags(self, chain: FilterChain) -> dict[str, bytes]:
         if chain is not self._tagged[0]:
             self._tagged = (
                 chain,
@@ -218,14 +229,14 @@ class Pipeline:
             )
         return self._tagged[1]
 
-    def _snapshot(self, chain: Any) -> dict[str, bytes]:
+    def _snapshot(self, chain: FilterChain) -> dict[str, bytes]:
         states = chain.snapshot()
         if not states:
             return states
         tags = self._state_tags(chain)
         return {name: tags[name] + blob for name, blob in states.items()}
 
-    async def _restore_states(self, chain: Any) -> None:
+    async def _restore_states(self, chain: FilterChain) -> None:
         stored = await self.store.load_states()
         tags = self._state_tags(chain)
         usable = {}
@@ -241,11 +252,11 @@ class Pipeline:
                 )
         chain.restore(usable)
 
-    async def _swap_chain(self, new: Any) -> None:
+    async def _swap_chain(self, new: FilterChain) -> None:
         """Atomically between batches: flush the old chain, commit what it emitted with the
         new chain's state, continue with the new one (previous kept for rollback)."""
         old = self.chain
-        if old is None or isinstance(old, _NoChain):
+        if old is None or isinstance(old, NoChain):
             await self._restore_states(new)
             flushed = _Result(Batch(), [])
         else:
@@ -265,15 +276,8 @@ class Pipeline:
                     await self._swap_chain(new)
 
     def _start_sync(self) -> asyncio.Task[None] | None:
-        cfg = self.cfg.sync
-        if not cfg.enabled:
+        if self.sync is None:
             return None
-        from sync import SyncWorker
-
-        secret = cfg.device_secret.get() if cfg.device_secret is not None else None
-        self.sync = SyncWorker(
-            self.store, cfg, device_id=self.cfg.device.id, secret=secret, base_dir=self.cfg.base_dir
-        )
         return asyncio.create_task(self.sync.run(self._stop), name="sync")
 
     # -- the loop ---------------------------------------------------------------------
@@ -282,8 +286,10 @@ class Pipeline:
         tasks: list[asyncio.Task[Any]] = []
         health = None
         try:
-            await self._open()
-            if self.cfg.metrics.listen:
+            if self.chain is not None:
+                await self._restore_states(self.chain)
+                self._chain_ok = True
+            if self.metrics_listen:
                 health = await self._start_health()
             if self.watcher is not None:
                 tasks.append(asyncio.create_task(self._watch_chain(), name="chain-watch"))
@@ -294,7 +300,7 @@ class Pipeline:
             if t is not None:
                 tasks.append(t)
             tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
-            if self.cfg.store.reencrypt:
+            if self.reencrypt:
                 tasks.append(asyncio.create_task(self.store.reencrypt_in_background()))
             code = await self._consume()
             await self._flush_chain()
@@ -304,8 +310,7 @@ class Pipeline:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self.mqtt is not None:
-                await self.mqtt.close()
+            await self.mqtt.close()
             if self.sync is not None:
                 self.sync.close()
             if self.watcher is not None:
@@ -314,18 +319,18 @@ class Pipeline:
                 self.chain.close()
             if health is not None:
                 await health.close()
-            if self.store is not None:
-                await self.store.close()
+            await self.store.close()
 
     async def _start_health(self) -> Any:
         from ._http import HealthServer
 
-        server = HealthServer(self.cfg.metrics.listen, self.ready, METRICS)
+        assert self.metrics_listen is not None
+        server = HealthServer(self.metrics_listen, self.ready, METRICS)
         await server.start()
         return server
 
     async def _consume(self) -> int:
-        bc = self.cfg.batch
+        bc = self.batch_cfg
         mqtt = self.mqtt
         delay = bc.max_delay_ms / 1000
         while not self._stop.is_set():
@@ -347,9 +352,10 @@ class Pipeline:
                     break
         return 0
 
-    async def _handle(self, msgs: list[Any]) -> bool:
+    async def _handle(self, msgs: list[Message]) -> bool:
         """Process, commit, acknowledge one batch.  False: the pipeline must stop."""
         decoder, store, chain = self.decoder, self.store, self.chain
+        assert chain is not None
         dups = decoder.dup_identities(msgs)
         skip = await store.seen(dups) if dups else set()
         dec = decoder.decode(msgs, skip)

@@ -1,26 +1,39 @@
 """edgepipe's sync worker: committed batches to the cloud receiver, exactly-once in effect.
 
-The cloud receiver imports ``protocol._signing`` only; the worker is loaded on first use.
+The composition root (``pipeline._compose.sync_worker``) builds a :class:`SyncWorker` from
+its collaborators: a :class:`Transport` (signed HTTP), a :class:`LinkMonitor` (which link
+is up, from sysfs) and the path of its persisted :class:`SyncState`.  Loaded on first use,
+so ``edgepipe status`` does not import the worker.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-__all__ = ["SyncState", "SyncWorker", "status_report"]
+__all__ = [
+    "BatchSource",
+    "LinkMonitor",
+    "SyncState",
+    "SyncWorker",
+    "Transport",
+    "secret_bytes",
+    "status_report",
+]
+
+_WHERE = {
+    "BatchSource": "._worker",
+    "SyncWorker": "._worker",
+    "LinkMonitor": "._link",
+    "SyncState": "._state",
+    "Transport": "._transport",
+    "secret_bytes": "._transport",
+    "status_report": "._status",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "SyncWorker":
-        from ._worker import SyncWorker
-
-        return SyncWorker
-    if name == "status_report":
-        from ._status import status_report
-
-        return status_report
-    if name == "SyncState":
-        from ._state import SyncState
-
-        return SyncState
-    raise AttributeError(name)
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(mod, __name__), name)

@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+
+from config._models import SyncLinksConfig
 
 __all__ = ["Link", "LinkMonitor"]
 
@@ -37,10 +38,9 @@ class Link:
 class LinkMonitor:
     """``current()`` reads sysfs and returns the link in use (or a down link)."""
 
-    def __init__(self, cfg: Any, base_dir: Path | None = None) -> None:
-        root = Path(cfg.sysfs_root)
-        if not root.is_absolute() and base_dir is not None:
-            root = base_dir / root
+    def __init__(self, cfg: SyncLinksConfig, root: Path | None = None) -> None:
+        """``root`` is sysfs (``cfg.sysfs_root`` resolved by the composition root)."""
+        root = Path(cfg.sysfs_root) if root is None else root
         self.net = root / "class" / "net"
         self.patterns: dict[str, list[str]] = {k: list(v) for k, v in cfg.interfaces.items()}
         self.prefer = list(cfg.prefer) + [k for k in self.patterns if k not in cfg.prefer]

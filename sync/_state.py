@@ -16,11 +16,7 @@ from pathlib import Path
 
 from core._clock import utc_day
 
-__all__ = ["SyncState", "default_state_path"]
-
-
-def default_state_path(store_path: Path) -> Path:
-    return store_path.with_name(store_path.name + ".sync.json")
+__all__ = ["SyncState"]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from core._errors import SyncError
 from protocol._signing import CONTENT_TYPE, signed_headers
 
-__all__ = ["PATH_BATCHES", "PATH_PING", "Transport"]
+__all__ = ["PATH_BATCHES", "PATH_PING", "Transport", "secret_bytes"]
 
 PATH_BATCHES = "/v1/batches"
 PATH_PING = "/v1/ping"
@@ -170,3 +170,16 @@ def _retry_after(v: str | None) -> float | None:
         return max(0.0, min(float(v), 3600.0))
     except ValueError:
         return None
+
+
+def secret_bytes(secret: str | None) -> bytes:
+    """The device secret as printed by ``edgepipe-cloud devices add`` (hex) -> key bytes."""
+    if not secret:
+        raise SyncError("sync.device_secret is not set (edgepipe-cloud devices add NAME prints it)")
+    try:
+        key = bytes.fromhex(secret.strip())
+    except ValueError:
+        raise SyncError("sync.device_secret is not the hex string the receiver issued") from None
+    if len(key) < 16:
+        raise SyncError("sync.device_secret is too short")
+    return key

@@ -23,23 +23,24 @@ import asyncio
 import gzip
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
+from config._models import SyncConfig
 from core._backoff import Backoff
-from core._clock import now_ms
+from core._clock import SYSTEM_CLOCK, Clock
 from core._errors import SyncError
 from core._metrics import METRICS
-from core._model import SeriesRegistry
+from core._model import DeadLetter, SeriesRegistry
 
 from ._link import Link, LinkMonitor
-from ._state import SyncState, default_state_path
+from ._state import SyncState
 from ._transport import Transport
 
-__all__ = ["SyncWorker", "encode_batch", "encode_request"]
+__all__ = ["BatchSource", "SyncWorker", "encode_batch", "encode_request"]
 
 log = logging.getLogger("edgepipe.sync")
 
@@ -127,44 +128,48 @@ def classify(batch: Any, recent_after_ms: int) -> str:
     return "bulk"
 
 
+class BatchSource(Protocol):
+    """What the worker needs of the store: the unsynced backlog, page by page, and a way to
+    mark what the receiver acknowledged (``storage.Store`` is one)."""
+
+    path: Path
+    registry: SeriesRegistry
+
+    async def unsynced(self, after: int = 0, limit: int = 16) -> list[Any]: ...
+
+    async def mark_synced(self, seqs: Iterable[int]) -> None: ...
+
+    async def unsynced_dead_letters(self, limit: int = 200) -> list[tuple[int, DeadLetter]]: ...
+
+    async def mark_dead_letters_synced(self, seqs: Iterable[int]) -> None: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+
 class SyncWorker:
     """``await worker.run(stop_event)`` keeps the store drained to the receiver until stopped;
     ``await worker.drain()`` uploads until the backlog is empty (``edgepipe sync --now``)."""
 
     def __init__(
         self,
-        store: Any,
-        cfg: Any,
+        store: BatchSource,
+        cfg: SyncConfig,
         *,
-        device_id: str,
-        secret: str | None,
+        transport: Transport,
+        links: LinkMonitor,
+        state_path: Path,
         link: str | None = None,
-        base_dir: Path | None = None,
-        state_path: Path | None = None,
-        clock: Callable[[], float] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        """Built by the composition root (``pipeline._compose.sync_worker``), which resolves
+        paths and makes the transport and link monitor from the config."""
         self.store = store
         self.cfg = cfg
-        self.device_id = device_id
-        ca = cfg.ca_file
-        if ca is not None and not Path(ca).is_absolute() and base_dir is not None:
-            ca = base_dir / ca
-        self.transport = Transport(
-            cfg.url,
-            device_id=device_id,
-            secret=_secret_bytes(secret),
-            timeout_s=cfg.timeout_s,
-            ca_file=ca,
-            clock=clock or time.time,
-        )
-        self.links = LinkMonitor(cfg.links, base_dir)
+        self.device_id = transport.device_id
+        self.transport = transport
+        self.links = links
         self._fixed_link = link  # tests/tools may pin the link kind
-        if state_path is None:
-            state_path = cfg.state_file
-            if state_path is not None and not Path(state_path).is_absolute() and base_dir:
-                state_path = base_dir / state_path
-        if state_path is None:
-            state_path = default_state_path(Path(store.path))
+        self._clock = clock
         self.state_path = Path(state_path)
         self.status = SyncState.load(self.state_path)
         self._wake = asyncio.Event()
@@ -173,6 +178,9 @@ class SyncWorker:
         self._max_batches = cfg.batches_per_request
         self._cursors: dict[str, int] = {}
         self._cursor_link: tuple[str, str | None] | None = None
+
+    def _now_ms(self) -> int:
+        return int(self._clock.time() * 1000)
 
     # -- public -------------------------------------------------------------------------
     def notify(self) -> None:
@@ -294,7 +302,7 @@ class SyncWorker:
         if self._probe_first:
             await asyncio.to_thread(self.transport.ping)
             self._probe_first = False
-        self.status.last_attempt_ms = now_ms()
+        self.status.last_attempt_ms = self._now_ms()
         try:
             result = await asyncio.to_thread(self.transport.post_batches, body, encoding, link.kind)
         except SyncError as e:
@@ -339,7 +347,7 @@ class SyncWorker:
         if not link.metered:
             return await self.store.unsynced(limit=limit), {}, None
         m = self.cfg.metered
-        recent_after = now_ms() - int(m.recent_hours * 3600_000)
+        recent_after = self._now_ms() - int(m.recent_hours * 3600_000)
         for cls in m.priority:
             if cls == "bulk":  # everything that is left, oldest first
                 got = await self.store.unsynced(limit=limit)
@@ -442,7 +450,7 @@ class SyncWorker:
 
     def _record_success(self, link: Link, n: int, stats: dict[str, Any], seqs: list[int]) -> None:
         st = self.status
-        st.last_success_ms = now_ms()
+        st.last_success_ms = self._now_ms()
         st.online, st.waiting = True, None
         st.link, st.interface = link.kind, link.interface
         st.readings_sent_total += n
@@ -454,7 +462,7 @@ class SyncWorker:
     def _record_error(self, e: SyncError) -> None:
         st = self.status
         st.last_error = str(e)
-        st.last_error_ms = now_ms()
+        st.last_error_ms = self._now_ms()
         st.online = e.status is not None
         st.save(self.state_path)
 
@@ -463,19 +471,6 @@ class SyncWorker:
         if st.waiting != why or st.link != link.kind:
             st.waiting, st.link, st.interface = why, link.kind, link.interface
             st.save(self.state_path)
-
-
-def _secret_bytes(secret: str | None) -> bytes:
-    """The device secret as printed by ``edgepipe-cloud devices add`` (hex) -> key bytes."""
-    if not secret:
-        raise SyncError("sync.device_secret is not set (edgepipe-cloud devices add NAME prints it)")
-    try:
-        key = bytes.fromhex(secret.strip())
-    except ValueError:
-        raise SyncError("sync.device_secret is not the hex string the receiver issued") from None
-    if len(key) < 16:
-        raise SyncError("sync.device_secret is too short")
-    return key
 
 
 async def _wait(stop: asyncio.Event, timeout: float, also: asyncio.Event | None = None) -> None:

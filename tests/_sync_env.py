@@ -184,6 +184,16 @@ def write_pipeline(tmp: Path, url: str, secret: str, device: str = "edge-1", **s
     return path
 
 
+def make_worker(store: Store, cfg: SyncConfig, device: str, **kw: Any) -> Any:
+    """A sync worker over ``store`` as the composition root builds one (``kw``: link, clock)."""
+    from pipeline._compose import make_sync_worker
+
+    secret = cfg.device_secret.get() if cfg.device_secret is not None else None
+    return make_sync_worker(
+        cfg, store, device_id=device, secret=secret, base_dir=Path(store.path).parent, **kw
+    )
+
+
 class WorkerThread:
     """``SyncWorker.run`` on its own event loop in a thread, as ``edgepipe run`` runs it."""
 
@@ -205,17 +215,9 @@ class WorkerThread:
             self._ready.set()
 
     async def _run(self) -> None:
-        from sync import SyncWorker
-
         store = await open_store(self.tmp, self.device)
         try:
-            self.worker = SyncWorker(
-                store,
-                self.cfg,
-                device_id=self.device,
-                secret=self.cfg.device_secret.get(),
-                **self.kw,
-            )
+            self.worker = make_worker(store, self.cfg, self.device, **self.kw)
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             self._ready.set()

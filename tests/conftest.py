@@ -17,6 +17,8 @@ import yaml
 from devtools._mosquitto import Mosquitto, free_port
 from storage import generate_key_line
 
+pytest_plugins = ["tests.skip_gate"]
+
 REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO / "data" / "airquality-uci.csv"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from core._clock import ManualClock
 from tests._pki import TestCA
 from tests._proxy import Proxy
 from tests._sync_env import (
@@ -90,7 +91,7 @@ def test_replayed_request_is_refused(tmp_path: Path, receiver: Receiver) -> None
 def test_stale_timestamp(tmp_path: Path, receiver: Receiver) -> None:
     fill_sync(tmp_path, 2, 100)
     cfg = sync_cfg(receiver.url, receiver.secret)
-    with WorkerThread(tmp_path, cfg, clock=lambda: time.time() - 3600) as w:
+    with WorkerThread(tmp_path, cfg, clock=ManualClock(time.time() - 3600)) as w:
         err = _refused_and_kept(w, receiver, tmp_path, 2)
     assert "401" in err and "stale" in err
     assert "stale" in receiver.rejection_reasons()

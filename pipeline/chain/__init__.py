@@ -1,2 +1,36 @@
 """The filter chain: sandboxed WebAssembly stages (ABI v1), their AOT cache, the chain with
-its error policies and breakers, and where a chain comes from (file, watcher, deploy)."""
+its error policies and breakers, and where a chain comes from (file, watcher, deploy).
+
+Names load on first use, so importing one (e.g. the chain file models for ``edgepipe
+validate``) does not pull in wasmtime before it is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "Chain",
+    "ChainResult",
+    "ChainSpec",
+    "ChainWatcher",
+    "default_cache_dir",
+    "load_chain",
+]
+
+_WHERE = {
+    "Chain": "._chain",
+    "ChainResult": "._chain",
+    "ChainSpec": "._deploy",
+    "ChainWatcher": "._deploy",
+    "default_cache_dir": "._deploy",
+    "load_chain": "._deploy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(mod, __name__), name)

@@ -34,13 +34,14 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from config._loader import load_config
-    from pipeline._runtime import Pipeline, configure_logging
+    from pipeline._compose import build_pipeline
+    from pipeline._runtime import configure_logging
 
     cfg = load_config(args.config)
     configure_logging(args.log_level or cfg.log_level)
 
     async def main() -> int:
-        pipeline = Pipeline(cfg)
+        pipeline = await build_pipeline(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pipeline.stop)

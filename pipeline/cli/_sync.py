@@ -48,8 +48,6 @@ def _sync(args: argparse.Namespace) -> int:
 async def drain_now(
     cfg: PipelineConfig, *, retry_for: float | None = None, quiet: bool = False
 ) -> int:
-    from sync import SyncWorker
-
     from .. import _compose as compose
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
@@ -61,14 +59,7 @@ async def drain_now(
         raise ConfigError(f"sync.device_secret: {e}") from None
     store = await compose.open_store(cfg, create=False)
     try:
-        worker = SyncWorker(
-            store,
-            cfg.sync,
-            device_id=cfg.device.id,
-            secret=secret,
-            base_dir=cfg.base_dir,
-            state_path=compose.sync_state_path(cfg),
-        )
+        worker = compose.sync_worker(cfg, store, secret=secret)
         try:
             stats = await store.stats()
             progress = Progress(stats["unsynced_readings"], quiet=quiet)
