@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from core._clock import ManualClock
 from core._errors import FilterLoadError, FilterRuntimeError
 from core._metrics import METRICS
 from core._model import Batch, SeriesRegistry
@@ -82,8 +83,8 @@ def sample(n: int = 5, start: int = 0) -> Batch:
     )
 
 
-def build(tmp_path, stages, reg):
-    return Chain.build(stages, reg, base_dir=REPO, cache_dir=tmp_path / "aot")
+def build(tmp_path, stages, reg, **kw):
+    return Chain.build(stages, reg, base_dir=REPO, cache_dir=tmp_path / "aot", **kw)
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
@@ -163,8 +164,9 @@ def test_circuit_breaker_trips_and_recovers(tmp_path, reg):
     )
     mod = write_wat(tmp_path, "neg", wat_module(body))
     bad = Batch([1], [-1.0], [0])
-    st = stage("neg", mod, "filter", breaker_failures=3, breaker_cooldown_s=0.2)
-    with build(tmp_path, [st], reg) as chain:
+    st = stage("neg", mod, "filter", breaker_failures=3, breaker_cooldown_s=30)
+    clock = ManualClock()
+    with build(tmp_path, [st], reg, clock=clock) as chain:
         for _ in range(3):
             assert chain.process(bad).dead_letters
         d = chain.describe()[0]
@@ -174,7 +176,10 @@ def test_circuit_breaker_trips_and_recovers(tmp_path, reg):
         res = chain.process(sample())
         assert res.dead_letters[0].reason == "stage neg: trap: breaker_open"
         assert chain.describe()[0]["instances"] == 4
-        time.sleep(0.25)
+        clock.advance(29.9)
+        assert chain.describe()[0]["breaker"] == "open"
+        assert chain.process(sample()).dead_letters  # still open: the guest is not called
+        clock.advance(0.2)
         assert chain.describe()[0]["breaker"] == "half_open"
         assert chain.process(sample()).batch.value == sample().value
         assert chain.describe()[0]["breaker"] == "closed"

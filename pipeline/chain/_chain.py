@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from config._models import StageConfig
+from core._clock import SYSTEM_CLOCK, Clock
 from core._errors import FilterError, FilterLoadError, FilterRuntimeError
 from core._metrics import METRICS
 from core._model import RECORD, Batch, DeadLetter, SeriesRegistry
@@ -71,10 +72,11 @@ class ChainResult(NamedTuple):
 
 
 class _Breaker:
-    __slots__ = ("threshold", "cooldown", "failures", "open_until", "trips")
+    __slots__ = ("threshold", "cooldown", "failures", "open_until", "trips", "_clock")
 
-    def __init__(self, threshold: int, cooldown: float) -> None:
+    def __init__(self, threshold: int, cooldown: float, clock: Clock) -> None:
         self.threshold, self.cooldown = threshold, cooldown
+        self._clock = clock
         self.failures = 0
         self.open_until = 0.0
         self.trips = 0
@@ -82,11 +84,11 @@ class _Breaker:
     def status(self, now: float | None = None) -> str:
         if self.failures < self.threshold:
             return "closed"
-        now = time.monotonic() if now is None else now
+        now = self._clock.monotonic() if now is None else now
         return "open" if now < self.open_until else "half_open"
 
     def allows(self) -> bool:
-        return self.failures < self.threshold or time.monotonic() >= self.open_until
+        return self.failures < self.threshold or self._clock.monotonic() >= self.open_until
 
     def success(self) -> None:
         self.failures = 0
@@ -95,7 +97,7 @@ class _Breaker:
         """Count a failure; True when this trips (or re-trips) the breaker."""
         self.failures += 1
         if self.failures >= self.threshold:
-            self.open_until = time.monotonic() + self.cooldown
+            self.open_until = self._clock.monotonic() + self.cooldown
             self.trips += 1
             return True
         return False
@@ -104,11 +106,12 @@ class _Breaker:
 class _Slot:
     """A stage in the chain plus everything the chain keeps about it."""
 
-    def __init__(self, cfg: StageConfig, stage: WasmStage) -> None:
+    def __init__(self, cfg: StageConfig, stage: WasmStage, clock: Clock) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.stage = stage
-        self.breaker = _Breaker(cfg.limits.breaker_failures, cfg.limits.breaker_cooldown_s)
+        lim = cfg.limits
+        self.breaker = _Breaker(lim.breaker_failures, lim.breaker_cooldown_s, clock)
         self.good_state: bytes | None = None  # last snapshot after a successful batch
         m = cfg.match
         self.devices = m.devices
@@ -149,8 +152,11 @@ class _Slot:
 class Chain:
     """An ordered list of Wasm stages (see the module docstring)."""
 
-    def __init__(self, slots: list[_Slot], registry: SeriesRegistry) -> None:
+    def __init__(
+        self, slots: list[_Slot], registry: SeriesRegistry, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self._slots = slots
+        self._clock = clock
         self.registry = registry
         self.stopped: str | None = None
         self._closed = False
@@ -165,11 +171,13 @@ class Chain:
         base_dir: Path,
         cache_dir: Path | None,
         loaded: dict[str, LoadedModule] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> Chain:
         """Load, validate and instantiate every stage; raise :class:`FilterLoadError`.
 
         ``loaded`` maps stage names to modules compiled beforehand (see
         :func:`compile_stages`), so a hot swap only instantiates on the caller's thread.
+        ``clock`` times the circuit breakers' cooldowns.
         """
         cache = ModuleCache(cache_dir, engine(), engine_settings())
         slots: list[_Slot] = []
@@ -181,12 +189,12 @@ class Chain:
                 seen.add(cfg.name)
                 mod = (loaded or {}).get(cfg.name)
                 stage = WasmStage(cfg, registry, base_dir=base_dir, cache=cache, loaded=mod)
-                slots.append(_Slot(cfg, stage))
+                slots.append(_Slot(cfg, stage, clock))
         except BaseException:
             for slot in slots:
                 slot.stage.close()
             raise
-        return cls(slots, registry)
+        return cls(slots, registry, clock)
 
     # -- running -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -380,7 +388,7 @@ class Chain:
 
     # -- status ----------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         out = []
         for slot in self._slots:
             st = slot.stage
