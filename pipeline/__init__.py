@@ -7,8 +7,6 @@ batched uploads to the cloud.  The public surface is small; everything else is p
 
 from __future__ import annotations
 
-from typing import Any
-
 from core._errors import (
     ConfigError,
     DecodeError,
@@ -21,6 +19,7 @@ from core._errors import (
     StoreFullError,
     SyncError,
 )
+from core._lazy import lazy_names
 from core._model import Batch, DeadLetter, Flags, Reading, SeriesRegistry
 
 __all__ = [
@@ -44,17 +43,11 @@ __all__ = [
     "load_config",
 ]
 
-_LAZY = {
-    "Pipeline": ("._runtime", "Pipeline"),
-    "PipelineConfig": ("config._models", "PipelineConfig"),
-    "load_config": ("config._loader", "load_config"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod, __name__), attr)
-    raise AttributeError(name)
+__getattr__ = lazy_names(
+    __name__,
+    {
+        "Pipeline": "._runtime",
+        "PipelineConfig": "config._models",
+        "load_config": "config._loader",
+    },
+)

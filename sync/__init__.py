@@ -8,8 +8,7 @@ so ``edgepipe status`` does not import the worker.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from core._lazy import lazy_names
 
 __all__ = [
     "BatchSource",
@@ -32,8 +31,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(name)
-    return getattr(importlib.import_module(mod, __name__), name)
+__getattr__ = lazy_names(__name__, _WHERE)

@@ -7,8 +7,7 @@ validate``) does not pull in wasmtime before it is needed.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from core._lazy import lazy_names
 
 __all__ = [
     "Chain",
@@ -29,8 +28,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(name)
-    return getattr(importlib.import_module(mod, __name__), name)
+__getattr__ = lazy_names(__name__, _WHERE)

@@ -5,8 +5,7 @@ Names load on first use (the codecs alone do not need paho)."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from core._lazy import lazy_names
 
 __all__ = ["Decoded", "Decoder", "MQTTClient", "Message"]
 
@@ -18,8 +17,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(name)
-    return getattr(importlib.import_module(mod, __name__), name)
+__getattr__ = lazy_names(__name__, _WHERE)
