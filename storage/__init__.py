@@ -2,7 +2,9 @@
 
 from protocol._keys import Keyring, Sealer, generate_key_line
 
-from ._store import SCHEMA_VERSION, Store, StoredBatch, open_store
+from ._queries import StoredBatch
+from ._schema import SCHEMA_VERSION
+from ._store import Store
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -11,5 +13,4 @@ __all__ = [
     "Store",
     "StoredBatch",
     "generate_key_line",
-    "open_store",
 ]

@@ -16,7 +16,7 @@ import pytest
 from core._errors import KeyError_, StoreError, TamperedError
 from core._model import Batch, DeadLetter
 from storage import Keyring, Sealer, Store, generate_key_line
-from storage._store import _V1
+from storage._schema import _V1
 
 DEVICE = "sec-dev"
 CANARY_VALUE = 12345.678901
