@@ -167,7 +167,7 @@ def measure(fn, parts: list[Batch]) -> tuple[float, float, int]:
 
 
 def cold_start(cache_dir: Path, reg: SeriesRegistry, repeat: int = 7) -> dict[str, float]:
-    from pipeline.chain._wasm import WasmStage
+    from pipeline.chain._stage import WasmStage
 
     cfg = stage_cfgs(["zscore"])[0]
     res = {}
@@ -194,7 +194,7 @@ def cold_start(cache_dir: Path, reg: SeriesRegistry, repeat: int = 7) -> dict[st
 
 def _cache(cdir: Path | None):
     from pipeline.chain._aot import ModuleCache
-    from pipeline.chain._wasm import engine, engine_settings
+    from pipeline.chain._engine import engine, engine_settings
 
     return ModuleCache(cdir, engine(), engine_settings())
 

@@ -21,6 +21,19 @@ Not supported: authentication (every client is accepted), MQTT 5 enhanced auth (
 topic aliases (Topic Alias Maximum is 0), subscription identifiers (advertised as
 unavailable), message expiry (the property is forwarded unchanged), persistence to disk,
 TLS and MQTT 3.1. A malformed packet or protocol violation closes that connection only.
+The wire format (packet framing, fields, properties, topic syntax) is
+:mod:`devtools._mqtt_codec`; this module holds sessions, routing and the server.
+
+Why not amqtt (the maintained pure-Python broker on PyPI): amqtt 0.12.1 was tried for the
+demo's data path -- edgepipe on MQTT 3.1.1 with a persistent session (clean session
+off), QoS 1, manual acks after commit, and the retained status topic with a Last Will.
+Live QoS 1 delivery, subscriptions kept across a reconnect, the session-present flag and
+the retained will all worked, but the guarantees the demo shows did not: QoS 1 messages
+published while the client was away (after a clean DISCONNECT or an abrupt close) were
+not delivered when it came back, QoS 1 messages delivered but not yet acknowledged were
+not redelivered after an abrupt close, and the reconnecting session was sent the
+retained ``offline`` status on a topic it had never subscribed to.  Losing messages
+across a restart is exactly what the demo must not show, so the broker stays here.
 """
 
 from __future__ import annotations
@@ -32,9 +45,10 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
 
+from devtools import _mqtt_codec as wire
 from devtools._mosquitto import free_port
+from devtools._mqtt_codec import ProtocolViolation
 
 __all__ = ["MiniBroker", "ProtocolViolation", "SessionInfo"]
 
@@ -43,220 +57,10 @@ log = logging.getLogger("edgepipe.minibroker")
 #: MQTT 3.1.1 clients have no Receive Maximum; this matches edgepipe's mosquitto setting.
 DEFAULT_INFLIGHT_V311 = 1000
 DEFAULT_MAX_QUEUED = 100_000
-MAX_PACKET_SIZE = 16 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
 #: QoS 0 messages are dropped for a client whose socket buffer is this full.
 WRITE_BUFFER_LIMIT = 8 * 1024 * 1024
 NEVER_EXPIRES = 0xFFFFFFFF
-
-CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
-SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = range(8, 15)
-
-# MQTT 5 reason codes used here
-RC_MALFORMED = 0x81
-RC_PROTOCOL_ERROR = 0x82
-RC_SERVER_SHUTTING_DOWN = 0x8B
-RC_KEEPALIVE_TIMEOUT = 0x8D
-RC_SESSION_TAKEN_OVER = 0x8E
-RC_TOPIC_FILTER_INVALID = 0x8F
-RC_TOPIC_NAME_INVALID = 0x90
-RC_PACKET_TOO_LARGE = 0x95
-RC_DISCONNECT_WITH_WILL = 0x04
-
-# MQTT 5 property identifiers -> wire type (b byte, h two bytes, i four bytes, v varint,
-# s UTF-8 string, d binary data, p string pair)
-_PROPERTY_TYPES = {
-    0x01: "b", 0x02: "i", 0x03: "s", 0x08: "s", 0x09: "d", 0x0B: "v", 0x11: "i",
-    0x12: "s", 0x13: "h", 0x15: "s", 0x16: "d", 0x17: "b", 0x18: "i", 0x19: "b",
-    0x1A: "s", 0x1C: "s", 0x1F: "s", 0x21: "h", 0x22: "h", 0x23: "h", 0x24: "b",
-    0x25: "b", 0x26: "p", 0x27: "i", 0x28: "b", 0x29: "b", 0x2A: "b",
-}  # fmt: skip
-#: PUBLISH/will properties forwarded to subscribers as they came (payload format,
-#: message expiry, content type, response topic, correlation data, user properties).
-_FORWARDED = frozenset({0x01, 0x02, 0x03, 0x08, 0x09, 0x26})
-P_SESSION_EXPIRY, P_ASSIGNED_ID, P_AUTH_METHOD, P_WILL_DELAY = 0x11, 0x12, 0x15, 0x18
-P_RECEIVE_MAX, P_TOPIC_ALIAS_MAX, P_TOPIC_ALIAS, P_MAX_PACKET = 0x21, 0x22, 0x23, 0x27
-P_SUB_IDS_AVAILABLE = 0x29
-
-
-class ProtocolViolation(Exception):
-    """A client broke the protocol; its connection is closed with ``reason`` (MQTT 5 code)."""
-
-    def __init__(self, detail: str, reason: int = RC_MALFORMED) -> None:
-        self.detail, self.reason = detail, reason
-        super().__init__(f"{detail} (reason 0x{reason:02X})")
-
-
-# -- wire encoding ----------------------------------------------------------------------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _u16(n: int) -> bytes:
-    return n.to_bytes(2, "big")
-
-
-def _utf8(s: str) -> bytes:
-    b = s.encode()
-    return _u16(len(b)) + b
-
-
-def _packet(ptype: int, flags: int, body: bytes) -> bytes:
-    return bytes([ptype << 4 | flags]) + _varint(len(body)) + body
-
-
-class _Reader:
-    """Bounds-checked reads from one packet body; anything short is malformed."""
-
-    __slots__ = ("buf", "pos")
-
-    def __init__(self, buf: bytes) -> None:
-        self.buf, self.pos = buf, 0
-
-    def take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.buf):
-            raise ProtocolViolation("packet shorter than its contents")
-        b, self.pos = self.buf[self.pos : end], end
-        return b
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        return int.from_bytes(self.take(2), "big")
-
-    def u32(self) -> int:
-        return int.from_bytes(self.take(4), "big")
-
-    def varint(self) -> int:
-        value = 0
-        for shift in range(0, 28, 7):
-            digit = self.u8()
-            value |= (digit & 0x7F) << shift
-            if not digit & 0x80:
-                return value
-        raise ProtocolViolation("variable byte integer longer than 4 bytes")
-
-    def binary(self) -> bytes:
-        return self.take(self.u16())
-
-    def string(self) -> str:
-        raw = self.binary()
-        try:
-            s = raw.decode()
-        except UnicodeDecodeError:
-            raise ProtocolViolation("string is not valid UTF-8") from None
-        if "\0" in s:
-            raise ProtocolViolation("string contains U+0000")
-        return s
-
-    def rest(self) -> bytes:
-        b, self.pos = self.buf[self.pos :], len(self.buf)
-        return b
-
-    @property
-    def remaining(self) -> int:
-        return len(self.buf) - self.pos
-
-    def properties(self) -> tuple[dict[int, Any], bytes]:
-        """MQTT 5 properties: (single-valued ones by id, raw bytes of the forwarded ones)."""
-        length = self.varint()
-        end = self.pos + length
-        if end > len(self.buf):
-            raise ProtocolViolation("property length exceeds the packet")
-        values: dict[int, Any] = {}
-        forwarded = bytearray()
-        while self.pos < end:
-            start = self.pos
-            pid = self.varint()
-            kind = _PROPERTY_TYPES.get(pid)
-            if kind is None:
-                raise ProtocolViolation(f"unknown property 0x{pid:02X}")
-            value: object
-            if kind == "b":
-                value = self.u8()
-            elif kind == "h":
-                value = self.u16()
-            elif kind == "i":
-                value = self.u32()
-            elif kind == "v":
-                value = self.varint()
-            elif kind == "s":
-                value = self.string()
-            elif kind == "d":
-                value = self.binary()
-            else:
-                value = (self.string(), self.string())
-            if self.pos > end:
-                raise ProtocolViolation("property overruns the property length")
-            if pid in _FORWARDED:
-                forwarded += self.buf[start : self.pos]
-            if pid in (0x26, 0x0B):  # user properties / subscription ids may repeat
-                continue
-            if pid in values:
-                raise ProtocolViolation(f"property 0x{pid:02X} twice", RC_PROTOCOL_ERROR)
-            values[pid] = value
-        return values, bytes(forwarded)
-
-
-def _encode_properties(props: dict[int, int | str]) -> bytes:
-    out = bytearray()
-    for pid, value in props.items():
-        out += _varint(pid)
-        kind = _PROPERTY_TYPES[pid]
-        if kind == "s":
-            out += _utf8(str(value))
-        else:
-            out += int(value).to_bytes({"b": 1, "h": 2, "i": 4}[kind], "big")
-    return _varint(len(out)) + bytes(out)
-
-
-# -- topics -----------------------------------------------------------------------------
-
-
-def _check_topic_name(topic: str) -> None:
-    if not topic or "+" in topic or "#" in topic:
-        raise ProtocolViolation(f"invalid topic name {topic!r}", RC_TOPIC_NAME_INVALID)
-
-
-def _parse_filter(text: str) -> tuple[str | None, list[str]] | None:
-    """``(share group or None, filter levels)``, or None when the filter is invalid."""
-    group = None
-    if text.startswith("$share/"):
-        parts = text.split("/", 2)
-        if len(parts) < 3:
-            return None
-        _, group, text = parts
-        if not group or "+" in group or "#" in group:
-            return None
-    if not text:
-        return None
-    levels = text.split("/")
-    for i, level in enumerate(levels):
-        if level == "#" and i != len(levels) - 1:
-            return None
-        if level not in ("+", "#") and ("+" in level or "#" in level):
-            return None
-    return group, levels
-
-
-def _matches(filter_levels: list[str], topic_levels: list[str]) -> bool:
-    if topic_levels[0].startswith("$") and filter_levels[0] in ("+", "#"):
-        return False
-    for i, f in enumerate(filter_levels):
-        if f == "#":
-            return True
-        if i >= len(topic_levels) or (f != "+" and f != topic_levels[i]):
-            return False
-    return len(filter_levels) == len(topic_levels)
 
 
 # -- state ------------------------------------------------------------------------------
@@ -273,7 +77,7 @@ class _Message:
     delay: int = 0  # will delay interval (wills only)
 
     def __post_init__(self) -> None:
-        self.topic_bytes = _utf8(self.topic)
+        self.topic_bytes = wire.utf8(self.topic)
 
 
 @dataclass(slots=True)
@@ -310,7 +114,7 @@ class _Session:
     expires_at: float | None = None
     pending_will: tuple[_Message, float] | None = None
     receive_max: int = DEFAULT_INFLIGHT_V311
-    max_packet: int = MAX_PACKET_SIZE
+    max_packet: int = wire.MAX_PACKET_SIZE
     dropped: int = 0
     last_pid: int = 0
 
@@ -391,31 +195,12 @@ class _Connection:
         return self.writer.transport.get_write_buffer_size()
 
     def send_publish(self, msg: _Message, qos: int, retain: bool, pid: int, dup: bool) -> None:
-        body = msg.topic_bytes + (_u16(pid) if qos else b"")
-        if self.v5:
-            body += _varint(len(msg.properties)) + msg.properties
-        flags = dup << 3 | qos << 1 | retain
-        self.send(_packet(PUBLISH, flags, body + msg.payload))
+        props = msg.properties if self.v5 else None
+        self.send(wire.encode_publish(msg.topic_bytes, msg.payload, props, qos, retain, pid, dup))
 
     def send_disconnect(self, reason: int) -> None:
         if self.v5 and self.session is not None:
-            self.send(_packet(DISCONNECT, 0, bytes([reason, 0])))
-
-
-async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
-    header, digit = await reader.readexactly(2)
-    length = digit & 0x7F
-    shift = 7
-    while digit & 0x80:
-        if shift == 28:
-            raise ProtocolViolation("remaining length longer than 4 bytes")
-        digit = (await reader.readexactly(1))[0]
-        length |= (digit & 0x7F) << shift
-        shift += 7
-    if length > MAX_PACKET_SIZE:
-        raise ProtocolViolation(f"packet of {length} bytes is too large", RC_PACKET_TOO_LARGE)
-    body = await reader.readexactly(length) if length else b""
-    return header >> 4, header & 0x0F, body
+            self.send(wire.packet(wire.DISCONNECT, 0, bytes([reason, 0])))
 
 
 # -- the broker -------------------------------------------------------------------------
@@ -543,7 +328,7 @@ class MiniBroker:
             server.close()
             sweeper.cancel()
             for conn in list(self._connections):
-                conn.send_disconnect(RC_SERVER_SHUTTING_DOWN)
+                conn.send_disconnect(wire.RC_SERVER_SHUTTING_DOWN)
                 self._end(conn, graceful=True)
             for task in list(tasks):
                 task.cancel()
@@ -571,17 +356,17 @@ class MiniBroker:
         graceful = False
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                ptype, flags, body = await _read_packet(reader)
-            if ptype != CONNECT:
-                raise ProtocolViolation("first packet is not CONNECT", RC_PROTOCOL_ERROR)
+                ptype, flags, body = await wire.read_packet(reader)
+            if ptype != wire.CONNECT:
+                raise ProtocolViolation("first packet is not CONNECT", wire.RC_PROTOCOL_ERROR)
             if not self._on_connect(conn, flags, body):
                 return
             while True:
                 async with asyncio.timeout(conn.keepalive * 1.5 or None):
-                    ptype, flags, body = await _read_packet(reader)
+                    ptype, flags, body = await wire.read_packet(reader)
                 if conn.ended:  # taken over while the packet was on its way
                     break
-                outcome = self._dispatch(conn, ptype, flags, _Reader(body))
+                outcome = self._dispatch(conn, ptype, flags, wire.Reader(body))
                 if outcome is not None:
                     graceful = outcome
                     break
@@ -592,7 +377,7 @@ class MiniBroker:
         except TimeoutError:
             self.stats["keepalive_timeouts"] += 1
             log.info("MQTT client %s (%s) timed out; closing", _cid(conn), conn.peer)
-            conn.send_disconnect(RC_KEEPALIVE_TIMEOUT)
+            conn.send_disconnect(wire.RC_KEEPALIVE_TIMEOUT)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -633,11 +418,11 @@ class MiniBroker:
         s.pending_will = None
 
     def _on_connect(self, conn: _Connection, flags: int, body: bytes) -> bool:
-        r = _Reader(body)
+        r = wire.Reader(body)
         name, version = r.string(), r.u8()
         if name != "MQTT" or version not in (4, 5):
             self.stats["refused"] += 1
-            conn.send(_packet(CONNACK, 0, b"\x00\x01"))  # unacceptable protocol version
+            conn.send(wire.packet(wire.CONNACK, 0, b"\x00\x01"))  # unacceptable protocol version
             return False
         conn.version = version
         cflags = r.u8()
@@ -646,8 +431,8 @@ class MiniBroker:
         clean = bool(cflags & 0x02)
         conn.keepalive = r.u16()
         props = r.properties()[0] if conn.v5 else {}
-        if P_AUTH_METHOD in props:
-            conn.send(_packet(CONNACK, 0, b"\x00\x8c\x00"))  # bad authentication method
+        if wire.P_AUTH_METHOD in props:
+            conn.send(wire.packet(wire.CONNACK, 0, b"\x00\x8c\x00"))  # bad authentication method
             return False
         client_id = r.string()
         if cflags & 0x04:  # will
@@ -656,9 +441,9 @@ class MiniBroker:
                 raise ProtocolViolation("will QoS 3")
             wprops, wforward = r.properties() if conn.v5 else ({}, b"")
             topic = r.string()
-            _check_topic_name(topic)
+            wire.check_topic_name(topic)
             conn.will = _Message(topic, r.binary(), min(will_qos, 1), bool(cflags & 0x20), wforward)
-            conn.will.delay = int(wprops.get(P_WILL_DELAY, 0))
+            conn.will.delay = int(wprops.get(wire.P_WILL_DELAY, 0))
         elif cflags & 0x38:
             raise ProtocolViolation("will QoS/retain set without a will")
         if cflags & 0x80:
@@ -671,18 +456,20 @@ class MiniBroker:
         ack_props: dict[int, int | str] = {}
         if not client_id:
             if not conn.v5 and not clean:
-                conn.send(_packet(CONNACK, 0, b"\x00\x02"))  # identifier rejected
+                conn.send(wire.packet(wire.CONNACK, 0, b"\x00\x02"))  # identifier rejected
                 return False
             client_id = f"minibroker-{next(self._ids)}"
-            ack_props[P_ASSIGNED_ID] = client_id
-        receive_max = int(props.get(P_RECEIVE_MAX, 65535 if conn.v5 else DEFAULT_INFLIGHT_V311))
+            ack_props[wire.P_ASSIGNED_ID] = client_id
+        receive_max = int(
+            props.get(wire.P_RECEIVE_MAX, 65535 if conn.v5 else DEFAULT_INFLIGHT_V311)
+        )
         if receive_max == 0:
-            raise ProtocolViolation("Receive Maximum 0", RC_PROTOCOL_ERROR)
+            raise ProtocolViolation("Receive Maximum 0", wire.RC_PROTOCOL_ERROR)
 
         s = self._sessions.get(client_id)
         if s is not None and s.conn is not None:  # session takeover
             old = s.conn
-            old.send_disconnect(RC_SESSION_TAKEN_OVER)
+            old.send_disconnect(wire.RC_SESSION_TAKEN_OVER)
             self._end(old, graceful=False)
             s = self._sessions.get(client_id)
         if s is not None and s.expires_at is not None and s.expires_at <= time.monotonic():
@@ -696,86 +483,90 @@ class MiniBroker:
         assert s is not None
         s.pending_will = None  # the client is back before its will delay ran out
         if conn.v5:
-            s.expiry = int(props.get(P_SESSION_EXPIRY, 0))
+            s.expiry = int(props.get(wire.P_SESSION_EXPIRY, 0))
         else:
             s.expiry = 0 if clean else NEVER_EXPIRES
         s.expires_at = None
         s.receive_max = receive_max
-        s.max_packet = int(props.get(P_MAX_PACKET, MAX_PACKET_SIZE))
+        s.max_packet = int(props.get(wire.P_MAX_PACKET, wire.MAX_PACKET_SIZE))
         s.conn, conn.session = conn, s
         if conn.v5:
-            ack_props[P_MAX_PACKET] = MAX_PACKET_SIZE
-            ack_props[P_SUB_IDS_AVAILABLE] = 0
-            conn.send(_packet(CONNACK, 0, bytes([present, 0]) + _encode_properties(ack_props)))
+            ack_props[wire.P_MAX_PACKET] = wire.MAX_PACKET_SIZE
+            ack_props[wire.P_SUB_IDS_AVAILABLE] = 0
+            conn.send(
+                wire.packet(
+                    wire.CONNACK, 0, bytes([present, 0]) + wire.encode_properties(ack_props)
+                )
+            )
         else:
-            conn.send(_packet(CONNACK, 0, bytes([present, 0])))
+            conn.send(wire.packet(wire.CONNACK, 0, bytes([present, 0])))
         s.resume()
         return True
 
-    def _dispatch(self, conn: _Connection, ptype: int, flags: int, r: _Reader) -> bool | None:
+    def _dispatch(self, conn: _Connection, ptype: int, flags: int, r: wire.Reader) -> bool | None:
         """Handle one packet; True/False when the client disconnected (gracefully or not)."""
         s = conn.session
         assert s is not None
-        if ptype == PUBLISH:
+        if ptype == wire.PUBLISH:
             self._on_publish(conn, s, flags, r)
             return None
-        expected_flags = 2 if ptype in (PUBREL, SUBSCRIBE, UNSUBSCRIBE) else 0
+        expected_flags = 2 if ptype in (wire.PUBREL, wire.SUBSCRIBE, wire.UNSUBSCRIBE) else 0
         if flags != expected_flags:
             raise ProtocolViolation(f"invalid flags 0x{flags:X} on packet type {ptype}")
-        if ptype == PUBACK:
+        if ptype == wire.PUBACK:
             if s.inflight.pop(r.u16(), None) is not None:
                 self.stats["messages_acked"] += 1
             s.pump()
-        elif ptype == PUBREL:
+        elif ptype == wire.PUBREL:
             pid = r.u16()
             s.qos2_received.discard(pid)
-            conn.send(_packet(PUBCOMP, 0, _u16(pid)))
-        elif ptype == SUBSCRIBE:
+            conn.send(wire.packet(wire.PUBCOMP, 0, wire.u16(pid)))
+        elif ptype == wire.SUBSCRIBE:
             self._on_subscribe(conn, s, r)
-        elif ptype == UNSUBSCRIBE:
+        elif ptype == wire.UNSUBSCRIBE:
             self._on_unsubscribe(conn, s, r)
-        elif ptype == PINGREQ:
+        elif ptype == wire.PINGREQ:
             conn.send(b"\xd0\x00")
-        elif ptype == DISCONNECT:
+        elif ptype == wire.DISCONNECT:
             reason = r.u8() if conn.v5 and r.remaining else 0
             if conn.v5 and r.remaining:
-                expiry = r.properties()[0].get(P_SESSION_EXPIRY)
+                expiry = r.properties()[0].get(wire.P_SESSION_EXPIRY)
                 if expiry is not None:
                     if s.expiry == 0 and expiry:
                         raise ProtocolViolation(
-                            "session expiry set at DISCONNECT", RC_PROTOCOL_ERROR
+                            "session expiry set at DISCONNECT", wire.RC_PROTOCOL_ERROR
                         )
                     s.expiry = int(expiry)
-            return reason != RC_DISCONNECT_WITH_WILL
+            return reason != wire.RC_DISCONNECT_WITH_WILL
         else:
-            raise ProtocolViolation(f"unexpected packet type {ptype}", RC_PROTOCOL_ERROR)
+            raise ProtocolViolation(f"unexpected packet type {ptype}", wire.RC_PROTOCOL_ERROR)
         return None
 
-    def _on_publish(self, conn: _Connection, s: _Session, flags: int, r: _Reader) -> None:
+    def _on_publish(self, conn: _Connection, s: _Session, flags: int, r: wire.Reader) -> None:
         qos, retain = (flags >> 1) & 3, bool(flags & 1)
         if qos == 3:
             raise ProtocolViolation("PUBLISH with QoS 3")
         topic = r.string()
-        _check_topic_name(topic)
+        wire.check_topic_name(topic)
         pid = r.u16() if qos else 0
         if qos and pid == 0:
             raise ProtocolViolation("PUBLISH with packet id 0")
         forwarded = b""
         if conn.v5:
             props, forwarded = r.properties()
-            if P_TOPIC_ALIAS in props:
-                raise ProtocolViolation("topic alias (maximum is 0)", RC_PROTOCOL_ERROR)
+            if wire.P_TOPIC_ALIAS in props:
+                raise ProtocolViolation("topic alias (maximum is 0)", wire.RC_PROTOCOL_ERROR)
         msg = _Message(topic, r.rest(), min(qos, 1), retain, forwarded)
         self.stats["messages_received"] += 1
         if qos == 2:
             if pid not in s.qos2_received:  # else a resend before PUBREL: already routed
                 s.qos2_received.add(pid)
                 self._publish(msg, s.client_id)
-            conn.send(_packet(PUBREC, 0, _u16(pid)))
+            conn.send(wire.packet(wire.PUBREC, 0, wire.u16(pid)))
             return
         self._publish(msg, s.client_id)
         if qos == 1:
-            conn.send(_packet(PUBACK, 0, _u16(pid)))
+            conn.send(wire.packet(wire.PUBACK, 0, wire.u16(pid)))
 
     def _publish(self, msg: _Message, origin: str | None) -> None:
         if msg.retain:
@@ -794,13 +585,13 @@ class MiniBroker:
             for sub in s.subscriptions.values():
                 if sub.group is not None or (sub.no_local and s.client_id == origin):
                     continue
-                if _matches(sub.levels, levels):
+                if wire.matches(sub.levels, levels):
                     best = max(best, sub.qos)
                     keep_retain |= sub.retain_as_published
             if best >= 0:
                 self._deliver(s, msg, min(best, msg.qos), msg.retain and keep_retain, size)
         for group in self._shared.values():
-            if not group.members or not _matches(group.levels, levels):
+            if not group.members or not wire.matches(group.levels, levels):
                 continue
             members = list(group.members.items())
             n = len(members)
@@ -817,7 +608,7 @@ class MiniBroker:
         else:
             self.stats["messages_routed"] += 1
 
-    def _on_subscribe(self, conn: _Connection, s: _Session, r: _Reader) -> None:
+    def _on_subscribe(self, conn: _Connection, s: _Session, r: wire.Reader) -> None:
         pid = r.u16()
         if conn.v5:
             r.properties()  # subscription identifiers are not supported (and say so)
@@ -830,13 +621,13 @@ class MiniBroker:
                 raise ProtocolViolation("retain handling 3")
             requests.append((text, options))
         if not requests:
-            raise ProtocolViolation("SUBSCRIBE without topic filters", RC_PROTOCOL_ERROR)
+            raise ProtocolViolation("SUBSCRIBE without topic filters", wire.RC_PROTOCOL_ERROR)
         codes = bytearray()
         retained: list[tuple[_Subscription, bool, int]] = []
         for text, options in requests:
-            parsed = _parse_filter(text)
+            parsed = wire.parse_filter(text)
             if parsed is None:
-                codes.append(RC_TOPIC_FILTER_INVALID if conn.v5 else 0x80)
+                codes.append(wire.RC_TOPIC_FILTER_INVALID if conn.v5 else 0x80)
                 continue
             group, levels = parsed
             qos = min(options & 3, 1)
@@ -851,16 +642,18 @@ class MiniBroker:
             else:
                 retained.append((sub, is_new, (options >> 4) & 3))
             codes.append(qos)
-        conn.send(_packet(SUBACK, 0, _u16(pid) + (b"\x00" if conn.v5 else b"") + codes))
+        conn.send(
+            wire.packet(wire.SUBACK, 0, wire.u16(pid) + (b"\x00" if conn.v5 else b"") + codes)
+        )
         for sub, is_new, handling in retained:
             if handling == 2 or (handling == 1 and not is_new):
                 continue
             for msg in list(self._retained.values()):
-                if _matches(sub.levels, msg.topic.split("/")):
+                if wire.matches(sub.levels, msg.topic.split("/")):
                     size = len(msg.payload) + len(msg.topic_bytes) + len(msg.properties) + 16
                     self._deliver(s, msg, min(sub.qos, msg.qos), True, size)
 
-    def _on_unsubscribe(self, conn: _Connection, s: _Session, r: _Reader) -> None:
+    def _on_unsubscribe(self, conn: _Connection, s: _Session, r: wire.Reader) -> None:
         pid = r.u16()
         if conn.v5:
             r.properties()
@@ -871,9 +664,9 @@ class MiniBroker:
             if sub is not None:
                 self._unshare(s.client_id, sub)
         if not codes:
-            raise ProtocolViolation("UNSUBSCRIBE without topic filters", RC_PROTOCOL_ERROR)
-        body = _u16(pid) + (b"\x00" + codes if conn.v5 else b"")
-        conn.send(_packet(UNSUBACK, 0, body))
+            raise ProtocolViolation("UNSUBSCRIBE without topic filters", wire.RC_PROTOCOL_ERROR)
+        body = wire.u16(pid) + (b"\x00" + codes if conn.v5 else b"")
+        conn.send(wire.packet(wire.UNSUBACK, 0, body))
 
     def _unshare(self, client_id: str, sub: _Subscription) -> None:
         if sub.group is None:

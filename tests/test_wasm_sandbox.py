@@ -13,7 +13,7 @@ from core._errors import FilterLoadError, FilterRuntimeError
 from core._metrics import METRICS
 from core._model import Batch, SeriesRegistry
 from pipeline.chain._chain import Chain
-from pipeline.chain._wasm import WasmStage
+from pipeline.chain._stage import WasmStage
 from tests.wasm_helpers import LIB, REPO, stage, wat_module, write_wat
 
 IDENTITY = "(i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (local.get 0)))"
@@ -132,7 +132,7 @@ def test_memory_cap_holds(tmp_path, reg):
     mod = write_wat(tmp_path, "grow", wat_module(body))
     st = WasmStage(stage("grow", mod, "filter", memory_mb=1), reg, base_dir=REPO)
     assert len(st.process(sample())) == 0
-    assert st._memory.data_len(st._store) == 1024 * 1024
+    assert st._mem.memory.data_len(st._store) == 1024 * 1024
 
 
 def test_trap_in_some_batches_only(tmp_path, reg):
@@ -308,24 +308,24 @@ def test_map_must_keep_records(tmp_path, reg):
 
 
 def test_epoch_ticker_parks_when_idle(tmp_path, reg):
-    from pipeline.chain import _wasm
+    from pipeline.chain._engine import TICKER
 
     with build(tmp_path, [stage("ema", "ema", "map")], reg) as chain:
         chain.process(sample())
         time.sleep(0.05)
-        idle = _wasm._TICKER.ticks
+        idle = TICKER.ticks
         time.sleep(0.05)
-        assert _wasm._TICKER.ticks == idle  # no guest call in flight: no ticking
+        assert TICKER.ticks == idle  # no guest call in flight: no ticking
     # and it does tick while a guest runs (the epoch deadline depends on it)
     mod = write_wat(tmp_path, "spin", wat_module("(loop $l (br $l)) (unreachable)"))
     with build(tmp_path, [stage("spin", mod, "filter", fuel=None, timeout_ms=10)], reg) as chain:
-        before = _wasm._TICKER.ticks
+        before = TICKER.ticks
         assert chain.process(sample()).dead_letters[0].reason == "stage spin: trap: timeout"
-        assert _wasm._TICKER.ticks > before
+        assert TICKER.ticks > before
 
 
 def test_config_flattening():
-    from pipeline.chain._wasm import flatten_config
+    from pipeline.chain._abi import flatten_config
 
     text = flatten_config(
         {"a": 1, "b": {"c": [1, 2.5], "d": True}, "e": None, "f": "x y", "g": 0.1}

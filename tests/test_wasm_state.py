@@ -9,7 +9,7 @@ from core._errors import FilterLoadError
 from core._model import Batch, SeriesRegistry
 from pipeline.chain._aot import ModuleCache
 from pipeline.chain._chain import Chain
-from pipeline.chain._wasm import engine, engine_settings
+from pipeline.chain._engine import engine, engine_settings
 from tests.wasm_helpers import LIB, REPO, airquality, batches, stage
 
 STAGES = [

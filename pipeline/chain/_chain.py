@@ -34,7 +34,10 @@ from core._metrics import METRICS
 from core._model import RECORD, Batch, DeadLetter, SeriesRegistry
 
 from ._aot import ModuleCache
-from ._wasm import LoadedModule, WasmStage, engine, engine_settings, load_module, unpack
+from ._engine import engine, engine_settings
+from ._module import LoadedModule, load_module
+from ._records import unpack
+from ._stage import WasmStage
 
 __all__ = ["Chain", "ChainResult"]
 

@@ -45,7 +45,7 @@ from core._metrics import METRICS
 from core._model import SeriesRegistry
 
 from ._chain import Chain, compile_stages
-from ._wasm import LoadedModule
+from ._module import LoadedModule
 
 __all__ = [
     "ChainFile",

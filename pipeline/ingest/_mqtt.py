@@ -10,6 +10,9 @@ which the runtime calls only after the readings a message produced are durably c
 Each connection has a *generation*; an ack for a message received on an earlier
 connection is not sent (the broker redelivers it on the new one, and the store's
 de-duplication recognises it).
+
+paho's own receive path is replaced by a faster one, and everything else that reaches
+into paho's internals lives in :mod:`._paho`; this module uses only its small API.
 """
 
 from __future__ import annotations
@@ -19,21 +22,19 @@ import collections
 import logging
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from config._models import BrokerConfig
 from core._backoff import Backoff
 from core._errors import IngestError
 from core._metrics import METRICS
+
+from ._paho import PahoClient, connect_properties, make_client, set_credentials
 
 __all__ = ["Message", "MQTTClient"]
 
@@ -49,8 +50,6 @@ _sessions_lost = METRICS.counter(
 _connects = METRICS.counter("edgepipe_mqtt_connects_total", "successful MQTT connections")
 
 _READS_PER_WAKE = 64  # TLS: records decrypted but not yet read
-_RECV_SIZE = 65536
-_PUBACK = struct.Struct("!BBH")
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 
 
@@ -65,144 +64,6 @@ class Message(NamedTuple):
     #: DUP set, or received in the redelivery window after a (re)connect: the runtime
     #: checks the store before decoding it (see docs/ingest.md, "Redeliveries")
     maybe_seen: bool = False
-
-
-class _Client(paho.Client):
-    """paho, with its receive path replaced for throughput.
-
-    paho reads one packet per ``loop_read`` in three or more ``recv`` calls (type byte,
-    length bytes, body) and turns every PUBLISH into an ``MQTTMessage`` with an MQTT 5
-    ``Properties`` object and a topic-matcher pass -- well over half of the per-message
-    cost.  :meth:`read_burst` reads up to 64 KiB at once, splits it into packets, hands
-    QoS 0/1 PUBLISH packets straight to :attr:`fast_publish` and passes every other packet
-    (CONNACK, SUBACK, PINGRESP, PUBACK of our own publishes, QoS 2) to paho's handler.
-    edgepipe never sets Topic Alias Maximum, so no PUBLISH needs its properties.
-    """
-
-    #: ``fn(topic, payload, qos, mid, dup)`` for QoS 0/1 PUBLISH packets
-    fast_publish: Callable[[str, bytes, int, int, bool], None] | None = None
-    _rest: bytes = b""  # the start of a packet whose remainder has not arrived yet
-
-    def reset_buffer(self) -> None:
-        self._rest = b""
-
-    def read_burst(self) -> paho.MQTTErrorCode:
-        """Read once from the socket and handle every complete packet; an error is
-        handled like paho's ``loop_read`` does (socket closed, on_disconnect called)."""
-        if self._sock is None:
-            return paho.MQTTErrorCode.MQTT_ERR_NO_CONN
-        try:
-            data = self._sock_recv(_RECV_SIZE)
-        except BlockingIOError:
-            return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-        except OSError as err:
-            log.debug("receive failed: %s", err)
-            return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        if not data:
-            return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        lost = False
-        if isinstance(self._sock, ssl.SSLSocket):
-            data, lost = self._more_records(data)
-        with self._msgtime_mutex:
-            self._last_bytes_received = paho.time_func()
-        buf = self._rest + data if self._rest else data
-        n = len(buf)
-        pos = 0
-        fast = self.fast_publish
-        v5 = self._protocol == paho.MQTTv5
-        while pos < n:
-            start = pos
-            cmd = buf[pos]
-            pos += 1
-            try:
-                length, pos = _varint(buf, pos)  # the remaining length
-            except IndexError:
-                pos = start  # the length itself is incomplete
-                break
-            except ValueError:
-                return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_PROTOCOL)
-            end = pos + length
-            if end > n:
-                pos = start
-                break
-            if cmd & 0xF0 == 0x30 and cmd & 0x06 != 0x04 and fast is not None:
-                # PUBLISH, QoS 0 or 1
-                qos = (cmd & 0x06) >> 1
-                t_end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
-                topic = buf[pos + 2 : t_end]
-                pos = t_end
-                mid = 0
-                if qos:
-                    mid = (buf[pos] << 8) | buf[pos + 1]
-                    pos += 2
-                if v5:  # skip the properties
-                    plen, pos = _varint(buf, pos)
-                    pos += plen
-                fast(topic.decode("utf-8", "replace"), buf[pos:end], qos, mid, bool(cmd & 0x08))
-            else:
-                rc = self._handle_other(cmd, buf[pos:end])
-                if rc:
-                    self._rest = b""
-                    return self._loop_rc_handle(rc)
-                if self._sock is None:  # e.g. the broker sent DISCONNECT
-                    self._rest = b""
-                    return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-            pos = end
-        self._rest = buf[pos:] if pos < n else b""
-        if lost:  # after handling the packets that came before the end
-            return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _more_records(self, data: bytes) -> tuple[bytes, bool]:
-        """TLS: an SSL socket returns one record per ``recv`` (at most 16 KiB, and mosquitto
-        writes each packet as a record of its own), so read on until the socket would block
-        or ``_RECV_SIZE`` is reached: one wake then handles a burst, as over plain TCP.
-        Each ``recv`` asks for ``_RECV_SIZE``, more than a record holds, so no decrypted
-        bytes stay behind in the SSL object where the selector cannot see them.
-        Returns (the bytes, whether the connection ended after them)."""
-        chunks = [data]
-        size = len(data)
-        while size < _RECV_SIZE:
-            try:
-                more = self._sock_recv(_RECV_SIZE)
-            except BlockingIOError:
-                break  # SSLWantRead: nothing more yet (paho registers a WantWrite)
-            except OSError as err:
-                log.debug("receive failed: %s", err)
-                more = b""
-            if not more:
-                return b"".join(chunks), True
-            chunks.append(more)
-            size += len(more)
-        return (b"".join(chunks) if len(chunks) > 1 else data), False
-
-    def _handle_other(self, cmd: int, body: bytes) -> paho.MQTTErrorCode:
-        self._in_packet = {
-            "command": cmd,
-            "have_remaining": 1,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": len(body),
-            "packet": bytearray(body),
-            "to_process": 0,
-            "pos": 0,
-        }
-        try:
-            rc = self._packet_handle()
-        except paho.MalformedPacket as exc:
-            log.debug("malformed packet from the broker: %s", exc)
-            rc = paho.MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = {
-            "command": 0,
-            "have_remaining": 0,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": 0,
-            "packet": bytearray(b""),
-            "to_process": 0,
-            "pos": 0,
-        }
-        return rc
 
 
 class MQTTClient:
@@ -269,31 +130,8 @@ class MQTTClient:
         t = self.cfg.status_topic
         return t.replace("{device}", self.device_id) if t else None
 
-    def _make_client(self) -> _Client:
-        cfg = self.cfg
-        v5 = cfg.protocol == "5"
-        c = _Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            clean_session=None if v5 else False,
-            manual_ack=True,
-            reconnect_on_failure=False,
-        )
-        # paho's own outgoing queue is only used for the status messages
-        c.max_inflight_messages_set(20)
-        self._set_credentials(c)
-        if cfg.tls is not None:
-            ctx = ssl.create_default_context(
-                cafile=str(cfg.tls.ca_file) if cfg.tls.ca_file else None
-            )
-            if cfg.tls.cert_file:
-                ctx.load_cert_chain(str(cfg.tls.cert_file), str(cfg.tls.key_file))
-            if cfg.tls.insecure:
-                ctx.check_hostname = False
-            c.tls_set_context(ctx)
-        if self.status_topic:
-            c.will_set(self.status_topic, b"offline", qos=1, retain=True)
+    def _make_client(self) -> PahoClient:
+        c = make_client(self.cfg, self.client_id, self.status_topic)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -304,22 +142,6 @@ class MQTTClient:
         c.on_socket_register_write = self._on_register_write
         c.on_socket_unregister_write = self._on_unregister_write
         return c
-
-    def _set_credentials(self, c: paho.Client) -> None:
-        # read on every connect: a rotated secret file or env var takes effect on reconnect
-        cfg = self.cfg
-        if cfg.username is not None:
-            password = cfg.password.get() if cfg.password is not None else None
-            c.username_pw_set(cfg.username, password)
-
-    def _connect_properties(self) -> Properties | None:
-        if self.cfg.protocol != "5":
-            return None
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.cfg.session_expiry
-        props.ReceiveMaximum = self.cfg.receive_maximum
-        props.MaximumPacketSize = self.cfg.max_packet_kb * 1024
-        return props
 
     # -- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> MQTTClient:
@@ -402,12 +224,12 @@ class MQTTClient:
         assert self._loop is not None
         c = self._client
         self._connack = self._loop.create_future()
-        props = self._connect_properties()
+        props = connect_properties(self.cfg)
         v5 = self.cfg.protocol == "5"
 
         if not first:
             try:
-                self._set_credentials(c)
+                set_credentials(c, self.cfg)
             except LookupError as e:
                 raise IngestError(f"MQTT password: {e}") from None
 
@@ -429,24 +251,13 @@ class MQTTClient:
             raise IngestError(f"broker refused the connection: {reason} (code {rc})")
 
     def _drop_socket(self) -> None:
-        try:
-            self._client._sock_close()  # runs the socket-close callbacks, then closes
-        except Exception:
-            pass
+        self._client.drop_socket()
 
     async def _misc_loop(self) -> None:
         c = self._client
         while True:
             await asyncio.sleep(1.0)
-            sock = c.socket()
-            if sock is None:
-                continue
-            if self._paused and _unread_bytes(sock):
-                # not reading on purpose (backpressure), and the broker keeps sending: it
-                # is alive, so paho's keepalive must not time the connection out
-                with c._msgtime_mutex:
-                    c._last_bytes_received = paho.time_func()
-            c.loop_misc()
+            c.keepalive(self._paused)
 
     # -- paho callbacks (run in the event loop thread) --------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -709,36 +520,5 @@ class MQTTClient:
         mids = [m.mid for m in messages if m.qos == 1 and m.generation == gen]
         if not mids:
             return 0
-        c = self._client
-        # PUBACK: fixed header 0x40, remaining length 2, packet id (the same bytes in
-        # MQTT 3.1.1 and 5, where reason code 0 and no properties may be omitted)
-        pack = _PUBACK.pack
-        data = b"".join([pack(0x40, 2, mid) for mid in mids])
-        c._packet_queue(paho.PUBACK, data, 0, 0)
-        if self._sock is not None:
-            c.loop_write()
+        self._client.send_pubacks(mids, self._sock is not None)
         return len(mids)
-
-
-def _unread_bytes(sock: socket.socket) -> bool:
-    """True if the kernel holds received bytes edgepipe has not read yet."""
-    try:
-        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except OSError:
-        return False
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """An MQTT variable byte integer at ``buf[pos]``: (value, position after it).
-    IndexError if ``buf`` ends inside it, ValueError if it is longer than 4 bytes."""
-    b = buf[pos]
-    if b < 0x80:  # the common case: one byte
-        return b, pos + 1
-    value, shift = b & 0x7F, 7
-    for i in range(pos + 1, pos + 4):
-        b = buf[i]
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i + 1
-        shift += 7
-    raise ValueError("variable byte integer longer than 4 bytes")

@@ -1,0 +1,90 @@
+"""The process-wide wasmtime engine and the epoch ticker that drives call deadlines."""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+
+import wasmtime
+
+from ._abi import ABI_VERSION
+
+__all__ = ["MAX_STACK", "TICK_S", "TICKER", "engine", "engine_settings"]
+
+TICK_S = 0.002  # epoch ticker period
+MAX_STACK = 512 * 1024
+
+_engine: wasmtime.Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def engine_settings() -> str:
+    """Everything that makes compiled code incompatible: part of the AOT cache key."""
+    return f"abi{ABI_VERSION};fuel;epoch;opt=speed;stack={MAX_STACK};{platform.machine()}"
+
+
+def engine() -> wasmtime.Engine:
+    """The process-wide engine (fuel and epoch interruption on)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            cfg = wasmtime.Config()
+            cfg.consume_fuel = True
+            cfg.epoch_interruption = True
+            cfg.cranelift_opt_level = "speed"
+            cfg.max_wasm_stack = MAX_STACK
+            cfg.wasm_threads = False
+            _engine = wasmtime.Engine(cfg)
+        return _engine
+
+
+class Ticker:
+    """Advances the engine epoch every ``TICK_S`` while any guest call is running.
+
+    Idle (no guest call in flight) it blocks on an event, so an idle edge process pays
+    nothing.  ``enter`` only signals when the thread is parked; the thread re-checks the
+    busy count after clearing ``_running`` so a concurrent ``enter`` is never missed.
+    """
+
+    def __init__(self) -> None:
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.ticks = 0
+
+    def enter(self) -> None:
+        with self._lock:
+            self._busy += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="edgepipe-epoch", daemon=True
+                )
+                self._thread.start()
+        if not self._running:
+            self._wake.set()
+
+    def exit(self) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    def _run(self) -> None:
+        eng = engine()
+        sleep = time.sleep
+        while True:
+            self._running = True
+            while self._busy > 0:
+                sleep(TICK_S)
+                eng.increment_epoch()
+                self.ticks += 1
+            self._running = False
+            if self._busy > 0:
+                continue
+            self._wake.wait()
+            self._wake.clear()
+
+
+#: the one ticker of the process (its engine is :func:`engine`)
+TICKER = Ticker()

@@ -1,0 +1,144 @@
+"""The wasmtime C API fast path: the only module that touches wasmtime-py's private
+``_bindings`` / ``_ffi`` and ctypes.
+
+wasmtime-py boxes every argument and result and looks up the function type on every
+call, and copies linear memory through Python objects.  A stage calls its guest a few
+times per *batch*, but with 24 bytes per record the copies matter; this module offers
+the few operations a stage needs, each a single Python call over C:
+
+- :class:`GuestCall`: call one export with up to two i32 arguments, get its i32 or i64
+  result (``wasmtime_func_call_unchecked``; safe because every export's signature was
+  checked against the ABI when the module was loaded);
+- :class:`GuestMemory`: the host address and size of the linear memory, and bounds-checked
+  ``read`` / ``write`` / ``place`` of bytes at a guest pointer (``ctypes.memmove``);
+- :class:`Budget`: a fresh fuel budget and epoch deadline for the store;
+- :class:`HostTrap`: raised by host code (or a bounds check) to trap the guest.
+
+Python exceptions raised inside host functions during a call are re-raised by
+:class:`GuestCall` as they are (wasmtime keeps them aside while the trap unwinds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import wasmtime
+from wasmtime import _bindings as _capi
+from wasmtime import _ffi as ffi
+
+__all__ = ["Budget", "GuestCall", "GuestMemory", "HostTrap"]
+
+_func_call = _capi._wasmtime_func_call_unchecked
+_mem_data = _capi._wasmtime_memory_data
+_mem_size = _capi._wasmtime_memory_data_size
+_set_fuel = _capi._wasmtime_context_set_fuel
+_set_deadline = _capi._wasmtime_context_set_epoch_deadline
+_TrapPtr = ctypes.POINTER(ffi.wasm_trap_t)
+_memmove, _string_at, _void_p = ctypes.memmove, ctypes.string_at, ctypes.c_void_p
+_byref = ctypes.byref
+_raise_last = wasmtime._func.maybe_raise_last_exn
+_UNLIMITED_FUEL = 2**63 - 1
+
+
+class HostTrap(Exception):
+    """Raised by a host function (or a bounds check) to trap the guest with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class GuestCall:
+    """Calls one export of an instance in ``store``: ``call(a, b)`` with ``nparams`` (0-2)
+    i32 arguments; returns the i64 result if ``i64`` else the i32 one.  Raises
+    :class:`wasmtime.Trap`, :class:`wasmtime.WasmtimeError` or whatever a host function
+    raised."""
+
+    __slots__ = ("_ctx", "_func", "_vals", "_size", "_i64")
+
+    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, nparams: int, i64: bool):
+        self._ctx = store._context()
+        self._func = _byref(func._func)
+        self._size = max(nparams, 1)
+        self._vals = (_capi.wasmtime_val_raw_t * self._size)()
+        self._i64 = i64
+
+    def __call__(self, a: int | None = None, b: int | None = None) -> int:
+        vals = self._vals
+        if a is not None:
+            vals[0].i32 = a
+            if b is not None:
+                vals[1].i32 = b
+        trap = _TrapPtr()
+        err = _func_call(self._ctx, self._func, vals, self._size, _byref(trap))
+        if err:
+            exc = wasmtime.WasmtimeError._from_ptr(err)
+            _raise_last()
+            raise exc
+        if trap:
+            exc2 = wasmtime.Trap._from_ptr(trap)
+            _raise_last()
+            raise exc2
+        return vals[0].i64 if self._i64 else vals[0].i32
+
+
+class GuestMemory:
+    """The linear memory ``memory`` of an instance in ``store``.  Its host address can
+    change whenever the guest grows it, so every operation looks it up afresh."""
+
+    __slots__ = ("_ctx", "_ref", "memory")
+
+    def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
+        self._ctx = store._context()
+        self.memory = memory
+        self._ref = _byref(memory._memory)
+
+    def span(self) -> tuple[int, int]:
+        """(host address, byte length) of the linear memory right now."""
+        ctx, ref = self._ctx, self._ref
+        return _void_p.from_buffer(_mem_data(ctx, ref)).value or 0, _mem_size(ctx, ref)
+
+    def place(self, ptr: int, data: bytes) -> bool:
+        """Copy ``data`` to guest ``ptr`` if ``[ptr, ptr+len(data))`` lies in the memory;
+        False (nothing written) if it does not."""
+        ctx, ref = self._ctx, self._ref
+        if ptr < 0 or ptr + len(data) > _mem_size(ctx, ref):
+            return False
+        base = _void_p.from_buffer(_mem_data(ctx, ref)).value or 0
+        _memmove(base + ptr, data, len(data))
+        return True
+
+    def _address(self, ptr: int, length: int) -> int:
+        ctx, ref = self._ctx, self._ref
+        if ptr < 0 or ptr + length > _mem_size(ctx, ref):
+            raise HostTrap(
+                "out_of_bounds", f"guest range [{ptr}, {ptr + length}) is outside its memory"
+            )
+        return (_void_p.from_buffer(_mem_data(ctx, ref)).value or 0) + ptr
+
+    def read(self, ptr: int, length: int) -> bytes:
+        """The ``length`` bytes at guest ``ptr``; :class:`HostTrap` ``out_of_bounds``."""
+        return _string_at(self._address(ptr, length), length) if length else b""
+
+    def write(self, ptr: int, data: bytes) -> None:
+        """Copy ``data`` to guest ``ptr``; :class:`HostTrap` ``out_of_bounds``."""
+        _memmove(self._address(ptr, len(data)), data, len(data))
+
+
+class Budget:
+    """Fuel (``None``: unlimited) and an epoch deadline (``ticks`` from now) for every
+    guest operation in ``store``; :meth:`arm` grants a fresh budget."""
+
+    __slots__ = ("_ctx", "_fuel", "_ticks")
+
+    def __init__(self, store: wasmtime.Store, fuel: int | None, ticks: int) -> None:
+        self._ctx = store._context()
+        self._fuel = fuel if fuel is not None else _UNLIMITED_FUEL
+        self._ticks = ticks
+
+    def arm(self) -> None:
+        ctx = self._ctx
+        err = _set_fuel(ctx, self._fuel)
+        if err:
+            wasmtime.WasmtimeError._from_ptr(err)  # frees it; fuel is always enabled
+        _set_deadline(ctx, self._ticks)

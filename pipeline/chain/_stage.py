@@ -1,0 +1,376 @@
+"""One sandboxed WebAssembly filter stage (ABI v1, see filters/ABI.md).
+
+A stage owns one wasmtime Store and one instance of its module, reused across batches.
+Each batch costs one ``ep_input`` call, one ``memmove`` of the packed records into linear
+memory, one ``ep_process`` call and one read of the output records: there is no
+per-record Python work beyond :meth:`Batch.pack` / :meth:`Batch.unpack`.
+
+The sandbox: no WASI and only the three ``edgepipe`` host functions; fuel per call
+(``Config.consume_fuel``), a wall-clock deadline per call (epoch interruption driven by
+the shared ticker thread, :data:`._engine.TICKER`, that only runs while a guest call is
+in flight), a linear memory cap (``Store.set_limits``), and validation of everything the
+guest returns (pointer bounds, record count, series ids, the stage kind's contract).
+Any failure raises :class:`FilterRuntimeError` with a short ``code``; after a failure
+the instance is considered corrupt and :meth:`WasmStage.reset` builds a fresh one.
+Calls and memory copies go through :mod:`._ffi`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import wasmtime
+
+from config._models import StageConfig
+from core._errors import FilterLoadError, FilterRuntimeError
+from core._model import Batch, SeriesRegistry
+
+from ._abi import ABI_VERSION, flatten_config
+from ._aot import ModuleCache
+from ._engine import TICK_S, TICKER, engine
+from ._ffi import Budget, GuestCall, GuestMemory, HostTrap
+from ._module import LoadedModule, load_module
+from ._records import REC, columns, is_subsequence, unpack
+
+__all__ = ["WasmStage"]
+
+log = logging.getLogger("edgepipe.filter")
+
+_TRAP_NAMES = {
+    getattr(wasmtime.TrapCode, n): n.lower() for n in dir(wasmtime.TrapCode) if n.isupper()
+}
+_TRAP_NAMES[wasmtime.TrapCode.OUT_OF_FUEL] = "out_of_fuel"
+_TRAP_NAMES[wasmtime.TrapCode.INTERRUPT] = "timeout"
+
+
+def _u32(x: int) -> int:
+    return x & 0xFFFFFFFF
+
+
+class WasmStage:
+    """One filter stage: a module instance plus its limits and kind contract."""
+
+    def __init__(
+        self,
+        cfg: StageConfig,
+        registry: SeriesRegistry,
+        *,
+        base_dir: Path,
+        cache: ModuleCache | None = None,
+        loaded: LoadedModule | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.kind = cfg.kind
+        self.registry = registry
+        self.loaded = loaded or load_module(cfg, base_dir, cache)
+        lim = cfg.limits
+        self._fuel = lim.fuel
+        self._ticks = max(1, math.ceil(lim.timeout_ms / 1000 / TICK_S)) + 1
+        self._max_output = lim.max_output
+        self._mem_cap = lim.memory_mb * 1024 * 1024
+        try:
+            self._config_text = flatten_config(cfg.config).encode()
+        except ValueError as e:
+            raise FilterLoadError(str(e), stage=self.name, code="bad_config") from None
+        self.stateful = "ep_snapshot" in self.loaded.exports
+        self.has_flush = "ep_flush" in self.loaded.exports
+        self._log_tokens = 20.0
+        self._log_at = time.monotonic()
+        self._store: wasmtime.Store | None = None
+        self._linker = self._make_linker()
+        self.instances = 0
+        try:
+            self._instantiate()
+        except FilterRuntimeError as e:
+            raise FilterLoadError(e.message, stage=self.name, code=e.code) from None
+
+    # -- host functions ----------------------------------------------------------
+    def _make_linker(self) -> wasmtime.Linker:
+        linker = wasmtime.Linker(engine())
+        i32 = wasmtime.ValType.i32()
+        registry = self.registry
+
+        def series_name(series: int, kind: int, ptr: int, length: int) -> int:
+            key = registry.get(_u32(series))
+            if key is None or kind not in (0, 1):
+                return -1
+            data = (key.device if kind == 0 else key.metric).encode()
+            n = min(len(data), _u32(length))
+            if n:
+                self._mem.write(_u32(ptr), data[:n])
+            return len(data)
+
+        def series_derive(series: int, ptr: int, length: int) -> int:
+            sid, length = _u32(series), _u32(length)
+            if registry.get(sid) is None:
+                raise HostTrap("unknown_series", f"series_derive: unknown series id {sid}")
+            if not 0 < length <= 64:
+                raise HostTrap("bad_argument", "series_derive: suffix must be 1-64 bytes")
+            raw = self._mem.read(_u32(ptr), length)
+            try:
+                suffix = raw.decode()
+            except UnicodeDecodeError:
+                raise HostTrap("bad_argument", "series_derive: suffix is not UTF-8") from None
+            return registry.derive(sid, suffix)
+
+        def guest_log(level: int, ptr: int, length: int) -> None:
+            now = time.monotonic()
+            self._log_tokens = min(20.0, self._log_tokens + (now - self._log_at) * 10)
+            self._log_at = now
+            if self._log_tokens < 1:
+                return
+            self._log_tokens -= 1
+            text = self._mem.read(_u32(ptr), min(_u32(length), 1024)).decode(errors="replace")
+            lvl = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING}.get(level, logging.ERROR)
+            log.log(lvl, "stage %s: %s", self.name, text)
+
+        linker.define_func(
+            "edgepipe", "series_name", wasmtime.FuncType([i32] * 4, [i32]), series_name
+        )
+        linker.define_func(
+            "edgepipe", "series_derive", wasmtime.FuncType([i32] * 3, [i32]), series_derive
+        )
+        linker.define_func("edgepipe", "log", wasmtime.FuncType([i32] * 3, []), guest_log)
+        return linker
+
+    # -- instance lifecycle ------------------------------------------------------------
+    def _instantiate(self) -> None:
+        self._drop_store()
+        store = wasmtime.Store(engine())
+        store.set_limits(memory_size=self._mem_cap, instances=1, tables=1, memories=1)
+        self._store = store
+        #: a fresh fuel budget and wall-clock deadline (once per batch / per operation)
+        self._arm = Budget(store, self._fuel, self._ticks).arm
+        self.instances += 1
+        self._arm()
+        TICKER.enter()
+        try:
+            instance = self._linker.instantiate(store, self.loaded.module)
+        except (wasmtime.Trap, wasmtime.WasmtimeError, HostTrap) as e:
+            raise self._error(e, "instantiate") from None
+        finally:
+            TICKER.exit()
+        ex = instance.exports(store)
+        self._mem = GuestMemory(store, ex["memory"])
+
+        def fast(name: str, nparams: int, i64: bool) -> GuestCall | None:
+            f = ex.get(name)
+            return GuestCall(store, f, nparams, i64) if f is not None else None
+
+        self._f_version = fast("ep_abi_version", 0, False)
+        self._f_input = fast("ep_input", 1, False)
+        self._f_process = fast("ep_process", 1, True)
+        self._f_alloc = fast("ep_alloc", 1, False)
+        self._f_init = fast("ep_init", 2, False)
+        self._f_flush = fast("ep_flush", 0, True)
+        self._f_snapshot = fast("ep_snapshot", 0, True)
+        self._f_restore = fast("ep_restore", 2, False)
+        version = self._call(self._f_version, "ep_abi_version")
+        if version != ABI_VERSION:
+            raise FilterRuntimeError(
+                f"ep_abi_version() returned {version}; this host speaks ABI v{ABI_VERSION}",
+                stage=self.name,
+                code="abi_version",
+            )
+        if self._f_init is not None:
+            text = self._config_text
+            ptr = _u32(self._call(self._f_alloc, "ep_alloc", len(text)))
+            self._guarded_write(ptr, text, "ep_alloc")
+            rc = self._call(self._f_init, "ep_init", ptr, len(text))
+            if rc != 0:
+                raise FilterRuntimeError(
+                    f"ep_init refused the config (returned {rc})", stage=self.name, code="init"
+                )
+
+    def _drop_store(self) -> None:
+        self._store = None  # frees the instance and its memory
+
+    def reset(self, state: bytes | None = None) -> None:
+        """A fresh instance (after a trap), restoring ``state`` if given."""
+        self._instantiate()
+        if state:
+            self.restore(state)
+
+    def close(self) -> None:
+        self._drop_store()
+        self._f_process = self._f_input = None  # type: ignore[assignment]
+
+    # -- calls -------------------------------------------------------------------------
+    def _error(self, e: BaseException, what: str) -> FilterRuntimeError:
+        if isinstance(e, HostTrap):
+            return FilterRuntimeError(f"{what}: {e}", stage=self.name, code=e.code)
+        if isinstance(e, wasmtime.Trap):
+            code = _TRAP_NAMES.get(e.trap_code, "trap") if e.trap_code is not None else "trap"
+            first = e.message.splitlines()[0] if e.message else code
+            return FilterRuntimeError(f"{what}: trap: {first}", stage=self.name, code=code)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        low = str(e).lower()
+        code = "out_of_fuel" if "fuel" in low else "limit" if "limit" in low else "error"
+        return FilterRuntimeError(f"{what}: {msg}", stage=self.name, code=code)
+
+    def _call(self, fn: GuestCall | None, what: str, *args: int, arm: bool = True) -> int:
+        if fn is None or self._store is None:
+            raise FilterRuntimeError(f"{what}: stage is closed", stage=self.name, code="closed")
+        if arm:
+            self._arm()
+        TICKER.enter()
+        try:
+            return fn(*args)
+        except (wasmtime.Trap, wasmtime.WasmtimeError, HostTrap) as e:
+            raise self._error(e, what) from None
+        finally:
+            TICKER.exit()
+
+    def _guarded_write(self, ptr: int, data: bytes, what: str) -> None:
+        if not data:
+            return
+        if ptr == 0:
+            raise FilterRuntimeError(
+                f"{what} could not allocate {len(data)} bytes", stage=self.name, code="alloc"
+            )
+        try:
+            self._mem.write(ptr, data)
+        except HostTrap as e:
+            raise self._error(e, what) from None
+
+    def _output(self, r: int, what: str, n_in: int) -> bytes:
+        if r < 0:
+            raise FilterRuntimeError(
+                f"{what} reported error {-r}", stage=self.name, code=f"guest_error_{-r}"
+            )
+        ptr, n = r >> 32, r & 0xFFFFFFFF
+        limit = self._max_output
+        if self.kind in ("filter", "filter_map", "map"):
+            limit = min(limit, n_in)
+        if n > limit:
+            raise FilterRuntimeError(
+                f"{what} returned {n} records; at most {limit} allowed for a {self.kind} stage",
+                stage=self.name,
+                code="output_count",
+            )
+        try:
+            return self._mem.read(ptr, n * REC)
+        except HostTrap as e:
+            raise FilterRuntimeError(
+                f"{what} returned an output pointer outside guest memory: {e}",
+                stage=self.name,
+                code="output_pointer",
+            ) from None
+
+    def _check_series(self, raw: bytes) -> None:
+        if raw:
+            top = max(columns(raw)[2])
+            if top >= len(self.registry):
+                raise FilterRuntimeError(
+                    f"output refers to unknown series id {top}",
+                    stage=self.name,
+                    code="unknown_series",
+                )
+
+    def process_raw(self, data: bytes, n: int) -> bytes:
+        """Run ``n`` packed records through the guest; the packed output records.
+
+        One fuel budget and one deadline cover the whole batch (``ep_input`` and
+        ``ep_process``).  Raises :class:`FilterRuntimeError` on any failure.
+        """
+        if n == 0:
+            return b""
+        if self._store is None:
+            raise FilterRuntimeError("stage is closed", stage=self.name, code="closed")
+        self._arm()
+        what = "ep_input"
+        TICKER.enter()
+        try:
+            ptr = self._f_input(n) & 0xFFFFFFFF
+            if ptr == 0 or not self._mem.place(ptr, data):
+                size = self._mem.span()[1]
+                raise FilterRuntimeError(
+                    f"ep_input({n}) returned an unusable buffer ({ptr:#x}, memory {size} bytes)",
+                    stage=self.name,
+                    code="alloc",
+                )
+            what = "ep_process"
+            r = self._f_process(n)
+        except (wasmtime.Trap, wasmtime.WasmtimeError, HostTrap) as e:
+            raise self._error(e, what) from None
+        finally:
+            TICKER.exit()
+        raw = self._output(r, "ep_process", n)
+        kind = self.kind
+        if kind == "map":
+            if len(raw) != len(data):
+                same = False
+            else:
+                a, b = columns(raw), columns(data)
+                same = a[0] == b[0] and a[2] == b[2]
+            if not same:
+                raise FilterRuntimeError(
+                    "a map stage must return the same records (count, series, ts) in order",
+                    stage=self.name,
+                    code="kind_violation",
+                )
+        elif kind == "filter":
+            if not is_subsequence(raw, data):
+                raise FilterRuntimeError(
+                    "a filter stage may only drop records, not change or reorder them",
+                    stage=self.name,
+                    code="kind_violation",
+                )
+        else:
+            self._check_series(raw)
+        return raw
+
+    def process(self, batch: Batch) -> Batch:
+        """:meth:`process_raw` for a :class:`Batch`."""
+        return unpack(self.process_raw(batch.pack(), len(batch)))
+
+    def flush_raw(self) -> bytes:
+        if self._f_flush is None:
+            return b""
+        r = self._call(self._f_flush, "ep_flush")
+        raw = self._output(r, "ep_flush", self._max_output)
+        self._check_series(raw)
+        return raw
+
+    def flush(self) -> Batch:
+        return unpack(self.flush_raw())
+
+    def snapshot(self) -> bytes:
+        """The guest's state blob (``b""`` for none or a stateless module)."""
+        if self._f_snapshot is None:
+            return b""
+        r = self._call(self._f_snapshot, "ep_snapshot")
+        ptr, n = _u32(r >> 32), r & 0xFFFFFFFF
+        if r == 0 or n == 0:
+            return b""
+        if n > self._mem_cap:
+            raise FilterRuntimeError(
+                f"ep_snapshot returned {n} bytes", stage=self.name, code="output_count"
+            )
+        try:
+            return self._mem.read(ptr, n)
+        except HostTrap as e:
+            raise FilterRuntimeError(
+                f"ep_snapshot: {e}", stage=self.name, code="output_pointer"
+            ) from None
+
+    def restore(self, blob: bytes) -> None:
+        if not blob:
+            return
+        if self._f_restore is None:
+            raise FilterRuntimeError(
+                "state given to a module without ep_restore", stage=self.name, code="restore"
+            )
+        ptr = _u32(self._call(self._f_alloc, "ep_alloc", len(blob)))
+        self._guarded_write(ptr, blob, "ep_alloc")
+        rc = self._call(self._f_restore, "ep_restore", ptr, len(blob), arm=False)
+        if rc != 0:
+            raise FilterRuntimeError(
+                f"ep_restore rejected the state blob ({len(blob)} bytes, returned {rc})",
+                stage=self.name,
+                code="restore",
+            )
