@@ -3,7 +3,7 @@
 The storage backend raises domain errors only: they say what is wrong (with the device,
 sequence number or operator as fields) and nothing about HTTP.  The app layer maps each of
 them to a status and a stable machine-readable code in one place
-(:func:`cloud._app.rejection_for`).  A request refused by the HTTP layer itself is a
+(:func:`cloud._http_errors.rejection_for`).  A request refused by the HTTP layer itself is a
 :class:`Rejected` (status, ``code``, ``detail``); it renders as
 ``{"error": code, "detail": detail, ...extra}``.  No error ever carries a device secret, the
 master key or an API token.
