@@ -3,39 +3,63 @@ protocol v1) and serves their data and sync status to operators.
 
     app = cloud.create_app(cloud.Settings(db="sqlite:///cloud.db", api_token="..."))
 
-Storage sits behind :class:`Backend` (SQLite by default, PostgreSQL for larger fleets).
-Device secrets are stored sealed with the receiver's :class:`MasterKey`.
+Storage sits behind :class:`Backend` (SQLite by default, PostgreSQL for larger fleets), the
+four roles :class:`Devices`, :class:`Ingest`, :class:`Queries` and :class:`Operators`
+together.  It raises domain errors (:class:`UnknownDevice`, :class:`SequenceConflict`, ...);
+the app answers each with its HTTP status.  Device secrets are stored sealed with the
+receiver's :class:`MasterKey`.
 """
 
-from ._app import api_routes, create_app, require_operator
-from ._backend import Backend, IngestResult, ReadingsQuery, open_backend
+from ._app import api_routes, create_app
+from ._auth import require_operator
+from ._backend import (
+    Backend,
+    Devices,
+    Ingest,
+    IngestResult,
+    Operators,
+    Queries,
+    ReadingsQuery,
+    open_backend,
+)
 from ._errors import (
     CloudError,
     DeviceExists,
     MasterKeyError,
+    NonceReplayed,
     OperatorExists,
     Rejected,
     SecretUnreadable,
     SequenceConflict,
     UnknownDevice,
+    UnknownOperator,
+    UploadRefused,
 )
 from ._secrets import MasterKey
-from ._settings import Settings
+from ._settings import DashboardSettings, Settings
 
 __all__ = [
     "Backend",
     "CloudError",
+    "DashboardSettings",
     "DeviceExists",
+    "Devices",
+    "Ingest",
     "IngestResult",
     "MasterKey",
     "MasterKeyError",
+    "NonceReplayed",
     "OperatorExists",
+    "Operators",
+    "Queries",
     "ReadingsQuery",
     "Rejected",
     "SecretUnreadable",
     "SequenceConflict",
     "Settings",
     "UnknownDevice",
+    "UnknownOperator",
+    "UploadRefused",
     "api_routes",
     "create_app",
     "open_backend",

@@ -17,13 +17,15 @@ A device signature opens none of this: operators are identified only by the sess
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import inspect
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -44,6 +46,8 @@ __all__ = [
     "hash_password",
     "new_token",
     "operator_authorizer",
+    "operator_endpoint",
+    "require_operator",
     "session_key",
     "verify_password",
 ]
@@ -51,6 +55,8 @@ __all__ = [
 SESSION_COOKIE = "ep_session"
 _UNSET = object()
 CSRF_COOKIE = "ep_csrf"
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 _hasher = PasswordHasher()  # argon2id, the library's current recommended parameters
 _dummy_hash: str | None = None
@@ -224,3 +230,25 @@ def operator_authorizer(api_token: str | None) -> Callable[[Request], Any]:
         )
 
     return authorize
+
+
+async def require_operator(request: Request) -> Any:
+    """Raise 401 unless the request carries operator credentials; returns the operator
+    identity (stored on ``request.state.operator``).  Defers to
+    ``app.state.authorize_operator`` (:func:`operator_authorizer` by default)."""
+    result = request.app.state.authorize_operator(request)
+    if inspect.isawaitable(result):
+        result = await result
+    request.state.operator = result
+    return result
+
+
+def operator_endpoint(func: Endpoint) -> Endpoint:
+    """An endpoint that only operators reach (:func:`require_operator` first)."""
+
+    @functools.wraps(func)
+    async def wrapper(request: Request) -> Response:
+        await require_operator(request)
+        return await func(request)
+
+    return wrapper

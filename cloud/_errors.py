@@ -1,15 +1,22 @@
 """Errors of the cloud receiver.
 
-Every refusal is a :class:`Rejected` with an HTTP status, a stable machine-readable ``code``
-and a ``detail`` for humans; it renders as ``{"error": code, "detail": detail, ...extra}``.
-No error ever carries a device secret, the master key or an API token.
+The storage backend raises domain errors only: they say what is wrong (with the device,
+sequence number or operator as fields) and nothing about HTTP.  The app layer maps each of
+them to a status and a stable machine-readable code in one place
+(:func:`cloud._http_errors.rejection_for`).  A request refused by the HTTP layer itself is a
+:class:`Rejected` (status, ``code``, ``detail``); it renders as
+``{"error": code, "detail": detail, ...extra}``.  No error ever carries a device secret, the
+master key or an API token.
 
     CloudError
-    ├── Rejected              a request refused (status, code, detail)
-    │   └── SequenceConflict  a (device, seq) stored before with other bytes: 409 (device, seq)
+    ├── Rejected              an HTTP request refused (status, code, detail, extra fields)
     ├── UnknownDevice         no device of that name (name)
+    ├── UnknownOperator       no operator of that name (name)
     ├── DeviceExists          ``devices add`` of a name in use (name)
     ├── OperatorExists        ``users add`` of a name in use (name)
+    ├── UploadRefused         an upload the store refused whole; nothing stored (device)
+    │   ├── SequenceConflict  a (device, seq) stored before with other bytes (device, seq)
+    │   └── NonceReplayed     the request's nonce was stored meanwhile (device)
     ├── MasterKeyError        master key missing, unreadable, too permissive or wrong
     └── SecretUnreadable      a stored device secret failed authentication (device, key_id)
 """
@@ -22,11 +29,14 @@ __all__ = [
     "CloudError",
     "DeviceExists",
     "MasterKeyError",
+    "NonceReplayed",
     "OperatorExists",
     "Rejected",
     "SecretUnreadable",
     "SequenceConflict",
     "UnknownDevice",
+    "UnknownOperator",
+    "UploadRefused",
 ]
 
 
@@ -55,23 +65,16 @@ class Rejected(CloudError):
         return {"error": self.code, "detail": self.detail, **self.extra}
 
 
-class SequenceConflict(Rejected):
-    """A batch reuses a stored (device, seq) with different bytes."""
-
-    def __init__(self, device: str, seq: int) -> None:
-        self.device, self.seq = device, seq
-        super().__init__(
-            409,
-            "sequence_conflict",
-            f"batch seq {seq} of device {device!r} was already stored with different content",
-            seq=seq,
-        )
-
-
 class UnknownDevice(CloudError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"no device named {name!r}")
+
+
+class UnknownOperator(CloudError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no operator named {name!r}")
 
 
 class DeviceExists(CloudError):
@@ -84,6 +87,32 @@ class OperatorExists(CloudError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"an operator named {name!r} already exists")
+
+
+class UploadRefused(CloudError):
+    """An upload the store refused as a whole: nothing of it was stored."""
+
+    def __init__(self, device: str, message: str) -> None:
+        self.device = device
+        super().__init__(message)
+
+
+class SequenceConflict(UploadRefused):
+    """A batch reuses a stored (device, seq) with different bytes."""
+
+    def __init__(self, device: str, seq: int) -> None:
+        self.seq = seq
+        super().__init__(
+            device,
+            f"batch seq {seq} of device {device!r} was already stored with different content",
+        )
+
+
+class NonceReplayed(UploadRefused):
+    """The request's nonce was stored (by a concurrent request) before this one committed."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device, "this nonce was already used")
 
 
 class MasterKeyError(CloudError):

@@ -1,6 +1,7 @@
 """The PostgreSQL backend (psycopg 3).
 
-A small pool of connections; each write is one transaction (``synchronous_commit`` is the
+Connections come from a :class:`psycopg_pool.ConnectionPool` (a connection found broken is
+discarded and replaced; the pool is closed with the backend); each write is one transaction (``synchronous_commit`` is the
 server's, ``on`` by default, so a commit is durable).  The device row is locked
 (``SELECT ... FOR UPDATE``) for the length of an ingest, which serialises uploads of one device
 and keeps its (device, seq) decisions race-free.  ``?schema=name`` in the URL puts every table
@@ -9,15 +10,14 @@ in that schema (created if missing).
 
 from __future__ import annotations
 
-import queue
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
+from psycopg_pool import ConnectionPool
 
 from ._backend import SQLBackend
 
@@ -39,44 +39,37 @@ class PostgresBackend(SQLBackend):
             raise ValueError("schema must be a plain SQL identifier")
         rest = urlencode([(k, v) for k, v in params if k != "schema"])
         self._dsn = urlunsplit(parts._replace(query=rest))
-        self._pool: queue.LifoQueue[psycopg.Connection] = queue.LifoQueue()
-        self._all: list[psycopg.Connection] = []
-        self._sem = threading.BoundedSemaphore(pool_size)
-        self._lock = threading.Lock()
         self._closed = False
+        # One direct connection first: an unreachable server or a refused login fails here,
+        # at once and with psycopg's own error, and the schema is created once, before the
+        # pool opens connections concurrently (CREATE SCHEMA IF NOT EXISTS is not race-free).
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            if self.schema:
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        self._pool = ConnectionPool(
+            self._dsn,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": False},
+            configure=self._configure,
+            open=True,
+        )
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        """Every new connection of the pool: its tables are in ``schema``."""
+        if self.schema:
+            conn.execute(f'SET search_path TO "{self.schema}"')
+            conn.commit()
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", "%s")
-
-    def _connect(self) -> psycopg.Connection:
-        conn = psycopg.connect(self._dsn, autocommit=False)
-        if self.schema:
-            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            conn.execute(f'SET search_path TO "{self.schema}"')
-            conn.commit()
-        with self._lock:
-            self._all.append(conn)
-        return conn
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection]:
         if self._closed:
             raise RuntimeError("backend is closed")
-        self._sem.acquire()
-        try:
-            try:
-                conn = self._pool.get_nowait()
-            except queue.Empty:
-                conn = self._connect()
-            if conn.closed or conn.broken:
-                conn = self._connect()
-            try:
-                yield conn
-            finally:
-                if not conn.closed:
-                    self._pool.put(conn)
-        finally:
-            self._sem.release()
+        with self._pool.connection() as conn:
+            yield conn
 
     @contextmanager
     def _write(self) -> Iterator[Any]:
@@ -96,7 +89,4 @@ class PostgresBackend(SQLBackend):
         if self._closed:
             return
         self._closed = True
-        with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
+        self._pool.close()

@@ -6,12 +6,13 @@ stored sealed with AES-256-GCM under a *master key* that lives outside the datab
 file (``EDGEPIPE_CLOUD_MASTER_KEY_FILE``, ``--master-key-file``) or an environment variable
 (``EDGEPIPE_CLOUD_MASTER_KEY``).
 
-The master key uses the edge store's key-line format (:func:`storage.generate_key_line`):
+The master key uses the edge store's key-line format (:func:`protocol._keys.generate_key_line`):
 one ``<key id> <base64url of 32 random bytes>`` per line, the last line is the active key
 (new and re-wrapped secrets), older lines keep secrets sealed with them readable until
 ``edgepipe-cloud master-key rotate`` has re-wrapped them.
 
-Each row stores ``(key id, base64url(nonce || ciphertext))``.  The associated data binds the
+Sealing is the edge's AEAD (:class:`protocol._keys.Aead`, AES-256-GCM); each row stores
+``(key id, base64url(nonce || ciphertext))``.  The associated data binds the
 ciphertext to the device name and the key id, so a row copied to another device, or relabelled
 with another key id, fails authentication.  For every key id the database also keeps a *key
 check* (a fixed text sealed with that key), so a wrong master key is refused when the
@@ -20,13 +21,22 @@ receiver starts, before it writes anything, even in a database without devices.
 
 from __future__ import annotations
 
-import base64
-import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from protocol._keys import write_new_key_file
+from core._errors import KeyError_
+from protocol._keys import (
+    Aead,
+    Keyring,
+    Unauthentic,
+    b64d,
+    b64e,
+    generate_key_line,
+    read_key_file,
+    write_new_key_file,
+)
 
 from ._errors import MasterKeyError, SecretUnreadable
 
@@ -54,24 +64,25 @@ def no_master_key() -> MasterKeyError:
     )
 
 
-def _b64e(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
-def _b64d(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
-
-
 def generate_master_key_line(key_id: str | None = None) -> str:
     """A new random key line (the edge store's format, ``<key id> <base64url key>``)."""
-    from protocol._keys import generate_key_line
-
     return generate_key_line(key_id)
 
 
-def _aad(device: str, key_id: str) -> bytes:
-    d, k = device.encode(), key_id.encode()
-    return b"edgepipe-cloud/device-secret/v%d|%d:%s|%d:%s" % (SECRET_FORMAT, len(d), d, len(k), k)
+def _secret_aad(device: str) -> Callable[[str], bytes]:
+    d = device.encode()
+
+    def aad(key_id: str) -> bytes:
+        k = key_id.encode()
+        return b"edgepipe-cloud/device-secret/v%d|%d:%s|%d:%s" % (
+            SECRET_FORMAT,
+            len(d),
+            d,
+            len(k),
+            k,
+        )
+
+    return aad
 
 
 def _check_aad(key_id: str) -> bytes:
@@ -87,30 +98,30 @@ class MasterKey:
         self._path: Path | None = None
         self._lock = threading.Lock()
         self._next_reload = 0.0
-        self._install(keys, active_id)
+        try:
+            ring = Keyring(keys, active_id, source)
+        except KeyError_:
+            raise MasterKeyError(f"active key {active_id!r} is not in the master key") from None
+        self._install(ring)
 
-    def _install(self, keys: dict[str, bytes], active_id: str) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    def _install(self, ring: Keyring) -> None:
+        # One attribute assignment: readers in other threads see the old or the new set, whole.
+        self._aead = Aead(ring)
 
-        if active_id not in keys:
-            raise MasterKeyError(f"active key {active_id!r} is not in the master key")
-        # One dict assignment: readers in other threads see the old or the new set, whole.
-        self._aead = {kid: AESGCM(key) for kid, key in keys.items()}
-        self.active_id = active_id
+    @property
+    def active_id(self) -> str:
+        return self._aead.keyring.active_id
 
     def __repr__(self) -> str:
-        return f"<MasterKey {len(self._aead)} key(s), active {self.active_id!r} from {self.source}>"
+        return f"<MasterKey {len(self.ids)} key(s), active {self.active_id!r} from {self.source}>"
 
     @property
     def ids(self) -> list[str]:
-        return list(self._aead)
+        return self._aead.ids
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def parse(cls, text: str, source: str) -> MasterKey:
-        from core._errors import KeyError_
-        from protocol._keys import Keyring
-
         try:
             ring = Keyring.parse(text, source)
         except KeyError_ as exc:
@@ -120,8 +131,6 @@ class MasterKey:
     @classmethod
     def from_file(cls, path: str | Path) -> MasterKey:
         path = Path(path)
-        from protocol._keys import read_key_file
-
         key = cls.parse(read_key_file(path, "master key", MasterKeyError), str(path))
         key._path = path
         return key
@@ -154,36 +163,35 @@ class MasterKey:
                 fresh = MasterKey.from_file(self._path)
             except MasterKeyError:
                 return False
-            if set(fresh._aead) <= set(self._aead):
+            if set(fresh.ids) <= set(self.ids):
                 return False
-            # Keys this process already has stay usable even if their lines were removed.
-            self._aead = {**fresh._aead, **self._aead}
-            self.active_id = fresh.active_id  # the file decides which key seals new secrets
+            # Keys this process already has stay usable even if their lines were removed;
+            # the file decides which key seals new secrets.
+            old, new = self._aead.keyring, fresh._aead.keyring
+            keys = {kid: new.key(kid) for kid in new.ids}
+            keys.update({kid: old.key(kid) for kid in old.ids})
+            self._install(Keyring(keys, new.active_id, self.source))
             return True
 
     # -- sealing ---------------------------------------------------------------------------
     def seal(self, device: str, secret: bytes) -> tuple[str, str]:
         """-> (key id, base64url(nonce || ciphertext)) for the ``devices`` row of ``device``."""
-        kid = self.active_id
-        nonce = os.urandom(12)
-        return kid, _b64e(nonce + self._aead[kid].encrypt(nonce, secret, _aad(device, kid)))
+        kid, blob = self._aead.seal(_secret_aad(device), secret)
+        return kid, b64e(blob)
 
     def open(self, device: str, key_id: str, sealed: str) -> bytes:
-        from cryptography.exceptions import InvalidTag
-
-        aead = self._aead.get(key_id)
-        if aead is None and self._reload():
-            aead = self._aead.get(key_id)
-        if aead is None:
+        aead = self._aead
+        if not aead.has(key_id) and self._reload():
+            aead = self._aead
+        if not aead.has(key_id):
             raise MasterKeyError(
                 f"the secret of device {device!r} is sealed with master key {key_id!r}, which "
                 f"the master key from {self.source} does not have (wrong key, or its line was "
                 "removed before 'edgepipe-cloud master-key rotate' finished)"
             )
         try:
-            blob = _b64d(sealed)
-            return aead.decrypt(blob[:12], blob[12:], _aad(device, key_id))
-        except (InvalidTag, ValueError):
+            return aead.open(key_id, _secret_aad(device), b64d(sealed))
+        except (Unauthentic, ValueError):
             raise SecretUnreadable(
                 device,
                 key_id,
@@ -194,17 +202,11 @@ class MasterKey:
     def check_value(self, key_id: str | None = None) -> tuple[str, str]:
         """-> (key id, key check) for the active key or ``key_id``."""
         kid = key_id or self.active_id
-        nonce = os.urandom(12)
-        return kid, _b64e(nonce + self._aead[kid].encrypt(nonce, _CHECK_TEXT, _check_aad(kid)))
+        return kid, b64e(self._aead.key_check(kid, _check_aad, _CHECK_TEXT))
 
     def verify_check(self, key_id: str, value: str) -> bool:
-        from cryptography.exceptions import InvalidTag
-
-        aead = self._aead.get(key_id)
-        if aead is None:
-            return False
         try:
-            blob = _b64d(value)
-            return aead.decrypt(blob[:12], blob[12:], _check_aad(key_id)) == _CHECK_TEXT
-        except (InvalidTag, ValueError):
+            blob = b64d(value)
+        except ValueError:
             return False
+        return self._aead.verify_key_check(key_id, _check_aad, blob, _CHECK_TEXT)

@@ -1,23 +1,71 @@
-"""Receiver settings: a pydantic model (``extra="forbid"``), from arguments or the environment."""
+"""Receiver settings: pydantic-settings models (``extra="forbid"``), from arguments or the
+environment (``EDGEPIPE_CLOUD_<FIELD>``; an empty variable counts as unset).
+
+Constructing a model takes only the values given; :meth:`Settings.from_env` (and
+:meth:`DashboardSettings.from_env`) add the environment, read by pydantic-settings'
+environment source.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-__all__ = ["ENV_PREFIX", "Settings"]
+__all__ = ["ENV_PREFIX", "DashboardSettings", "Settings"]
 
 ENV_PREFIX = "EDGEPIPE_CLOUD_"
 MiB = 1024 * 1024
 
 
-class Settings(BaseModel):
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (``os.environ`` unless
+    told otherwise)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = self._environ
+        if not self.case_sensitive:
+            env = {k.lower(): v for k, v in env.items()}
+        return {k: v for k, v in env.items() if not (self.env_ignore_empty and v == "")}
+
+
+class _EnvModel(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The values given, nothing else: the environment is read by ``from_env`` alone.
+        return (init_settings,)
+
+    @classmethod
+    def _from_environment(cls, environ: Mapping[str, str] | None) -> dict[str, Any]:
+        return _Environment(cls, os.environ if environ is None else environ)()
+
+
+class Settings(_EnvModel):
     """Everything the receiver can be told.  Each field can also come from the environment as
     ``EDGEPIPE_CLOUD_<FIELD>`` (e.g. ``EDGEPIPE_CLOUD_API_TOKEN``, ``EDGEPIPE_CLOUD_DB``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     db: str = "sqlite:///edgepipe-cloud.db"
     host: str = "127.0.0.1"
@@ -54,14 +102,11 @@ class Settings(BaseModel):
         return self
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from ``EDGEPIPE_CLOUD_*`` variables; ``overrides`` that are not None win."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``EDGEPIPE_CLOUD_*`` variables; ``overrides`` that are not None win.
+        ``EDGEPIPE_CLOUD_MAX_BODY_MB`` (or ``max_body_mb=``) sets ``max_body_bytes`` in MiB."""
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw not in (None, ""):
-                values[name] = raw
+        values = cls._from_environment(env)
         mb = overrides.pop("max_body_mb", None) or env.get(ENV_PREFIX + "MAX_BODY_MB")
         if mb:
             values["max_body_bytes"] = int(float(mb) * MiB)
@@ -72,3 +117,21 @@ class Settings(BaseModel):
             values.pop("master_key", None)
         values.update(given)
         return cls(**values)
+
+
+class DashboardSettings(_EnvModel):
+    """Dashboard knobs; each also comes from ``EDGEPIPE_CLOUD_<FIELD>``."""
+
+    #: A device is shown offline when its last upload is older than this.
+    offline_after_s: float = Field(300, gt=0)
+    #: How often open pages fetch fresh data.
+    refresh_s: float = Field(5, gt=0)
+    session_ttl_s: int = Field(12 * 3600, ge=60)
+    #: Secure cookies: None = when the request came over TLS; true behind a TLS proxy.
+    secure_cookies: bool | None = None
+    login_max_failures: int = Field(5, ge=1)
+    login_window_s: int = Field(300, ge=1)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DashboardSettings:
+        return cls(**cls._from_environment(environ))

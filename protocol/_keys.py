@@ -1,4 +1,4 @@
-"""Keys and authenticated encryption for the local store.
+"""Keys and the one authenticated encryption of edgepipe (the edge store and the receiver).
 
 A *keyring* is a small text file (or environment variable, or Kubernetes Secret) with one
 key per line, ``<key id> <base64url of 32 random bytes>``; the last line is the active key
@@ -11,6 +11,10 @@ copied to another place, another table or another device fails authentication.  
 number of encryptions per key is counted in the store; NIST SP 800-38D allows 2**32
 random-nonce encryptions per key, edgepipe warns at 2**28 and refuses new writes at 2**30,
 long before the limit (``edgepipe keys rotate`` then makes a fresh active key).
+
+:class:`Aead` is that scheme on its own (nonce || ciphertext, associated data and key checks
+chosen by the caller); :class:`Sealer` binds it to the store's row places, and the cloud
+receiver seals device secrets with it under its master key (``cloud._secrets``).
 """
 
 from __future__ import annotations
@@ -20,17 +24,27 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from core._errors import KeyError_, TamperedError
 from core._fsutil import atomic_write
 
 __all__ = [
-    "KEY_WARN_AT",
     "KEY_REFUSE_AT",
+    "KEY_WARN_AT",
+    "AadFor",
+    "Aead",
     "Keyring",
     "Sealer",
+    "Unauthentic",
+    "append_key_line",
+    "b64d",
+    "b64e",
     "generate_key_line",
+    "read_key_file",
+    "write_new_key_file",
 ]
 
 #: Version of the associated-data layout (not the SQL schema version): it is bound into
@@ -40,18 +54,19 @@ KEY_WARN_AT = 2**28
 KEY_REFUSE_AT = 2**30
 
 
-def _b64d(s: str) -> bytes:
+def b64d(s: str) -> bytes:
+    """Unpadded base64url (the key-line format) to bytes; ``ValueError`` if it is not."""
     return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
-def _b64e(b: bytes) -> str:
+def b64e(b: bytes) -> str:
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 
 
 def generate_key_line(key_id: str | None = None) -> str:
     key = secrets.token_bytes(32)
     kid = key_id or "k" + secrets.token_hex(4)
-    return f"{kid} {_b64e(key)}"
+    return f"{kid} {b64e(key)}"
 
 
 class Keyring:
@@ -100,14 +115,14 @@ class Keyring:
             if len(parts) == 1:  # a bare key: its id is derived from it
                 material = parts[0]
                 try:
-                    key = _b64d(material)
+                    key = b64d(material)
                 except ValueError:
                     raise KeyError_(f"{source}: line {n}: not a base64 key") from None
                 kid = "k" + hashlib.sha256(key).hexdigest()[:8]
             elif len(parts) == 2:
                 kid, material = parts
                 try:
-                    key = _b64d(material)
+                    key = b64d(material)
                 except ValueError:
                     raise KeyError_(f"{source}: line {n}: not a base64 key") from None
             else:
@@ -141,15 +156,99 @@ class Keyring:
         return cls.parse(secret.get(), "inline config")  # type: ignore[attr-defined]
 
 
-class Sealer:
-    """Seal/open rows with AES-256-GCM and place-binding associated data."""
+#: The associated data of a ciphertext, given the id of the key that seals it (every layout
+#: binds the key id, so a blob relabelled with another key id fails authentication).
+AadFor = Callable[[str], bytes]
 
-    def __init__(self, keyring: Keyring, device_id: str) -> None:
+
+class Unauthentic(Exception):
+    """A blob failed authentication: modified, truncated, or sealed for another place.
+    Callers turn it into their own error (the store's :class:`TamperedError`, the
+    receiver's ``SecretUnreadable``); it never carries key material."""
+
+    def __init__(self, key_id: str) -> None:
+        self.key_id = key_id
+        super().__init__(f"ciphertext failed authentication with key {key_id!r}")
+
+
+class Aead:
+    """The one AEAD of edgepipe: AES-256-GCM under the keys of a :class:`Keyring`.
+
+    A sealed blob is ``nonce (12 random bytes) || ciphertext || tag (16 bytes)``; the
+    associated data is the caller's (``aad(key_id)``).  The edge store's rows
+    (:class:`Sealer`) and the receiver's device secrets are both sealed with it.
+
+    A *key check* proves that a key is the one some data was sealed with, before anything is
+    read or written: a fixed text sealed under the key with the caller's associated data.
+    """
+
+    __slots__ = ("_ciphers", "keyring")
+
+    def __init__(self, keyring: Keyring) -> None:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         self.keyring = keyring
+        self._ciphers = {kid: AESGCM(keyring.key(kid)) for kid in keyring.ids}
+
+    def __repr__(self) -> str:
+        return f"<Aead over {self.keyring!r}>"
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ciphers)
+
+    def has(self, key_id: str) -> bool:
+        return key_id in self._ciphers
+
+    def seal(
+        self, aad: AadFor, plaintext: bytes, *, key_id: str | None = None
+    ) -> tuple[str, bytes]:
+        """-> (key id, nonce || ciphertext) under the active key (or ``key_id``)."""
+        kid = key_id or self.keyring.active_id
+        nonce = os.urandom(12)
+        return kid, nonce + self._ciphers[kid].encrypt(nonce, plaintext, aad(kid))
+
+    def open(self, key_id: str, aad: AadFor, blob: bytes) -> bytes:
+        """The plaintext of ``blob``; :class:`KeyError_` for a key id the keyring lacks,
+        :class:`Unauthentic` when the blob fails authentication."""
+        from cryptography.exceptions import InvalidTag
+
+        cipher = self._ciphers.get(key_id)
+        if cipher is None:
+            self.keyring.key(key_id)  # raises the explanatory KeyError_
+        try:
+            return cipher.decrypt(blob[:12], blob[12:], aad(key_id))  # type: ignore[union-attr]
+        except (InvalidTag, ValueError):
+            raise Unauthentic(key_id) from None
+
+    def key_check(self, key_id: str, aad: AadFor, text: bytes) -> bytes:
+        """A key check for ``key_id``: ``text`` sealed under it (random nonce)."""
+        return self.seal(aad, text, key_id=key_id)[1]
+
+    def verify_key_check(self, key_id: str, aad: AadFor, value: bytes, text: bytes) -> bool:
+        """True if ``value`` is a key check of ``key_id`` (made by :meth:`key_check`); False
+        for a wrong key, a damaged value or a key id the keyring lacks."""
+        if key_id not in self._ciphers:
+            return False
+        try:
+            return self.open(key_id, aad, value) == text
+        except Unauthentic:
+            return False
+
+
+class Sealer:
+    """Seal/open the edge store's rows: :class:`Aead` with place-binding associated data
+    (device id, table, row key, key id, row format)."""
+
+    def __init__(self, keyring: Keyring, device_id: str) -> None:
+        self.keyring = keyring
         self.device = device_id.encode()
-        self._aead = {kid: AESGCM(keyring.key(kid)) for kid in keyring.ids}
+        self.aead = Aead(keyring)
+
+    @property
+    def _aead(self) -> dict[str, Any]:
+        """Per key id, the AES-GCM cipher (the store's schema-1 key check decrypts with it)."""
+        return self.aead._ciphers
 
     def _aad(self, table: str, row: int | str, key_id: str) -> bytes:
         return b"edgepipe|%s|%s|%s|%s|v%d" % (
@@ -160,21 +259,17 @@ class Sealer:
             ROW_FORMAT,
         )
 
+    def _place(self, table: str, row: int | str) -> AadFor:
+        return lambda kid: self._aad(table, row, kid)
+
     def seal(self, table: str, row: int | str, plaintext: bytes) -> tuple[str, bytes]:
         """-> (key id, nonce || ciphertext)."""
-        kid = self.keyring.active_id
-        nonce = os.urandom(12)
-        return kid, nonce + self._aead[kid].encrypt(nonce, plaintext, self._aad(table, row, kid))
+        return self.aead.seal(self._place(table, row), plaintext)
 
     def open(self, table: str, row: int | str, key_id: str, blob: bytes) -> bytes:
-        from cryptography.exceptions import InvalidTag
-
-        aead = self._aead.get(key_id)
-        if aead is None:
-            self.keyring.key(key_id)  # raises the explanatory KeyError_
         try:
-            return aead.decrypt(blob[:12], blob[12:], self._aad(table, row, key_id))  # type: ignore[union-attr]
-        except InvalidTag:
+            return self.aead.open(key_id, self._place(table, row), blob)
+        except Unauthentic:
             raise TamperedError(
                 f"{table} row {row} failed authentication (modified, moved, or not written "
                 f"by this device with key {key_id!r})",

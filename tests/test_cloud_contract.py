@@ -27,6 +27,7 @@ from _cloud_client import (
 )
 
 from cloud import Backend, ReadingsQuery, SequenceConflict, Settings, create_app, open_backend
+from cloud._app import rejection_for
 from cloud._wire import decode_upload
 
 TOKEN = "operator-token-for-tests"
@@ -525,7 +526,8 @@ def test_backend_conflict_raises_and_stores_nothing(backend: Backend) -> None:
             nonce="2" * 32,
             **kw,
         )
-    assert exc.value.seq == 1 and exc.value.status == 409
+    assert exc.value.seq == 1 and exc.value.device == name
+    assert rejection_for(exc.value, upload=True).status == 409  # type: ignore[union-attr]
     assert backend.count_readings(name) == 2
     assert not backend.nonce_seen(name, "2" * 32, now)  # the refused request left no nonce
     assert backend.nonce_seen(name, "1" * 32, now)

@@ -17,7 +17,8 @@ from _cloud_client import DeviceClient, LiveServer, make_batch, new_device, new_
 
 from cloud import Backend, Settings, create_app, open_backend
 from cloud._auth import LoginLimiter, hash_password
-from cloud._dashboard import DashboardSettings, chart_window
+from cloud._settings import DashboardSettings
+from cloud._ui_api import chart_window
 
 PASSWORD = "a long enough password"
 TOKEN = "api-token-for-scripts"

@@ -1,0 +1,90 @@
+"""The app layer's one map from domain errors to HTTP: status, code and detail.
+
+The backend raises domain errors (:mod:`cloud._errors`); the endpoints let them propagate
+and this module turns each into the :class:`Rejected` the client sees, and installs the
+exception handlers that render every refusal as ``{"error": code, "detail": detail, ...}``.
+
+Uploads get their own answers where telling more would help an attacker: a device that is
+unknown (or was removed while its upload was decoded) looks exactly like a bad signature.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ._errors import (
+    CloudError,
+    MasterKeyError,
+    NonceReplayed,
+    Rejected,
+    SecretUnreadable,
+    SequenceConflict,
+    UnknownDevice,
+)
+
+__all__ = ["error_response", "exception_handlers", "rejection_for"]
+
+log = logging.getLogger("edgepipe.cloud")
+
+#: The answer to an upload that names no registered device, or fails its signature.
+UNKNOWN_DEVICE_OR_BAD_SIGNATURE = "unknown device or bad signature"
+
+
+def rejection_for(exc: CloudError, *, upload: bool = False) -> Rejected | None:
+    """The HTTP refusal for ``exc`` (``upload``: raised while handling ``POST /v1/batches``);
+    None for an error that no request should cause (answered as an internal error)."""
+    if isinstance(exc, Rejected):
+        return exc
+    if isinstance(exc, UnknownDevice):
+        if upload:
+            return Rejected(401, "unknown_device", UNKNOWN_DEVICE_OR_BAD_SIGNATURE)
+        return Rejected(404, "not_found", f"no device named {exc.name[:64]!r}")
+    if isinstance(exc, SequenceConflict):
+        return Rejected(409, "sequence_conflict", str(exc), seq=exc.seq)
+    if isinstance(exc, NonceReplayed):
+        return Rejected(401, "replay", str(exc))
+    if isinstance(exc, MasterKeyError | SecretUnreadable):
+        # Not the device's fault and not a bad signature: keep the device retrying (5xx)
+        # until an operator fixes the receiver's key or the device's stored credentials.
+        return Rejected(
+            500,
+            "secret_unreadable",
+            "the receiver cannot use its stored credentials for this device; see the receiver log",
+        )
+    return None
+
+
+def error_response(exc: Rejected) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _cloud_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CloudError)
+    rejected = rejection_for(exc)
+    if rejected is None:
+        return await _internal(request, exc)
+    return error_response(rejected)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": code, "detail": str(exc.detail)},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal", "detail": "internal server error"}, status_code=500)
+
+
+def exception_handlers() -> dict[type[Exception], object]:
+    """For ``Starlette(exception_handlers=...)``."""
+    return {CloudError: _cloud_error, HTTPException: _http_error, Exception: _internal}

@@ -1,0 +1,141 @@
+"""The receiver's tables, created or migrated once per start (idempotent)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._errors import CloudError
+from ._sql import ROLLUP_MS, SQLBase
+
+__all__ = ["SCHEMA_VERSION", "SchemaSQL"]
+
+#: 1: device secrets in plaintext hex.  2: sealed with the master key (``secret_key_id``).
+SCHEMA_VERSION = 2
+
+
+class SchemaSQL(SQLBase):
+    def _ddl(self) -> list[str]:
+        pk, dbl = self.AUTO_PK, self.DOUBLE
+        return [
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+            f"""CREATE TABLE IF NOT EXISTS devices (
+                id {pk},
+                name TEXT NOT NULL UNIQUE,
+                secret TEXT NOT NULL,
+                secret_key_id TEXT,
+                created_ms BIGINT NOT NULL,
+                last_seen_ms BIGINT,
+                last_sync_ms BIGINT,
+                last_link TEXT,
+                last_seq BIGINT,
+                status TEXT,
+                last_error TEXT,
+                last_error_ms BIGINT)""",
+            """CREATE TABLE IF NOT EXISTS device_daily (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                day TEXT NOT NULL,
+                readings BIGINT NOT NULL,
+                bytes BIGINT NOT NULL,
+                uploads BIGINT NOT NULL,
+                PRIMARY KEY (device_id, day))""",
+            """CREATE TABLE IF NOT EXISTS batches (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                seq BIGINT NOT NULL,
+                sha256 TEXT NOT NULL,
+                readings INTEGER NOT NULL,
+                received_ms BIGINT NOT NULL,
+                PRIMARY KEY (device_id, seq))""",
+            f"""CREATE TABLE IF NOT EXISTS series (
+                id {pk},
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                source TEXT NOT NULL,
+                metric TEXT NOT NULL,
+                tags TEXT NOT NULL,
+                UNIQUE (device_id, source, metric, tags))""",
+            f"""CREATE TABLE IF NOT EXISTS readings (
+                series_id BIGINT NOT NULL REFERENCES series(id) ON DELETE CASCADE,
+                ts BIGINT NOT NULL,
+                val {dbl} NOT NULL,
+                flags BIGINT NOT NULL,
+                seq BIGINT NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS readings_series_ts ON readings (series_id, ts)",
+            """CREATE TABLE IF NOT EXISTS nonces (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                nonce TEXT NOT NULL,
+                expires_ms BIGINT NOT NULL,
+                PRIMARY KEY (device_id, nonce))""",
+            "CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_ms)",
+            f"""CREATE TABLE IF NOT EXISTS rejections (
+                id {pk},
+                device TEXT,
+                ts_ms BIGINT NOT NULL,
+                reason TEXT NOT NULL,
+                detail TEXT NOT NULL,
+                remote TEXT)""",
+            "CREATE INDEX IF NOT EXISTS rejections_device ON rejections (device, id)",
+            """CREATE TABLE IF NOT EXISTS dead_letters (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                seq BIGINT NOT NULL,
+                ts BIGINT NOT NULL,
+                topic TEXT NOT NULL,
+                stage TEXT,
+                reason TEXT NOT NULL,
+                size BIGINT NOT NULL,
+                received_ms BIGINT NOT NULL,
+                PRIMARY KEY (device_id, seq))""",
+            f"""CREATE TABLE IF NOT EXISTS readings_hourly (
+                series_id BIGINT NOT NULL REFERENCES series(id) ON DELETE CASCADE,
+                hour BIGINT NOT NULL,
+                n BIGINT NOT NULL,
+                total {dbl} NOT NULL,
+                lo {dbl} NOT NULL,
+                hi {dbl} NOT NULL,
+                PRIMARY KEY (series_id, hour))""",
+            "CREATE INDEX IF NOT EXISTS rejections_ts ON rejections (ts_ms)",
+            f"""CREATE TABLE IF NOT EXISTS operators (
+                id {pk},
+                name TEXT NOT NULL UNIQUE,
+                pwhash TEXT NOT NULL,
+                created_ms BIGINT NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS sessions (
+                key TEXT PRIMARY KEY,
+                operator_id BIGINT NOT NULL REFERENCES operators(id) ON DELETE CASCADE,
+                csrf TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                expires_ms BIGINT NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_ms)",
+            """CREATE TABLE IF NOT EXISTS master_keys (
+                key_id TEXT PRIMARY KEY,
+                key_check TEXT NOT NULL,
+                created_ms BIGINT NOT NULL)""",
+        ]
+
+    def _migrate(self, cur: Any) -> None:
+        """Create or migrate the schema inside the caller's write transaction."""
+        for stmt in self._ddl():
+            cur.execute(stmt)
+        cur.execute("SELECT version FROM schema_version")
+        row = cur.fetchone()
+        if row is None:
+            cur.execute(
+                self._q("INSERT INTO schema_version (version) VALUES (?)"), (SCHEMA_VERSION,)
+            )
+        elif row[0] > SCHEMA_VERSION:
+            raise CloudError(
+                f"database schema version {row[0]} is newer than this edgepipe-cloud "
+                f"({SCHEMA_VERSION}); upgrade edgepipe-cloud"
+            )
+        elif row[0] < 2:
+            # Version 1 kept device secrets in plaintext; NULL key id marks such a row.
+            cur.execute("ALTER TABLE devices ADD COLUMN secret_key_id TEXT")
+            cur.execute(self._q("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
+        # Databases created before the hourly rollup existed: build it once.
+        cur.execute("SELECT 1 FROM readings_hourly LIMIT 1")
+        if cur.fetchone() is None:
+            h = ROLLUP_MS
+            cur.execute(
+                "INSERT INTO readings_hourly (series_id, hour, n, total, lo, hi) "
+                f"SELECT series_id, CASE WHEN ts >= 0 THEN (ts / {h}) * {h} "
+                f"ELSE ((ts - {h} + 1) / {h}) * {h} END, count(*), sum(val), min(val), "
+                "max(val) FROM readings GROUP BY 1, 2"
+            )
