@@ -13,7 +13,10 @@ import httpx
 import msgpack
 import pytest
 import zstandard
-from _cloud_client import (
+
+from cloud import Backend, ReadingsQuery, SequenceConflict, Settings, create_app, open_backend
+from cloud._wire import decode_upload
+from tests.helpers.cloud_client import (
     PATH,
     DeviceClient,
     LiveServer,
@@ -25,9 +28,6 @@ from _cloud_client import (
     pg_schema_url,
     series_readings,
 )
-
-from cloud import Backend, ReadingsQuery, SequenceConflict, Settings, create_app, open_backend
-from cloud._wire import decode_upload
 
 TOKEN = "operator-token-for-tests"
 MAX_BODY = 256 * 1024

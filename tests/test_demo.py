@@ -10,7 +10,8 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+
+from tests.helpers.edge import REPO
 
 
 def _children_of(pid: int) -> list[int]:

@@ -13,10 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from conftest import REPO, make_config, publish, reading_msg, wait_for
-from test_e2e import stored
 
 from devtools._mosquitto import free_port
+from tests.helpers.edge import REPO, make_config, publish, reading_msg, wait_for
+from tests.helpers.store import stored
 
 VALIDITY = str(REPO / "filters/lib/validity.wasm")
 EMA = str(REPO / "filters/lib/ema.wasm")
@@ -76,7 +76,7 @@ def test_configmap_update_swaps_the_chain_without_loss(tmp_path, broker, keyfile
     cm.update({"filters.yaml": yaml.safe_dump(_chain(0, 100))})
     cfg = make_config(tmp_path, broker, keyfile, chain_file=str(cm.root / "filters.yaml"))
     proc = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+    proc.wait_subscribed()
     publish(broker, [reading_msg("d", "m", i, float(i)) for i in range(0, 200)])
     wait_for(lambda: len(_values(tmp_path, keyfile)) == 101, 20, "first chain's output")
 
@@ -97,7 +97,7 @@ def test_broken_update_keeps_the_running_chain(tmp_path, broker, keyfile, edge):
     cm.update({"filters.yaml": yaml.safe_dump(_chain(0, 10))})
     cfg = make_config(tmp_path, broker, keyfile, chain_file=str(cm.root / "filters.yaml"))
     proc = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+    proc.wait_subscribed()
     bad = yaml.safe_dump(_chain(0, 10)).replace("kind: filter", "kind: filtre")
     cm.update({"filters.yaml": bad})
     wait_for(lambda: "new chain refused" in proc.output(), 20, "refusal")
@@ -122,7 +122,7 @@ def test_broken_chain_at_start_waits_not_ready_then_recovers(tmp_path, broker, k
         metrics={"listen": f"127.0.0.1:{port}"},
     )
     first = edge(cfg)  # establishes the persistent session
-    wait_for(lambda: "subscribed to" in first.output(), 20, "subscribe")
+    first.wait_subscribed()
     assert first.terminate() == 0
 
     cm.update({"filters.yaml": "chain:\n  - name: v\n    module: /nonexistent.wasm\n"})
@@ -160,7 +160,7 @@ def test_filter_state_survives_kill9(tmp_path, broker, keyfile, edge):
     sent = 0
     proc = edge(cfg)
     for _ in range(4):
-        wait_for(lambda p=proc: "subscribed to" in p.output(), 20, "subscribe")
+        proc.wait_subscribed()
         chunk = rng.randint(200, 400)
         publish(broker, msgs[sent : sent + chunk])
         sent += chunk
@@ -168,7 +168,7 @@ def test_filter_state_survives_kill9(tmp_path, broker, keyfile, edge):
         wait_for(lambda h=half: len(stored(tmp_path / "store.db", keyfile)) > h, 20)
         proc.kill9()
         proc = edge(cfg)
-    wait_for(lambda p=proc: "subscribed to" in p.output(), 20, "subscribe")
+    proc.wait_subscribed()
     publish(broker, msgs[sent:])
     wait_for(lambda: len(stored(tmp_path / "store.db", keyfile)) >= len(values), 30, "all")
     assert proc.terminate() == 0
@@ -200,7 +200,7 @@ def test_deploy_and_rollback_against_a_running_pipeline(tmp_path, broker, keyfil
     chain_file.write_text(yaml.safe_dump(_chain(0, 10)))
     cfg = make_config(tmp_path, broker, keyfile, chain_file=str(chain_file))
     proc = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+    proc.wait_subscribed()
 
     def burst(seq0: int) -> None:
         publish(broker, [reading_msg("d", "m", seq0 + i, float(i)) for i in range(30)])

@@ -7,18 +7,10 @@ import time
 import urllib.request
 
 import msgpack
-from conftest import free_port
-from test_mqtt_durability import (
-    Publisher,
-    assert_exactly,
-    config,
-    dead_letters,
-    publish_now,
-    seq_message,
-    started,
-    stored_values,
-    wait_for,
-)
+
+from tests.helpers.edge import free_port, wait_for
+from tests.helpers.mqtt import Publisher, config, publish_now, seq_message, started
+from tests.helpers.store import assert_exactly, dead_letters, stored_values
 
 POISON = [
     (b"{not json", "invalid JSON"),

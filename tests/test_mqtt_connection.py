@@ -15,21 +15,15 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from _pki import TestCA
-from conftest import free_port, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
-from test_mqtt_durability import (
-    Publisher,
-    assert_exactly,
-    config,
-    seq_message,
-    started,
-    stored_values,
-)
 
 from config._models import BrokerConfig
 from devtools._mosquitto import Mosquitto
 from pipeline.ingest._mqtt import MQTTClient
+from tests.helpers.edge import free_port, wait_for
+from tests.helpers.mqtt import Publisher, config, seq_message, started
+from tests.helpers.pki import TestCA
+from tests.helpers.store import assert_exactly, stored_values
 
 
 # -- certificates ------------------------------------------------------------------------
@@ -451,7 +445,7 @@ def test_reconnects_with_jittered_backoff_until_the_broker_appears(tmp_path, key
     assert all(0 <= w <= 0.4 for w in waits), waits  # full jitter below the cap
     assert len(set(waits)) > 1  # jittered, not a fixed interval
     with b:
-        wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribed once the broker is up")
+        proc.wait_subscribed()
         time.sleep(0.3)
         pub = Publisher(b, [seq_message(i) for i in range(20)])
         pub.start()

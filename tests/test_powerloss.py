@@ -1,4 +1,4 @@
-"""Power cuts, simulated on the real files of real processes (tests/_powercut.py).
+"""Power cuts, simulated on the real files of real processes (tests/helpers/powercut.py).
 
 A kill -9 leaves the page cache to the kernel, which writes it out later; a power cut loses
 whatever was not fsynced, or any part of it, torn at sector boundaries.  Each test records
@@ -24,20 +24,15 @@ import time
 from pathlib import Path
 
 import pytest
-from _powercut import PowerCut, build_shim
-from conftest import wait_for
-from test_mqtt_durability import (
-    Publisher,
-    assert_exactly,
-    config,
-    seq_message,
-    started,
-    stored_values,
-)
-from test_store_crash import DEVICE, _spawn, kill_after_some_commits
 
 from core._errors import StoreError
 from storage import Keyring, Store
+from tests.helpers.crash import DEVICE, kill_after_some_commits
+from tests.helpers.crash import spawn as _spawn
+from tests.helpers.edge import wait_for
+from tests.helpers.mqtt import Publisher, config, seq_message, started
+from tests.helpers.powercut import PowerCut, build_shim
+from tests.helpers.store import assert_exactly, stored_values
 
 
 @pytest.fixture(scope="module")

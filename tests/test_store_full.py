@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import make_config, publish, reading_msg, wait_for
 
 from core._errors import StoreFullError
 from core._model import Batch
 from storage import Keyring, Store, generate_key_line
+from tests.helpers.edge import make_config, publish, reading_msg, wait_for
 
 
 def test_sqlite_full_rolls_back_and_recovers(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_disk_full_under_a_running_edgepipe(tmp_path, tmpfs, broker, keyfile, ed
         batch={"max_messages": 200, "max_delay_ms": 10},
     )
     proc = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
+    proc.wait_subscribed()
     # leave ~250 KiB free on the 2 MiB filesystem
     free = lambda: __import__("os").statvfs(tmpfs).f_bavail * 4096  # noqa: E731
     ballast.write_bytes(b"\0" * (free() - 250 * 1024))
