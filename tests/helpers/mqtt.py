@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devtools._mosquitto import Mosquitto
 from tests.helpers.edge import EdgeProcess, make_config
 
-__all__ = ["Publisher", "config", "publish_now", "seq_message", "started"]
+__all__ = ["Publisher", "config", "drain", "publish_now", "seq_message", "started"]
 
 
 def seq_message(seq: int, device: str = "d1") -> tuple[str, bytes]:
@@ -100,3 +100,14 @@ def started(edge: Callable[[Path], EdgeProcess], cfg: Path) -> EdgeProcess:
     proc = edge(cfg)
     proc.wait_subscribed()
     return proc
+
+
+def drain(b: Mosquitto, proc: EdgeProcess, seq: int, timeout: float = 30) -> None:
+    """Publish the marker ``seq_message(seq)`` and wait until ``proc`` has acknowledged it.
+
+    Anything the broker still held for edgepipe's session (a redelivery, a late duplicate)
+    is queued before the marker, so once the marker is acked everything before it has been
+    processed: what the store holds then is final."""
+    before = proc.metric("edgepipe_messages_acked_total")
+    publish_now(b, [seq_message(seq)])
+    proc.wait_metric("edgepipe_messages_acked_total", before + 1, timeout)
