@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _cloud_client import DeviceClient, make_batch, pg_schema_url, series_readings
-from _pki import TestCA
+
+from tests.helpers.cloud_client import DeviceClient, make_batch, pg_schema_url, series_readings
+from tests.helpers.pki import TestCA
 
 REPO = Path(__file__).resolve().parents[1]
 

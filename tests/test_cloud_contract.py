@@ -13,7 +13,11 @@ import httpx
 import msgpack
 import pytest
 import zstandard
-from _cloud_client import (
+
+from cloud import Backend, ReadingsQuery, SequenceConflict, Settings, create_app, open_backend
+from cloud._app import rejection_for
+from cloud._wire import decode_upload
+from tests.helpers.cloud_client import (
     PATH,
     DeviceClient,
     LiveServer,
@@ -25,10 +29,6 @@ from _cloud_client import (
     pg_schema_url,
     series_readings,
 )
-
-from cloud import Backend, ReadingsQuery, SequenceConflict, Settings, create_app, open_backend
-from cloud._app import rejection_for
-from cloud._wire import decode_upload
 
 TOKEN = "operator-token-for-tests"
 MAX_BODY = 256 * 1024

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _cloud_client import LiveServer
 from starlette.routing import Route
 
 from cloud import Settings, api_routes, create_app, open_backend
+from tests.helpers.cloud_client import LiveServer
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from config._models import SubscriptionConfig
 from core._errors import DecodeError
 from pipeline.ingest._codecs import TopicTemplate, decode_payload, parse_timestamp
+from tests.helpers.strategies import json_values
 
 ARRIVAL = 1_750_000_000_000
 FORMATS = ["auto", "json", "msgpack", "senml", "number"]
@@ -105,40 +106,6 @@ def test_topic_templates():
 
 
 # -- fuzzing -----------------------------------------------------------------------------
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=5)
-        | st.dictionaries(
-            st.sampled_from(
-                [
-                    "ts",
-                    "t",
-                    "time",
-                    "value",
-                    "v",
-                    "n",
-                    "bn",
-                    "bt",
-                    "bv",
-                    "tags",
-                    "device",
-                    "metric",
-                    "seq",
-                    "temp",
-                ]
-            )
-            | st.text(max_size=8),
-            inner,
-            max_size=6,
-        )
-    ),
-    max_leaves=25,
-)
 
 
 def _decode_all_formats(payload: bytes) -> None:

@@ -6,16 +6,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_config, publish, reading_msg, wait_for
 
 from config._models import Secret
 from devtools._mosquitto import Mosquitto, free_port
 from pipeline import ConfigError, load_config
+from tests.helpers.edge import REPO, make_config, publish, reading_msg, wait_for
+from tests.helpers.store import stored
 
 
 def edgepipe(
@@ -135,7 +135,7 @@ def test_metrics_reference_is_current_and_complete(tmp_path, broker, keyfile, ed
     # everything a running edge process serves is in the reference
     port = free_port()
     proc = edge(make_config(tmp_path, broker, keyfile, metrics={"listen": f"127.0.0.1:{port}"}))
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+    proc.wait_subscribed()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         served = {x.split()[2] for x in resp.read().decode().splitlines() if x.startswith("# HELP")}
     assert proc.terminate() == 0
@@ -157,31 +157,36 @@ def test_no_broker_at_start_retries_then_connects(tmp_path, keyfile, edge):
     broker = Mosquitto(port=port)
     cfg = make_config(tmp_path, broker, keyfile)
     proc = edge(cfg)
+    # the log line is the operator-facing feature under test
     wait_for(lambda: "cannot connect to MQTT broker" in proc.output(), 20, "retry log line")
-    time.sleep(1)
-    assert proc.alive()
+    # still retrying, alive and not ready, after more than one failed attempt
+    wait_for(lambda: proc.output().count("cannot connect to MQTT broker") >= 2, 20, "a retry")
+    assert proc.alive(), proc.output()
+    assert proc.readyz() == (503, "not ready: not connected to the MQTT broker")
+    assert proc.metric("edgepipe_mqtt_connects_total") == 0
     with broker:
-        wait_for(lambda: "subscribed to" in proc.output(), 40, "connection after broker start")
+        proc.wait_subscribed(timeout=40)
+        assert proc.readyz() == (200, "ready")
         publish(broker, [reading_msg("d", "m", 1, 1.0)])
-        wait_for(lambda: "Traceback" not in proc.output() and proc.alive(), 5)
+        # the reading published after the broker appeared is stored
+        proc.wait_metric("edgepipe_readings_stored_total", 1, 20)
         assert proc.terminate() == 0
+    assert [(d, m, v) for d, m, _, v in stored(tmp_path / "store.db", keyfile)] == [("d", "m", 1.0)]
     assert "Traceback" not in proc.output()
 
 
 def test_sigterm_finishes_the_batch_in_hand(tmp_path, broker, keyfile, edge):
     """SIGTERM right after a burst: what was taken off the socket is committed and acked;
     what was not stays with the broker for the next run. Nothing is lost either way."""
-    from test_e2e import stored
-
     cfg = make_config(tmp_path, broker, keyfile, batch={"max_messages": 50, "max_delay_ms": 200})
     proc = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+    proc.wait_subscribed()
     n = 2000
     publish(broker, [reading_msg("d", "m", i, float(i)) for i in range(n)])
     assert proc.terminate() == 0
     first = len(stored(tmp_path / "store.db", keyfile))
     proc2 = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc2.output(), 20, "subscribe")
+    proc2.wait_subscribed()
     db = tmp_path / "store.db"
     wait_for(lambda: len(stored(db, keyfile)) >= n, 30, "the rest after restart")
     assert proc2.terminate() == 0

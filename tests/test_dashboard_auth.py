@@ -13,12 +13,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _cloud_client import DeviceClient, LiveServer, make_batch, new_device, new_master_key
 
 from cloud import Backend, Settings, create_app, open_backend
 from cloud._auth import LoginLimiter, hash_password
 from cloud._settings import DashboardSettings
 from cloud._ui_api import chart_window
+from tests.helpers.cloud_client import (
+    DeviceClient,
+    LiveServer,
+    make_batch,
+    new_device,
+    new_master_key,
+)
 
 PASSWORD = "a long enough password"
 TOKEN = "api-token-for-scripts"

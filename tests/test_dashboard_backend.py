@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import msgpack
 import pytest
-from _cloud_client import make_batch, new_device, new_master_key, open_test_backend
 
 from cloud import Backend, OperatorExists, ReadingsQuery, open_backend
 from cloud._backend import ROLLUP_MS
 from cloud._wire import decode_upload
+from tests.helpers.cloud_client import make_batch, new_device, new_master_key, open_test_backend
 
 HOUR = ROLLUP_MS
 T0 = 1_700_000_000_000 // HOUR * HOUR  # an hour boundary

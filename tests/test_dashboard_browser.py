@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _cloud_client import DeviceClient, make_batch
-from _sync_env import Receiver
-from conftest import REPO, make_config, publish, reading_msg, wait_for
+
+from tests.helpers.cloud_client import DeviceClient, make_batch
+from tests.helpers.edge import REPO, make_config, publish, reading_msg, wait_for
+from tests.helpers.sync_env import Receiver
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -187,7 +188,7 @@ def test_dashboard_follows_a_real_edge_through_an_outage(
         },
     )
     proc = edge(cfg)  # type: ignore[operator]
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
+    proc.wait_subscribed()
     _other_devices(rx)
 
     page = browser.new_page(viewport={"width": 1360, "height": 900})  # type: ignore[attr-defined]
@@ -257,7 +258,7 @@ def test_dashboard_follows_a_real_edge_through_an_outage(
 
     # -- back: the queued backlog arrives and fills the gap; new readings follow ----------------
     proc2 = edge(cfg)  # type: ignore[operator]
-    wait_for(lambda: "subscribed to" in proc2.output(), 20, "edgepipe to come back")
+    proc2.wait_subscribed()
     after = [time.time() - 0.5 + i * 0.05 for i in range(10)]
     _publish_at(broker, "temperature", 500, after)
     total = n1 + len(during) + len(after)

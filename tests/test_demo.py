@@ -10,7 +10,8 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+
+from tests.helpers.edge import REPO, wait_for
 
 
 def _children_of(pid: int) -> list[int]:
@@ -63,8 +64,14 @@ def test_demo_flows_and_stops_cleanly(tmp_path, broker):
         cwd=REPO,
         start_new_session=True,
     )
-    time.sleep(3)
-    kids = _children_of(proc.pid)
+    # the receiver and the pipeline (and mosquitto) are children of the demo once it runs
+    want = 3 if broker == "mosquitto" else 2
+
+    def running() -> list[int] | None:
+        k = _children_of(proc.pid)
+        return k if len(k) >= want else None
+
+    kids = wait_for(running, 60, "demo children")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     last = [seg for seg in out.split("\r") if "published" in seg][-1]

@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-from conftest import make_config, publish, reading_msg, wait_for
-
-from storage import Keyring, Store
-
-
-async def _stored(db: Path, keyfile: Path) -> list[tuple[str, str, int, float]]:
-    store = await Store.open(db, Keyring.from_file(keyfile), device_id="test-device")
-    try:
-        out = []
-        for sb in await store.batches():
-            for r in sb.batch.readings(store.registry):
-                out.append((r.device, r.metric, r.ts, r.value))
-        return out
-    finally:
-        await store.close()
-
-
-def stored(db: Path, keyfile: Path) -> list[tuple[str, str, int, float]]:
-    return asyncio.run(_stored(db, keyfile))
+from tests.helpers.edge import make_config, publish, reading_msg, wait_for
+from tests.helpers.store import stored
 
 
 def test_readings_flow_to_encrypted_store(tmp_path, broker, keyfile, edge):
@@ -31,7 +13,7 @@ def test_readings_flow_to_encrypted_store(tmp_path, broker, keyfile, edge):
     proc = edge(cfg)
     n = 500
     # the subscription must exist before publishing: wait for the status topic / log
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
+    proc.wait_subscribed()
     publish(broker, [reading_msg(f"dev{i % 5}", "temp", i, i * 0.5) for i in range(n)])
     db = tmp_path / "store.db"
     wait_for(lambda: db.exists() and len(stored(db, keyfile)) >= n, 30, "all readings stored")
@@ -81,7 +63,7 @@ def _cloud_values(db: Path) -> list[float]:
 def test_end_to_end_through_filter_and_receiver(tmp_path, broker, keyfile, edge):
     """N readings through mosquitto, a Wasm stage, the encrypted store and a sync to a
     real receiver: every valid one arrives in both places, the -200 sentinels in neither."""
-    from conftest import REPO
+    from tests.helpers.edge import REPO
 
     rx, secret, cloud_db = _receiver(tmp_path)
     url = rx.url
@@ -101,7 +83,7 @@ def test_end_to_end_through_filter_and_receiver(tmp_path, broker, keyfile, edge)
             sync={"enabled": True, "url": url, "device_secret": secret, "interval_s": 0.2},
         )
         proc = edge(cfg)
-        wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
+        proc.wait_subscribed()
         n = 1000
         values = [-200.0 if i % 10 == 0 else float(i) for i in range(n)]
         poison = [(f"sensors/dev/bad{i}", b"{not json") for i in range(3)]

@@ -12,7 +12,7 @@ import pytest
 
 from core._model import Batch, Flags, SeriesRegistry
 from pipeline.chain._chain import Chain
-from tests.wasm_helpers import LIB, REPO, airquality, run_chain, stage
+from tests.helpers.wasm import LIB, REPO, airquality, run_chain, stage
 
 SIZES = [1000, 97]
 

@@ -20,7 +20,7 @@ import wasmtime
 from core._model import Batch, Flags, SeriesRegistry
 from pipeline.chain._chain import Chain
 from pipeline.cli._filter import RUST_PACKAGES, compile_filter, find_rustc
-from tests.wasm_helpers import LIB, REPO, airquality, run_chain, stage
+from tests.helpers.wasm import LIB, REPO, airquality, run_chain, stage
 
 SDK = REPO / "filters" / "sdk"
 

@@ -13,10 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from conftest import REPO, make_config, publish, reading_msg, wait_for
-from test_e2e import stored
 
 from devtools._mosquitto import free_port
+from tests.helpers.edge import REPO, make_config, publish, reading_msg, wait_for
+from tests.helpers.store import stored
 
 VALIDITY = str(REPO / "filters/lib/validity.wasm")
 EMA = str(REPO / "filters/lib/ema.wasm")
@@ -63,33 +63,28 @@ def _values(tmp_path, keyfile) -> list[float]:
     return sorted(v for *_, v in stored(tmp_path / "store.db", keyfile))
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def test_configmap_update_swaps_the_chain_without_loss(tmp_path, broker, keyfile, edge):
     cm = ConfigMapDir(tmp_path / "chain")
     cm.update({"filters.yaml": yaml.safe_dump(_chain(0, 100))})
     cfg = make_config(tmp_path, broker, keyfile, chain_file=str(cm.root / "filters.yaml"))
     proc = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+    proc.wait_subscribed()
     publish(broker, [reading_msg("d", "m", i, float(i)) for i in range(0, 200)])
     wait_for(lambda: len(_values(tmp_path, keyfile)) == 101, 20, "first chain's output")
 
     cm.update({"filters.yaml": yaml.safe_dump(_chain(0, 150))})
-    wait_for(lambda: "filter chain swapped" in proc.output(), 20, "hot swap")
+    # the watcher counts the reload and swaps in the same event-loop step (no batch in hand)
+    proc.wait_metric("edgepipe_chain_reloads_total", 1, 20, result="ok")
     publish(broker, [reading_msg("d", "m", i, float(i)) for i in range(200, 400)])
     # second burst: the values 200..399 pass the new range [0, 150] only if <= 150: none
     publish(broker, [reading_msg("d", "m", 1000 + i, float(i) / 2) for i in range(0, 301)])
     expected = [float(i) for i in range(101)] + [i / 2 for i in range(301)]
     wait_for(lambda: len(_values(tmp_path, keyfile)) >= len(expected), 20, "second output")
+    proc.wait_metric("edgepipe_messages_acked_total", 200 + 200 + 301, 20)
+    assert proc.metric("edgepipe_chain_reloads_total", result="ok") == 1
+    assert proc.metric("edgepipe_chain_reloads_total", result="error") == 0
     assert proc.terminate() == 0
     assert _values(tmp_path, keyfile) == sorted(expected)  # none lost, none twice
-    assert proc.alive() is False
 
 
 def test_broken_update_keeps_the_running_chain(tmp_path, broker, keyfile, edge):
@@ -97,15 +92,20 @@ def test_broken_update_keeps_the_running_chain(tmp_path, broker, keyfile, edge):
     cm.update({"filters.yaml": yaml.safe_dump(_chain(0, 10))})
     cfg = make_config(tmp_path, broker, keyfile, chain_file=str(cm.root / "filters.yaml"))
     proc = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+    proc.wait_subscribed()
     bad = yaml.safe_dump(_chain(0, 10)).replace("kind: filter", "kind: filtre")
     cm.update({"filters.yaml": bad})
-    wait_for(lambda: "new chain refused" in proc.output(), 20, "refusal")
+    proc.wait_metric("edgepipe_chain_reloads_total", 1, 20, result="error")
+    # the located error message in the log is the operator-facing feature under test
     line = [ln for ln in proc.output().splitlines() if "new chain refused" in ln][0]
     assert "filters.yaml:" in line and "kind" in line  # located: file:line:col
     publish(broker, [reading_msg("d", "m", i, float(i)) for i in range(20)])
     wait_for(lambda: len(_values(tmp_path, keyfile)) == 11, 20, "old chain still filtering")
+    proc.wait_metric("edgepipe_messages_acked_total", 20, 20)
+    assert proc.readyz() == (200, "ready")
+    assert proc.metric("edgepipe_chain_reloads_total", result="ok") == 0
     assert proc.terminate() == 0
+    assert _values(tmp_path, keyfile) == [float(i) for i in range(11)]
 
 
 def test_broken_chain_at_start_waits_not_ready_then_recovers(tmp_path, broker, keyfile, edge):
@@ -122,22 +122,25 @@ def test_broken_chain_at_start_waits_not_ready_then_recovers(tmp_path, broker, k
         metrics={"listen": f"127.0.0.1:{port}"},
     )
     first = edge(cfg)  # establishes the persistent session
-    wait_for(lambda: "subscribed to" in first.output(), 20, "subscribe")
+    first.wait_subscribed()
     assert first.terminate() == 0
 
     cm.update({"filters.yaml": "chain:\n  - name: v\n    module: /nonexistent.wasm\n"})
     proc = edge(cfg)
-    wait_for(lambda: "filter chain cannot be loaded" in proc.output(), 20, "load error")
+    proc.wait_metric("edgepipe_chain_load_errors_total", 1, 20)
     publish(broker, [reading_msg("d", "m", i, float(i)) for i in range(50)])
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
         assert r.status == 200
-    assert not _ready(port)
+    assert proc.readyz() == (503, "not ready: filter chain not loaded")
+    assert proc.metric("edgepipe_mqtt_connects_total") == 0  # not consuming
     assert not (tmp_path / "store.db").exists() or _values(tmp_path, keyfile) == []
 
     cm.update({"filters.yaml": json.dumps(_chain(0, 1000))})
     wait_for(lambda: len(_values(tmp_path, keyfile)) == 50, 30, "messages after the fix")
-    wait_for(lambda: _ready(port), 10, "ready")
+    proc.wait_ready(10)
+    assert proc.metric("edgepipe_chain_reloads_total", result="ok") == 1
     assert proc.terminate() == 0
+    assert _values(tmp_path, keyfile) == [float(i) for i in range(50)]
 
 
 def test_filter_state_survives_kill9(tmp_path, broker, keyfile, edge):
@@ -160,7 +163,7 @@ def test_filter_state_survives_kill9(tmp_path, broker, keyfile, edge):
     sent = 0
     proc = edge(cfg)
     for _ in range(4):
-        wait_for(lambda p=proc: "subscribed to" in p.output(), 20, "subscribe")
+        proc.wait_subscribed()
         chunk = rng.randint(200, 400)
         publish(broker, msgs[sent : sent + chunk])
         sent += chunk
@@ -168,7 +171,7 @@ def test_filter_state_survives_kill9(tmp_path, broker, keyfile, edge):
         wait_for(lambda h=half: len(stored(tmp_path / "store.db", keyfile)) > h, 20)
         proc.kill9()
         proc = edge(cfg)
-    wait_for(lambda p=proc: "subscribed to" in p.output(), 20, "subscribe")
+    proc.wait_subscribed()
     publish(broker, msgs[sent:])
     wait_for(lambda: len(stored(tmp_path / "store.db", keyfile)) >= len(values), 30, "all")
     assert proc.terminate() == 0
@@ -200,7 +203,7 @@ def test_deploy_and_rollback_against_a_running_pipeline(tmp_path, broker, keyfil
     chain_file.write_text(yaml.safe_dump(_chain(0, 10)))
     cfg = make_config(tmp_path, broker, keyfile, chain_file=str(chain_file))
     proc = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribe")
+    proc.wait_subscribed()
 
     def burst(seq0: int) -> None:
         publish(broker, [reading_msg("d", "m", seq0 + i, float(i)) for i in range(30)])
@@ -212,7 +215,7 @@ def test_deploy_and_rollback_against_a_running_pipeline(tmp_path, broker, keyfil
     new.write_text(yaml.safe_dump(_chain(0, 20)))
     r = cli("deploy", str(new), "-c", str(cfg))
     assert r.returncode == 0, r.stderr
-    wait_for(lambda: proc.output().count("filter chain swapped") >= 1, 20, "deploy swap")
+    proc.wait_metric("edgepipe_chain_reloads_total", 1, 20, result="ok")
     burst(100)  # 0..20 pass
     wait_for(lambda: len(_values(tmp_path, keyfile)) == 11 + 21, 20, "v2 output")
 
@@ -223,7 +226,7 @@ def test_deploy_and_rollback_against_a_running_pipeline(tmp_path, broker, keyfil
 
     r = cli("rollback", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
-    wait_for(lambda: proc.output().count("filter chain swapped") >= 2, 20, "rollback swap")
+    proc.wait_metric("edgepipe_chain_reloads_total", 2, 20, result="ok")
     burst(200)  # back to 0..10
     wait_for(lambda: len(_values(tmp_path, keyfile)) == 11 + 21 + 11, 20, "v1 again")
     assert proc.terminate() == 0

@@ -7,12 +7,12 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_codecs import json_values
 
 from config._models import SubscriptionConfig
 from core._model import SeriesRegistry
 from pipeline.ingest._decoder import Decoder
 from pipeline.ingest._mqtt import Message
+from tests.helpers.strategies import json_values
 
 SUBS = [
     SubscriptionConfig(topic="s/{device}/{metric}"),

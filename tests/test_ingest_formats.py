@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import msgpack
-from test_mqtt_durability import config, publish_now, started, wait_for
 
 from storage import Keyring, Store
+from tests.helpers.edge import wait_for
+from tests.helpers.mqtt import config, publish_now, started
 
 
 async def _readings(db: Path, keyfile: Path) -> set[tuple[str, str, int, float]]:

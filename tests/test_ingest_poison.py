@@ -3,22 +3,13 @@ acknowledged (never redelivered), while every good message around it is stored."
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import msgpack
-from conftest import free_port
-from test_mqtt_durability import (
-    Publisher,
-    assert_exactly,
-    config,
-    dead_letters,
-    publish_now,
-    seq_message,
-    started,
-    stored_values,
-    wait_for,
-)
+
+from tests.helpers.edge import free_port, wait_for
+from tests.helpers.mqtt import Publisher, config, publish_now, seq_message, started
+from tests.helpers.store import assert_exactly, dead_letters, stored_values
 
 POISON = [
     (b"{not json", "invalid JSON"),
@@ -89,12 +80,17 @@ def test_poison_messages_are_dead_lettered_once_and_good_ones_stored(
     assert counted == k
     assert any('reason="invalid JSON' in line for line in lines)
 
-    # acknowledged: a restart redelivers none of them
+    # acknowledged: a restart redelivers none of them.  A marker published after the
+    # restart comes after anything the session still held; once it is stored and acked,
+    # the marker is the only message this process received.
     proc = started(edge, cfg)
-    time.sleep(1.5)
+    publish_now(broker, [seq_message(n_good)])
+    proc.wait_metric("edgepipe_messages_acked_total", 1, 20)
+    assert proc.metric("edgepipe_messages_received_total") == 1
+    assert proc.metric("edgepipe_dead_letters_total") == 0
     assert proc.terminate() == 0
     assert len(dead_letters(db, keyfile)) == k
-    assert_exactly(stored_values(db, keyfile), n_good)
+    assert_exactly(stored_values(db, keyfile), n_good + 1)
 
 
 def test_packets_over_the_maximum_packet_size_never_reach_edgepipe(tmp_path, broker, keyfile, edge):
@@ -116,7 +112,10 @@ def test_packets_over_the_maximum_packet_size_never_reach_edgepipe(tmp_path, bro
     db = tmp_path / "store.db"
     wait_for(lambda: len(stored_values(db, keyfile)) >= 2, 20, "readings around the big one")
     wait_for(lambda: len(dead_letters(db, keyfile)) >= 1, 20, "the mid-sized dead letter")
-    time.sleep(0.3)
+    # a marker after the stream: once it is acked, whatever the broker sent has arrived
+    publish_now(broker, [seq_message(2)])
+    proc.wait_metric("edgepipe_messages_acked_total", 4, 20)
+    assert proc.metric("edgepipe_messages_received_total") == 4  # never the big one
     assert proc.terminate() == 0
-    assert_exactly(stored_values(db, keyfile), 2)
+    assert_exactly(stored_values(db, keyfile), 3)
     assert [d.topic for d in dead_letters(db, keyfile)] == ["sensors/mid/temp"]

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.helpers.edge import REPO
 
 CLOUD_STACK = ("starlette", "uvicorn", "psycopg", "argon2", "httpx", "anyio", "fastapi")
 

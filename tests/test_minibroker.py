@@ -10,15 +10,15 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-import test_e2e
 import yaml
-from conftest import make_config, publish, reading_msg, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from devtools._minibroker import MiniBroker
+from tests.helpers.edge import make_config, publish, reading_msg, wait_for
+from tests.helpers.store import stored
 
 
 @pytest.fixture
@@ -411,16 +411,16 @@ def test_edgepipe_end_to_end_on_minibroker(tmp_path: Path, keyfile, edge, protoc
         cfg.write_text(yaml.safe_dump(settings, sort_keys=False))
         proc = edge(cfg)
         n = 500
-        wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
+        proc.wait_subscribed()
         publish(mini, [reading_msg(f"dev{i % 5}", "temp", i, i * 0.5) for i in range(n)])
         db = tmp_path / "store.db"
         wait_for(
-            lambda: db.exists() and len(test_e2e.stored(db, keyfile)) >= n,
+            lambda: db.exists() and len(stored(db, keyfile)) >= n,
             30,
             "all readings stored",
         )
         assert proc.terminate() == 0
-        rows = test_e2e.stored(db, keyfile)
+        rows = stored(db, keyfile)
         assert sorted(v for *_, v in rows) == [i * 0.5 for i in range(n)]
         assert {d for d, *_ in rows} == {f"dev{i}" for i in range(5)}
         assert mini.stats["protocol_violations"] == 0

@@ -15,21 +15,15 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from _pki import TestCA
-from conftest import free_port, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
-from test_mqtt_durability import (
-    Publisher,
-    assert_exactly,
-    config,
-    seq_message,
-    started,
-    stored_values,
-)
 
 from config._models import BrokerConfig
 from devtools._mosquitto import Mosquitto
 from pipeline.ingest._mqtt import MQTTClient
+from tests.helpers.edge import free_port, wait_for
+from tests.helpers.mqtt import Publisher, config, seq_message, started
+from tests.helpers.pki import TestCA
+from tests.helpers.store import assert_exactly, stored_values
 
 
 # -- certificates ------------------------------------------------------------------------
@@ -79,7 +73,8 @@ def test_mutual_tls(tmp_path, keyfile, edge):
             },
         }
         proc = started(edge, config(tmp_path, b, keyfile, broker=tls_cfg))
-        assert "session present" in proc.output()
+        assert proc.readyz() == (200, "ready")
+        assert proc.metric("edgepipe_mqtt_connects_total") == 1
         pub = Publisher(b, [seq_message(i) for i in range(300)])
         pub.start()
         pub.join_ok()
@@ -94,9 +89,11 @@ def test_mutual_tls(tmp_path, keyfile, edge):
         sub = tmp_path / "nocert"
         sub.mkdir()
         proc2 = edge(config(sub, b, keyfile, broker=no_cert))
+        # the log line saying why is the operator-facing feature under test
         wait_for(lambda: "cannot connect" in proc2.output(), 20, "TLS refusal logged")
         assert proc2.alive()
-        assert "connected to" not in proc2.output()
+        assert proc2.readyz() == (503, "not ready: not connected to the MQTT broker")
+        assert proc2.metric("edgepipe_mqtt_connects_total") == 0
 
 
 @pytest.mark.timeout(120)
@@ -189,8 +186,10 @@ def test_password_auth_from_env_and_file(tmp_path, keyfile, edge, monkeypatch):
         d.mkdir()
         bad = {"client_id": "edgepipe-auth-bad", "username": "edge", "password": "nope"}
         proc = edge(config(d, b, keyfile, broker=bad))
+        # what the operator reads: the refusal, and never the password
         wait_for(lambda: "refused" in proc.output(), 20, "refusal logged")
         assert proc.alive()  # keeps retrying with backoff
+        assert proc.metric("edgepipe_mqtt_connects_total") == 0
         assert "nope" not in proc.output()
 
 
@@ -247,15 +246,16 @@ def test_shared_subscription_splits_the_stream_without_loss(tmp_path, broker, ke
             broker={"client_id": f"edgepipe-shared-{i}"},
             subscriptions=[{"topic": "$share/edgepipe/sensors/{device}/{metric}", "qos": 1}],
         )
-        procs.append(started(edge, cfg))
+        procs.append(started(edge, cfg))  # its subscription is in place
         dbs.append(d / "store.db")
-    time.sleep(0.3)  # both subscriptions in place
     pub = Publisher(broker, [seq_message(i, device=f"d{i % 7}") for i in range(n)], rate=8000)
     pub.start()
     pub.join_ok()
     total = lambda: sum(len(stored_values(db, keyfile)) for db in dbs)  # noqa: E731
     wait_for(lambda: total() >= n, 30, "all readings stored by the group")
-    time.sleep(0.3)
+    acked = lambda: sum(p.metric("edgepipe_messages_acked_total") for p in procs)  # noqa: E731
+    wait_for(lambda: acked() >= n, 30, "every message acknowledged by the group")
+    assert acked() == n  # none delivered twice
     for p in procs:
         assert p.terminate() == 0
     parts = [stored_values(db, keyfile) for db in dbs]
@@ -353,7 +353,7 @@ def test_slow_store_stops_reading_the_socket_rss_bounded_nothing_lost(
     peak = base
     while q0.is_alive() or q1.is_alive():
         peak = max(peak, _rss_kb(proc.proc.pid))
-        time.sleep(0.05)
+        time.sleep(0.05)  # RSS sampling interval while the publishers run, not a wait
     q0.join_ok()
     q1.join_ok()
     db = tmp_path / "store.db"
@@ -390,16 +390,17 @@ def test_a_lost_session_is_reported(tmp_path, keyfile, edge):
             broker={"client_id": "edgepipe-lost", "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
         )
         proc = started(edge, cfg)
-        assert lost not in proc.output()  # a first start has no session to lose
+        assert proc.metric("edgepipe_mqtt_sessions_lost_total") == 0  # nothing to lose yet
         pub = Publisher(b, [seq_message(i) for i in range(50)])
         pub.start()
         pub.join_ok()
         db = tmp_path / "store.db"
         wait_for(lambda: len(stored_values(db, keyfile)) >= 50, 20, "readings stored")
         b.restart()
-        wait_for(lambda: lost in proc.output(), 20, "the lost session reported on reconnect")
+        proc.wait_metric("edgepipe_mqtt_sessions_lost_total", 1, 20)
+        assert lost in proc.output()  # the warning is what the operator reads
         # resubscribed: the new session receives again
-        time.sleep(0.3)
+        proc.wait_subscribed(count=2)
         pub = Publisher(b, [seq_message(i) for i in range(50, 80)])
         pub.start()
         pub.join_ok()
@@ -407,6 +408,7 @@ def test_a_lost_session_is_reported(tmp_path, keyfile, edge):
         assert proc.terminate() == 0
         b.restart()
         proc = started(edge, cfg)
+        assert proc.metric("edgepipe_mqtt_sessions_lost_total") == 1
         assert lost in proc.output()
         assert proc.terminate() == 0
 
@@ -442,6 +444,7 @@ def test_reconnects_with_jittered_backoff_until_the_broker_appears(tmp_path, key
         broker={"client_id": "edgepipe-late", "reconnect_min_s": 0.05, "reconnect_max_s": 0.4},
     )
     proc = edge(cfg)
+    # the retry delays are only visible in the log lines (what the operator reads)
     wait_for(lambda: proc.output().count("cannot connect") >= 6, 20, "several attempts")
     waits = [
         float(line.rsplit("retrying in ", 1)[1].rstrip("s"))
@@ -451,8 +454,7 @@ def test_reconnects_with_jittered_backoff_until_the_broker_appears(tmp_path, key
     assert all(0 <= w <= 0.4 for w in waits), waits  # full jitter below the cap
     assert len(set(waits)) > 1  # jittered, not a fixed interval
     with b:
-        wait_for(lambda: "subscribed to" in proc.output(), 20, "subscribed once the broker is up")
-        time.sleep(0.3)
+        proc.wait_subscribed()
         pub = Publisher(b, [seq_message(i) for i in range(20)])
         pub.start()
         pub.join_ok()

@@ -8,10 +8,10 @@ import random
 import time
 
 import pytest
-from test_mqtt_durability import Publisher
 
 from config._models import BrokerConfig
 from pipeline.ingest._mqtt import MQTTClient
+from tests.helpers.mqtt import Publisher
 
 
 @pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""Power cuts, simulated on the real files of real processes (tests/_powercut.py).
+"""Power cuts, simulated on the real files of real processes (tests/helpers/powercut.py).
 
 A kill -9 leaves the page cache to the kernel, which writes it out later; a power cut loses
 whatever was not fsynced, or any part of it, torn at sector boundaries.  Each test records
@@ -24,20 +24,15 @@ import time
 from pathlib import Path
 
 import pytest
-from _powercut import PowerCut, build_shim
-from conftest import wait_for
-from test_mqtt_durability import (
-    Publisher,
-    assert_exactly,
-    config,
-    seq_message,
-    started,
-    stored_values,
-)
-from test_store_crash import DEVICE, _spawn, kill_after_some_commits
 
 from core._errors import StoreError
 from storage import Keyring, Store
+from tests.helpers.crash import DEVICE, kill_after_some_commits
+from tests.helpers.crash import spawn as _spawn
+from tests.helpers.edge import wait_for
+from tests.helpers.mqtt import Publisher, config, drain, seq_message, started
+from tests.helpers.powercut import PowerCut, build_shim
+from tests.helpers.store import assert_exactly, stored_values
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +150,7 @@ def test_power_cuts_end_to_end_store_every_message_once(
     pub.start()
     report = []
     for i in range(3):
-        time.sleep(rng.uniform(0.3, 0.9))
+        time.sleep(rng.uniform(0.3, 0.9))  # a random moment to cut at (input), not a wait
         # cut in the middle of a commit: written, not yet synced, when one is in flight soon
         deadline = time.monotonic() + 1
         while not cut.unsynced() and time.monotonic() < deadline:
@@ -174,9 +169,9 @@ def test_power_cuts_end_to_end_store_every_message_once(
     pub.join_ok()
     print(f"\npower cuts during {n} QoS 1 messages: {json.dumps(report)}")
     wait_for(lambda: len(stored_values(db, keyfile)) >= n, 60, "all readings stored")
-    time.sleep(0.5)  # anything late would be a duplicate
+    drain(broker, proc, n)  # anything late (a duplicate) would come before the marker
     assert proc.terminate() == 0
-    assert_exactly(stored_values(db, keyfile), n)
+    assert_exactly(stored_values(db, keyfile), n + 1)
     assert isinstance(asyncio.run(_found(db, keyfile, "test-device")), dict)
     # the cuts fell while the stream was flowing, and some were among unsynced writes
     assert all(0 < r["stored after the cut"] < n for r in report), report

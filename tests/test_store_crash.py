@@ -1,6 +1,6 @@
 """kill -9 of real writer processes: during heavy writes, and during re-encryption.
 
-The writer is this file run as a script: it commits batches as fast as it can and prints
+The writer (``tests/helpers/crash.py``) is a separate process: it commits batches as fast as it can and prints
 each sequence number after ``commit`` returns.  Whatever it printed must be in the store
 after the kill, decrypt, and the database must pass SQLite's integrity check.
 """
@@ -9,57 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from storage import Keyring, Store, generate_key_line
-
-DEVICE = "crash-dev"
-HERE = Path(__file__).resolve()
-
-
-def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(HERE), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=str(REPO),
-        env=None if env is None else {**os.environ, **env},
-    )
-
-
-def _read_until(proc: subprocess.Popen[str], n_lines: int, timeout: float = 60) -> list[str]:
-    lines = []
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while len(lines) < n_lines and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.strip())
-    return lines
-
-
-def kill_after_some_commits(
-    writer: subprocess.Popen[str], rnd: random.Random, most: int, pause: float
-) -> set[int]:
-    """Let a writer commit a random number of batches (5..most), kill -9 it at a random
-    moment after that, and return the sequence numbers it reported committed."""
-    lines = _read_until(writer, rnd.randint(5, most))
-    time.sleep(rnd.random() * pause)
-    writer.kill()
-    out, err = writer.communicate()
-    lines += [x for x in out.split("\n") if x.strip()]
-    assert lines, f"writer printed nothing: {err}"
-    return {int(x) for x in lines}
+from tests.helpers.crash import DEVICE, kill_after_some_commits, read_until
+from tests.helpers.crash import spawn as _spawn
 
 
 async def _check(db: Path, keyfile: Path) -> dict[int, int]:
@@ -109,7 +66,7 @@ def test_kill9_during_reencryption_then_resume(tmp_path: Path) -> None:
     keyfile.write_text(keyfile.read_text() + generate_key_line("new") + "\n")
 
     proc = _spawn("reencrypt", str(db), str(keyfile))
-    progress = _read_until(proc, 8)  # eight chunks of 5 rows re-sealed, then kill -9
+    progress = read_until(proc, 8)  # eight chunks of 5 rows re-sealed, then kill -9
     proc.kill()
     proc.communicate()
     assert len(progress) == 8
@@ -126,38 +83,3 @@ def test_kill9_during_reencryption_then_resume(tmp_path: Path) -> None:
     keyfile.write_text("\n".join(keyfile.read_text().splitlines()[1:]) + "\n")
     assert Keyring.from_file(keyfile).ids == ["new"]
     assert asyncio.run(_check(db, keyfile)) == before
-
-
-# -- the writer process ----------------------------------------------------------------
-
-
-async def _writer(db: str, keyfile: str, count: int, quota: int, sync: str = "FULL") -> None:
-    from core._model import Batch
-
-    kr = Keyring.from_file(keyfile)
-    opts: dict = {"quota_bytes": quota, "on_full": "drop_oldest"} if quota else {}
-    opts["synchronous"] = sync
-    async with await Store.open(db, kr, device_id=DEVICE, **opts) as s:
-        i = 0
-        while not count or i < count:
-            b = Batch()
-            sid = s.registry.intern(f"dev{i % 7}", "temp")
-            for j in range(100):
-                # incompressible values: the quota run must reach its quota whatever the pace
-                b.append(1_700_000_000_000 + i * 100 + j, random.random(), sid)
-            seq = await s.commit(b, keys=[random.randbytes(16) for _ in range(100)])
-            print(seq, flush=True)
-            i += 1
-
-
-async def _reencrypt(db: str, keyfile: str) -> None:
-    async with await Store.open(db, Keyring.from_file(keyfile), device_id=DEVICE) as s:
-        await s.reencrypt(chunk=5, progress=lambda done, total: print(done, flush=True))
-
-
-if __name__ == "__main__":
-    mode, db, keyfile, *rest = sys.argv[1:]
-    if mode == "write":
-        asyncio.run(_writer(db, keyfile, int(rest[0]), int(rest[1]), *rest[2:]))
-    else:
-        asyncio.run(_reencrypt(db, keyfile))

@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import make_config, publish, reading_msg, wait_for
 
 from core._errors import StoreFullError
 from core._model import Batch
 from storage import Keyring, Store, generate_key_line
+from tests.helpers.edge import make_config, publish, reading_msg, wait_for
 
 
 def test_sqlite_full_rolls_back_and_recovers(tmp_path: Path) -> None:
@@ -75,21 +75,27 @@ def test_disk_full_under_a_running_edgepipe(tmp_path, tmpfs, broker, keyfile, ed
         batch={"max_messages": 200, "max_delay_ms": 10},
     )
     proc = edge(cfg)
-    wait_for(lambda: "subscribed to" in proc.output(), 20, "edgepipe to subscribe")
+    proc.wait_subscribed()
     # leave ~250 KiB free on the 2 MiB filesystem
     free = lambda: __import__("os").statvfs(tmpfs).f_bavail * 4096  # noqa: E731
     ballast.write_bytes(b"\0" * (free() - 250 * 1024))
     n = 6000
     publish(broker, [reading_msg(f"dev{i % 50}", f"m{i % 7}", i, i * 0.5) for i in range(n)])
-    wait_for(lambda: "ALARM" in proc.output(), 60, "the store-full alarm")
+    proc.wait_metric("edgepipe_store_full", 1, 60)
     assert proc.alive(), "edgepipe must not crash on a full disk"
+    assert proc.readyz() == (503, "not ready: store is not writable")
+    assert "ALARM" in proc.output()  # the alarm line is what the operator sees
     stored_while_full = _count(db, keyfile)
     assert stored_while_full < n
-    # still full a moment later: nothing more is stored (and nothing more acked)
-    assert "writable again" not in proc.output()
+    # while full: nothing more is acknowledged than was durably stored
+    assert proc.metric("edgepipe_messages_acked_total") <= proc.metric(
+        "edgepipe_readings_stored_total"
+    )
     ballast.unlink()  # space returns
-    wait_for(lambda: "writable again" in proc.output(), 60, "recovery")
+    wait_for(lambda: proc.metric("edgepipe_store_full") == 0, 60, "recovery")
     wait_for(lambda: _count(db, keyfile) >= n, 60, "every message to arrive")
+    proc.wait_metric("edgepipe_messages_acked_total", n, 30)
+    assert proc.readyz() == (200, "ready")
     assert proc.terminate() == 0
     assert _count(db, keyfile) == n  # all of them, once each
     assert "Traceback" not in proc.output()

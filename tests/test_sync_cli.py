@@ -9,7 +9,7 @@ from pathlib import Path
 
 from core._progress import Progress
 from devtools._mosquitto import free_port
-from tests._sync_env import Receiver, edgepipe, fill_sync, unsynced, write_pipeline
+from tests.helpers.sync_env import Receiver, edgepipe, fill_sync, unsynced, write_pipeline
 
 
 def fake_wifi(tmp: Path) -> dict:

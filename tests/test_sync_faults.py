@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._proxy import Proxy
-from tests._sync_env import (
+from tests.helpers.proxy import Proxy
+from tests.helpers.sync_env import (
     Receiver,
     WorkerThread,
     edgepipe,

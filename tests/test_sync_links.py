@@ -13,8 +13,8 @@ import pytest
 from config._models import SyncLinksConfig
 from sync._link import LinkMonitor
 from sync._state import SyncState
-from tests._proxy import Proxy
-from tests._sync_env import Receiver, WorkerThread, fill_sync, sync_cfg, unsynced, wait_until
+from tests.helpers.proxy import Proxy
+from tests.helpers.sync_env import Receiver, WorkerThread, fill_sync, sync_cfg, unsynced, wait_until
 
 DEVICE = "edge-1"  # registered by the receiver fixture (conftest.py)
 

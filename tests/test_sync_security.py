@@ -14,16 +14,9 @@ from pathlib import Path
 import pytest
 
 from core._clock import ManualClock
-from tests._pki import TestCA
-from tests._proxy import Proxy
-from tests._sync_env import (
-    Receiver,
-    WorkerThread,
-    fill_sync,
-    sync_cfg,
-    unsynced,
-    wait_until,
-)
+from tests.helpers.pki import TestCA
+from tests.helpers.proxy import Proxy
+from tests.helpers.sync_env import Receiver, WorkerThread, fill_sync, sync_cfg, unsynced, wait_until
 
 DEVICE = "edge-1"  # registered by the receiver fixture (conftest.py)
 

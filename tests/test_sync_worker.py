@@ -15,7 +15,7 @@ from core._errors import SyncError
 from core._model import Batch
 from sync._transport import Transport
 from sync._worker import classify
-from tests._sync_env import WorkerThread, fill_sync, sync_cfg, unsynced, wait_until
+from tests.helpers.sync_env import WorkerThread, fill_sync, sync_cfg, unsynced, wait_until
 
 
 class _Busy(http.server.BaseHTTPRequestHandler):

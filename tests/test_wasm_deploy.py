@@ -17,7 +17,7 @@ from core._model import Batch, SeriesRegistry
 from pipeline.chain._chain import Chain
 from pipeline.chain._deploy import ChainWatcher, load_chain, load_chain_file
 from pipeline.cli import main
-from tests.wasm_helpers import LIB
+from tests.helpers.wasm import LIB
 
 FILTERS = """\
 version: 1
@@ -241,7 +241,7 @@ def test_filter_build_zig(tmp_path, capsys):
     assert main(["filter", "build", str(src), "-o", str(out)]) == 0
     reg = SeriesRegistry()
     sid = reg.intern("d", "T")
-    from tests.wasm_helpers import stage
+    from tests.helpers.wasm import stage
 
     with Chain.build([stage("neg", out, "map")], reg, base_dir=tmp_path, cache_dir=None) as ch:
         assert ch.process(Batch([1, 2], [1.5, -2.0], [sid, sid])).batch.value == [-1.5, 2.0]

@@ -14,7 +14,7 @@ from core._metrics import METRICS
 from core._model import Batch, SeriesRegistry
 from pipeline.chain._chain import Chain
 from pipeline.chain._stage import WasmStage
-from tests.wasm_helpers import LIB, REPO, stage, wat_module, write_wat
+from tests.helpers.wasm import LIB, REPO, stage, wat_module, write_wat
 
 IDENTITY = "(i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (local.get 0)))"
 

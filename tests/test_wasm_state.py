@@ -10,7 +10,7 @@ from core._model import Batch, SeriesRegistry
 from pipeline.chain._aot import ModuleCache
 from pipeline.chain._chain import Chain
 from pipeline.chain._engine import engine, engine_settings
-from tests.wasm_helpers import LIB, REPO, airquality, batches, stage
+from tests.helpers.wasm import LIB, REPO, airquality, batches, stage
 
 STAGES = [
     stage("valid", "validity", "filter", {"range": {"CO_GT": [0, 50]}}),

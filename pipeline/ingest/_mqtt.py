@@ -48,6 +48,9 @@ _sessions_lost = METRICS.counter(
     "edgepipe_mqtt_sessions_lost_total", "reconnects on which the broker had no session"
 )
 _connects = METRICS.counter("edgepipe_mqtt_connects_total", "successful MQTT connections")
+_subscribes = METRICS.counter(
+    "edgepipe_mqtt_subscribes_total", "subscriptions the broker acknowledged (one per connect)"
+)
 
 _READS_PER_WAKE = 64  # TLS: records decrypted but not yet read
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
@@ -308,6 +311,7 @@ class MQTTClient:
             log.error("broker refused %d subscription(s): %s", len(failed), failed)
         else:
             log.info("subscribed to %d topic filter(s)", len(reason_codes))
+            _subscribes.inc()
         self.stats["subscribed"] += 1
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001

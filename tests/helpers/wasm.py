@@ -10,7 +10,7 @@ from typing import Any
 from config._models import LimitsConfig, MatchConfig, StageConfig
 from core._model import Batch, SeriesRegistry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LIB = REPO / "filters" / "lib"
 DEVICE = "airq-1"
 

@@ -26,7 +26,7 @@ import zstandard
 
 from protocol import _signing
 
-PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_DSN = os.environ.get("EDGEPIPE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PATH = "/v1/batches"
 
 Reading = tuple[

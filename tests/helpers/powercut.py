@@ -4,7 +4,7 @@
 keeps it and writes it out later.  A power cut loses it, in part or whole, torn at sector
 boundaries.  This module reproduces that for the files of one directory:
 
-1. :class:`PowerCut` compiles ``_powercut_shim.c`` (with the system C compiler) and gives
+1. :class:`PowerCut` compiles ``powercut_shim.c`` (with the system C compiler) and gives
    the environment that loads it into a child process (``LD_PRELOAD``).  The shim records
    every write, truncate, unlink and fsync the child makes under the directory.
 2. The test kills the child (``kill -9``) at any moment: that instant is the power cut.
@@ -26,7 +26,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_SHIM = Path(__file__).with_name("_powercut_shim.c")
+_SHIM = Path(__file__).with_name("powercut_shim.c")
 _REC = struct.Struct("<B3xIQQ")
 SECTOR = 512
 

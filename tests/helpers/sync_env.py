@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import REPO, wait_for
 
 from cloud._local import LocalReceiver
 from config._models import Secret, SyncConfig
 from core._model import Batch
 from storage import Keyring, Store, generate_key_line
+from tests.helpers.edge import REPO, wait_for
 
 wait_until = wait_for  # the sync tests' name for it
 BASE_TS = 1_700_000_000_000
