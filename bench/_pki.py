@@ -1,5 +1,5 @@
 """A throw-away certificate authority: the TLS benchmark (``python -m bench.e2e --tls``)
-and the TLS tests (broker, receiver, sync; tests/_pki.py) issue their certificates from it."""
+and the TLS tests (broker, receiver, sync; tests/helpers/pki.py) issue their certificates from it."""
 
 from __future__ import annotations
 
