@@ -26,7 +26,6 @@ import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from core._errors import KeyError_, TamperedError
 from core._fsutil import atomic_write
@@ -245,11 +244,6 @@ class Sealer:
         self.device = device_id.encode()
         self.aead = Aead(keyring)
 
-    @property
-    def _aead(self) -> dict[str, Any]:
-        """Per key id, the AES-GCM cipher (the store's schema-1 key check decrypts with it)."""
-        return self.aead._ciphers
-
     def _aad(self, table: str, row: int | str, key_id: str) -> bytes:
         return b"edgepipe|%s|%s|%s|%s|v%d" % (
             self.device,
@@ -261,6 +255,17 @@ class Sealer:
 
     def _place(self, table: str, row: int | str) -> AadFor:
         return lambda kid: self._aad(table, row, kid)
+
+    def opens(self, table: str, row: int | str, key_id: str, blob: bytes) -> bool:
+        """Whether ``blob`` authenticates as sealed at this place under ``key_id`` (a key
+        check; False for a wrong key or a key id the keyring lacks, never an error)."""
+        if not self.aead.has(key_id):
+            return False
+        try:
+            self.aead.open(key_id, self._place(table, row), blob)
+            return True
+        except Unauthentic:
+            return False
 
     def seal(self, table: str, row: int | str, plaintext: bytes) -> tuple[str, bytes]:
         """-> (key id, nonce || ciphertext)."""

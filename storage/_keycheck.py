@@ -2,8 +2,8 @@
 of the device id per key, kept in ``meta`` (``kcv:<id>``, ``dev:<id>``).
 
 A wrong key or another device's keyring is a clear error before anything is written, not
-"tampered data" later.  The only module that reaches into :class:`~protocol._keys.Sealer`'s
-AEAD (schema 1's check values were fixed-nonce encryptions)."""
+"tampered data" later.  Schema 1's check values were fixed-nonce encryptions, still read
+through :meth:`~protocol._keys.Sealer.opens`."""
 
 from __future__ import annotations
 
@@ -30,11 +30,8 @@ def kcv(sealer: Sealer, kid: str) -> bytes:
 def _kcv_ok(sealer: Sealer, kid: str, value: bytes, version: int) -> bool:
     if version >= 2:
         return hmac.compare_digest(value, kcv(sealer, kid))
-    try:  # schema 1: a fixed-nonce AES-GCM encryption of a constant
-        sealer._aead[kid].decrypt(b"\0" * 12, value, sealer._aad("meta", "kcv", kid))
-        return True
-    except Exception:
-        return False
+    # schema 1: an AES-GCM encryption of a constant under a fixed all-zero nonce
+    return sealer.opens("meta", "kcv", kid, b"\0" * 12 + value)
 
 
 def device_mac(sealer: Sealer, kid: str) -> bytes:

@@ -280,6 +280,15 @@ def test_wrong_or_missing_key_is_clear_and_changes_nothing(small_store) -> None:
 # -- migration -------------------------------------------------------------------------
 
 
+def _v1_key_check(key: bytes, kid: str) -> bytes:
+    """Schema 1's key check value, written out independently of the code that reads it: a
+    constant sealed under an all-zero nonce with the row-place associated data."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aad = b"edgepipe|%s|meta|kcv|%s|v1" % (DEVICE.encode(), kid.encode())
+    return AESGCM(key).encrypt(b"\0" * 12, b"edgepipe key check", aad)
+
+
 def _make_v1(db: Path, kr: Keyring) -> None:
     """A store exactly as schema-1 edgepipe wrote it (stage names in clear)."""
     s = Sealer(kr, DEVICE)
@@ -293,9 +302,8 @@ def _make_v1(db: Path, kr: Keyring) -> None:
     con.execute("INSERT INTO meta VALUES ('device', ?)", (DEVICE,))
     con.execute(
         "INSERT INTO meta VALUES (?, ?)",
-        (f"kcv:{kid}", s._aead[kid].encrypt(b"\0" * 12, b"edgepipe key check",
-                                            s._aad("meta", "kcv", kid))),
-    )  # fmt: skip
+        (f"kcv:{kid}", _v1_key_check(kr.key(kid), kid)),
+    )
     _, blob = s.seal("series", 0, msgpack.packb(["boiler", "temp", []]))
     con.execute("INSERT INTO series VALUES (0, ?, ?)", (kid, blob))
     for seq in (1, 2, 3):
