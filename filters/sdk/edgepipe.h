@@ -17,12 +17,14 @@
  *     EP_EXPAND(fn)      void fn(const ep_record *rec, ep_out *out)   ep_emit() any number
  *     EP_AGGREGATE(fn)   like EP_EXPAND, plus EP_FLUSH(fn2) void fn2(ep_out *out)
  * Optional:
- *     EP_INIT { ...; return 0; }     runs once after the config is loaded (<0 refuses)
+ *     EP_INIT { ...; return 0; }     runs once per instance after the config is loaded;
+ *                                    any non-zero return refuses the module (code init)
  *     EP_STATE(type)                 per-series state, snapshotted by the host:
  *                                    type *s = ep_state(rec->series);  (zeroed on first use)
  *
  * Build:  python -m ziglang cc --target=wasm32-freestanding -nostdlib -O2 \
- *             -Wl,--no-entry -Wl,--export-dynamic -I filters/sdk my_filter.c -o my_filter.wasm
+ *             -Wl,--no-entry -Wl,--export-dynamic -Wl,--strip-debug -Wl,-z,stack-size=65536 \
+ *             -I filters/sdk my_filter.c -o my_filter.wasm
  * or simply `edgepipe filter build my_filter.c`.
  */
 #ifndef EDGEPIPE_H

@@ -7,7 +7,7 @@
 //!     comptime { ep.filter(keep, .{}); }
 //!
 //! Options (second argument, all optional):
-//!     .init = fn () i32          runs after the config is loaded (<0 refuses the config)
+//!     .init = fn () i32          runs after the config is loaded (non-zero refuses)
 //!     .State = T                 per-series state snapshotted by the host:
 //!                                `const s = ep.state(T, rec.series) orelse ...` (zeroed)
 //! Kinds: filter(fn(*const Record) bool), map(fn(*Record) void),
