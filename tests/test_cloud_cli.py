@@ -8,13 +8,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers.cloud_client import DeviceClient, make_batch, pg_schema_url, series_readings
+from tests.helpers.cloud_client import (
+    DeviceClient,
+    make_batch,
+    pg_schema_url,
+    series_readings,
+    wait_serving,
+)
 from tests.helpers.pki import TestCA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,15 +56,8 @@ def start_serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/v1/ping").status_code == 200:
-                return proc, url, log
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    wait_serving(proc, url, log)
+    return proc, url, log
 
 
 def free_port() -> int:
@@ -129,15 +127,7 @@ def test_serve_from_environment(tmp_path: Path) -> None:
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/v1/ping").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_serving(proc, url, log)
         dev = DeviceClient(url, "gw-1", secret)
         assert dev.upload([make_batch(1, series_readings(4))]).json()["acked"] == [1]
         assert dev.upload([make_batch(2, series_readings(4))], secret=b"w" * 32).status_code == 401
@@ -186,14 +176,7 @@ def test_serve_tls(tmp_path: Path) -> None:
         )
     try:
         ctx = ssl.create_default_context(cafile=str(ca.path))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                r = httpx.get(f"https://127.0.0.1:{port}/v1/ping", verify=ctx)
-                break
-            except httpx.ConnectError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
+        r = wait_serving(proc, f"https://127.0.0.1:{port}", log, verify=ctx)
         assert r.status_code == 200 and r.json() == {"ok": True}
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/v1/ping")  # plain HTTP is not served
