@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``edgepipe-cloud ARGS`` to the end; its stderr is the operator's answer at the terminal,
+    so the tests check that text (and the outcome in the database, the key file, HTTP)."""
     return subprocess.run(
         [sys.executable, "-m", "cloud.cli", *args],
         capture_output=True,
@@ -139,7 +141,7 @@ def test_serve_from_environment(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
-    text = log.read_text()
+    text = log.read_text()  # what the operator's log collector keeps: never a secret
     assert secret.hex() not in text and "tok-123" not in text
     assert proc.returncode == 0, text
 
@@ -247,7 +249,7 @@ def test_rotation_while_serving(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
-    assert secret.hex() not in log.read_text()
+    assert secret.hex() not in log.read_text()  # the served log never shows a device secret
 
 
 def test_rotate_needs_a_changeable_key(tmp_path: Path) -> None:
