@@ -48,6 +48,20 @@ _bytes_sent = METRICS.counter("edgepipe_sync_bytes_total", "bytes uploaded", ["l
 _batches_synced = METRICS.counter("edgepipe_sync_batches_total", "batches acknowledged by cloud")
 _readings_synced = METRICS.counter("edgepipe_readings_synced_total", "readings acknowledged")
 _sync_errors = METRICS.counter("edgepipe_sync_errors_total", "failed uploads", ["kind"])
+_waits = METRICS.counter(
+    "edgepipe_sync_waits_total",
+    "times the sync worker decided not to send yet, by reason (no_link, budget, unmetered: "
+    "classes kept for an unmetered link, backoff, retry_after: the receiver asked to wait)",
+    ["reason"],
+)
+_probes = METRICS.counter(
+    "edgepipe_sync_probes_total",
+    "GET /v1/ping probes of the receiver before a body is sent again, by result (ok, failed)",
+    ["result"],
+)
+_link_polls = METRICS.counter(
+    "edgepipe_sync_link_polls_total", "reads of the link state (sysfs) while the sync worker waits"
+)
 
 #: Batches decrypted per page while looking for a priority class on a metered link.
 _SCAN_PAGE = 64
@@ -210,14 +224,16 @@ class SyncWorker:
     async def _step(self, stop: asyncio.Event) -> None:
         link = self.link()
         if not link.up:
-            self._set_waiting(f"no network link is up ({self.links.describe_down()})", link)
+            self._set_waiting(
+                f"no network link is up ({self.links.describe_down()})", link, "no_link"
+            )
             await self._sleep(stop, 3600, on_data=False)
             return
         try:
             sent = await self.sync_once(link)
         except SyncError as e:
             self._record_error(e)
-            wait = e.retry_after if e.retry_after is not None else self._backoff.next()
+            wait = self._retry_wait(e)
             log.warning("sync failed: %s; next try in %.1fs", e, wait)
             if await self._sleep(stop, wait, on_data=False) == "link":
                 self._backoff.reset()
@@ -245,15 +261,16 @@ class SyncWorker:
             link = self.link()
             try:
                 if not link.up:
-                    self._set_waiting(f"no network link is up ({self.links.describe_down()})", link)
+                    self._set_waiting(
+                        f"no network link is up ({self.links.describe_down()})", link, "no_link"
+                    )
                     raise SyncError(f"no network link is up ({self.links.describe_down()})")
                 n = await self.sync_once(link)
             except SyncError as e:
                 self._record_error(e)
                 if deadline is None or time.monotonic() >= deadline:
                     raise
-                wait = e.retry_after if e.retry_after is not None else self._backoff.next()
-                wait = min(wait, max(0.0, deadline - time.monotonic()))
+                wait = min(self._retry_wait(e), max(0.0, deadline - time.monotonic()))
                 if await self._sleep(stop, wait, on_data=False) == "link":
                     self._backoff.reset()
                 continue
@@ -273,12 +290,12 @@ class SyncWorker:
         self._reset_cursors_on_change(link)
         budget_left = self._budget_left(link)
         if budget_left is not None and budget_left <= 0:
-            self._set_waiting(f"daily budget of the {link.kind} link is used up", link)
+            self._set_waiting(f"daily budget of the {link.kind} link is used up", link, "budget")
             return 0
         batches, advance, waiting = await self._select(link)
         dead = await self.store.unsynced_dead_letters(limit=DEAD_LETTERS_PER_REQUEST)
         if not batches and not dead:
-            self._set_waiting(waiting, link)
+            self._set_waiting(waiting, link, "unmetered")
             return 0
         stats = await self.store.stats()
         # the backlog as it will be once this request is acknowledged
@@ -297,10 +314,15 @@ class SyncWorker:
             self._encode, batches, status, budget_left, dead_meta
         )
         if not body:
-            self._set_waiting(f"daily budget of the {link.kind} link is used up", link)
+            self._set_waiting(f"daily budget of the {link.kind} link is used up", link, "budget")
             return 0
         if self._probe_first:
-            await asyncio.to_thread(self.transport.ping)
+            try:
+                await asyncio.to_thread(self.transport.ping)
+            except SyncError:
+                _probes.inc(1, "failed")
+                raise
+            _probes.inc(1, "ok")
             self._probe_first = False
         self.status.last_attempt_ms = self._now_ms()
         try:
@@ -435,6 +457,7 @@ class SyncWorker:
             if on_data and self._wake.is_set():
                 return "data"
             now = self.links.current()
+            _link_polls.inc()
             if now != first:
                 if now.up:
                     log.info("link %s is up", now.describe())
@@ -466,7 +489,18 @@ class SyncWorker:
         st.online = e.status is not None
         st.save(self.state_path)
 
-    def _set_waiting(self, why: str | None, link: Link) -> None:
+    def _retry_wait(self, e: SyncError) -> float:
+        """Seconds to wait after a failed attempt: the receiver's Retry-After, else backoff."""
+        if e.retry_after is not None:
+            _waits.inc(1, "retry_after")
+            return e.retry_after
+        _waits.inc(1, "backoff")
+        return self._backoff.next()
+
+    def _set_waiting(self, why: str | None, link: Link, reason: str) -> None:
+        """``why`` (None: nothing is waiting) for the status; ``reason`` labels the count."""
+        if why is not None:
+            _waits.inc(1, reason)
         st = self.status
         if st.waiting != why or st.link != link.kind:
             st.waiting, st.link, st.interface = why, link.kind, link.interface

@@ -8,19 +8,26 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers.cloud_client import DeviceClient, make_batch, pg_schema_url, series_readings
+from tests.helpers.cloud_client import (
+    DeviceClient,
+    make_batch,
+    pg_schema_url,
+    series_readings,
+    wait_serving,
+)
 from tests.helpers.pki import TestCA
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``edgepipe-cloud ARGS`` to the end; its stderr is the operator's answer at the terminal,
+    so the tests check that text (and the outcome in the database, the key file, HTTP)."""
     return subprocess.run(
         [sys.executable, "-m", "cloud.cli", *args],
         capture_output=True,
@@ -51,15 +58,8 @@ def start_serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/v1/ping").status_code == 200:
-                return proc, url, log
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    wait_serving(proc, url, log)
+    return proc, url, log
 
 
 def free_port() -> int:
@@ -129,15 +129,7 @@ def test_serve_from_environment(tmp_path: Path) -> None:
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/v1/ping").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_serving(proc, url, log)
         dev = DeviceClient(url, "gw-1", secret)
         assert dev.upload([make_batch(1, series_readings(4))]).json()["acked"] == [1]
         assert dev.upload([make_batch(2, series_readings(4))], secret=b"w" * 32).status_code == 401
@@ -149,7 +141,7 @@ def test_serve_from_environment(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
-    text = log.read_text()
+    text = log.read_text()  # what the operator's log collector keeps: never a secret
     assert secret.hex() not in text and "tok-123" not in text
     assert proc.returncode == 0, text
 
@@ -186,14 +178,7 @@ def test_serve_tls(tmp_path: Path) -> None:
         )
     try:
         ctx = ssl.create_default_context(cafile=str(ca.path))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                r = httpx.get(f"https://127.0.0.1:{port}/v1/ping", verify=ctx)
-                break
-            except httpx.ConnectError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
+        r = wait_serving(proc, f"https://127.0.0.1:{port}", log, verify=ctx)
         assert r.status_code == 200 and r.json() == {"ok": True}
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/v1/ping")  # plain HTTP is not served
@@ -264,7 +249,7 @@ def test_rotation_while_serving(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
-    assert secret.hex() not in log.read_text()
+    assert secret.hex() not in log.read_text()  # the served log never shows a device secret
 
 
 def test_rotate_needs_a_changeable_key(tmp_path: Path) -> None:

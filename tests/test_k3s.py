@@ -35,6 +35,7 @@ import yaml
 from config._loader import load_config
 from devtools._mosquitto import free_port, mosquitto_binary
 from storage import generate_key_line
+from tests.helpers.edge import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 K3S = ROOT / "k3s"
@@ -810,11 +811,16 @@ class Pod:
         )
 
     def _until(self, pred: Any, what: str, proc: subprocess.Popen[bytes] | None) -> None:
-        deadline = time.monotonic() + 60
-        while not pred():
+        def done() -> object:
             assert proc is None or proc.poll() is None, f"exited before {what}: {self.logs()}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.logs()}"
-            time.sleep(0.05)
+            return pred()
+
+        try:
+            wait_for(done, 60, what)
+        except AssertionError as e:
+            if "exited before" in str(e):
+                raise
+            raise AssertionError(f"{e}: {self.logs()}") from None
 
     def logs(self) -> str:
         return "\n".join(

@@ -21,6 +21,9 @@ def fake_wifi(tmp: Path) -> dict:
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``edgepipe ARGS`` to the end.  What these tests check in its stderr is the command's
+    report to the operator at the terminal (progress, why it failed, what waits): the text
+    is the feature; the outcome itself is checked in the store, the receiver and status."""
     p = edgepipe(*args)
     out, err = p.communicate(timeout=timeout)
     return subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode())

@@ -7,7 +7,6 @@ nothing left unsynced at the edge.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,8 @@ from tests.helpers.sync_env import (
     fill_sync,
     sample_rss,
     sync_cfg,
+    sync_count,
+    sync_state,
     unsynced,
     wait_until,
     write_pipeline,
@@ -40,6 +41,16 @@ def drained(receiver: Receiver, total: int):
     return lambda: receiver.counts()["readings"] >= total
 
 
+def network_errors() -> float:
+    """Uploads of the in-process worker that failed on the network (reset, refused...)."""
+    return sync_count("edgepipe_sync_errors_total", kind="network")
+
+
+def failed_probes() -> float:
+    """Probes of the receiver that failed: each retry after a network error probes first."""
+    return sync_count("edgepipe_sync_probes_total", result="failed")
+
+
 def test_cut_then_restore(tmp_path: Path, receiver: Receiver) -> None:
     total = fill_sync(tmp_path, 40, 500)
     with Proxy(("127.0.0.1", receiver.port)) as proxy:
@@ -52,13 +63,17 @@ def test_cut_then_restore(tmp_path: Path, receiver: Receiver) -> None:
             proxy.restore()
             wait_until(drained(receiver, total), 60, "the backlog to drain")
             wait_until(lambda: unsynced(tmp_path) == (0, 0), 20, "edge marks synced")
-            # cut in the middle of a second backlog
+            # cut in the middle of a second backlog (slowed down so that it is still going)
+            proxy.delay(50)
             total2 = fill_sync(tmp_path, 40, 500, start_value=total)
             w.worker.notify()
             wait_until(lambda: receiver.counts()["readings"] > total, 30, "progress")
+            failed = network_errors()
             proxy.cut()
-            time.sleep(0.5)
+            wait_until(lambda: network_errors() > failed, 30, "the cut to fail an upload")
+            assert receiver.counts()["readings"] < total2
             proxy.restore()
+            proxy.delay(0)
             wait_until(drained(receiver, total2), 60, "the second backlog")
             wait_until(lambda: unsynced(tmp_path) == (0, 0), 20, "edge marks synced")
         assert w.thread.is_alive() is False and w.error is None
@@ -99,10 +114,23 @@ def test_flap(tmp_path: Path, receiver: Receiver) -> None:
         proxy.flap(2, 3)
         cfg = sync_cfg(proxy.url, receiver.secret, batches_per_request=2)
         with WorkerThread(tmp_path, cfg) as w:
-            for _ in range(4):
-                time.sleep(1.5)
-                total = fill_sync(tmp_path, 5, 1000, start_value=total)
+            # new data keeps arriving while the worker uploads, until two down phases of the
+            # flapping link have cut it off
+            hit_at_start = network_errors()
+            for _ in range(200):
+                if network_errors() >= hit_at_start + 2:
+                    break
+                hit = network_errors()
+                total = fill_sync(tmp_path, 1, 1000, start_value=total)
                 w.worker.notify()
+                wait_until(
+                    lambda h=hit, t=total: (
+                        network_errors() > h or receiver.counts()["readings"] >= t
+                    ),
+                    60,
+                    "the new batch uploaded or cut off by a flap",
+                )
+            assert network_errors() >= hit_at_start + 2, "the flaps never cut an upload off"
             wait_until(drained(receiver, total), 90, "the backlog to drain through flaps")
             wait_until(lambda: unsynced(tmp_path) == (0, 0), 30, "edge marks synced")
             proxy.stop_flap()
@@ -134,7 +162,9 @@ def test_receiver_killed_mid_request_and_restarted(tmp_path: Path, receiver: Rec
             receiver.kill9()
             stored_at_kill = receiver.counts()["readings"]
             wait_until(lambda: w.worker.status.last_error, 20, "the worker to notice")
-            time.sleep(1.0)
+            probes = failed_probes()
+            wait_until(lambda: failed_probes() >= probes + 2, 30, "two retries in the dark")
+            assert receiver.counts()["readings"] == stored_at_kill
             receiver.start()
             wait_until(drained(receiver, total), 90, "the backlog after the restart")
             wait_until(lambda: unsynced(tmp_path) == (0, 0), 30, "edge marks synced")
@@ -152,8 +182,18 @@ def test_million_reading_backlog_then_link_returns(tmp_path: Path, receiver: Rec
         proxy.cut()
         config = write_pipeline(tmp_path, proxy.url, receiver.secret, batches_per_request=16)
         proc = edgepipe("sync", "--now", "-c", str(config), "--wait", "120", "-q")
-        time.sleep(3.0)  # offline: the worker backs off
-        assert proc.poll() is None
+        failures: set[int] = set()  # when each failed attempt was recorded in the state file
+
+        def retried_offline() -> bool:
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            st = sync_state(tmp_path)
+            if st.last_error_ms is not None:
+                failures.add(st.last_error_ms)
+            return len(failures) >= 2
+
+        # offline: the worker fails, backs off and tries again, and is still waiting
+        wait_until(retried_offline, 60, "two failed attempts while offline")
+        assert "cannot reach" in (sync_state(tmp_path).last_error or "")
         assert receiver.counts()["readings"] == 0
         proxy.restore()
         samples = sample_rss(proc, 0.05)

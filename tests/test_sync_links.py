@@ -4,7 +4,6 @@ link.  The receiver is real."""
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -14,7 +13,15 @@ from config._models import SyncLinksConfig
 from sync._link import LinkMonitor
 from sync._state import SyncState
 from tests.helpers.proxy import Proxy
-from tests.helpers.sync_env import Receiver, WorkerThread, fill_sync, sync_cfg, unsynced, wait_until
+from tests.helpers.sync_env import (
+    Receiver,
+    WorkerThread,
+    fill_sync,
+    sync_cfg,
+    sync_count,
+    unsynced,
+    wait_until,
+)
 
 DEVICE = "edge-1"  # registered by the receiver fixture (conftest.py)
 
@@ -42,6 +49,16 @@ def fake_sys(tmp_path: Path) -> FakeSys:
 
 def links(fake: FakeSys, **kw) -> dict:
     return {"sysfs_root": str(fake.root), "poll_s": 0.1, **kw}
+
+
+def link_polls() -> float:
+    """How often the in-process worker has read the (fake) sysfs while waiting."""
+    return sync_count("edgepipe_sync_link_polls_total")
+
+
+def probes_ok() -> float:
+    """Successful probes of the receiver: the worker probes first when a link comes up."""
+    return sync_count("edgepipe_sync_probes_total", result="ok")
 
 
 def test_link_detection(fake_sys: FakeSys) -> None:
@@ -86,9 +103,8 @@ def test_patterns_and_preference_from_config(fake_sys: FakeSys) -> None:
 
 
 def test_nothing_sent_while_down_and_link_up_wakes_worker(
-    tmp_path: Path, fake_sys: FakeSys, receiver: Receiver, caplog
+    tmp_path: Path, fake_sys: FakeSys, receiver: Receiver
 ) -> None:
-    caplog.set_level(logging.INFO, "edgepipe.sync")
     total = fill_sync(tmp_path, 5, 100)
     fake_sys.set("wlan0", "down")
     fake_sys.set("eth0", "down")
@@ -97,23 +113,25 @@ def test_nothing_sent_while_down_and_link_up_wakes_worker(
         with WorkerThread(tmp_path, cfg) as w:
             wait_until(lambda: w.worker.status.waiting, 10, "the worker to notice no link")
             assert "no network link is up" in w.worker.status.waiting
-            time.sleep(0.5)
+            polls = link_polls()
+            wait_until(lambda: link_polls() >= polls + 3, 20, "the worker to look again")
             assert proxy.connections == 0  # no attempt at all while every link is down
+            probes = probes_ok()
             fake_sys.set("wlan0", "up", "1")
             wait_until(lambda: unsynced(tmp_path) == (0, 0), 20, "upload once Wi-Fi is up")
+            assert probes_ok() == probes + 1  # woken by the link: probed, then uploaded
     assert receiver.counts()["readings"] == total
     assert receiver.device_row(DEVICE)["last_link"] == "wifi"  # X-Edgepipe-Link
-    assert "link wifi (wlan0) is up" in caplog.text
     st = SyncState.load(tmp_path / "store.db.sync.json")
-    assert st.link == "wifi" and st.bytes_today.get("wifi", 0) > 0
+    assert (st.link, st.interface, st.waiting) == ("wifi", "wlan0", None)
+    assert st.bytes_today.get("wifi", 0) > 0
 
 
 def test_link_coming_back_ends_the_backoff(
-    tmp_path: Path, fake_sys: FakeSys, receiver: Receiver, caplog
+    tmp_path: Path, fake_sys: FakeSys, receiver: Receiver
 ) -> None:
     """Receiver unreachable -> long backoff; the interface drops and comes back -> the worker
     probes and uploads at once instead of sleeping out its backoff."""
-    caplog.set_level(logging.INFO, "edgepipe.sync")
     total = fill_sync(tmp_path, 3, 100)
     fake_sys.set("eth0", "up", "1")
     with Proxy(("127.0.0.1", receiver.port)) as proxy:
@@ -127,13 +145,18 @@ def test_link_coming_back_ends_the_backoff(
         )
         with WorkerThread(tmp_path, cfg) as w:
             wait_until(lambda: w.worker.status.last_error, 20, "a failed attempt")
+            polls = link_polls()
             fake_sys.set("eth0", "down")
             proxy.restore()
-            time.sleep(0.3)
+            # two reads of sysfs since: at least one of them saw eth0 down
+            wait_until(lambda: link_polls() >= polls + 2, 20, "the worker to see eth0 down")
+            probes = probes_ok()
             fake_sys.set("eth0", "up", "1")
             wait_until(lambda: unsynced(tmp_path) == (0, 0), 20, "upload after the link is back")
+            assert probes_ok() == probes + 1  # probed first, as after any network failure
     assert receiver.counts()["readings"] == total
-    assert "link ethernet (eth0) is up" in caplog.text
+    st = SyncState.load(tmp_path / "store.db.sync.json")
+    assert (st.link, st.interface, st.online) == ("ethernet", "eth0", True)
 
 
 def test_metered_priority_then_bulk_on_wifi(
@@ -193,6 +216,11 @@ def test_metered_daily_budget(tmp_path: Path, fake_sys: FakeSys, receiver: Recei
     assert 0 < sent_batches < 10
     assert unsynced(tmp_path)[0] == 10 - sent_batches
     # a restart does not reset the budget: it lives in the state file
-    with WorkerThread(tmp_path, cfg) as w:
-        time.sleep(0.5)
+    held = sync_count("edgepipe_sync_waits_total", reason="budget")
+    with WorkerThread(tmp_path, cfg):
+        wait_until(
+            lambda: sync_count("edgepipe_sync_waits_total", reason="budget") >= held + 2,
+            20,
+            "the restarted worker to hold back twice for the budget",
+        )
         assert receiver.counts()["batches"] == sent_batches

@@ -22,6 +22,8 @@ DEVICE = "edge-1"  # registered by the receiver fixture (conftest.py)
 
 
 def _no_secret_anywhere(caplog: pytest.LogCaptureFixture, tmp: Path, *secrets: str) -> None:
+    """What the operator sees of the worker (its log lines, the state file behind
+    ``edgepipe status``) never shows a secret: here the log text itself is what is checked."""
     text = caplog.text + "".join(str(r.args) for r in caplog.records)
     state = (tmp / "store.db.sync.json").read_text()
     for s in secrets:

@@ -15,7 +15,14 @@ from core._errors import SyncError
 from core._model import Batch
 from sync._transport import Transport
 from sync._worker import classify
-from tests.helpers.sync_env import WorkerThread, fill_sync, sync_cfg, unsynced, wait_until
+from tests.helpers.sync_env import (
+    WorkerThread,
+    fill_sync,
+    sync_cfg,
+    sync_count,
+    unsynced,
+    wait_until,
+)
 
 
 class _Busy(http.server.BaseHTTPRequestHandler):
@@ -59,12 +66,27 @@ def test_retry_after_is_honoured(tmp_path: Path, busy_server, caplog) -> None:
     assert e.value.status == 503 and e.value.retry_after == 7.0
     assert "503 overloaded: too many uploads in progress" in str(e.value)
     t.close()
-    with WorkerThread(tmp_path, sync_cfg(url, "ab" * 32, backoff_min_s=0.05)):
+
+    def waits() -> float:
+        return sync_count("edgepipe_sync_waits_total", reason="retry_after")
+
+    def polls() -> float:
+        return sync_count("edgepipe_sync_link_polls_total")
+
+    waited = waits()
+    cfg = sync_cfg(url, "ab" * 32, backoff_min_s=0.05, links={"poll_s": 0.1})
+    with WorkerThread(tmp_path, cfg):
         wait_until(lambda: _Busy.hits >= 2, 10, "the first attempt")
-        time.sleep(1.0)
+        wait_until(lambda: waits() > waited, 10, "the worker to take the Retry-After")
+        # ten looks at the links (1 s) into the wait: its own backoff would have retried
+        # within 0.05 s
+        looked = polls()
+        wait_until(lambda: polls() >= looked + 10, 20, "the worker to wait a while")
         hits = _Busy.hits
+    # the warning is what the operator reads in the journal: it must say when the next try is
     assert "next try in 7.0s" in caplog.text
     assert hits == 2  # one upload + no second one within the 7 s asked for
+    assert waits() == waited + 1
     assert unsynced(tmp_path) == (2, 20)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ import uvicorn
 import zstandard
 
 from protocol import _signing
+from tests.helpers.edge import wait_for
 
 PG_DSN = os.environ.get("EDGEPIPE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PATH = "/v1/batches"
@@ -154,17 +156,35 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), 20, "uvicorn")
+        if not self.server.started:
+            raise RuntimeError("uvicorn did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(20)
         self.sock.close()
+
+
+def wait_serving(
+    proc: subprocess.Popen[Any], url: str, log: Path, *, verify: Any = True, timeout: float = 30
+) -> httpx.Response:
+    """Wait until ``edgepipe-cloud serve`` (``proc``, writing ``log``) answers
+    ``GET {url}/v1/ping`` with 200; fails with its log if it exits or never answers."""
+
+    def answered() -> httpx.Response | None:
+        assert proc.poll() is None, f"the receiver exited:\n{log.read_text()}"
+        try:
+            r = httpx.get(url + "/v1/ping", verify=verify)
+        except httpx.TransportError:
+            return None
+        return r if r.status_code == 200 else None
+
+    try:
+        return wait_for(answered, timeout, f"{url}/v1/ping")  # type: ignore[return-value]
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{log.read_text()}") from None
 
 
 @contextmanager

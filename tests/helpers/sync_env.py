@@ -18,8 +18,10 @@ import yaml
 
 from cloud._local import LocalReceiver
 from config._models import Secret, SyncConfig
+from core._metrics import METRICS
 from core._model import Batch
 from storage import Keyring, Store, generate_key_line
+from sync._state import SyncState
 from tests.helpers.edge import REPO, wait_for
 
 wait_until = wait_for  # the sync tests' name for it
@@ -148,6 +150,18 @@ def unsynced(tmp: Path) -> tuple[int, int]:
         con.close()
 
 
+def sync_count(name: str, **labels: str) -> float:
+    """A counter of the sync worker running in this process (``WorkerThread``), e.g.
+    ``sync_count("edgepipe_sync_probes_total", result="failed")``; the registry is
+    process-wide, so tests compare against a value read before the event."""
+    return METRICS.value(name, **labels)
+
+
+def sync_state(tmp: Path) -> SyncState:
+    """The worker's persisted state (what ``edgepipe status`` reads), from any process."""
+    return SyncState.load(tmp / "store.db.sync.json")
+
+
 def sync_cfg(url: str, secret: str, **kw: Any) -> SyncConfig:
     d: dict[str, Any] = {
         "url": url,
@@ -262,7 +276,7 @@ def sample_rss(proc: subprocess.Popen[bytes], every: float = 0.1) -> list[int]:
             samples.append(rss_kb(proc.pid))
         except (OSError, ValueError):
             break
-        time.sleep(every)
+        time.sleep(every)  # the sampling period of the measurement, not synchronisation
     return samples
 
 
