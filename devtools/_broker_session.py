@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from devtools import _mqtt_codec as wire
 
@@ -84,6 +85,20 @@ class Session:
     dropped: int = 0
     last_pid: int = 0
 
+    def attach(
+        self, conn: Connection, props: dict[int, Any], clean: bool, receive_max: int
+    ) -> None:
+        """``conn`` (just connected) takes this session, with the limits of its CONNECT."""
+        self.pending_will = None  # the client is back before its will delay ran out
+        if conn.v5:
+            self.expiry = int(props.get(wire.P_SESSION_EXPIRY, 0))
+        else:
+            self.expiry = 0 if clean else NEVER_EXPIRES
+        self.expires_at = None
+        self.receive_max = receive_max
+        self.max_packet = int(props.get(wire.P_MAX_PACKET, wire.MAX_PACKET_SIZE))
+        self.conn, conn.session = conn, self
+
     def deliver(self, msg: Message, qos: int, retain: bool) -> bool:
         """Send now or queue; False when the message had to be dropped."""
         conn = self.conn
@@ -135,6 +150,15 @@ class SharedGroup:
     levels: list[str]
     members: dict[str, int] = field(default_factory=dict)  # client id -> granted QoS
     turn: int = 0
+
+    def pick(self, sessions: dict[str, Session]) -> tuple[str, int]:
+        """The next member in turn, preferring connected ones: (client id, granted QoS)."""
+        members = list(self.members.items())
+        n = len(members)
+        order = [members[(self.turn + i) % n] for i in range(n)]
+        cid, qos = next(((c, q) for c, q in order if sessions[c].conn is not None), order[0])
+        self.turn = (members.index((cid, qos)) + 1) % n
+        return cid, qos
 
 
 class Connection:

@@ -325,25 +325,13 @@ class MiniBroker:
         if not present:
             s = self._sessions[client_id] = Session(client_id, self.max_queued)
         assert s is not None
-        s.pending_will = None  # the client is back before its will delay ran out
-        if conn.v5:
-            s.expiry = int(props.get(wire.P_SESSION_EXPIRY, 0))
-        else:
-            s.expiry = 0 if clean else NEVER_EXPIRES
-        s.expires_at = None
-        s.receive_max = receive_max
-        s.max_packet = int(props.get(wire.P_MAX_PACKET, wire.MAX_PACKET_SIZE))
-        s.conn, conn.session = conn, s
+        s.attach(conn, props, clean, receive_max)
+        ack = bytes([present, 0])
         if conn.v5:
             ack_props[wire.P_MAX_PACKET] = wire.MAX_PACKET_SIZE
             ack_props[wire.P_SUB_IDS_AVAILABLE] = 0
-            conn.send(
-                wire.packet(
-                    wire.CONNACK, 0, bytes([present, 0]) + wire.encode_properties(ack_props)
-                )
-            )
-        else:
-            conn.send(wire.packet(wire.CONNACK, 0, bytes([present, 0])))
+            ack += wire.encode_properties(ack_props)
+        conn.send(wire.packet(wire.CONNACK, 0, ack))
         s.resume()
         return True
 
@@ -437,13 +425,7 @@ class MiniBroker:
         for group in self._shared.values():
             if not group.members or not wire.matches(group.levels, levels):
                 continue
-            members = list(group.members.items())
-            n = len(members)
-            order = [members[(group.turn + i) % n] for i in range(n)]
-            cid, qos = next(
-                ((c, q) for c, q in order if self._sessions[c].conn is not None), order[0]
-            )
-            group.turn = (members.index((cid, qos)) + 1) % n
+            cid, qos = group.pick(self._sessions)
             self._deliver(self._sessions[cid], msg, min(qos, msg.qos), False, size)
 
     def _deliver(self, s: Session, msg: Message, qos: int, retain: bool, size: int) -> None:
@@ -453,19 +435,7 @@ class MiniBroker:
             self.stats["messages_routed"] += 1
 
     def _on_subscribe(self, conn: Connection, s: Session, r: wire.Reader) -> None:
-        pid = r.u16()
-        if conn.v5:
-            r.properties()  # subscription identifiers are not supported (and say so)
-        requests = []
-        while r.remaining:
-            text, options = r.string(), r.u8()
-            if options & (0xC0 if conn.v5 else 0xFC) or options & 3 == 3:
-                raise ProtocolViolation("reserved subscription option bits set")
-            if (options >> 4) & 3 == 3:
-                raise ProtocolViolation("retain handling 3")
-            requests.append((text, options))
-        if not requests:
-            raise ProtocolViolation("SUBSCRIBE without topic filters", wire.RC_PROTOCOL_ERROR)
+        pid, requests = wire.decode_subscribe(r, conn.v5)
         codes = bytearray()
         retained: list[tuple[Subscription, bool, int]] = []
         for text, options in requests:

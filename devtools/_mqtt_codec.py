@@ -15,6 +15,7 @@ __all__ = [
     "Refused",
     "check_topic_name",
     "decode_connect",
+    "decode_subscribe",
     "encode_properties",
     "encode_publish",
     "matches",
@@ -328,3 +329,21 @@ def decode_connect(flags: int, body: bytes) -> Connect:
     if r.remaining:
         raise ProtocolViolation("trailing bytes after CONNECT payload")
     return Connect(version, bool(cflags & 0x02), keepalive, props, client_id, will)
+
+
+def decode_subscribe(r: Reader, v5: bool) -> tuple[int, list[tuple[str, int]]]:
+    """A SUBSCRIBE packet's body: its packet id and (topic filter, options) requests."""
+    pid = r.u16()
+    if v5:
+        r.properties()  # subscription identifiers are not supported (and say so)
+    requests = []
+    while r.remaining:
+        text, options = r.string(), r.u8()
+        if options & (0xC0 if v5 else 0xFC) or options & 3 == 3:
+            raise ProtocolViolation("reserved subscription option bits set")
+        if (options >> 4) & 3 == 3:
+            raise ProtocolViolation("retain handling 3")
+        requests.append((text, options))
+    if not requests:
+        raise ProtocolViolation("SUBSCRIBE without topic filters", RC_PROTOCOL_ERROR)
+    return pid, requests
