@@ -22,7 +22,8 @@ topic aliases (Topic Alias Maximum is 0), subscription identifiers (advertised a
 unavailable), message expiry (the property is forwarded unchanged), persistence to disk,
 TLS and MQTT 3.1. A malformed packet or protocol violation closes that connection only.
 The wire format (packet framing, fields, properties, topic syntax) is
-:mod:`devtools._mqtt_codec`; this module holds sessions, routing and the server.
+:mod:`devtools._mqtt_codec`; the sessions' state is
+:mod:`devtools._broker_session`; this module holds routing and the server.
 
 Why not amqtt (the maintained pure-Python broker on PyPI): amqtt 0.12.1 was tried for the
 demo's data path -- edgepipe on MQTT 3.1.1 with a persistent session (clean session
@@ -43,10 +44,20 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import Counter
 
 from devtools import _mqtt_codec as wire
+from devtools._broker_session import (
+    DEFAULT_INFLIGHT_V311,
+    DEFAULT_MAX_QUEUED,
+    NEVER_EXPIRES,
+    Connection,
+    Message,
+    Session,
+    SessionInfo,
+    SharedGroup,
+    Subscription,
+)
 from devtools._mosquitto import free_port
 from devtools._mqtt_codec import ProtocolViolation
 
@@ -54,153 +65,7 @@ __all__ = ["MiniBroker", "ProtocolViolation", "SessionInfo"]
 
 log = logging.getLogger("edgepipe.minibroker")
 
-#: MQTT 3.1.1 clients have no Receive Maximum; this matches edgepipe's mosquitto setting.
-DEFAULT_INFLIGHT_V311 = 1000
-DEFAULT_MAX_QUEUED = 100_000
 CONNECT_TIMEOUT_S = 10.0
-#: QoS 0 messages are dropped for a client whose socket buffer is this full.
-WRITE_BUFFER_LIMIT = 8 * 1024 * 1024
-NEVER_EXPIRES = 0xFFFFFFFF
-
-
-# -- state ------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Message:
-    topic: str
-    payload: bytes
-    qos: int  # 0 or 1 (QoS 2 is downgraded)
-    retain: bool
-    properties: bytes = b""  # forwarded MQTT 5 properties, already encoded
-    topic_bytes: bytes = b""
-    delay: int = 0  # will delay interval (wills only)
-
-    def __post_init__(self) -> None:
-        self.topic_bytes = wire.utf8(self.topic)
-
-
-@dataclass(slots=True)
-class _Subscription:
-    levels: list[str]
-    qos: int
-    group: str | None = None
-    no_local: bool = False
-    retain_as_published: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """A snapshot of one session (``MiniBroker.sessions()``)."""
-
-    client_id: str
-    connected: bool
-    subscriptions: tuple[str, ...]
-    inflight: int
-    queued: int
-    dropped: int
-
-
-@dataclass(eq=False, slots=True)
-class _Session:
-    client_id: str
-    max_queued: int
-    subscriptions: dict[str, _Subscription] = field(default_factory=dict)
-    queue: deque[tuple[_Message, bool]] = field(default_factory=deque)
-    inflight: dict[int, tuple[_Message, bool]] = field(default_factory=dict)
-    qos2_received: set[int] = field(default_factory=set)
-    conn: _Connection | None = None
-    expiry: int = 0
-    expires_at: float | None = None
-    pending_will: tuple[_Message, float] | None = None
-    receive_max: int = DEFAULT_INFLIGHT_V311
-    max_packet: int = wire.MAX_PACKET_SIZE
-    dropped: int = 0
-    last_pid: int = 0
-
-    def deliver(self, msg: _Message, qos: int, retain: bool) -> bool:
-        """Send now or queue; False when the message had to be dropped."""
-        conn = self.conn
-        if qos == 0:
-            if conn is None or conn.buffered() > WRITE_BUFFER_LIMIT:
-                return False  # QoS 0 is not queued for absent or stalled clients
-            conn.send_publish(msg, 0, retain, 0, False)
-            return True
-        self.queue.append((msg, retain))
-        dropped = len(self.queue) > self.max_queued
-        if dropped:
-            self.queue.popleft()
-            self.dropped += 1
-        self.pump()
-        return not dropped
-
-    def pump(self) -> None:
-        conn = self.conn
-        while conn is not None and self.queue and len(self.inflight) < self.receive_max:
-            msg, retain = self.queue.popleft()
-            pid = self.last_pid
-            while True:  # inflight < receive_max <= 65535 ids: this ends
-                pid = pid % 65535 + 1
-                if pid not in self.inflight:
-                    break
-            self.last_pid = pid
-            self.inflight[pid] = (msg, retain)
-            conn.send_publish(msg, 1, retain, pid, False)
-
-    def resume(self) -> None:
-        assert self.conn is not None
-        for pid, (msg, retain) in self.inflight.items():
-            self.conn.send_publish(msg, 1, retain, pid, True)
-        self.pump()
-
-    def info(self) -> SessionInfo:
-        return SessionInfo(
-            self.client_id,
-            self.conn is not None,
-            tuple(self.subscriptions),
-            len(self.inflight),
-            len(self.queue),
-            self.dropped,
-        )
-
-
-@dataclass(slots=True)
-class _SharedGroup:
-    levels: list[str]
-    members: dict[str, int] = field(default_factory=dict)  # client id -> granted QoS
-    turn: int = 0
-
-
-class _Connection:
-    __slots__ = ("writer", "peer", "version", "keepalive", "session", "will", "ended")
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.peer = writer.get_extra_info("peername")
-        self.version = 4
-        self.keepalive = 0
-        self.session: _Session | None = None
-        self.will: _Message | None = None
-        self.ended = False
-
-    @property
-    def v5(self) -> bool:
-        return self.version == 5
-
-    def send(self, data: bytes) -> None:
-        if not self.ended:
-            self.writer.write(data)
-
-    def buffered(self) -> int:
-        return self.writer.transport.get_write_buffer_size()
-
-    def send_publish(self, msg: _Message, qos: int, retain: bool, pid: int, dup: bool) -> None:
-        props = msg.properties if self.v5 else None
-        self.send(wire.encode_publish(msg.topic_bytes, msg.payload, props, qos, retain, pid, dup))
-
-    def send_disconnect(self, reason: int) -> None:
-        if self.v5 and self.session is not None:
-            self.send(wire.packet(wire.DISCONNECT, 0, bytes([reason, 0])))
 
 
 # -- the broker -------------------------------------------------------------------------
@@ -229,10 +94,10 @@ class MiniBroker:
         self.port = port or free_port()
         self.max_queued = max_queued
         self.stats: Counter[str] = Counter()
-        self._sessions: dict[str, _Session] = {}
-        self._shared: dict[tuple[str, str], _SharedGroup] = {}
-        self._retained: dict[str, _Message] = {}
-        self._connections: set[_Connection] = set()
+        self._sessions: dict[str, Session] = {}
+        self._shared: dict[tuple[str, str], SharedGroup] = {}
+        self._retained: dict[str, Message] = {}
+        self._connections: set[Connection] = set()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -350,7 +215,7 @@ class MiniBroker:
 
     # -- connections --------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Connection(writer)
+        conn = Connection(writer)
         self._connections.add(conn)
         self.stats["connections"] += 1
         graceful = False
@@ -383,7 +248,7 @@ class MiniBroker:
         finally:
             self._end(conn, graceful=graceful)
 
-    def _end(self, conn: _Connection, *, graceful: bool) -> None:
+    def _end(self, conn: Connection, *, graceful: bool) -> None:
         """The connection is over: detach it from its session, publish the will. Idempotent."""
         if conn.ended:
             return
@@ -408,7 +273,7 @@ class MiniBroker:
             else:
                 self._publish(will, None)
 
-    def _drop_session(self, s: _Session) -> None:
+    def _drop_session(self, s: Session) -> None:
         if self._sessions.get(s.client_id) is s:
             del self._sessions[s.client_id]
         for sub in s.subscriptions.values():
@@ -417,41 +282,20 @@ class MiniBroker:
             self._publish(s.pending_will[0], None)  # the session ended before the will delay
         s.pending_will = None
 
-    def _on_connect(self, conn: _Connection, flags: int, body: bytes) -> bool:
-        r = wire.Reader(body)
-        name, version = r.string(), r.u8()
-        if name != "MQTT" or version not in (4, 5):
-            self.stats["refused"] += 1
-            conn.send(wire.packet(wire.CONNACK, 0, b"\x00\x01"))  # unacceptable protocol version
+    def _on_connect(self, conn: Connection, flags: int, body: bytes) -> bool:
+        try:
+            c = wire.decode_connect(flags, body)
+        except wire.Refused as e:
+            if e.counted:
+                self.stats["refused"] += 1
+            conn.send(wire.packet(wire.CONNACK, 0, e.connack))
             return False
-        conn.version = version
-        cflags = r.u8()
-        if flags or cflags & 0x01:
-            raise ProtocolViolation("reserved CONNECT flags set")
-        clean = bool(cflags & 0x02)
-        conn.keepalive = r.u16()
-        props = r.properties()[0] if conn.v5 else {}
-        if wire.P_AUTH_METHOD in props:
-            conn.send(wire.packet(wire.CONNACK, 0, b"\x00\x8c\x00"))  # bad authentication method
-            return False
-        client_id = r.string()
-        if cflags & 0x04:  # will
-            will_qos = (cflags >> 3) & 3
-            if will_qos == 3:
-                raise ProtocolViolation("will QoS 3")
-            wprops, wforward = r.properties() if conn.v5 else ({}, b"")
-            topic = r.string()
-            wire.check_topic_name(topic)
-            conn.will = _Message(topic, r.binary(), min(will_qos, 1), bool(cflags & 0x20), wforward)
-            conn.will.delay = int(wprops.get(wire.P_WILL_DELAY, 0))
-        elif cflags & 0x38:
-            raise ProtocolViolation("will QoS/retain set without a will")
-        if cflags & 0x80:
-            r.string()  # user name: every client is accepted
-        if cflags & 0x40:
-            r.binary()  # password
-        if r.remaining:
-            raise ProtocolViolation("trailing bytes after CONNECT payload")
+        conn.version, conn.keepalive = c.version, c.keepalive
+        clean, props, client_id = c.clean, c.props, c.client_id
+        if c.will is not None:
+            topic, payload, qos, retain, forward, delay = c.will
+            conn.will = Message(topic, payload, qos, retain, forward)
+            conn.will.delay = delay
 
         ack_props: dict[int, int | str] = {}
         if not client_id:
@@ -479,31 +323,19 @@ class MiniBroker:
         if s is not None and clean:
             self._drop_session(s)
         if not present:
-            s = self._sessions[client_id] = _Session(client_id, self.max_queued)
+            s = self._sessions[client_id] = Session(client_id, self.max_queued)
         assert s is not None
-        s.pending_will = None  # the client is back before its will delay ran out
-        if conn.v5:
-            s.expiry = int(props.get(wire.P_SESSION_EXPIRY, 0))
-        else:
-            s.expiry = 0 if clean else NEVER_EXPIRES
-        s.expires_at = None
-        s.receive_max = receive_max
-        s.max_packet = int(props.get(wire.P_MAX_PACKET, wire.MAX_PACKET_SIZE))
-        s.conn, conn.session = conn, s
+        s.attach(conn, props, clean, receive_max)
+        ack = bytes([present, 0])
         if conn.v5:
             ack_props[wire.P_MAX_PACKET] = wire.MAX_PACKET_SIZE
             ack_props[wire.P_SUB_IDS_AVAILABLE] = 0
-            conn.send(
-                wire.packet(
-                    wire.CONNACK, 0, bytes([present, 0]) + wire.encode_properties(ack_props)
-                )
-            )
-        else:
-            conn.send(wire.packet(wire.CONNACK, 0, bytes([present, 0])))
+            ack += wire.encode_properties(ack_props)
+        conn.send(wire.packet(wire.CONNACK, 0, ack))
         s.resume()
         return True
 
-    def _dispatch(self, conn: _Connection, ptype: int, flags: int, r: wire.Reader) -> bool | None:
+    def _dispatch(self, conn: Connection, ptype: int, flags: int, r: wire.Reader) -> bool | None:
         """Handle one packet; True/False when the client disconnected (gracefully or not)."""
         s = conn.session
         assert s is not None
@@ -542,7 +374,7 @@ class MiniBroker:
             raise ProtocolViolation(f"unexpected packet type {ptype}", wire.RC_PROTOCOL_ERROR)
         return None
 
-    def _on_publish(self, conn: _Connection, s: _Session, flags: int, r: wire.Reader) -> None:
+    def _on_publish(self, conn: Connection, s: Session, flags: int, r: wire.Reader) -> None:
         qos, retain = (flags >> 1) & 3, bool(flags & 1)
         if qos == 3:
             raise ProtocolViolation("PUBLISH with QoS 3")
@@ -556,7 +388,7 @@ class MiniBroker:
             props, forwarded = r.properties()
             if wire.P_TOPIC_ALIAS in props:
                 raise ProtocolViolation("topic alias (maximum is 0)", wire.RC_PROTOCOL_ERROR)
-        msg = _Message(topic, r.rest(), min(qos, 1), retain, forwarded)
+        msg = Message(topic, r.rest(), min(qos, 1), retain, forwarded)
         self.stats["messages_received"] += 1
         if qos == 2:
             if pid not in s.qos2_received:  # else a resend before PUBREL: already routed
@@ -568,7 +400,7 @@ class MiniBroker:
         if qos == 1:
             conn.send(wire.packet(wire.PUBACK, 0, wire.u16(pid)))
 
-    def _publish(self, msg: _Message, origin: str | None) -> None:
+    def _publish(self, msg: Message, origin: str | None) -> None:
         if msg.retain:
             if msg.payload:
                 self._retained[msg.topic] = msg
@@ -576,7 +408,7 @@ class MiniBroker:
                 self._retained.pop(msg.topic, None)
         self._route(msg, origin)
 
-    def _route(self, msg: _Message, origin: str | None) -> None:
+    def _route(self, msg: Message, origin: str | None) -> None:
         levels = msg.topic.split("/")
         size = len(msg.payload) + len(msg.topic_bytes) + len(msg.properties) + 16
         for s in self._sessions.values():
@@ -593,37 +425,19 @@ class MiniBroker:
         for group in self._shared.values():
             if not group.members or not wire.matches(group.levels, levels):
                 continue
-            members = list(group.members.items())
-            n = len(members)
-            order = [members[(group.turn + i) % n] for i in range(n)]
-            cid, qos = next(
-                ((c, q) for c, q in order if self._sessions[c].conn is not None), order[0]
-            )
-            group.turn = (members.index((cid, qos)) + 1) % n
+            cid, qos = group.pick(self._sessions)
             self._deliver(self._sessions[cid], msg, min(qos, msg.qos), False, size)
 
-    def _deliver(self, s: _Session, msg: _Message, qos: int, retain: bool, size: int) -> None:
+    def _deliver(self, s: Session, msg: Message, qos: int, retain: bool, size: int) -> None:
         if size > s.max_packet or not s.deliver(msg, qos, retain):
             self.stats["messages_dropped"] += 1
         else:
             self.stats["messages_routed"] += 1
 
-    def _on_subscribe(self, conn: _Connection, s: _Session, r: wire.Reader) -> None:
-        pid = r.u16()
-        if conn.v5:
-            r.properties()  # subscription identifiers are not supported (and say so)
-        requests = []
-        while r.remaining:
-            text, options = r.string(), r.u8()
-            if options & (0xC0 if conn.v5 else 0xFC) or options & 3 == 3:
-                raise ProtocolViolation("reserved subscription option bits set")
-            if (options >> 4) & 3 == 3:
-                raise ProtocolViolation("retain handling 3")
-            requests.append((text, options))
-        if not requests:
-            raise ProtocolViolation("SUBSCRIBE without topic filters", wire.RC_PROTOCOL_ERROR)
+    def _on_subscribe(self, conn: Connection, s: Session, r: wire.Reader) -> None:
+        pid, requests = wire.decode_subscribe(r, conn.v5)
         codes = bytearray()
-        retained: list[tuple[_Subscription, bool, int]] = []
+        retained: list[tuple[Subscription, bool, int]] = []
         for text, options in requests:
             parsed = wire.parse_filter(text)
             if parsed is None:
@@ -631,14 +445,14 @@ class MiniBroker:
                 continue
             group, levels = parsed
             qos = min(options & 3, 1)
-            sub = _Subscription(levels, qos, group, bool(options & 4), bool(options & 8))
+            sub = Subscription(levels, qos, group, bool(options & 4), bool(options & 8))
             is_new = text not in s.subscriptions
             if not is_new:
                 self._unshare(s.client_id, s.subscriptions[text])
             s.subscriptions[text] = sub
             if group is not None:
                 key = (group, "/".join(levels))
-                self._shared.setdefault(key, _SharedGroup(levels)).members[s.client_id] = qos
+                self._shared.setdefault(key, SharedGroup(levels)).members[s.client_id] = qos
             else:
                 retained.append((sub, is_new, (options >> 4) & 3))
             codes.append(qos)
@@ -653,7 +467,7 @@ class MiniBroker:
                     size = len(msg.payload) + len(msg.topic_bytes) + len(msg.properties) + 16
                     self._deliver(s, msg, min(sub.qos, msg.qos), True, size)
 
-    def _on_unsubscribe(self, conn: _Connection, s: _Session, r: wire.Reader) -> None:
+    def _on_unsubscribe(self, conn: Connection, s: Session, r: wire.Reader) -> None:
         pid = r.u16()
         if conn.v5:
             r.properties()
@@ -668,7 +482,7 @@ class MiniBroker:
         body = wire.u16(pid) + (b"\x00" + codes if conn.v5 else b"")
         conn.send(wire.packet(wire.UNSUBACK, 0, body))
 
-    def _unshare(self, client_id: str, sub: _Subscription) -> None:
+    def _unshare(self, client_id: str, sub: Subscription) -> None:
         if sub.group is None:
             return
         key = (sub.group, "/".join(sub.levels))
@@ -679,5 +493,5 @@ class MiniBroker:
                 del self._shared[key]
 
 
-def _cid(conn: _Connection) -> str:
+def _cid(conn: Connection) -> str:
     return conn.session.client_id if conn.session else "<connecting>"

@@ -6,12 +6,16 @@ A malformed packet raises :class:`ProtocolViolation`."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
+    "Connect",
     "ProtocolViolation",
     "Reader",
+    "Refused",
     "check_topic_name",
+    "decode_connect",
+    "decode_subscribe",
     "encode_properties",
     "encode_publish",
     "matches",
@@ -266,3 +270,80 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
         raise ProtocolViolation(f"packet of {length} bytes is too large", RC_PACKET_TOO_LARGE)
     body = await reader.readexactly(length) if length else b""
     return header >> 4, header & 0x0F, body
+
+
+class Refused(Exception):
+    """A CONNECT answered with a refusing CONNACK (``connack``: its variable header)."""
+
+    def __init__(self, connack: bytes, why: str, *, counted: bool = False) -> None:
+        super().__init__(why)
+        self.connack = connack
+        self.counted = counted  # an unsupported protocol (counted in the broker's stats)
+
+
+class Connect(NamedTuple):
+    """The fields of a CONNECT packet the broker uses."""
+
+    version: int  # 4 (3.1.1) or 5
+    clean: bool
+    keepalive: int
+    props: dict[int, Any]
+    client_id: str
+    #: topic, payload, QoS (2 downgraded to 1), retain, forwarded properties, delay
+    will: tuple[str, bytes, int, bool, bytes, int] | None
+
+
+def decode_connect(flags: int, body: bytes) -> Connect:
+    """A CONNECT packet's body; :class:`Refused` for an unsupported protocol or an
+    authentication method, :class:`ProtocolViolation` for a malformed packet."""
+    r = Reader(body)
+    name, version = r.string(), r.u8()
+    if name != "MQTT" or version not in (4, 5):
+        raise Refused(b"\x00\x01", "unacceptable protocol version", counted=True)
+    v5 = version == 5
+    cflags = r.u8()
+    if flags or cflags & 0x01:
+        raise ProtocolViolation("reserved CONNECT flags set")
+    keepalive = r.u16()
+    props = r.properties()[0] if v5 else {}
+    if P_AUTH_METHOD in props:
+        raise Refused(b"\x00\x8c\x00", "bad authentication method")
+    client_id = r.string()
+    will = None
+    if cflags & 0x04:
+        will_qos = (cflags >> 3) & 3
+        if will_qos == 3:
+            raise ProtocolViolation("will QoS 3")
+        wprops, wforward = r.properties() if v5 else ({}, b"")
+        topic = r.string()
+        check_topic_name(topic)
+        payload = r.binary()
+        delay = int(wprops.get(P_WILL_DELAY, 0))
+        will = (topic, payload, min(will_qos, 1), bool(cflags & 0x20), wforward, delay)
+    elif cflags & 0x38:
+        raise ProtocolViolation("will QoS/retain set without a will")
+    if cflags & 0x80:
+        r.string()  # user name: every client is accepted
+    if cflags & 0x40:
+        r.binary()  # password
+    if r.remaining:
+        raise ProtocolViolation("trailing bytes after CONNECT payload")
+    return Connect(version, bool(cflags & 0x02), keepalive, props, client_id, will)
+
+
+def decode_subscribe(r: Reader, v5: bool) -> tuple[int, list[tuple[str, int]]]:
+    """A SUBSCRIBE packet's body: its packet id and (topic filter, options) requests."""
+    pid = r.u16()
+    if v5:
+        r.properties()  # subscription identifiers are not supported (and say so)
+    requests = []
+    while r.remaining:
+        text, options = r.string(), r.u8()
+        if options & (0xC0 if v5 else 0xFC) or options & 3 == 3:
+            raise ProtocolViolation("reserved subscription option bits set")
+        if (options >> 4) & 3 == 3:
+            raise ProtocolViolation("retain handling 3")
+        requests.append((text, options))
+    if not requests:
+        raise ProtocolViolation("SUBSCRIBE without topic filters", RC_PROTOCOL_ERROR)
+    return pid, requests

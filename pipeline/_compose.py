@@ -141,7 +141,9 @@ def make_sync_worker(
     )
 
 
-def chain(cfg: PipelineConfig, store: Store) -> tuple[FilterChain | None, ChainWatcher | None]:
+def chain(
+    cfg: PipelineConfig, store: Store, *, clock: Clock = SYSTEM_CLOCK
+) -> tuple[FilterChain | None, ChainWatcher | None]:
     """The chain from ``chain:`` or ``chain_file:``, and the watcher of a chain file.
 
     The chain is None while a chain file is broken: the process then runs but is not ready
@@ -154,7 +156,9 @@ def chain(cfg: PipelineConfig, store: Store) -> tuple[FilterChain | None, ChainW
     built: FilterChain | None = None
     try:
         spec = load_chain(cfg)
-        built = Chain.build(spec.stages, store.registry, base_dir=spec.base_dir, cache_dir=cache)
+        built = Chain.build(
+            spec.stages, store.registry, base_dir=spec.base_dir, cache_dir=cache, clock=clock
+        )
     except (ConfigError, FilterError) as e:
         if cfg.chain_file is None:
             raise
@@ -171,15 +175,16 @@ def chain(cfg: PipelineConfig, store: Store) -> tuple[FilterChain | None, ChainW
     return built, watcher
 
 
-async def build_pipeline(cfg: PipelineConfig) -> Pipeline:
+async def build_pipeline(cfg: PipelineConfig, *, clock: Clock = SYSTEM_CLOCK) -> Pipeline:
     """Everything ``edgepipe run`` runs, wired: the store, the chain (and its watcher), the
     decoder, the MQTT client and, when enabled, the sync worker.  Nothing is connected yet;
-    :meth:`Pipeline.run` starts it and closes every part when it ends."""
+    :meth:`Pipeline.run` starts it and closes every part when it ends.  ``clock`` is the one
+    every part reads (breaker cooldowns, the redelivery window, signing timestamps)."""
     from .ingest import Decoder, MQTTClient
 
     store = await open_store(cfg)
     try:
-        filters, watcher = chain(cfg, store)
+        filters, watcher = chain(cfg, store, clock=clock)
         decoder = Decoder(
             cfg.subscriptions,
             store.registry,
@@ -193,8 +198,9 @@ async def build_pipeline(cfg: PipelineConfig) -> Pipeline:
             device_id=cfg.device.id,
             max_pending=cfg.batch.max_pending,
             expect_session=store.last_seq > 0,
+            clock=clock,
         )
-        worker = sync_worker(cfg, store) if cfg.sync.enabled else None
+        worker = sync_worker(cfg, store, clock=clock) if cfg.sync.enabled else None
     except BaseException:
         await store.close()
         raise

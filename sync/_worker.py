@@ -20,14 +20,11 @@ order.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
-
-import msgpack
 
 from config._models import SyncConfig
 from core._backoff import Backoff
@@ -37,9 +34,18 @@ from core._metrics import METRICS
 from core._model import DeadLetter, SeriesRegistry
 
 from ._link import Link, LinkMonitor
+from ._request import (
+    DEAD_LETTERS_PER_REQUEST,
+    dead_letter_meta,
+    encode_batch,
+    encode_request,
+    encode_within,
+    select_metered,
+)
 from ._state import SyncState
 from ._transport import Transport
 
+# encode_batch and encode_request live in ._request (importable from here as before)
 __all__ = ["BatchSource", "SyncWorker", "encode_batch", "encode_request"]
 
 log = logging.getLogger("edgepipe.sync")
@@ -62,84 +68,6 @@ _probes = METRICS.counter(
 _link_polls = METRICS.counter(
     "edgepipe_sync_link_polls_total", "reads of the link state (sysfs) while the sync worker waits"
 )
-
-#: Batches decrypted per page while looking for a priority class on a metered link.
-_SCAN_PAGE = 64
-#: Most batches looked at per request while scanning (bounds the work of one step).
-_SCAN_MAX = 4096
-
-
-def encode_batch(seq: int, batch: Any, registry: SeriesRegistry) -> bytes:
-    """One batch in the wire format: columnar, with a series table local to the batch."""
-    local: dict[int, int] = {}
-    series: list[list[Any]] = []
-    sid_out = []
-    for sid in batch.series:
-        i = local.get(sid)
-        if i is None:
-            key = registry.key(sid)
-            i = local[sid] = len(series)
-            series.append([key.device, key.metric, key.tag_dict])
-        sid_out.append(i)
-    return msgpack.packb(
-        {
-            "seq": seq,
-            "series": series,
-            "sid": sid_out,
-            "ts": batch.ts,
-            "val": batch.value,
-            "flags": batch.flags,
-        },
-        use_bin_type=True,
-    )
-
-
-def compress(body: bytes, compression: str) -> tuple[bytes, str]:
-    if compression == "zstd":
-        import zstandard
-
-        return zstandard.ZstdCompressor(level=3).compress(body), "zstd"
-    if compression == "gzip":
-        return gzip.compress(body, compresslevel=6, mtime=0), "gzip"
-    return body, "identity"
-
-
-def encode_request(
-    device: str,
-    blobs: list[bytes],
-    status: dict[str, Any],
-    compression: str,
-    dead_letters: list[dict[str, Any]] | None = None,
-) -> tuple[bytes, str]:
-    top: dict[str, Any] = {"v": 1, "device": device, "status": status, "batches": blobs}
-    if dead_letters:
-        top["dead_letters"] = dead_letters
-    return compress(msgpack.packb(top, use_bin_type=True), compression)
-
-
-def dead_letter_meta(seq: int, d: Any) -> dict[str, Any]:
-    """What the cloud's dead-letter log shows of one dead letter (never the raw payload)."""
-    return {
-        "seq": seq,
-        "ts": d.ts,
-        "topic": d.topic,
-        "stage": d.stage,
-        "reason": d.reason,
-        "size": len(d.payload),
-    }
-
-
-#: Dead letters (metadata) sent along with one request.
-DEAD_LETTERS_PER_REQUEST = 200
-
-
-def classify(batch: Any, recent_after_ms: int) -> str:
-    """alerts (a flagged reading), recent (newest reading after the cut-off) or bulk."""
-    if any(batch.flags):
-        return "alerts"
-    if batch.ts and max(batch.ts) >= recent_after_ms:
-        return "recent"
-    return "bulk"
 
 
 class BatchSource(Protocol):
@@ -311,7 +239,14 @@ class SyncWorker:
         }
         dead_meta = [dead_letter_meta(seq, d) for seq, d in dead]
         body, encoding, batches = await asyncio.to_thread(
-            self._encode, batches, status, budget_left, dead_meta
+            encode_within,
+            self.device_id,
+            self.store.registry,
+            self.cfg,
+            batches,
+            status,
+            budget_left,
+            dead_meta,
         )
         if not body:
             self._set_waiting(f"daily budget of the {link.kind} link is used up", link, "budget")
@@ -365,39 +300,12 @@ class SyncWorker:
 
     # -- choosing what to send --------------------------------------------------------------
     async def _select(self, link: Link) -> tuple[list[Any], dict[str, int], str | None]:
-        limit = self._max_batches
         if not link.metered:
-            return await self.store.unsynced(limit=limit), {}, None
-        m = self.cfg.metered
-        recent_after = self._now_ms() - int(m.recent_hours * 3600_000)
-        for cls in m.priority:
-            if cls == "bulk":  # everything that is left, oldest first
-                got = await self.store.unsynced(limit=limit)
-                if got:
-                    return got, {}, None
-                continue
-            after = self._cursors.get(cls, 0)
-            picked: list[Any] = []
-            scanned = 0
-            while len(picked) < limit and scanned < _SCAN_MAX:
-                page = await self.store.unsynced(after=after, limit=_SCAN_PAGE)
-                if not page:
-                    break
-                for sb in page:
-                    scanned += 1
-                    if classify(sb.batch, recent_after) == cls:
-                        picked.append(sb)
-                        if len(picked) >= limit:
-                            break
-                    after = sb.seq
-                if picked and len(picked) >= limit:
-                    after = picked[-1].seq
-            if picked:
-                return picked, {cls: after}, None
-            self._cursors[cls] = after  # nothing of this class up to here
-        left = [c for c in ("alerts", "recent", "bulk") if c not in m.priority]
-        why = f"{', '.join(left)} batches wait for an unmetered link" if left else None
-        return [], {}, why
+            return await self.store.unsynced(limit=self._max_batches), {}, None
+        recent_after = self._now_ms() - int(self.cfg.metered.recent_hours * 3600_000)
+        return await select_metered(
+            self.store, self.cfg.metered.priority, self._max_batches, self._cursors, recent_after
+        )
 
     def _reset_cursors_on_change(self, link: Link) -> None:
         key = (link.kind, link.interface)
@@ -409,39 +317,6 @@ class SyncWorker:
         if not link.metered or mb is None:
             return None
         return int(mb * 1024 * 1024) - self.status.used_today(link.kind)
-
-    def _encode(
-        self,
-        batches: list[Any],
-        status: dict[str, Any],
-        budget_left: int | None,
-        dead_letters: list[dict[str, Any]] | None = None,
-    ) -> tuple[bytes, str, list[Any]]:
-        registry = self.store.registry
-        blobs, size = [], 0
-        for sb in batches:
-            try:
-                blob = encode_batch(sb.seq, sb.batch, registry)
-            except IndexError:
-                if blobs:  # send what this process can name; the rest on the next run
-                    break
-                raise SyncError(
-                    f"batch {sb.seq} uses a series this process has not loaded (another "
-                    "edgepipe process added it since the store was opened); run again"
-                ) from None
-            if blobs and size + len(blob) > self.cfg.max_request_bytes:
-                break
-            blobs.append(blob)
-            size += len(blob)
-        while True:
-            body, encoding = encode_request(
-                self.device_id, blobs, status, self.cfg.compression, dead_letters
-            )
-            if budget_left is None or len(body) <= budget_left:
-                return body, encoding, batches[: len(blobs)]
-            if len(blobs) <= 1:
-                return b"", encoding, []
-            blobs = blobs[: len(blobs) // 2]
 
     # -- waiting ----------------------------------------------------------------------------
     async def _sleep(self, stop: asyncio.Event, timeout: float, *, on_data: bool) -> str:

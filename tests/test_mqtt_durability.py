@@ -123,28 +123,42 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
         assert_exactly(stored_values(db, keyfile), n + 1)
 
 
+def _window_closed(proc) -> None:  # noqa: ANN001
+    wait_for(
+        lambda: proc.metric("edgepipe_redelivery_window_open") == 0,
+        30,
+        "the redelivery window to close",
+    )
+
+
 def test_redelivery_window_catches_a_resend_without_dup(tmp_path, broker, keyfile, edge):
     """A broker restored from its save file may resend an already committed message as a
     first delivery (no DUP).  Right after a connect edgepipe checks every message against
     the store; after the window, a byte-identical message is a genuine repeat and kept."""
     cfg = config(
-        tmp_path, broker, keyfile, broker={"client_id": "edgepipe-window", "redelivery_window_s": 2}
+        tmp_path, broker, keyfile, broker={"client_id": "edgepipe-window", "redelivery_window_s": 3}
     )
     db = tmp_path / "store.db"
     same = seq_message(1)
     proc = started(edge, cfg)
-    # wall clock: past this connection's redelivery window (no clock hook in the process)
-    time.sleep(2.2)
+    _window_closed(proc)  # past this connection's redelivery window
     publish_now(broker, [same, seq_message(2)])
     wait_for(lambda: len(stored_values(db, keyfile)) >= 2, 20, "first readings")
+    assert proc.metric("edgepipe_redelivery_checks_total") == 0  # nothing was looked up
     assert proc.terminate() == 0
 
     proc = started(edge, cfg)  # a new connection: its window is open
+    assert proc.metric("edgepipe_redelivery_window_open") == 1
     publish_now(broker, [same, seq_message(3)])  # `same` without DUP, as after a restore
     wait_for(lambda: len(stored_values(db, keyfile)) >= 3, 20, "seq 3")
-    time.sleep(2.2)  # wall clock: the window closes (no clock hook in the process)
+    # both were looked up because of the window (not a DUP flag), and `same` was skipped
+    assert proc.metric("edgepipe_redelivery_checks_total", reason="window") == 2
+    assert proc.metric("edgepipe_redelivery_checks_total", reason="dup") == 0
+    assert proc.metric("edgepipe_redeliveries_skipped_total") == 1
+    _window_closed(proc)
     publish_now(broker, [same, seq_message(4)])  # a genuine repeat: kept
     wait_for(lambda: len(stored_values(db, keyfile)) >= 5, 20, "seq 4 and the repeat")
     drain(broker, proc, 5)
+    assert proc.metric("edgepipe_redelivery_checks_total") == 2  # none after the window
     assert proc.terminate() == 0
     assert sorted(stored_values(db, keyfile)) == [1.0, 1.0, 2.0, 3.0, 4.0, 5.0]

@@ -10,6 +10,8 @@ import time
 import pytest
 
 from config._models import BrokerConfig
+from core._clock import ManualClock
+from core._metrics import METRICS
 from pipeline.ingest._mqtt import MQTTClient
 from tests.helpers.mqtt import Publisher
 
@@ -35,9 +37,7 @@ def test_every_packet_arrives_intact_whatever_its_size(broker, protocol):
         )
         got: list = []
         async with MQTTClient(cfg, [("rd/#", 1)], device_id="rd") as m:
-            await m.wait_connected(10)
-            while not m.stats["subscribed"]:  # SUBACK: messages from now on are ours
-                await asyncio.sleep(0.01)
+            await m.wait_subscribed(10)  # SUBACK: messages from now on are ours
             for qos in (0, 1):  # one publisher per QoS keeps each stream's order
                 pub = Publisher(broker, [(t, p) for t, p, q in msgs if q == qos], qos=qos)
                 pub.start()
@@ -62,3 +62,38 @@ def test_every_packet_arrives_intact_whatever_its_size(broker, protocol):
         assert received == sent
         assert all(isinstance(g.payload, bytes) for g in got)
     assert all(g.mid > 0 for g in got if g.qos == 1)
+
+
+def test_redelivery_window_follows_the_injected_clock(broker):
+    """What arrives within ``redelivery_window_s`` of a connect is marked for the store
+    check (``maybe_seen``) whatever its DUP flag; once the client's clock has passed the
+    window, nothing is, and the gauge says the window is closed."""
+    clock = ManualClock()
+    cfg = BrokerConfig(
+        host=broker.host,
+        port=broker.port,
+        client_id="reader-window",
+        status_topic=None,
+        redelivery_window_s=5,
+    )
+
+    async def receive(m: MQTTClient, payload: bytes) -> list:
+        pub = Publisher(broker, [("win/x", payload)])
+        pub.start()
+        await asyncio.to_thread(pub.join_ok)  # off the loop: it must keep reading
+        return await asyncio.wait_for(m.get_batch(10, 0), 30)
+
+    async def scenario() -> None:
+        async with MQTTClient(cfg, [("win/#", 1)], device_id="w", clock=clock) as m:
+            await m.wait_subscribed(10)
+            assert METRICS.value("edgepipe_redelivery_window_open") == 1
+            clock.advance(4.9)
+            first = await receive(m, b"1")
+            assert [(x.payload, x.dup, x.maybe_seen) for x in first] == [(b"1", False, True)]
+            clock.advance(0.1)  # the window is over
+            second = await receive(m, b"2")
+            assert [(x.payload, x.dup, x.maybe_seen) for x in second] == [(b"2", False, False)]
+            assert METRICS.value("edgepipe_redelivery_window_open") == 0
+            m.ack(first + second)
+
+    asyncio.run(scenario())

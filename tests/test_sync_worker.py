@@ -13,8 +13,8 @@ import pytest
 from core._backoff import Backoff
 from core._errors import SyncError
 from core._model import Batch
+from sync._request import classify
 from sync._transport import Transport
-from sync._worker import classify
 from tests.helpers.sync_env import (
     WorkerThread,
     fill_sync,

@@ -4,7 +4,6 @@ stages and later batches keep working."""
 from __future__ import annotations
 
 import hashlib
-import time
 
 import pytest
 
@@ -311,11 +310,11 @@ def test_epoch_ticker_parks_when_idle(tmp_path, reg):
     from pipeline.chain._engine import TICKER
 
     with build(tmp_path, [stage("ema", "ema", "map")], reg) as chain:
+        parks = TICKER.parks
         chain.process(sample())
-        time.sleep(0.05)
-        idle = TICKER.ticks
-        time.sleep(0.05)
-        assert TICKER.ticks == idle  # no guest call in flight: no ticking
+        # the call woke the ticker; with no guest call in flight it parks again (no ticking)
+        assert TICKER.wait_parked(parks, 30)
+        assert TICKER.parked
     # and it does tick while a guest runs (the epoch deadline depends on it)
     mod = write_wat(tmp_path, "spin", wat_module("(loop $l (br $l)) (unreachable)"))
     with build(tmp_path, [stage("spin", mod, "filter", fuel=None, timeout_ms=10)], reg) as chain:

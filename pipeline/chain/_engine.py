@@ -45,6 +45,8 @@ class Ticker:
     Idle (no guest call in flight) it blocks on an event, so an idle edge process pays
     nothing.  ``enter`` only signals when the thread is parked; the thread re-checks the
     busy count after clearing ``_running`` so a concurrent ``enter`` is never missed.
+    ``ticks`` counts epoch increments and ``parks`` the times the thread went idle
+    (:meth:`wait_parked` waits for the next one).
     """
 
     def __init__(self) -> None:
@@ -53,7 +55,16 @@ class Ticker:
         self._wake = threading.Event()
         self._running = False
         self._thread: threading.Thread | None = None
+        self._parked = threading.Condition()
+        self.parked = False  # the thread waits for a guest call: it does not tick
+        self.parks = 0
         self.ticks = 0
+
+    def wait_parked(self, since: int, timeout: float | None = None) -> bool:
+        """Until the thread has parked again after ``parks`` was ``since``; False on
+        timeout."""
+        with self._parked:
+            return self._parked.wait_for(lambda: self.parks > since, timeout)
 
     def enter(self) -> None:
         with self._lock:
@@ -82,7 +93,12 @@ class Ticker:
             self._running = False
             if self._busy > 0:
                 continue
+            with self._parked:
+                self.parks += 1
+                self.parked = True
+                self._parked.notify_all()
             self._wake.wait()
+            self.parked = False
             self._wake.clear()
 
 

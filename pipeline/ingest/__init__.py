@@ -13,7 +13,7 @@ _WHERE = {
     "Decoded": "._decoder",
     "Decoder": "._decoder",
     "MQTTClient": "._mqtt",
-    "Message": "._mqtt",
+    "Message": "._message",
 }
 
 

@@ -25,16 +25,18 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import paho.mqtt.client as paho
 
 from config._models import BrokerConfig
 from core._backoff import Backoff
+from core._clock import SYSTEM_CLOCK, Clock
 from core._errors import IngestError
 from core._metrics import METRICS
 
-from ._paho import PahoClient, connect_properties, make_client, set_credentials
+from ._message import Message
+from ._paho import PahoClient, connect_properties, make_client, quick_ack, set_credentials
+from ._redelivery import RedeliveryWindow
 
 __all__ = ["Message", "MQTTClient"]
 
@@ -53,20 +55,6 @@ _subscribes = METRICS.counter(
 )
 
 _READS_PER_WAKE = 64  # TLS: records decrypted but not yet read
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
-
-
-class Message(NamedTuple):
-    topic: str
-    payload: bytes
-    qos: int
-    mid: int
-    dup: bool  # the DUP flag as the broker sent it
-    arrival_ms: int
-    generation: int
-    #: DUP set, or received in the redelivery window after a (re)connect: the runtime
-    #: checks the store before decoding it (see docs/ingest.md, "Redeliveries")
-    maybe_seen: bool = False
 
 
 class MQTTClient:
@@ -87,12 +75,16 @@ class MQTTClient:
         max_pending: int = 5000,
         on_state: Callable[[bool], None] | None = None,
         expect_session: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.cfg = cfg
         self.subscriptions = subscriptions
         self.device_id = device_id
         self.max_pending = max_pending
         self.on_state = on_state
+        self.client_id = cfg.client_id or f"edgepipe-{device_id}"
+        t = cfg.status_topic
+        self.status_topic = t.replace("{device}", device_id) if t else None
         #: True when this client id has had a session before (the store holds data): a
         #: first CONNACK without one means the broker lost it
         self.expect_session = expect_session
@@ -114,25 +106,19 @@ class MQTTClient:
         self._closing = False
         self._interrupted = False
         self._connected_evt = asyncio.Event()
+        self._subscribed_evt = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._misc: asyncio.Task[None] | None = None
         self._disconnected = asyncio.Event()
         self._loop_thread: int | None = None
         self._connack: asyncio.Future[tuple[bool, int, str]] | None = None
-        self._recheck_until = 0.0
+        #: what the broker sends first after a connect may have been delivered before
+        self.redelivery_window = RedeliveryWindow(cfg.redelivery_window_s, clock)
+        self._in_window = False  # the window's state at the current socket read
         self._now_ms = 0
         self._client = self._make_client()
 
     # -- paho set-up ------------------------------------------------------------------
-    @property
-    def client_id(self) -> str:
-        return self.cfg.client_id or f"edgepipe-{self.device_id}"
-
-    @property
-    def status_topic(self) -> str | None:
-        t = self.cfg.status_topic
-        return t.replace("{device}", self.device_id) if t else None
-
     def _make_client(self) -> PahoClient:
         c = make_client(self.cfg, self.client_id, self.status_topic)
         c.on_connect = self._on_connect
@@ -140,11 +126,26 @@ class MQTTClient:
         c.on_message = self._on_message
         c.fast_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
-        c.on_socket_open = self._on_socket_open
-        c.on_socket_close = self._on_socket_close
-        c.on_socket_register_write = self._on_register_write
-        c.on_socket_unregister_write = self._on_unregister_write
+        c.on_socket_open = self._in_loop(self._socket_opened)
+        c.on_socket_close = self._in_loop(self._socket_closed)
+        c.on_socket_register_write = self._in_loop(self._register_write)
+        c.on_socket_unregister_write = self._in_loop(self._unregister_write)
         return c
+
+    def _in_loop(self, fn: Callable[[socket.socket], None]) -> Callable[..., None]:
+        """A paho socket callback that runs ``fn(sock)`` on the event loop thread: paho
+        calls them from connect(), which runs in an executor thread (the TCP/TLS handshake
+        blocks)."""
+
+        def callback(client: object, userdata: object, sock: socket.socket) -> None:
+            if self._loop is None:
+                return
+            if threading.get_ident() == self._loop_thread:
+                fn(sock)
+            else:
+                self._loop.call_soon_threadsafe(fn, sock)
+
+        return callback
 
     # -- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> MQTTClient:
@@ -164,6 +165,11 @@ class MQTTClient:
     async def wait_connected(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._connected_evt.wait(), timeout)
 
+    async def wait_subscribed(self, timeout: float | None = None) -> None:
+        """Until the broker has acknowledged this connection's subscriptions (SUBACK):
+        messages published from then on are delivered to this session."""
+        await asyncio.wait_for(self._subscribed_evt.wait(), timeout)
+
     async def close(self) -> None:
         """Publish the offline status, disconnect, stop the background tasks. Idempotent."""
         if self._closing:
@@ -178,15 +184,11 @@ class MQTTClient:
                 c.loop_write()
             except Exception:  # pragma: no cover - best effort on the way out
                 pass
-        for task in (self._supervisor, self._misc):
-            if task is not None:
-                task.cancel()
-        for task in (self._supervisor, self._misc):
-            if task is not None:
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        tasks = [t for t in (self._supervisor, self._misc) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.redelivery_window.close()
         self._remove_reader()
         self._remove_writer()
         try:
@@ -247,14 +249,11 @@ class MQTTClient:
         try:
             ok, rc, reason = await asyncio.wait_for(self._connack, self.cfg.keepalive)
         except TimeoutError:
-            self._drop_socket()
+            c.drop_socket()
             raise IngestError("no CONNACK from broker") from None
         if not ok:
-            self._drop_socket()
+            c.drop_socket()
             raise IngestError(f"broker refused the connection: {reason} (code {rc})")
-
-    def _drop_socket(self) -> None:
-        self._client.drop_socket()
 
     async def _misc_loop(self) -> None:
         c = self._client
@@ -272,8 +271,9 @@ class MQTTClient:
         self.connected = True
         self.session_present = bool(flags.session_present)
         # whatever the broker sends first on this connection may have been delivered (and
-        # committed) before: check it against the store, DUP flag or not
-        self._recheck_until = time.monotonic() + self.cfg.redelivery_window_s
+        # committed) before: check it against the store, DUP flag or not (this may run
+        # inside a socket read whose following packets are the first redeliveries)
+        self._in_window = self.redelivery_window.open(self._loop)
         if not self.session_present and (self.generation > 1 or self.expect_session):
             # a reconnect, or the first connect of a process whose store already holds
             # data: the broker lost (or expired) the session
@@ -312,6 +312,7 @@ class MQTTClient:
         else:
             log.info("subscribed to %d topic filter(s)", len(reason_codes))
             _subscribes.inc()
+            self._subscribed_evt.set()
         self.stats["subscribed"] += 1
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -322,6 +323,7 @@ class MQTTClient:
         was = self.connected
         self.connected = False
         self._connected_evt.clear()
+        self._subscribed_evt.clear()
         # messages not yet handed to the runtime will be redelivered on the next session
         dropped = len(self._pending)
         self._pending.clear()
@@ -353,30 +355,11 @@ class MQTTClient:
                 dup,
                 self._now_ms,
                 self.generation,
-                dup or (self._recheck_until != 0.0 and self._in_recheck_window()),
+                dup or self._in_window,
             )
         )
         if len(pending) >= self.max_pending:
             self._pause()
-
-    def _in_recheck_window(self) -> bool:
-        if time.monotonic() < self._recheck_until:
-            return True
-        self._recheck_until = 0.0
-        return False
-
-    # paho calls the socket callbacks from connect(), which runs in an executor thread
-    # (the TCP/TLS handshake blocks): hop onto the event loop thread first
-    def _in_loop(self, fn: Callable[..., None], *args: object) -> None:
-        if self._loop is None:
-            return
-        if threading.get_ident() == self._loop_thread:
-            fn(*args)
-        else:
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _on_socket_open(self, client, userdata, sock) -> None:  # noqa: ANN001
-        self._in_loop(self._socket_opened, sock)
 
     def _socket_opened(self, sock: socket.socket) -> None:
         self._remove_reader()
@@ -387,9 +370,6 @@ class MQTTClient:
         self._paused = False
         self._add_reader()
 
-    def _on_socket_close(self, client, userdata, sock) -> None:  # noqa: ANN001
-        self._in_loop(self._socket_closed, sock)
-
     def _socket_closed(self, sock: socket.socket) -> None:
         if self._sock is sock:
             self._remove_reader()
@@ -397,16 +377,10 @@ class MQTTClient:
             self._sock = None
             self._fd = -1
 
-    def _on_register_write(self, client, userdata, sock) -> None:  # noqa: ANN001
-        self._in_loop(self._register_write, sock)
-
     def _register_write(self, sock: socket.socket) -> None:
         if self._sock is sock and self._loop is not None and self._writer_fd < 0:
             self._loop.add_writer(self._fd, self._do_write)
             self._writer_fd = self._fd
-
-    def _on_unregister_write(self, client, userdata, sock) -> None:  # noqa: ANN001
-        self._in_loop(self._unregister_write, sock)
 
     def _unregister_write(self, sock: socket.socket) -> None:
         if self._sock is sock:
@@ -424,6 +398,7 @@ class MQTTClient:
         c = self._client
         pending = self._pending
         self._now_ms = int(time.time() * 1000)
+        self._in_window = self.redelivery_window.is_open()
         before = len(pending)
         self.stats["reader_wakes"] += 1
         for _ in range(_READS_PER_WAKE):
@@ -436,14 +411,8 @@ class MQTTClient:
                 break  # the selector wakes us again if the kernel holds more
         if len(pending) != before:
             self._wakeup.set()
-        if _QUICKACK is not None and self._sock is not None:
-            # Acknowledge the TCP segments now: edgepipe answers with PUBACKs only after a
-            # commit, so a delayed ACK would let the broker's Nagle algorithm hold back the
-            # next messages for up to 40 ms (mosquitto without set_tcp_nodelay)
-            try:
-                self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
+        if self._sock is not None:
+            quick_ack(self._sock)
 
     # -- backpressure -----------------------------------------------------------------
     def _add_reader(self) -> None:

@@ -33,12 +33,13 @@ from paho.mqtt.properties import Properties
 
 from config._models import BrokerConfig
 
-__all__ = ["PahoClient", "connect_properties", "make_client", "set_credentials"]
+__all__ = ["PahoClient", "connect_properties", "make_client", "quick_ack", "set_credentials"]
 
 log = logging.getLogger("edgepipe.mqtt")
 
 _RECV_SIZE = 65536
 _PUBACK = struct.Struct("!BBH")
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 
 
 def make_client(cfg: BrokerConfig, client_id: str, status_topic: str | None) -> PahoClient:
@@ -251,6 +252,18 @@ class PahoClient(paho.Client):
         try:
             self._sock_close()
         except Exception:
+            pass
+
+
+def quick_ack(sock: socket.socket) -> None:
+    """Acknowledge the received TCP segments now (Linux; call after each read): edgepipe
+    answers with PUBACKs only after a commit, so a delayed ACK would let the broker's Nagle
+    algorithm hold back the next messages for up to 40 ms (mosquitto without
+    set_tcp_nodelay; docs/ingest.md, "Nagle and delayed ACKs")."""
+    if _QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:
             pass
 
 
