@@ -196,10 +196,6 @@ async def _receive(
     if length is not None:
         if not length.isdigit() or len(length) > 18:
             raise Rejected(400, "bad_request", "invalid Content-Length")
-        if int(length) > settings.max_body_bytes:
-            raise Rejected(
-                413, "too_large", f"body exceeds the limit of {settings.max_body_bytes} bytes"
-            )
     ctype_raw = request.headers.get("content-type", signing.CONTENT_TYPE).strip()
     ctype = ctype_raw.split(";")[0].strip()
     if ctype != signing.CONTENT_TYPE:
@@ -229,6 +225,9 @@ async def _receive(
     if not signing.is_valid_nonce(nonce):
         raise Rejected(401, "unauthenticated", "X-Edgepipe-Nonce must be 32 lowercase hex chars")
     v2 = signature.startswith(signing.SIGNATURE_PREFIX_V2)
+    too_large = length is not None and int(length) > settings.max_body_bytes
+    if too_large and not v2:
+        raise _too_large(settings)
     if v2:
         digest = _header(request, signing.HEADER_DIGEST)
         if not signing.is_valid_digest(digest):
@@ -276,6 +275,8 @@ async def _receive(
         ):
             raise Rejected(401, "bad_signature", UNKNOWN_DEVICE_OR_BAD_SIGNATURE)
         ctx.authenticated, ctx.device = True, device
+        if too_large:  # the device's own upload is too large: worth its rejection log
+            raise _too_large(settings)
         if stale:
             raise _stale(settings)
         await _admit(settings, backend, gate, ctx, device, nonce, now)
@@ -332,6 +333,10 @@ async def _receive(
     )
     gate.accepted += 1
     return JSONResponse({"acked": result.acked, "duplicates": result.duplicates})
+
+
+def _too_large(settings: Settings) -> Rejected:
+    return Rejected(413, "too_large", f"body exceeds the limit of {settings.max_body_bytes} bytes")
 
 
 def _stale(settings: Settings) -> Rejected:

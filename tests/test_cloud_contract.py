@@ -317,8 +317,13 @@ def test_oversized_body_by_content_length(
     backend: Backend, device: DeviceClient, operator: httpx.Client
 ) -> None:
     sent = b"\0" * (MAX_BODY + 1)
+    r = device.post_raw(sent, encoding="identity")  # signed (v2): checked before reading
+    _refused(backend, operator, device, r, 413, "too_large")
+    device.version = 1  # unverifiable before its body: refused unread, counted only
     r = device.post_raw(sent, encoding="identity")
-    _refused(backend, operator, device, r, 413, "too_large", logged=False)
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+    rows = operator.get("/v1/rejections", params={"device": device.name}).json()["rejections"]
+    assert len(rows) == 1  # only the signed one
 
 
 def test_oversized_body_streamed_without_length(
