@@ -21,13 +21,17 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import _read_api as read
-from ._auth import require_operator
+from ._admission import DeviceRate, UploadGate
+from ._auth import PasswordChecker, operator_endpoint, require_operator
 from ._backend import Backend, open_backend
 from ._dashboard import dashboard_routes, install
-from ._http_errors import exception_handlers, rejection_for
+from ._http_errors import SecurityHeaders, exception_handlers, rejection_for
 from ._secrets import MasterKey, no_master_key
 from ._settings import DashboardSettings, Settings
 from ._upload import post_batches
@@ -45,8 +49,37 @@ def api_routes() -> list[BaseRoute]:
         Route("/v1/readings", read.readings, methods=["GET"]),
         Route("/v1/rejections", read.rejections, methods=["GET"]),
         Route("/v1/dead-letters", read.dead_letters, methods=["GET"]),
+        Route("/v1/receiver", receiver_status, methods=["GET"]),
         Route("/openapi.json", read.openapi, methods=["GET"]),
     ]
+
+
+@operator_endpoint
+async def receiver_status(request: Request) -> Response:
+    """The receiver's admission counters: uploads in progress, refusals of requests that did
+    not prove their origin (counted here, never logged per request), password checks.
+    ---
+    summary: Receiver admission counters
+    operationId: receiverStatus
+    tags: [read]
+    security: [{operatorBearer: []}]
+    responses:
+      "200":
+        description: Counters since the receiver started.
+        content:
+          application/json:
+            schema:
+              type: object
+              properties:
+                uploads: {type: object}
+                logins: {type: object}
+              required: [uploads, logins]
+      "401": {$ref: "#/components/responses/Error"}
+    """
+    state = request.app.state
+    return JSONResponse(
+        {"uploads": state.upload_gate.snapshot(), "logins": state.password_checker.snapshot()}
+    )
 
 
 def create_app(
@@ -74,6 +107,7 @@ def create_app(
         try:
             yield
         finally:
+            app.state.password_checker.close()
             if owned:
                 app.state.backend.close()
                 app.state.backend = None
@@ -82,10 +116,18 @@ def create_app(
         routes=[*api_routes(), *dashboard_routes(), *extra_routes],
         lifespan=lifespan,
         exception_handlers=exception_handlers(),  # type: ignore[arg-type]
+        middleware=[Middleware(SecurityHeaders)],
     )
     app.state.settings = settings
     app.state.backend = backend
-    app.state.inflight = 0
+    app.state.upload_gate = UploadGate(
+        max_inflight=settings.max_inflight_uploads,
+        max_per_device=settings.max_inflight_per_device,
+        max_unverified=settings.max_unverified_bodies,
+        rate=DeviceRate(settings.device_uploads_per_s, settings.device_upload_burst),
+    )
     token = settings.api_token.get_secret_value() if settings.api_token else None
     install(app, dashboard, token)  # operator sessions (or the API token) for the read API
+    d = app.state.dashboard
+    app.state.password_checker = PasswordChecker(d.login_check_workers, d.login_check_queue)
     return app

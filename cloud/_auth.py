@@ -9,7 +9,10 @@
 * Every state-changing form carries a CSRF token: before login a double-submit cookie, after
   login the token bound to the session.  A cross-origin ``Origin`` header is refused as well.
 * Failed logins are rate limited per client address and per user name; beyond the limit the
-  answer is 429 with ``Retry-After``.
+  answer is 429 with ``Retry-After``.  An attempt is reserved before its password is checked,
+  so the limit holds however many logins arrive at once.
+* Passwords are verified on a :class:`PasswordChecker`: a pool of its own (1-2 threads, a
+  bounded queue, overflow answered 429), so argon2 never delays uploads.
 
 A device signature opens none of this: operators are identified only by the session cookie
 (or the optional API bearer token of the settings, for scripts).
@@ -17,6 +20,7 @@ A device signature opens none of this: operators are identified only by the sess
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -26,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -43,6 +48,7 @@ __all__ = [
     "CSRF_COOKIE",
     "SESSION_COOKIE",
     "LoginLimiter",
+    "PasswordChecker",
     "hash_password",
     "new_token",
     "operator_authorizer",
@@ -114,32 +120,111 @@ class LoginLimiter:
     def retry_after(self, keys: Iterable[str], now: float | None = None) -> int | None:
         """Seconds until a login may be tried again, or None if none of ``keys`` is blocked."""
         now = time.monotonic() if now is None else now
-        wait = 0.0
         with self._lock:
-            for key in keys:
-                q = self._fails.get(key)
-                if not q:
-                    continue
-                while q and q[0] <= now - self.window_s:
-                    q.popleft()
-                if len(q) >= self.max_failures:
-                    wait = max(wait, q[len(q) - self.max_failures] + self.window_s - now)
+            return self._retry_after_locked(list(keys), now)
+
+    def reserve(self, keys: Iterable[str], now: float | None = None) -> int | None:
+        """Atomically: if none of ``keys`` is blocked, count this attempt as a failure of
+        each (until :meth:`succeeded` says otherwise) and return None; else the seconds to
+        wait.  Reserving before the password is checked keeps the limit under concurrency."""
+        now = time.monotonic() if now is None else now
+        keys = list(keys)
+        with self._lock:
+            wait = self._retry_after_locked(keys, now)
+            if wait is None:
+                self._failed_locked(keys, now)
+            return wait
+
+    def _retry_after_locked(self, keys: list[str], now: float) -> int | None:
+        wait = 0.0
+        for key in keys:
+            q = self._fails.get(key)
+            if not q:
+                continue
+            while q and q[0] <= now - self.window_s:
+                q.popleft()
+            if len(q) >= self.max_failures:
+                wait = max(wait, q[len(q) - self.max_failures] + self.window_s - now)
         return max(1, int(wait + 0.999)) if wait > 0 else None
+
+    def _failed_locked(self, keys: list[str], now: float) -> None:
+        for key in keys:
+            q = self._fails.get(key)
+            if q is None:
+                if len(self._fails) >= self.max_keys:
+                    self._fails.pop(next(iter(self._fails)))
+                q = self._fails[key] = deque(maxlen=self.max_failures * 4)
+            q.append(now)
+
+    def release(self, key: str) -> None:
+        """Take back one reserved attempt of ``key`` (a login that succeeded)."""
+        with self._lock:
+            q = self._fails.get(key)
+            if q:
+                q.pop()
+                if not q:
+                    self._fails.pop(key, None)
 
     def failed(self, keys: Iterable[str], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
-            for key in keys:
-                q = self._fails.get(key)
-                if q is None:
-                    if len(self._fails) >= self.max_keys:
-                        self._fails.pop(next(iter(self._fails)))
-                    q = self._fails[key] = deque(maxlen=self.max_failures * 4)
-                q.append(now)
+            self._failed_locked(list(keys), now)
 
     def succeeded(self, key: str) -> None:
         with self._lock:
             self._fails.pop(key, None)
+
+
+# -- password checks -----------------------------------------------------------------------------
+class PasswordChecker:
+    """argon2 verification on its own ``workers`` threads with at most ``queue`` checks
+    waiting; :meth:`verify` returns None (the caller answers 429) when both are full.
+    ``checks`` counts the verifications made, ``overflow`` the ones refused."""
+
+    def __init__(self, workers: int = 2, queue: int = 8) -> None:
+        self.workers, self.queue = workers, queue
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="edgepipe-password")
+        self._slots = workers + queue
+        self._lock = threading.Lock()
+        self.checks = 0
+        self.overflow = 0
+        self.pending = 0
+
+    async def run(self, func: Callable[..., Any], *args: Any) -> Any:
+        """``func(*args)`` on the pool, or raise :class:`Rejected` 429 if it is full."""
+        if self.pending >= self._slots:
+            self.overflow += 1
+            raise Rejected(
+                429,
+                "busy",
+                "too many sign-ins in progress; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+        finally:
+            self.pending -= 1
+
+    async def verify(self, pwhash: str | None, password: str) -> bool:
+        return await self.run(self._verify, pwhash, password)
+
+    def _verify(self, pwhash: str | None, password: str) -> bool:
+        with self._lock:
+            self.checks += 1
+        return verify_password(pwhash, password)
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "password_checks": self.checks,
+            "overflow": self.overflow,
+            "pending": self.pending,
+            "workers": self.workers,
+            "queue": self.queue,
+        }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- forms --------------------------------------------------------------------------------------

@@ -5,12 +5,18 @@ and this module turns each into the :class:`Rejected` the client sees, and insta
 exception handlers that render every refusal as ``{"error": code, "detail": detail, ...}``.
 
 Uploads get their own answers where telling more would help an attacker: a device that is
-unknown (or was removed while its upload was decoded) looks exactly like a bad signature.
+unknown (or was removed while its upload was decoded) gets byte for byte the answer of a bad
+signature.
+
+:class:`SecurityHeaders` adds ``Cache-Control: no-store`` and ``X-Content-Type-Options:
+nosniff`` to every response of the app (API answers carry operator data and must not be kept
+by caches; no answer may be sniffed into another type).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -26,7 +32,7 @@ from ._errors import (
     UnknownDevice,
 )
 
-__all__ = ["error_response", "exception_handlers", "rejection_for"]
+__all__ = ["SecurityHeaders", "error_response", "exception_handlers", "rejection_for"]
 
 log = logging.getLogger("edgepipe.cloud")
 
@@ -41,7 +47,7 @@ def rejection_for(exc: CloudError, *, upload: bool = False) -> Rejected | None:
         return exc
     if isinstance(exc, UnknownDevice):
         if upload:
-            return Rejected(401, "unknown_device", UNKNOWN_DEVICE_OR_BAD_SIGNATURE)
+            return Rejected(401, "bad_signature", UNKNOWN_DEVICE_OR_BAD_SIGNATURE)
         return Rejected(404, "not_found", f"no device named {exc.name[:64]!r}")
     if isinstance(exc, SequenceConflict):
         return Rejected(409, "sequence_conflict", str(exc), seq=exc.seq)
@@ -88,3 +94,35 @@ async def _internal(request: Request, exc: Exception) -> Response:
 def exception_handlers() -> dict[type[Exception], object]:
     """For ``Starlette(exception_handlers=...)``."""
     return {CloudError: _cloud_error, HTTPException: _http_error, Exception: _internal}
+
+
+class SecurityHeaders:
+    """ASGI middleware: ``X-Content-Type-Options: nosniff`` on every response and
+    ``Cache-Control: no-store`` on every one but the static assets (``/static/``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cacheable = scope.get("path", "").startswith("/static/")
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, v)
+                    for k, v in message.get("headers", [])
+                    if k.lower() not in _SET or (cacheable and k.lower() == b"cache-control")
+                ]
+                headers.append((b"x-content-type-options", b"nosniff"))
+                if not cacheable:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+_SET = frozenset({b"x-content-type-options", b"cache-control"})

@@ -1,5 +1,7 @@
 """The dashboard's sign-in: the login form (a double-submit CSRF cookie), its rate limit
-per client address and user name, the session it opens and logging out."""
+per client address and user name (an attempt is reserved before its password is checked),
+the session it opens and logging out.  Passwords are checked on the app's
+:class:`cloud._auth.PasswordChecker`, never on the threads that serve uploads."""
 
 from __future__ import annotations
 
@@ -72,21 +74,22 @@ async def login_submit(request: Request) -> Response:
         )
     ip = request.client.host if request.client else "unknown"
     keys = [f"ip:{ip}", f"user:{name.lower()}"]
-    wait = limiter.retry_after(keys)
+    wait = limiter.reserve(keys)
     if wait is not None:
-        resp = _login_form(
-            request,
-            cookie_csrf or auth.new_token(),
-            error=f"Too many failed sign-ins. Try again in {wait} s.",
-            name=name,
-            status=429,
-        )
-        resp.headers["Retry-After"] = str(wait)
-        return resp
-    pwhash = await run_in_threadpool(backend.operator_hash, name) if name else None
-    ok = await run_in_threadpool(auth.verify_password, pwhash, password)
-    if not ok:
-        limiter.failed(keys)
+        return _too_many(request, cookie_csrf, name, wait, "Too many failed sign-ins")
+    checker: auth.PasswordChecker = request.app.state.password_checker
+    try:
+        pwhash = await run_in_threadpool(backend.operator_hash, name) if name else None
+        ok = await checker.verify(pwhash, password)
+    except Rejected as busy:  # the password pool is full: this attempt was never checked
+        for key in keys:
+            limiter.release(key)
+        return _too_many(request, cookie_csrf, name, 1, busy.detail.capitalize())
+    except BaseException:
+        for key in keys:
+            limiter.release(key)
+        raise
+    if not ok:  # the reserved attempt stays counted as a failure
         log.info("failed sign-in for %r from %s", name[:64], ip)
         return _login_form(
             request,
@@ -95,9 +98,11 @@ async def login_submit(request: Request) -> Response:
             name=name,
             status=401,
         )
+    limiter.release(f"ip:{ip}")
     limiter.succeeded(f"user:{name.lower()}")
     if pwhash is not None and auth.needs_rehash(pwhash):
-        await run_in_threadpool(backend.set_operator_hash, name, auth.hash_password(password))
+        new_hash = await checker.run(auth.hash_password, password)
+        await run_in_threadpool(backend.set_operator_hash, name, new_hash)
     token, now = auth.new_token(), now_ms()
     await run_in_threadpool(
         backend.create_session,
@@ -110,6 +115,20 @@ async def login_submit(request: Request) -> Response:
     resp = RedirectResponse(safe_next(request.query_params.get("next")), status_code=303)
     auth.set_cookie(request, resp, auth.SESSION_COOKIE, token, s.session_ttl_s)
     resp.delete_cookie(auth.CSRF_COOKIE, path="/")
+    return resp
+
+
+def _too_many(
+    request: Request, cookie_csrf: str | None, name: str, wait: int, why: str
+) -> Response:
+    resp = _login_form(
+        request,
+        cookie_csrf or auth.new_token(),
+        error=f"{why}. Try again in {wait} s.",
+        name=name,
+        status=429,
+    )
+    resp.headers["Retry-After"] = str(wait)
     return resp
 
 

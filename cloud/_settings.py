@@ -78,6 +78,17 @@ class Settings(_EnvModel):
     max_skew_s: int = Field(300, ge=1)
     #: Uploads processed at once; beyond it the receiver answers 503 with Retry-After.
     max_inflight_uploads: int = Field(16, ge=1)
+    #: Uploads of one device at once, from its authenticated headers to the answer.
+    max_inflight_per_device: int = Field(2, ge=1)
+    #: A request body must arrive within this; a slower one is cut with 408.
+    body_timeout_s: float = Field(30, gt=0, le=3600)
+    #: v1-signed bodies read at once before their signature can be checked (beyond: 503).
+    max_unverified_bodies: int = Field(32, ge=1)
+    #: Accept signature version 1 (older devices; its body is read before it is verified).
+    accept_v1_signatures: bool = True
+    #: Uploads per second one device may make (a token bucket), and its burst.
+    device_uploads_per_s: float = Field(20, gt=0)
+    device_upload_burst: int = Field(40, ge=1)
     retry_after_s: int = Field(2, ge=1)
     #: Bearer token for the read API (the dashboard replaces this with operator sessions).
     api_token: SecretStr | None = None
@@ -131,6 +142,10 @@ class DashboardSettings(_EnvModel):
     secure_cookies: bool | None = None
     login_max_failures: int = Field(5, ge=1)
     login_window_s: int = Field(300, ge=1)
+    #: Threads that verify passwords (argon2), apart from the uploads' threads.
+    login_check_workers: int = Field(2, ge=1, le=16)
+    #: Password checks that may wait for a thread; beyond, a login is answered 429.
+    login_check_queue: int = Field(8, ge=0, le=1024)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DashboardSettings:

@@ -1,5 +1,9 @@
 """The SQLite backend: embedded, WAL, ``synchronous=FULL`` (a commit survives power loss).
 
+The database holds operators' password hashes and sealed device secrets, so a new database
+file is created mode 0600 whatever the umask (SQLite gives its -wal and -shm files the mode
+of the database file).
+
 One writer connection behind a lock (SQLite has one writer anyway) and one reader connection
 per worker thread, so dashboard reads never wait for an ingest.
 """
@@ -24,6 +28,8 @@ class SQLiteBackend(SQLBackend):
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
+            if not path.startswith("file:"):
+                _create_private(path)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
@@ -79,3 +85,15 @@ class SQLiteBackend(SQLBackend):
             for conn in self._conns:
                 conn.close()
             self._conns.clear()
+
+
+def _create_private(path: str) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (an existing file is kept)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+    finally:
+        os.close(fd)

@@ -1,15 +1,22 @@
 """``POST /v1/batches``: the upload endpoint of the sync wire protocol v1.
 
-Cheap header checks first, then the device's secret, the body (bounded while streaming),
-its signature, freshness and nonce, then decoding off the event loop and one durable
-transaction.  At most ``max_inflight_uploads`` run at once (beyond: 503 with Retry-After).
-Every refusal is logged in the backend's rejection log with its code, and answered with
-the status :func:`cloud._http_errors.rejection_for` gives it.
+Authenticate before spending: cheap header checks first, then the device's secret and (for
+a v2 signature, which covers the headers and the body's digest) the signature, freshness,
+nonce and the device's rate -- all before a byte of the body is read.  The body is then read
+within ``body_timeout_s`` while the request holds one of its device's places
+(:mod:`cloud._admission`), checked against the signed digest, decoded off the event loop and
+stored in one durable transaction on one of the ``max_inflight_uploads`` processing slots.
+
+Only refusals of authenticated requests reach the backend's rejection log (and the device's
+``last_error``); the others are counted in memory and sampled into the log, so a flood of
+forged requests writes nothing.  An unknown device and a bad signature get the same answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import logging
 from typing import Any
 
@@ -20,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from core._clock import now_ms
 from protocol import _signing as signing
 
+from ._admission import UploadGate
 from ._backend import Backend
 from ._errors import (
     CloudError,
@@ -39,14 +47,29 @@ log = logging.getLogger("edgepipe.cloud")
 
 
 class _Upload:
-    """State of one upload request, for the rejection log."""
+    """State of one upload request: who it proved to be, and the places it holds."""
 
-    __slots__ = ("authenticated", "claimed", "device")
+    __slots__ = ("authenticated", "claimed", "device", "held")
 
     def __init__(self) -> None:
-        self.device: str | None = None  # set once the named device is known to exist
+        self.device: str | None = None  # set once the request is known to come from it
         self.claimed: str | None = None
         self.authenticated = False  # set once its signature verified
+        self.held: list[str] = []  # "device", "unverified", "processing"
+
+    def release(self, gate: UploadGate) -> None:
+        for place in self.held:
+            if place == "device":
+                gate.leave_device(self.claimed or "")
+            elif place == "unverified":
+                gate.leave_unverified()
+            else:
+                gate.leave_processing()
+        self.held.clear()
+
+
+#: Refusals that are counted but never written per request, even for a known device.
+_UNLOGGED = frozenset({"rate_limited", "busy", "overloaded"})
 
 
 async def post_batches(request: Request) -> Response:
@@ -94,34 +117,29 @@ async def post_batches(request: Request) -> Response:
     """
     state = request.app.state
     settings: Settings = state.settings
-    if state.inflight >= settings.max_inflight_uploads:
-        return error_response(
-            Rejected(
-                503,
-                "overloaded",
-                "too many uploads in progress; retry later",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            )
-        )
-    state.inflight += 1
+    gate: UploadGate = state.upload_gate
     ctx = _Upload()
     try:
-        return await _receive(request, settings, state.backend, ctx)
+        return await _receive(request, settings, state.backend, gate, ctx)
     except CloudError as err:
         exc = rejection_for(err, upload=True)
         if exc is None:
             raise
         remote = request.client.host if request.client else None
-        detail = exc.detail
-        if ctx.device is None and ctx.claimed is not None:
-            detail = f"{detail} (claimed device {ctx.claimed[:64]!r})"
+        if not ctx.authenticated and not isinstance(err, MasterKeyError | SecretUnreadable):
+            reason = "unknown_device" if isinstance(err, UnknownDevice) else exc.code
+            gate.refused_unauthenticated(reason, remote, ctx.claimed)
+            return error_response(exc)
+        if exc.code in _UNLOGGED:
+            gate.refused_unauthenticated(exc.code, remote, ctx.claimed)
+            return error_response(exc)
         try:
             await run_in_threadpool(
                 functools.partial(
                     state.backend.record_rejection,
                     ctx.device,
                     exc.code,
-                    detail,
+                    exc.detail,
                     remote,
                     now_ms(),
                     authenticated=ctx.authenticated,
@@ -132,7 +150,7 @@ async def post_batches(request: Request) -> Response:
         log.info("rejected upload from %s: %s %s", remote, exc.status, exc.code)
         return error_response(exc)
     finally:
-        state.inflight -= 1
+        ctx.release(gate)
 
 
 def _header(request: Request, name: str) -> str:
@@ -142,54 +160,93 @@ def _header(request: Request, name: str) -> str:
     return value
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, bounded in size while streaming and in time (408 past ``timeout_s``)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Rejected(413, "too_large", f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Rejected(413, "too_large", f"body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Rejected(
+            408,
+            "timeout",
+            f"the body did not arrive within {timeout_s:g} s",
+            headers={"Connection": "close"},
+        ) from None
     return b"".join(chunks)
 
 
+def _busy(code: str, detail: str, retry_after: float) -> Rejected:
+    status = 503 if code == "overloaded" else 429
+    return Rejected(
+        status, code, detail, headers={"Retry-After": str(max(1, int(retry_after + 0.999)))}
+    )
+
+
 async def _receive(
-    request: Request, settings: Settings, backend: Backend, ctx: _Upload
+    request: Request, settings: Settings, backend: Backend, gate: UploadGate, ctx: _Upload
 ) -> Response:
-    # 1. Cheap checks on headers, before reading anything.
+    # 1. Cheap checks on headers, before reading anything or holding anything.
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        if not length.isdigit() or len(length) > 18:
             raise Rejected(400, "bad_request", "invalid Content-Length")
-        if int(length) > settings.max_body_bytes:
-            raise Rejected(
-                413, "too_large", f"body exceeds the limit of {settings.max_body_bytes} bytes"
-            )
-    ctype = request.headers.get("content-type", signing.CONTENT_TYPE).split(";")[0].strip()
+    ctype_raw = request.headers.get("content-type", signing.CONTENT_TYPE).strip()
+    ctype = ctype_raw.split(";")[0].strip()
     if ctype != signing.CONTENT_TYPE:
         raise Rejected(
             415, "unsupported_media_type", f"Content-Type must be {signing.CONTENT_TYPE}"
         )
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    encoding_raw = request.headers.get("content-encoding", "identity").strip()
+    encoding = encoding_raw.lower()
     if encoding not in ENCODINGS:
         raise Rejected(
             415,
             "unsupported_encoding",
             f"Content-Encoding {encoding[:32]!r} is not supported; use one of {', '.join(ENCODINGS)}",
         )
-    device = ctx.claimed = _header(request, signing.HEADER_DEVICE)
+    device = _header(request, signing.HEADER_DEVICE)
+    ctx.claimed = device[:128]
+    if len(device) > 128:
+        raise Rejected(401, "unauthenticated", "X-Edgepipe-Device is longer than 128 characters")
     ts_raw = _header(request, signing.HEADER_TIMESTAMP)
     nonce = _header(request, signing.HEADER_NONCE)
     signature = _header(request, signing.HEADER_SIGNATURE)
-    link = request.headers.get(signing.HEADER_LINK, "unknown").strip().lower()[:32] or "unknown"
-    try:
-        timestamp = int(ts_raw)
-    except ValueError:
-        raise Rejected(
-            401, "unauthenticated", "X-Edgepipe-Timestamp must be integer seconds"
-        ) from None
+    link_raw = request.headers.get(signing.HEADER_LINK, "unknown").strip()
+    link = link_raw.lower()[:32] or "unknown"
+    if not (ts_raw.lstrip("-").isdigit() and len(ts_raw) <= 20):
+        raise Rejected(401, "unauthenticated", "X-Edgepipe-Timestamp must be integer seconds")
+    timestamp = int(ts_raw)
     if not signing.is_valid_nonce(nonce):
         raise Rejected(401, "unauthenticated", "X-Edgepipe-Nonce must be 32 lowercase hex chars")
+    v2 = signature.startswith(signing.SIGNATURE_PREFIX_V2)
+    too_large = length is not None and int(length) > settings.max_body_bytes
+    if too_large and not v2:
+        raise _too_large(settings)
+    if v2:
+        digest = _header(request, signing.HEADER_DIGEST)
+        if not signing.is_valid_digest(digest):
+            raise Rejected(
+                401, "unauthenticated", "X-Edgepipe-Content-SHA256 must be 64 lowercase hex chars"
+            )
+    elif signature.startswith(signing.SIGNATURE_PREFIX):
+        if not settings.accept_v1_signatures:
+            raise Rejected(
+                401,
+                "unauthenticated",
+                "signature version 1 is not accepted by this receiver; upgrade the device",
+            )
+    else:
+        raise Rejected(401, "unauthenticated", "X-Edgepipe-Signature must start with v2= or v1=")
+    now = now_ms()
+    stale = abs(now // 1000 - timestamp) > settings.max_skew_s
+    if stale and not v2:  # nothing to authenticate it with before its body is in
+        raise _stale(settings)
 
     try:
         secret = await run_in_threadpool(backend.get_device_secret, device)
@@ -201,26 +258,62 @@ async def _receive(
         raise
     if secret is None:
         raise UnknownDevice(device)
-    ctx.device = device
 
-    # 2. The body, bounded while streaming; then who sent it.
-    body = await _read_body(request, settings.max_body_bytes)
-    if not signing.verify(
-        secret, request.method, request.url.path, timestamp, nonce, body, signature
-    ):
-        raise Rejected(401, "bad_signature", UNKNOWN_DEVICE_OR_BAD_SIGNATURE)
-    ctx.authenticated = True
-    now = now_ms()
-    if abs(now // 1000 - timestamp) > settings.max_skew_s:
-        raise Rejected(
-            401,
-            "stale",
-            f"timestamp is more than {settings.max_skew_s} s from the receiver's clock",
-        )
-    if await run_in_threadpool(backend.nonce_seen, device, nonce, now):
-        raise NonceReplayed(device)
+    if v2:
+        # 2a. Who sent it, from the headers alone (the body's digest is signed).
+        if not signing.verify_v2(
+            secret,
+            request.method,
+            request.url.path,
+            timestamp,
+            nonce,
+            ctype_raw,
+            encoding_raw,
+            link_raw,
+            digest,
+            signature,
+        ):
+            raise Rejected(401, "bad_signature", UNKNOWN_DEVICE_OR_BAD_SIGNATURE)
+        ctx.authenticated, ctx.device = True, device
+        if too_large:  # the device's own upload is too large: worth its rejection log
+            raise _too_large(settings)
+        if stale:
+            raise _stale(settings)
+        await _admit(settings, backend, gate, ctx, device, nonce, now)
+        gate.reading += 1
+        try:
+            body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        finally:
+            gate.reading -= 1
+        if hashlib.sha256(body).hexdigest() != digest:
+            ctx.authenticated, ctx.device = False, None  # the body is not what was signed
+            raise Rejected(401, "bad_signature", UNKNOWN_DEVICE_OR_BAD_SIGNATURE)
+    else:
+        # 2b. Version 1: the body first (on a bounded place, within the deadline).
+        if not gate.enter_unverified():
+            raise _busy(
+                "overloaded", "too many uploads in progress; retry later", settings.retry_after_s
+            )
+        ctx.held.append("unverified")
+        gate.reading += 1
+        try:
+            body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        finally:
+            gate.reading -= 1
+        if not signing.verify(
+            secret, request.method, request.url.path, timestamp, nonce, body, signature
+        ):
+            raise Rejected(401, "bad_signature", UNKNOWN_DEVICE_OR_BAD_SIGNATURE)
+        ctx.authenticated, ctx.device = True, device
+        await _admit(settings, backend, gate, ctx, device, nonce, now)
 
     # 3. Decode (CPU-bound: off the event loop), then store in one transaction.
+    if not gate.enter_processing():
+        raise _busy(
+            "overloaded", "too many uploads in progress; retry later", settings.retry_after_s
+        )
+    ctx.held.append("processing")
+
     def decode() -> Any:
         data = decompress(body, encoding, settings.max_decompressed_bytes)
         return decode_upload(data, device)
@@ -238,4 +331,41 @@ async def _receive(
         nonce_expires=expires,
         now=now,
     )
+    gate.accepted += 1
     return JSONResponse({"acked": result.acked, "duplicates": result.duplicates})
+
+
+def _too_large(settings: Settings) -> Rejected:
+    return Rejected(413, "too_large", f"body exceeds the limit of {settings.max_body_bytes} bytes")
+
+
+def _stale(settings: Settings) -> Rejected:
+    return Rejected(
+        401,
+        "stale",
+        f"timestamp is more than {settings.max_skew_s} s from the receiver's clock",
+    )
+
+
+async def _admit(
+    settings: Settings,
+    backend: Backend,
+    gate: UploadGate,
+    ctx: _Upload,
+    device: str,
+    nonce: str,
+    now: int,
+) -> None:
+    """An authenticated request's nonce, its device's rate and one of its device's places."""
+    if await run_in_threadpool(backend.nonce_seen, device, nonce, now):
+        raise NonceReplayed(device)
+    wait = gate.rate.take(device)
+    if wait is not None:
+        raise _busy("rate_limited", "too many uploads from this device; retry later", wait)
+    if not gate.enter_device(device):
+        raise _busy(
+            "busy",
+            f"this device already has {settings.max_inflight_per_device} uploads in progress",
+            settings.retry_after_s,
+        )
+    ctx.held.append("device")

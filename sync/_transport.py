@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core._errors import SyncError
-from protocol._signing import CONTENT_TYPE, signed_headers
+from protocol._signing import signed_headers_v2
 
 __all__ = ["PATH_BATCHES", "PATH_PING", "Transport", "secret_bytes"]
 
@@ -71,11 +71,15 @@ class Transport:
         path = self.prefix + PATH_BATCHES
 
         def headers() -> dict[str, str]:
-            h = signed_headers(
-                self._secret, self.device_id, path, body, timestamp=int(self._clock()), link=link
+            h = signed_headers_v2(
+                self._secret,
+                self.device_id,
+                path,
+                body,
+                timestamp=int(self._clock()),
+                encoding=encoding,
+                link=link,
             )
-            h["Content-Type"] = CONTENT_TYPE
-            h["Content-Encoding"] = encoding
             h["Content-Length"] = str(len(body))
             return h
 

@@ -17,6 +17,7 @@ import zstandard
 from cloud import Backend, ReadingsQuery, SequenceConflict, Settings, create_app, open_backend
 from cloud._app import rejection_for
 from cloud._wire import decode_upload
+from protocol import _signing
 from tests.helpers.cloud_client import (
     PATH,
     DeviceClient,
@@ -46,7 +47,10 @@ def backend(
 @pytest.fixture(scope="module")
 def server(backend: Backend) -> Iterator[LiveServer]:
     settings = Settings(
-        api_token=TOKEN, max_body_bytes=MAX_BODY, max_decompressed_bytes=MAX_DECOMPRESSED
+        api_token=TOKEN,
+        max_body_bytes=MAX_BODY,
+        max_decompressed_bytes=MAX_DECOMPRESSED,
+        max_inflight_per_device=8,  # the concurrency tests upload 6 at once from one device
     )
     with LiveServer(create_app(settings, backend=backend)) as s:
         yield s
@@ -217,12 +221,20 @@ def _refused(
     code: str,
     *,
     logged_device: str | None = "self",
+    logged: bool = True,
 ) -> None:
     assert r.status_code == status, r.text
     body = r.json()
     assert body["error"] == code and body["detail"]
     assert device.secret.hex() not in r.text
     assert _stored(backend, device) == 0
+    if not logged:  # not authenticated: counted in memory, nothing written per request
+        rows = operator.get("/v1/rejections", params={"device": device.name}).json()
+        assert rows["rejections"] == []
+        assert operator.get(f"/v1/devices/{device.name}").json()["last_error"] is None
+        counts = operator.get("/v1/receiver").json()["uploads"]["refused_unauthenticated"]
+        assert counts[code] >= 1
+        return
     rej = _last_rejection(operator)
     assert rej["reason"] == code
     assert rej["device"] == (device.name if logged_device == "self" else logged_device)
@@ -231,17 +243,17 @@ def _refused(
 
 def test_wrong_secret(backend: Backend, device: DeviceClient, operator: httpx.Client) -> None:
     r = device.upload([make_batch(1, series_readings(3))], secret=b"x" * 32)
-    _refused(backend, operator, device, r, 401, "bad_signature")
+    _refused(backend, operator, device, r, 401, "bad_signature", logged=False)
     status = operator.get(f"/v1/devices/{device.name}").json()
-    assert status["last_error"].startswith("bad_signature")
-    assert status["last_seen_ms"] is None  # an unverified request is not the device
+    assert status["last_error"] is None  # an unverified request is not the device
+    assert status["last_seen_ms"] is None
 
 
 def test_forged_body(backend: Backend, device: DeviceClient, operator: httpx.Client) -> None:
     genuine = encode(device.body([make_batch(1, series_readings(3))]), "zstd")
     forged = encode(device.body([make_batch(1, series_readings(30))]), "zstd")
     r = device.post_raw(forged, signed_body=genuine)
-    _refused(backend, operator, device, r, 401, "bad_signature")
+    _refused(backend, operator, device, r, 401, "bad_signature", logged=False)
 
 
 def test_signature_of_another_path_or_device(
@@ -252,16 +264,20 @@ def test_signature_of_another_path_or_device(
     r = device.post_raw(sent, headers={"X-Edgepipe-Device": other_name})
     assert r.status_code == 401 and r.json()["error"] == "bad_signature"
     r = device.post_raw(sent, headers={"X-Edgepipe-Signature": "v1=" + "0" * 64})
-    _refused(backend, operator, device, r, 401, "bad_signature")
+    _refused(backend, operator, device, r, 401, "bad_signature", logged=False)
+    r = device.post_raw(sent, headers={"X-Edgepipe-Signature": "v2=" + "0" * 64})
+    _refused(backend, operator, device, r, 401, "bad_signature", logged=False)
 
 
 def test_unknown_device(backend: Backend, server: LiveServer, operator: httpx.Client) -> None:
     ghost = DeviceClient(server.url, "no-such-device", b"k" * 32)
     r = ghost.upload([make_batch(1, series_readings(3))])
-    assert r.status_code == 401 and r.json()["error"] == "unknown_device"
-    rej = _last_rejection(operator)
-    assert rej["reason"] == "unknown_device" and rej["device"] is None
-    assert "no-such-device" in rej["detail"]
+    # The same answer as a bad signature (device names cannot be enumerated), nothing logged.
+    assert r.status_code == 401 and r.json()["error"] == "bad_signature"
+    rows = operator.get("/v1/rejections", params={"limit": 1000}).json()["rejections"]
+    assert not any("no-such-device" in (row["detail"] or "") for row in rows)
+    counts = operator.get("/v1/receiver").json()["uploads"]["refused_unauthenticated"]
+    assert counts["unknown_device"] >= 1
     ghost.close()
 
 
@@ -301,8 +317,13 @@ def test_oversized_body_by_content_length(
     backend: Backend, device: DeviceClient, operator: httpx.Client
 ) -> None:
     sent = b"\0" * (MAX_BODY + 1)
+    r = device.post_raw(sent, encoding="identity")  # signed (v2): checked before reading
+    _refused(backend, operator, device, r, 413, "too_large")
+    device.version = 1  # unverifiable before its body: refused unread, counted only
     r = device.post_raw(sent, encoding="identity")
-    _refused(backend, operator, device, r, 413, "too_large", logged_device=None)
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+    rows = operator.get("/v1/rejections", params={"device": device.name}).json()["rejections"]
+    assert len(rows) == 1  # only the signed one
 
 
 def test_oversized_body_streamed_without_length(
@@ -322,6 +343,12 @@ def test_oversized_body_streamed_without_length(
             yield sent[i : i + 16384]
 
     r = device.http.post(PATH, content=chunks(), headers=headers)
+    _refused(backend, operator, device, r, 413, "too_large", logged=False)  # v1: unverified
+    # Signed (v2), the same body is refused as the device's own oversized upload: logged.
+    h2 = _signing.signed_headers_v2(
+        device.secret, device.name, PATH, sent, timestamp=int(time.time()), encoding="identity"
+    )
+    r = device.http.post(PATH, content=chunks(), headers=h2)
     _refused(backend, operator, device, r, 413, "too_large")
 
 
@@ -347,7 +374,7 @@ def test_unsupported_encoding(
 ) -> None:
     sent = encode(device.body([make_batch(1, series_readings(3))]), "identity")
     r = device.post_raw(sent, encoding="br")
-    _refused(backend, operator, device, r, 415, "unsupported_encoding", logged_device=None)
+    _refused(backend, operator, device, r, 415, "unsupported_encoding", logged=False)
 
 
 @pytest.mark.parametrize(
@@ -495,8 +522,8 @@ def test_downsampling_is_bounded_and_exact(
 
 
 def test_rejection_log_paging(device: DeviceClient, operator: httpx.Client) -> None:
-    for _ in range(3):
-        device.upload([make_batch(1, series_readings(1))], secret=b"z" * 32)
+    for _ in range(3):  # stale but authentic: logged for the device
+        device.upload([make_batch(1, series_readings(1))], timestamp=int(time.time()) - 10_000)
     rows = operator.get("/v1/rejections", params={"device": device.name}).json()["rejections"]
     assert len(rows) == 3
     ids = [r["id"] for r in rows]
@@ -595,10 +622,12 @@ def test_responses_match_the_openapi_document(device: DeviceClient, operator: ht
 def test_overload_answers_503_with_retry_after(backend: Backend) -> None:
     import threading
 
-    settings = Settings(api_token=TOKEN, max_inflight_uploads=1, retry_after_s=7)
+    # A v1 upload's body is read before it can be verified, on one of max_unverified_bodies
+    # places: with one, a second v1 upload is turned away while the first is being received.
+    settings = Settings(api_token=TOKEN, max_unverified_bodies=1, retry_after_s=7)
     name, secret = new_device(backend)
     with LiveServer(create_app(settings, backend=backend)) as server:
-        dev = DeviceClient(server.url, name, secret)
+        dev = DeviceClient(server.url, name, secret, version=1)
         release = threading.Event()
         sent = encode(dev.body([make_batch(1, series_readings(3))]), "zstd")
 

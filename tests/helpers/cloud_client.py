@@ -72,8 +72,11 @@ def encode(body: bytes, encoding: str) -> bytes:
 class DeviceClient:
     """Signs, compresses and posts uploads as device ``name``."""
 
-    def __init__(self, base_url: str, name: str, secret: bytes, encoding: str = "zstd") -> None:
+    def __init__(
+        self, base_url: str, name: str, secret: bytes, encoding: str = "zstd", version: int = 2
+    ) -> None:
         self.base_url, self.name, self.secret, self.encoding = base_url, name, secret, encoding
+        self.version = version  # of the signature: 2 (current devices) or 1 (older ones)
         self.http = httpx.Client(base_url=base_url, timeout=30)
 
     def close(self) -> None:
@@ -119,17 +122,24 @@ class DeviceClient:
         """Post ``sent`` as is (already encoded); the signature covers ``signed_body`` if
         given (to forge), else ``sent``."""
         ts = int(time.time()) if timestamp is None else timestamp
-        h = _signing.signed_headers(
-            secret or self.secret,
-            self.name,
-            PATH,
-            sent if signed_body is None else signed_body,
-            timestamp=ts,
-            nonce=nonce,
-            link=link,
-        )
-        h["Content-Type"] = _signing.CONTENT_TYPE
-        h["Content-Encoding"] = encoding or self.encoding
+        signed = sent if signed_body is None else signed_body
+        if self.version == 2:
+            h = _signing.signed_headers_v2(
+                secret or self.secret,
+                self.name,
+                PATH,
+                signed,
+                timestamp=ts,
+                encoding=encoding or self.encoding,
+                nonce=nonce,
+                link=link,
+            )
+        else:
+            h = _signing.signed_headers(
+                secret or self.secret, self.name, PATH, signed, timestamp=ts, nonce=nonce, link=link
+            )
+            h["Content-Type"] = _signing.CONTENT_TYPE
+            h["Content-Encoding"] = encoding or self.encoding
         h.update(headers or {})
         return self.http.post(PATH, content=sent, headers=h)
 

@@ -1,0 +1,280 @@
+"""The receiver authenticates before it spends: slow or forged uploads hold nothing shared,
+logins cannot outrun their limit nor delay uploads, refused floods write nothing, and every
+answer carries the security headers (real uvicorn on loopback, real SQLite files)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cloud import Backend, Settings, create_app, open_backend
+from cloud._auth import hash_password
+from cloud._settings import DashboardSettings
+from protocol import _signing
+from tests.helpers.cloud_client import (
+    PATH,
+    DeviceClient,
+    LiveServer,
+    encode,
+    make_batch,
+    new_device,
+    new_master_key,
+    series_readings,
+)
+from tests.helpers.edge import wait_for
+
+TOKEN = "operator-token-for-hardening"
+PASSWORD = "a long enough password"
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    path = tmp_path_factory.mktemp("hardening") / "cloud.db"
+    with open_backend(f"sqlite:///{path}", master_key=new_master_key()) as b:
+        b.add_operator("alice", hash_password(PASSWORD))
+        yield b
+
+
+def _operator(server: LiveServer) -> httpx.Client:
+    return httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+    )
+
+
+def _status(op: httpx.Client) -> dict:
+    r = op.get("/v1/receiver")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _raw_request(port: int, headers: dict[str, str], first: bytes = b"") -> socket.socket:
+    """Send a request's headers (and ``first`` body bytes) and keep the socket open."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    lines = [f"POST {PATH} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + first)
+    return s
+
+
+def _answer_status(s: socket.socket) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    m = re.match(rb"HTTP/1\.1 (\d{3})", data)
+    assert m, data[:200]
+    return int(m.group(1))
+
+
+def _slow_headers(name: str, *, version: int, length: int = 1000) -> dict[str, str]:
+    """What an adversary can send for a known device name without its secret."""
+    h = {
+        "Content-Type": _signing.CONTENT_TYPE,
+        "Content-Encoding": "identity",
+        "Content-Length": str(length),
+        "X-Edgepipe-Device": name,
+        "X-Edgepipe-Timestamp": str(int(time.time())),
+        "X-Edgepipe-Nonce": _signing.new_nonce(),
+        "X-Edgepipe-Signature": f"v{version}=" + "ab" * 32,
+    }
+    if version == 2:
+        h["X-Edgepipe-Content-SHA256"] = "cd" * 32
+    return h
+
+
+def test_slow_bodies_hold_no_shared_slot_and_are_cut(backend: Backend) -> None:
+    settings = Settings(api_token=TOKEN, body_timeout_s=8, max_unverified_bodies=64)
+    victim, victim_secret = new_device(backend)
+    others = [new_device(backend) for _ in range(3)]
+    with LiveServer(create_app(settings, backend=backend)) as server, _operator(server) as op:
+        # v1-style headers can only be checked once the body is in: 50 are held, reading.
+        slow = [
+            _raw_request(server.port, _slow_headers(victim, version=1), b"x") for _ in range(50)
+        ]
+        wait_for(lambda: _status(op)["uploads"]["unverified_bodies"] == 50, 60, "50 bodies held")
+        assert _status(op)["uploads"]["inflight"] == 0  # none of them holds a processing slot
+        # v2-style forged headers are refused from the headers alone, before any body byte.
+        forged = [_raw_request(server.port, _slow_headers(victim, version=2)) for _ in range(20)]
+        assert [_answer_status(s) for s in forged] == [401] * 20
+
+        # Genuine uploads, of the victim itself and of other devices, all get through.
+        clients = [DeviceClient(server.url, victim, victim_secret)]
+        clients += [DeviceClient(server.url, n, s) for n, s in others]
+        codes = []
+        for seq in range(1, 7):
+            for c in clients:
+                codes.append(c.upload([make_batch(seq, series_readings(2))]).status_code)
+        assert codes == [200] * 24
+        assert _status(op)["uploads"]["unverified_bodies"] == 50  # still held meanwhile
+
+        # The deadline cuts every slow body with 408 and frees its place.
+        assert [_answer_status(s) for s in slow] == [408] * 50
+        st = _status(op)["uploads"]
+        assert st["unverified_bodies"] == 0 and st["reading_bodies"] == 0
+        assert st["refused_unauthenticated"]["timeout"] == 50
+        assert st["refused_unauthenticated"]["bad_signature"] == 20
+        assert op.get("/v1/rejections", params={"device": victim}).json()["rejections"] == []
+        for c in clients:
+            c.close()
+
+
+def test_concurrent_logins_check_at_most_the_limit_and_uploads_go_on(backend: Backend) -> None:
+    dash = DashboardSettings(login_max_failures=5, login_window_s=300)
+    name, secret = new_device(backend)
+    app = create_app(Settings(api_token=TOKEN), backend=backend, dashboard=dash)
+    with LiveServer(app) as server, _operator(server) as op:
+        before = _status(op)["logins"]["password_checks"]
+
+        def attempt(_: int) -> int:
+            with httpx.Client(base_url=server.url, timeout=120) as c:
+                page = c.get("/login")
+                csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+                r = c.post(
+                    "/login",
+                    data={"username": "alice", "password": "wrong guess", "csrf": csrf},
+                    headers={"Origin": server.url},
+                )
+                return r.status_code
+
+        dev = DeviceClient(server.url, name, secret)
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            logins = [pool.submit(attempt, i) for i in range(100)]
+            wait_for(lambda: any(f.done() for f in logins), 120, "a login answered")
+            t0 = time.monotonic()
+            upload = dev.upload([make_batch(1, series_readings(3))])
+            latency = time.monotonic() - t0
+            codes = [f.result() for f in logins]
+        print(f"genuine upload during 100 concurrent logins: {latency * 1000:.0f} ms")
+        assert upload.status_code == 200, upload.text
+        checks = _status(op)["logins"]["password_checks"] - before
+        assert checks <= 5
+        assert codes.count(401) == checks and codes.count(429) == 100 - checks
+        dev.close()
+
+
+def test_unknown_device_and_bad_signature_get_identical_answers(backend: Backend) -> None:
+    name, secret = new_device(backend)
+    with LiveServer(create_app(Settings(api_token=TOKEN), backend=backend)) as server:
+        body = encode(DeviceClient(server.url, name, secret).body([]), "zstd")
+        answers = []
+        for device, key in ((name, b"w" * 32), ("no-such-device-" + name, b"w" * 32)):
+            for version in (1, 2):
+                c = DeviceClient(server.url, device, key, version=version)
+                r = c.post_raw(body, nonce="ef" * 16, timestamp=int(time.time()))
+                answers.append((r.status_code, r.content, r.headers.get("content-type")))
+                c.close()
+        assert answers[0][0] == 401 and len(set(answers)) == 1, answers
+
+
+def test_refused_floods_change_neither_the_rejection_log_nor_last_error(
+    backend: Backend,
+) -> None:
+    name, secret = new_device(backend)
+    with LiveServer(create_app(Settings(api_token=TOKEN), backend=backend)) as server:
+        op = _operator(server)
+        dev = DeviceClient(server.url, name, secret)
+        stale = dev.upload([make_batch(1, series_readings(1))], timestamp=int(time.time()) - 9999)
+        assert stale.status_code == 401 and stale.json()["error"] == "stale"
+        log_before = op.get("/v1/rejections", params={"limit": 1000}).json()["rejections"]
+        device_before = op.get(f"/v1/devices/{name}").json()
+        assert device_before["last_error"].startswith("stale")
+        refused_before = _status(op)["uploads"]["refused_unauthenticated_total"]
+
+        sent = encode(dev.body([make_batch(1, series_readings(1))]), "zstd")
+        evil = "attacker-text " * 20
+        n = 0
+        for i in range(40):
+            # wrong secret (v2 and v1), a tampered link or encoding, a body not the one signed
+            for version in (1, 2):
+                forger = DeviceClient(server.url, name, os.urandom(32), version=version)
+                r = forger.post_raw(
+                    sent, link=evil[:30].strip(), headers={"User-Agent": evil.strip()}
+                )
+                assert r.status_code == 401
+                forger.close()
+                n += 1
+            r = dev.post_raw(sent, headers={"X-Edgepipe-Link": "cellular"})
+            r2 = dev.post_raw(sent, signed_body=sent + b"!")
+            r3 = DeviceClient(server.url, f"ghost-{i}", b"g" * 32).post_raw(sent)
+            assert {r.status_code, r2.status_code, r3.status_code} == {401}
+            n += 3
+        assert op.get("/v1/rejections", params={"limit": 1000}).json()["rejections"] == log_before
+        after = op.get(f"/v1/devices/{name}").json()
+        assert after["last_error"] == device_before["last_error"]
+        assert after["last_error_ms"] == device_before["last_error_ms"]
+        assert _status(op)["uploads"]["refused_unauthenticated_total"] - refused_before == n
+        # The genuine device still gets through, once.
+        assert dev.upload([make_batch(1, series_readings(1))]).status_code == 200
+        assert backend.count_readings(name) == 1
+        dev.close()
+        op.close()
+
+
+def test_every_answer_carries_no_store_and_nosniff(backend: Backend) -> None:
+    name, secret = new_device(backend)
+    with LiveServer(create_app(Settings(api_token=TOKEN), backend=backend)) as server:
+        dev = DeviceClient(server.url, name, secret)
+        op = _operator(server)
+        answers = [
+            httpx.get(server.url + "/v1/ping"),
+            httpx.get(server.url + "/v1/devices"),  # 401
+            op.get("/v1/devices"),
+            op.get("/openapi.json"),
+            op.get("/v1/nowhere"),  # 404
+            dev.upload([make_batch(1, series_readings(1))]),
+            dev.upload([make_batch(2, series_readings(1))], secret=b"q" * 32),  # 401
+            httpx.get(server.url + "/login"),
+        ]
+        for r in answers:
+            assert r.headers.get("cache-control") == "no-store", (r.url, r.headers)
+            assert r.headers.get("x-content-type-options") == "nosniff", r.url
+        assert [r.status_code for r in answers[:2]] == [200, 401]
+        dev.close()
+        op.close()
+
+
+def test_the_database_is_created_0600_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "cloud.db"
+        with open_backend(f"sqlite:///{path}", master_key=new_master_key()) as b:
+            b.add_operator("bob", hash_password(PASSWORD))
+            files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+            assert all(f.exists() for f in files)
+            modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+        assert modes == {f.name: 0o600 for f in files}
+    finally:
+        os.umask(old)
+
+
+def test_v1_can_be_refused_and_v2_covers_how_the_body_is_read(backend: Backend) -> None:
+    name, secret = new_device(backend)
+    settings = Settings(api_token=TOKEN, accept_v1_signatures=False)
+    with LiveServer(create_app(settings, backend=backend)) as server:
+        old = DeviceClient(server.url, name, secret, version=1)
+        r = old.upload([make_batch(1, series_readings(1))])
+        assert r.status_code == 401 and "version 1" in r.json()["detail"]
+        dev = DeviceClient(server.url, name, secret, encoding="identity")
+        sent = dev.body([make_batch(1, series_readings(1))])
+        for changed in (
+            {"Content-Encoding": "gzip"},
+            {"X-Edgepipe-Link": "ethernet"},
+            {"Content-Type": _signing.CONTENT_TYPE + "; charset=x"},
+        ):
+            r = dev.post_raw(sent, encoding="identity", headers=changed)
+            assert r.status_code == 401 and r.json()["error"] == "bad_signature", changed
+        assert dev.post_raw(sent, encoding="identity").status_code == 200
+        old.close()
+        dev.close()
