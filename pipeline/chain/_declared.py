@@ -25,7 +25,6 @@ belongs to.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -215,6 +214,8 @@ class ConfigKey:
 
     def _choice(self, v: str) -> str | None:
         if self.enum is not None and v not in self.enum:
+            import difflib  # only on the error path
+
             hint = difflib.get_close_matches(v, self.enum, n=1)
             also = f" (did you mean {hint[0]!r}?)" if hint else ""
             return f"{v!r} is not one of {', '.join(self.enum)}{also}"
@@ -314,6 +315,8 @@ class Declaration:
                 candidates[f"{prefix}.{tail}" if tail else prefix] = k.name
             else:
                 candidates[k.name] = k.name
+        import difflib  # only on the error path
+
         hint = difflib.get_close_matches(flat, list(candidates), n=1, cutoff=0.6)
         also = f"; did you mean {hint[0]!r}?" if hint else ""
         shown = ", ".join(n.replace(".*", ".NAME") for n in names)
