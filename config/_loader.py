@@ -130,4 +130,6 @@ def load_config(path: str | Path, text: str | None = None) -> PipelineConfig:
     except ValidationError as e:
         raise locate_validation_error(e, locs, shown) from None
     cfg._base_dir = path.resolve().parent
+    cfg._source = shown
+    cfg._locs = locs
     return cfg

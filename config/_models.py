@@ -360,8 +360,21 @@ class PipelineConfig(_Model):
     def _unique_stage_names(cls, chain: list[StageConfig]) -> list[StageConfig]:
         return unique_stage_names(chain)
 
-    # Where relative paths in the file are resolved from (set by load_config).
+    # Where relative paths in the file are resolved from, the file as shown in messages
+    # and the (line, col) of every node by key path (set by load_config).
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="pipeline.yaml")
+    _locs: dict[tuple[Any, ...], tuple[int, int]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """The file this config was loaded from, as messages name it."""
+        return self._source
+
+    @property
+    def locations(self) -> dict[tuple[Any, ...], tuple[int, int]]:
+        """(line, col) of each YAML node by key path, e.g. ``("chain", 0, "config")``."""
+        return self._locs
 
     @property
     def base_dir(self) -> Path:

@@ -62,9 +62,11 @@ def test_watcher_swaps_on_change_and_keeps_old_on_error(tmp_path, reg):
     assert "bogus" in w.last_error
     assert ema_out(chain, 0) == [0.0, 5.0]
 
-    # a module that refuses its config (ep_init fails) is refused too
+    # a config the module refuses (alpha outside its declared range) is refused too,
+    # located at the value
     write_filters(path, "7")
-    assert w.wait() is None and "ep_init" in (w.last_error or "")
+    assert w.wait() is None
+    assert f"{path}:6:21: stage 'ema': config.alpha: 7 is out of range" in (w.last_error or "")
 
     write_filters(path, "0.25")
     new = w.wait()
@@ -82,7 +84,7 @@ def test_watcher_sees_module_replaced(tmp_path, reg):
     write_filters(path, "0.5", mod="f.wasm")
     spec = load_chain_file(path)
     w = ChainWatcher(spec, reg, cache_dir=None, interval_s=0)
-    shutil.copy(LIB / "calibrate.wasm", mod)  # same YAML, new module bytes
+    shutil.copy(LIB / "zscore.wasm", mod)  # same YAML (zscore takes alpha too), new bytes
     new = w.wait()
     assert new is not None
     assert new.describe()[0]["sha256"] != spec.sha256
@@ -157,8 +159,10 @@ def test_deploy_and_rollback_cli(tmp_path, capsys, reg):
     err = capsys.readouterr().err
     assert f"{src / 'bad.yaml'}:5:11" in err and "kind" in err
     (src / "init.yaml").write_text(FILTERS.format(mod="ema.wasm", alpha="9"))
-    assert main(["deploy", str(src / "init.yaml"), "-c", str(cfg_path)]) == 1
-    assert "ep_init" in capsys.readouterr().err
+    assert main(["deploy", str(src / "init.yaml"), "-c", str(cfg_path)]) == 2
+    assert "init.yaml:6:21: stage 'ema': config.alpha: 9 is out of range" in (
+        capsys.readouterr().err
+    )
     assert (tmp_path / "installed" / "filters.yaml").read_text() == before
 
     assert main(["rollback", "-c", str(cfg_path)]) == 0

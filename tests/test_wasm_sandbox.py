@@ -279,9 +279,12 @@ def test_refuses_failing_init(tmp_path, reg, init, code):
     assert e.code == code
 
 
-def test_refuses_bad_config_value_from_guest(tmp_path, reg):
+def test_refuses_bad_config_value_before_the_guest(tmp_path, reg):
+    # ema declares alpha in (0, 1]: the host refuses 7 before ep_init runs (a guest's own
+    # refusal is test_refuses_failing_init's "init" case)
     e = refused(tmp_path, reg, stage("ema", "ema", "map", {"alpha": 7}))
-    assert e.code == "init"
+    assert e.code == "bad_config"
+    assert e.message == "config.alpha: 7 is out of range (must be > 0 and <= 1)"
 
 
 def test_refuses_start_function_that_never_returns(tmp_path, reg):

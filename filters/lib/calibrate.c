@@ -9,6 +9,14 @@
  */
 #include "edgepipe.h"
 
+EP_CONFIG(
+    EP_NUMBER("scale", 1, EP_ANY, "factor applied to every metric")
+    EP_NUMBER("offset", 0, EP_ANY, "added to every metric after scaling")
+    EP_NUMBER("scale.*", null, EP_ANY, "per-metric factor")
+    EP_NUMBER("offset.*", null, EP_ANY, "per-metric offset")
+    EP_ENUM("unit.*", "", "c_to_f|f_to_c|c_to_k|k_to_c|pa_to_hpa|hpa_to_pa|ppm_to_ppb|ppb_to_ppm",
+            "per-metric unit conversion after calibration"));
+
 typedef struct {
     double scale, offset, mul, add;
     uint32_t ready, touch;

@@ -6,6 +6,12 @@
  */
 #include "edgepipe.h"
 
+EP_CONFIG(
+    EP_NUMBER("band", 0.5, EP_AT_LEAST(0), "smallest change that is reported")
+    EP_NUMBER("band.*", null, EP_AT_LEAST(0), "per-metric band")
+    EP_NUMBER("max_silence_s", 0, EP_AT_LEAST(0),
+              "report anyway after this many seconds without a report (0: never)"));
+
 typedef struct {
     double last;
     int64_t last_ts;

@@ -25,4 +25,5 @@ fn fresh(rec: *const ep.Record) bool {
 
 comptime {
     ep.filter(fresh, .{ .State = State });
+    asm (ep.configDecl(&.{})); // takes no configuration
 }

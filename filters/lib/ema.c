@@ -5,6 +5,9 @@
  */
 #include "edgepipe.h"
 
+EP_CONFIG(EP_NUMBER("alpha", 0.2, EP_ABOVE_AT_MOST(0, 1),
+                    "smoothing factor: weight of the newest reading"));
+
 typedef struct {
     double ema;
     uint32_t has, pad;

@@ -5,6 +5,10 @@
  */
 #include "edgepipe.h"
 
+EP_CONFIG(
+    EP_NUMBER("max_rate", 1.0, EP_AT_LEAST(0), "largest normal change per second")
+    EP_NUMBER("max_rate.*", null, EP_AT_LEAST(0), "per-metric max_rate"));
+
 typedef struct {
     double prev;
     int64_t prev_ts;

@@ -14,6 +14,15 @@
 
 use edgepipe_filter::{config, series_metric, Record, SeriesCache, FLAG_ANOMALY};
 
+edgepipe_filter::config_decl! {
+    "high": number, "alarm above this value, every metric (default: none)";
+    "low": number, "alarm below this value, every metric (default: none)";
+    "high.*": number, "per-metric high";
+    "low.*": number, "per-metric low";
+    "hysteresis": number, default = 0, minimum = 0, "how far back inside the band a reading must be to clear the alarm";
+    "hysteresis.*": number, minimum = 0, "per-metric hysteresis";
+}
+
 #[derive(Clone, Copy, Default)]
 struct Alarm {
     on: u32,

@@ -8,6 +8,14 @@
  */
 #include "edgepipe.h"
 
+EP_CONFIG(
+    EP_NUMBER_OR_EMPTY("sentinel", -200, EP_ANY,
+                       "value meaning missing, dropped (empty: no sentinel)")
+    EP_NUMBER("min", null, EP_ANY, "lowest valid value of every metric (default: unbounded)")
+    EP_NUMBER("max", null, EP_ANY, "highest valid value of every metric (default: unbounded)")
+    EP_NUMBER_LIST("range.*", EP_ITEMS(2), EP_ANY,
+                   "per-metric valid range [lo, hi] (inclusive), overrides min/max"));
+
 typedef struct {
     double lo, hi;
     uint32_t ready;

@@ -10,6 +10,12 @@
  */
 #include "edgepipe.h"
 
+EP_CONFIG(
+    EP_NUMBER("window_s", 60, EP_AT_LEAST(0.001), "window length in seconds")
+    EP_ENUM_LIST("stats", "mean,min,max,count", "mean|min|max|count",
+                 "aggregates emitted per window, as derived series METRIC_STAT")
+    EP_BOOL("passthrough", false, "also forward the raw readings"));
+
 typedef struct {
     int64_t start;
     double sum, min, max;

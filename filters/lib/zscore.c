@@ -8,6 +8,11 @@
  */
 #include "edgepipe.h"
 
+EP_CONFIG(
+    EP_NUMBER("alpha", 0.05, EP_ABOVE_AT_MOST(0, 1), "weight of the newest reading in mean and variance")
+    EP_NUMBER("threshold", 3.0, EP_AT_LEAST(0), "flag readings more than this many deviations away")
+    EP_INT("warmup", 10, EP_AT_LEAST(0), "readings per series before anything is flagged"));
+
 typedef struct {
     double mean, var;
     uint32_t count, pad;

@@ -17,10 +17,30 @@
  *     EP_EXPAND(fn)      void fn(const ep_record *rec, ep_out *out)   ep_emit() any number
  *     EP_AGGREGATE(fn)   like EP_EXPAND, plus EP_FLUSH(fn2) void fn2(ep_out *out)
  * Optional:
+ *     EP_CONFIG(keys...)             the config the filter accepts (see below)
  *     EP_INIT { ...; return 0; }     runs once per instance after the config is loaded;
  *                                    any non-zero return refuses the module (code init)
  *     EP_STATE(type)                 per-series state, snapshotted by the host:
  *                                    type *s = ep_state(rec->series);  (zeroed on first use)
+ *
+ *
+ * Config declaration: the host checks a stage's `config:` against it before ep_init runs
+ * (unknown keys, types, ranges; filters/ABI.md "Config declaration").  One EP_CONFIG per
+ * filter, at file scope, keys one after another (no commas between them); a NAME ending
+ * in ".*" is one key per suffix (per metric):
+ *     EP_CONFIG(
+ *         EP_NUMBER("window_s", 60, EP_ABOVE(0), "window length in seconds")
+ *         EP_NUMBER("band.*", null, EP_AT_LEAST(0), "per-metric band")
+ *         EP_BOOL("passthrough", false, "also forward the raw readings"));
+ * Keys: EP_BOOL(name, dflt, desc)   EP_INT(name, dflt, range, desc)
+ *       EP_NUMBER(name, dflt, range, desc)   EP_NUMBER_OR_EMPTY(name, dflt, range, desc)
+ *       EP_STRING(name, dflt, desc)   EP_NUMBER_LIST(name, items, range, desc)
+ *       EP_ENUM(name, dflt, "a|b|c", desc)   EP_ENUM_LIST(name, dflt, "a|b|c", desc)
+ * dflt is a number, true/false or null (no default); for strings a literal ("" for none).
+ * range is EP_ANY, EP_AT_LEAST(lo), EP_ABOVE(lo), EP_AT_MOST(hi), EP_BETWEEN(lo, hi) or
+ * EP_ABOVE_AT_MOST(lo, hi); items is EP_ITEMS(n) (exactly n) or EP_ITEMS_ANY.  Numbers are
+ * JSON numbers; names and descriptions plain text (no double quotes or backslashes).
+ * `edgepipe filter build` checks the declaration, `edgepipe filter describe` prints it.
  *
  * Build:  python -m ziglang cc --target=wasm32-freestanding -nostdlib -O2 \
  *             -Wl,--no-entry -Wl,--export-dynamic -Wl,--strip-debug -Wl,-z,stack-size=65536 \
@@ -61,6 +81,41 @@ _Static_assert(sizeof(ep_record) == 24, "ep_record must be 24 bytes");
 
 #define EP_EXPORT(name) __attribute__((export_name(#name), visibility("default")))
 #define EP_IMPORT(name) __attribute__((import_module("edgepipe"), import_name(#name)))
+
+/* ---- config declaration: JSON lines in the custom section "edgepipe.config" ---------- */
+/* Written with assembler directives: clang's section attribute puts wasm32 data into a
+   data segment, only `.section .custom_section.NAME` makes a custom section.
+   EP__A(lit) emits the bytes of a string literal, EP__T(tok) the spelling of a token. */
+#define EP__A(lit) ".ascii " #lit "\n"
+#define EP__T(tok) ".ascii \"" #tok "\"\n"
+#define EP__KEY(name, type, dflt, extra, desc)                                               \
+    EP__A("{\"name\":\"") EP__A(name) EP__A("\",\"type\":\"") EP__A(type)                   \
+    EP__A("\",\"default\":") dflt extra EP__A(",\"description\":\"") EP__A(desc) EP__A("\"}\n")
+#define EP__STR(lit) EP__A("\"") EP__A(lit) EP__A("\"")
+#define EP_ANY
+#define EP_AT_LEAST(lo) EP__A(",\"minimum\":") EP__T(lo)
+#define EP_ABOVE(lo) EP__A(",\"exclusive_minimum\":") EP__T(lo)
+#define EP_AT_MOST(hi) EP__A(",\"maximum\":") EP__T(hi)
+#define EP_BETWEEN(lo, hi) EP_AT_LEAST(lo) EP_AT_MOST(hi)
+#define EP_ABOVE_AT_MOST(lo, hi) EP_ABOVE(lo) EP_AT_MOST(hi)
+#define EP_ITEMS(n) EP__A(",\"min_items\":") EP__T(n) EP__A(",\"max_items\":") EP__T(n)
+#define EP_ITEMS_ANY
+#define EP_BOOL(name, dflt, desc) EP__KEY(name, "bool", EP__T(dflt), , desc)
+#define EP_INT(name, dflt, range, desc) EP__KEY(name, "int", EP__T(dflt), range, desc)
+#define EP_NUMBER(name, dflt, range, desc) EP__KEY(name, "number", EP__T(dflt), range, desc)
+/* a number key that may also be given empty (`key:` with no value) */
+#define EP_NUMBER_OR_EMPTY(name, dflt, range, desc)                                          \
+    EP__KEY(name, "number", EP__T(dflt), range EP__A(",\"nullable\":true"), desc)
+#define EP_STRING(name, dflt, desc) EP__KEY(name, "string", EP__STR(dflt), , desc)
+#define EP_ENUM(name, dflt, values, desc)                                                    \
+    EP__KEY(name, "string", EP__STR(dflt), EP__A(",\"enum\":") EP__STR(values), desc)
+#define EP_ENUM_LIST(name, dflt, values, desc)                                               \
+    EP__KEY(name, "string_list", EP__STR(dflt), EP__A(",\"enum\":") EP__STR(values), desc)
+#define EP_NUMBER_LIST(name, items, range, desc)                                             \
+    EP__KEY(name, "number_list", EP__T(null), items range, desc)
+#define EP_CONFIG(keys)                                                                      \
+    __asm__(".section .custom_section.edgepipe.config,\"\",@\n"                             \
+            EP__A("{\"edgepipe.config\":1}\n") keys ".text\n")
 
 /* ---- host imports (module "edgepipe") ------------------------------------------- */
 EP_IMPORT(series_name) int32_t ep__host_series_name(uint32_t series, uint32_t kind, void *buf,

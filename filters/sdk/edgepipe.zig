@@ -13,9 +13,77 @@
 //! Kinds: filter(fn(*const Record) bool), map(fn(*Record) void),
 //!        filterMap(fn(*Record) bool), expand(fn(*const Record, *Out) void),
 //!        aggregate(fn(*const Record, *Out) void, flush: fn(*Out) void).
+//! Config declaration (checked by the host before init; filters/ABI.md "Config
+//! declaration"), at container level, numbers and defaults written as JSON text:
+//!     comptime {
+//!         asm (ep.configDecl(&.{
+//!             .{ .name = "window_s", .type = .number, .default = "60", .exclusive_minimum = "0",
+//!                .description = "window length in seconds" },
+//!             .{ .name = "range.*", .type = .number_list, .items = 2 },
+//!         }));
+//!     }
+//! `&.{}` declares that the filter takes no configuration.
 //! Build: edgepipe filter build my_filter.zig   (or see filters/build.py)
 
 pub const abi_version: i32 = 1;
+
+// ---- config declaration: JSON lines in the custom section "edgepipe.config" -----------
+pub const KeyType = enum { bool, int, number, string, number_list, string_list };
+
+/// One declared config key; number and default fields hold JSON text ("60", "true",
+/// "\"mean\""), `enum_values` is "a|b|c", `items` an exact list length.
+pub const Key = struct {
+    name: []const u8,
+    type: KeyType,
+    default: ?[]const u8 = null,
+    minimum: ?[]const u8 = null,
+    maximum: ?[]const u8 = null,
+    exclusive_minimum: ?[]const u8 = null,
+    exclusive_maximum: ?[]const u8 = null,
+    enum_values: ?[]const u8 = null,
+    items: ?[]const u8 = null,
+    nullable: bool = false,
+    description: []const u8 = "",
+};
+
+fn jsonField(comptime name: []const u8, comptime value: ?[]const u8) []const u8 {
+    return if (value) |v| ",\"" ++ name ++ "\":" ++ v else "";
+}
+
+fn asmEscape(comptime text: []const u8) []const u8 {
+    comptime var escaped: []const u8 = "";
+    inline for (text) |c| {
+        escaped = escaped ++ switch (c) {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            else => &[_]u8{c},
+        };
+    }
+    return escaped;
+}
+
+/// The assembly that places the declaration of `keys` in the module (use with `asm`
+/// in a container-level `comptime` block, see the top of this file).
+pub fn configDecl(comptime keys: []const Key) []const u8 {
+    comptime {
+        @setEvalBranchQuota(100_000);
+        var json: []const u8 = "{\"edgepipe.config\":1}\n";
+        for (keys) |k| {
+            json = json ++ "{\"name\":\"" ++ k.name ++ "\",\"type\":\"" ++ @tagName(k.type) ++ "\"" ++
+                jsonField("default", k.default) ++ jsonField("minimum", k.minimum) ++
+                jsonField("maximum", k.maximum) ++
+                jsonField("exclusive_minimum", k.exclusive_minimum) ++
+                jsonField("exclusive_maximum", k.exclusive_maximum) ++
+                (if (k.enum_values) |e| ",\"enum\":\"" ++ e ++ "\"" else "") ++
+                jsonField("min_items", k.items) ++ jsonField("max_items", k.items) ++
+                (if (k.nullable) ",\"nullable\":true" else "") ++
+                ",\"description\":\"" ++ k.description ++ "\"}\n";
+        }
+        return ".section .custom_section.edgepipe.config,\"\",@\n.ascii \"" ++ asmEscape(json) ++
+            "\"\n.text\n";
+    }
+}
 
 pub const Record = extern struct {
     ts: i64,

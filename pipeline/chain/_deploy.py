@@ -17,6 +17,12 @@ a worker thread so batches keep flowing; ``poll()`` then instantiates it on the 
 thread and returns it.  A chain that fails leaves the old one running; the reason (with
 ``file:line:col`` for YAML problems) is logged, counted and kept in ``last_error``.
 
+:func:`check_chain` is what ``edgepipe validate``, ``run`` and ``deploy`` all refuse a
+chain for: every stage's module is read, checked (size, pin, ABI, imports), compiled and
+instantiated in the sandbox, its ``config:`` checked against the module's declaration and
+``ep_init`` run with it; each problem is reported at its stage's node in the YAML
+(``file:line:col: stage 'NAME': ...``) as a :class:`ConfigError`.
+
 ``edgepipe deploy`` validates and compiles a filters file, copies its modules into a
 content-addressed store beside the installed file, pins their sha256, atomically
 replaces the watched file and keeps every installed version for ``edgepipe rollback``.
@@ -45,17 +51,20 @@ from core._metrics import METRICS
 from core._model import SeriesRegistry
 
 from ._chain import Chain, compile_stages
-from ._module import LoadedModule
+from ._module import LoadedModule, load_module
+from ._stage import StageConfigError, WasmStage
 
 __all__ = [
     "ChainFile",
     "ChainSpec",
     "ChainWatcher",
+    "check_chain",
     "default_cache_dir",
     "deploy",
     "history",
     "load_chain",
     "load_chain_file",
+    "locate_stage_error",
     "rollback",
 ]
 
@@ -90,6 +99,9 @@ class ChainSpec:
     base_dir: Path
     path: Path | None = None  # the filters file, when the chain lives in one
     sha256: str | None = None  # of its text
+    source: str | None = None  # the YAML file the stages are in, as messages name it
+    #: (line, col) by key path in that file; the stages are under ("chain", i)
+    locs: dict[tuple[Any, ...], tuple[int, int]] | None = None
 
 
 def default_cache_dir(cfg: PipelineConfig) -> Path:
@@ -116,6 +128,8 @@ def load_chain_file(path: Path, text: str | None = None) -> ChainSpec:
         path.resolve().parent,
         path,
         hashlib.sha256(text.encode()).hexdigest(),
+        shown,
+        locs,
     )
 
 
@@ -123,10 +137,73 @@ def load_chain(cfg: PipelineConfig, chain_file: Path | None = None) -> ChainSpec
     """The chain of a pipeline: ``chain_file`` (argument or config) or the inline chain."""
     path = chain_file or cfg.chain_file
     if path is None:
-        return ChainSpec(list(cfg.chain), cfg.base_dir)
+        return ChainSpec(list(cfg.chain), cfg.base_dir, source=cfg.source, locs=cfg.locations)
     if cfg.chain:
-        raise ConfigError("give either `chain:` or `chain_file:`, not both", path="pipeline.yaml")
+        line, col = cfg.locations.get(("chain_file", "__key__"), (None, None))
+        raise ConfigError(
+            "give either `chain:` or `chain_file:`, not both", path=cfg.source, line=line, col=col
+        )
     return load_chain_file(cfg.resolve(path))
+
+
+# -- checking -----------------------------------------------------------------------
+
+
+def locate_stage_error(err: FilterError, spec: ChainSpec) -> ConfigError:
+    """A stage's refusal as a :class:`ConfigError` at the stage's node (for a config
+    problem: at the offending key or value), ``file:line:col: stage 'NAME': ...``."""
+    return _located([err], spec)
+
+
+def _located(errors: list[FilterError], spec: ChainSpec) -> ConfigError:
+    locs = spec.locs or {}
+    index = {st.name: i for i, st in enumerate(spec.stages)}
+    found: list[tuple[tuple[int, int], str]] = []
+    for err in errors:
+        i = index.get(err.stage or "")
+        base: tuple[Any, ...] = ("chain", i)
+        stage_at = locs.get(base) or locs.get(("chain",)) or (1, 1)
+        if isinstance(err, StageConfigError):
+            for p in err.problems:
+                at = (*base, "config", *p.path)
+                pos = locs.get((*at, "__key__")) if p.at_key else locs.get(at)
+                probe = at
+                while pos is None and len(probe) > len(base):
+                    probe = probe[:-1]
+                    pos = locs.get(probe)
+                found.append((pos or stage_at, f"stage {err.stage!r}: {p}"))
+        else:
+            found.append((stage_at, str(err)))
+    shown = spec.source or (str(spec.path) if spec.path else "pipeline.yaml")
+    found.sort(key=lambda f: f[0])
+    (line, col), text = found[0]
+    text += "".join(f"\n{shown}:{ln}:{cl}: {m}" for (ln, cl), m in found[1:])
+    return ConfigError(text, path=shown, line=line, col=col)
+
+
+def check_chain(spec: ChainSpec, *, cache_dir: Path | None) -> dict[str, LoadedModule]:
+    """Everything ``run`` and ``deploy`` refuse a chain for, with nothing started: each
+    stage's module loaded and checked, instantiated in the sandbox with its config
+    checked and ``ep_init`` run, then dropped.  Returns the compiled modules; raises one
+    located :class:`ConfigError` listing the problem of every failing stage."""
+    from ._aot import ModuleCache
+    from ._engine import engine, engine_settings
+
+    cache = ModuleCache(cache_dir, engine(), engine_settings())
+    registry = SeriesRegistry()
+    loaded: dict[str, LoadedModule] = {}
+    errors: list[FilterError] = []
+    for st in spec.stages:
+        try:
+            mod = load_module(st, spec.base_dir, cache)
+            WasmStage(st, registry, base_dir=spec.base_dir, cache=cache, loaded=mod).close()
+        except FilterError as e:
+            errors.append(e)
+        else:
+            loaded[st.name] = mod
+    if errors:
+        raise _located(errors, spec)
+    return loaded
 
 
 # -- watching ---------------------------------------------------------------------------
@@ -218,7 +295,12 @@ class ChainWatcher:
             if spec.sha256 == self.current_sha256 and self._signature(spec)[1:] == self._sig[1:]:
                 self._result = (spec, {})  # touched, not changed
                 return
-            loaded = compile_stages(spec.stages, base_dir=spec.base_dir, cache_dir=self.cache_dir)
+            try:
+                loaded = compile_stages(
+                    spec.stages, base_dir=spec.base_dir, cache_dir=self.cache_dir
+                )
+            except FilterError as e:
+                raise locate_stage_error(e, spec) from None
             self._result = (spec, loaded)
         except BaseException as e:  # reported by poll() on the caller's thread
             self._result = e
@@ -243,6 +325,9 @@ class ChainWatcher:
                 cache_dir=self.cache_dir,
                 loaded=loaded,
             )
+        except FilterError as e:
+            self._fail(locate_stage_error(e, spec))
+            return None
         except Exception as e:
             self._fail(e)
             return None
@@ -334,12 +419,7 @@ def deploy(cfg: PipelineConfig, source: Path, *, cache_dir: Path | None = None) 
     target = _target(cfg)
     spec = load_chain_file(source)  # ConfigError at file:line:col
     cache_dir = cache_dir or default_cache_dir(cfg)
-    loaded = compile_stages(spec.stages, base_dir=spec.base_dir, cache_dir=cache_dir)
-    # instantiate once against a scratch registry: runs ep_init with the real config
-    with Chain.build(
-        spec.stages, SeriesRegistry(), base_dir=spec.base_dir, cache_dir=cache_dir, loaded=loaded
-    ):
-        pass
+    loaded = check_chain(spec, cache_dir=cache_dir)  # what `edgepipe validate` checks
     text = _pinned(target, source, spec, loaded)
     entries, _ = history(cfg)
     if not entries and target.exists() and not target.is_symlink():

@@ -1,6 +1,7 @@
 """Loading a filter module: read, check against its limits and pin, compile (through the
-AOT cache) and validate against ABI v1 (exports, imports, memory) before any stage runs it.
-Every refusal is a :class:`FilterLoadError` with a short ``code`` (filters/ABI.md)."""
+AOT cache) and validate against ABI v1 (exports, imports, memory) before any stage runs it,
+and read its config declaration (:mod:`._declared`).  Every refusal is a
+:class:`FilterLoadError` with a short ``code`` (filters/ABI.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ._abi import IMPORTS as _IMPORTS
 from ._abi import OPTIONAL_EXPORTS as _OPTIONAL
 from ._abi import REQUIRED_EXPORTS as _REQUIRED
 from ._aot import ModuleCache
+from ._declared import Declaration, DeclarationError, read_declaration
 from ._engine import engine, engine_settings
 
 __all__ = ["LoadedModule", "load_module"]
@@ -32,6 +34,8 @@ class LoadedModule:
     size: int
     module: wasmtime.Module
     exports: frozenset[str]
+    #: the ``edgepipe.config`` declaration; None for a module that declares nothing
+    declaration: Declaration | None = None
 
 
 def _sig(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -71,6 +75,10 @@ def load_module(cfg: StageConfig, base_dir: Path, cache: ModuleCache | None = No
         wasmtime.Module.validate(eng, wasm)
     except wasmtime.WasmtimeError as e:
         raise refuse(f"invalid module: {str(e).splitlines()[0]}", "invalid") from None
+    try:
+        declaration = read_declaration(wasm)
+    except DeclarationError as e:
+        raise refuse(f"bad config declaration: {e}", "bad_declaration") from None
     cache = cache or ModuleCache(None, eng, engine_settings())
     try:
         module = cache.load(wasm, digest)
@@ -118,4 +126,4 @@ def load_module(cfg: StageConfig, base_dir: Path, cache: ModuleCache | None = No
         raise refuse("exports ep_init/ep_restore but not ep_alloc", "missing_export")
     if ("ep_snapshot" in exports) != ("ep_restore" in exports):
         raise refuse("ep_snapshot and ep_restore go together", "missing_export")
-    return LoadedModule(path, digest, len(wasm), module, frozenset(exports))
+    return LoadedModule(path, digest, len(wasm), module, frozenset(exports), declaration)

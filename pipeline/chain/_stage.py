@@ -26,18 +26,49 @@ import wasmtime
 
 from config._models import StageConfig
 from core._errors import FilterLoadError, FilterRuntimeError
+from core._metrics import METRICS
 from core._model import Batch, SeriesRegistry
 
 from ._abi import ABI_VERSION, flatten_config
 from ._aot import ModuleCache
+from ._declared import ConfigProblem
 from ._engine import TICK_S, TICKER, engine
 from ._ffi import Budget, GuestCall, GuestMemory, HostTrap
 from ._module import LoadedModule, load_module
 from ._records import REC, columns, is_subsequence, unpack
 
-__all__ = ["WasmStage"]
+__all__ = ["StageConfigError", "WasmStage"]
 
 log = logging.getLogger("edgepipe.filter")
+
+_UNDECLARED = METRICS.counter(
+    "edgepipe_filter_undeclared_modules_total",
+    "Filter modules loaded without a config declaration (their config is not checked); "
+    "counted once per module",
+)
+_warned: set[str] = set()  # sha256 of the modules warned about
+
+
+class StageConfigError(FilterLoadError):
+    """A stage's ``config:`` does not fit its module's declaration; ``problems`` holds
+    each one with its YAML path inside ``config:``."""
+
+    def __init__(self, problems: list[ConfigProblem], *, stage: str) -> None:
+        self.problems = problems
+        super().__init__("; ".join(map(str, problems)), stage=stage, code="bad_config")
+
+
+def _trap_text(message: str, fallback: str) -> str:
+    """A trap's cause (wasmtime puts it after the backtrace, under "Caused by:")."""
+    if not message:
+        return fallback
+    head, sep, cause = message.partition("Caused by:")
+    if sep:
+        text = " ".join(ln.strip() for ln in cause.strip().splitlines() if ln.strip())
+        return text.removeprefix("wasm trap: ") or fallback
+    first = head.strip().splitlines()[0] if head.strip() else fallback
+    return first
+
 
 _TRAP_NAMES = {
     getattr(wasmtime.TrapCode, n): n.lower() for n in dir(wasmtime.TrapCode) if n.isupper()
@@ -72,6 +103,7 @@ class WasmStage:
         self._ticks = max(1, math.ceil(lim.timeout_ms / 1000 / TICK_S)) + 1
         self._max_output = lim.max_output
         self._mem_cap = lim.memory_mb * 1024 * 1024
+        self._check_config()
         try:
             self._config_text = flatten_config(cfg.config).encode()
         except ValueError as e:
@@ -80,6 +112,7 @@ class WasmStage:
         self.has_flush = "ep_flush" in self.loaded.exports
         self._log_tokens = 20.0
         self._log_at = time.monotonic()
+        self._last_log: str | None = None  # the guest's last message (shown if init refuses)
         self._store: wasmtime.Store | None = None
         self._linker = self._make_linker()
         self.instances = 0
@@ -87,6 +120,24 @@ class WasmStage:
             self._instantiate()
         except FilterRuntimeError as e:
             raise FilterLoadError(e.message, stage=self.name, code=e.code) from None
+
+    def _check_config(self) -> None:
+        decl = self.loaded.declaration
+        if decl is None:
+            if self.loaded.sha256 not in _warned:
+                _warned.add(self.loaded.sha256)
+                _UNDECLARED.inc()
+                log.warning(
+                    "stage %s: module %s declares no configuration (no %s section); its "
+                    "config is passed on unchecked",
+                    self.name,
+                    self.loaded.path.name,
+                    "edgepipe.config",
+                )
+            return
+        problems = decl.check(self.cfg.config)
+        if problems:
+            raise StageConfigError(problems, stage=self.name)
 
     # -- host functions ----------------------------------------------------------
     def _make_linker(self) -> wasmtime.Linker:
@@ -125,6 +176,7 @@ class WasmStage:
                 return
             self._log_tokens -= 1
             text = self._mem.read(_u32(ptr), min(_u32(length), 1024)).decode(errors="replace")
+            self._last_log = text[:200]
             lvl = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING}.get(level, logging.ERROR)
             log.log(lvl, "stage %s: %s", self.name, text)
 
@@ -180,10 +232,14 @@ class WasmStage:
             text = self._config_text
             ptr = _u32(self._call(self._f_alloc, "ep_alloc", len(text)))
             self._guarded_write(ptr, text, "ep_alloc")
+            self._last_log = None
             rc = self._call(self._f_init, "ep_init", ptr, len(text))
             if rc != 0:
+                said = f": {self._last_log}" if self._last_log else ""
                 raise FilterRuntimeError(
-                    f"ep_init refused the config (returned {rc})", stage=self.name, code="init"
+                    f"ep_init refused the config (returned {rc}){said}",
+                    stage=self.name,
+                    code="init",
                 )
 
     def _drop_store(self) -> None:
@@ -205,8 +261,8 @@ class WasmStage:
             return FilterRuntimeError(f"{what}: {e}", stage=self.name, code=e.code)
         if isinstance(e, wasmtime.Trap):
             code = _TRAP_NAMES.get(e.trap_code, "trap") if e.trap_code is not None else "trap"
-            first = e.message.splitlines()[0] if e.message else code
-            return FilterRuntimeError(f"{what}: trap: {first}", stage=self.name, code=code)
+            cause = _trap_text(e.message, code)
+            return FilterRuntimeError(f"{what}: trap ({code}): {cause}", stage=self.name, code=code)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         low = str(e).lower()
         code = "out_of_fuel" if "fuel" in low else "limit" if "limit" in low else "error"

@@ -1,4 +1,5 @@
-"""``edgepipe filter build|test``: compile a filter from C, Zig or Rust, try it on sample data."""
+"""``edgepipe filter build|test|describe``: compile a filter from C, Zig or Rust, try it on
+sample data, print the configuration it declares."""
 
 from __future__ import annotations
 
@@ -211,6 +212,18 @@ def compile_filter(src: Path, out: Path, *, sdk: Path | None = None, werror: boo
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)
                 raise SystemExit(f"edgepipe: building {src.name} failed")
+    _check_declaration(src, out)
+
+
+def _check_declaration(src: Path, out: Path) -> None:
+    """A built module's config declaration must be readable by the host."""
+    from pipeline.chain._declared import DeclarationError, read_declaration
+
+    try:
+        read_declaration(out.read_bytes())
+    except DeclarationError as e:
+        out.unlink()
+        raise SystemExit(f"edgepipe: {src.name}: bad config declaration: {e}") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -249,6 +262,57 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--repeat", type=int, default=1, help="run N times to measure cost")
     t.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
     t.set_defaults(func=_test)
+
+    d = fsub.add_parser("describe", help="print the configuration a module declares")
+    d.add_argument("module", type=Path, help="the .wasm module")
+    d.add_argument("--json", action="store_true", help="the declaration as JSON")
+    d.set_defaults(func=_describe)
+
+
+def _describe(args: argparse.Namespace) -> int:
+    import hashlib
+    import json
+
+    from core._errors import ConfigError
+    from pipeline.chain._declared import DeclarationError, read_declaration
+
+    try:
+        wasm = args.module.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read module: {e.strerror}", path=str(args.module)) from None
+    try:
+        decl = read_declaration(wasm)
+    except DeclarationError as e:
+        raise ConfigError(f"bad config declaration: {e}", path=str(args.module)) from None
+    if args.json:
+        print(json.dumps(decl.to_json() if decl else None, indent=2))
+        return 0
+    print(f"{args.module}: {len(wasm)} bytes, sha256 {hashlib.sha256(wasm).hexdigest()}")
+    if decl is None:
+        print("declares no configuration: its config: is passed on unchecked")
+        return 0
+    if not decl.keys:
+        print("takes no configuration")
+        return 0
+    rows = []
+    for k in decl.keys:
+        kind = k.type + (f" {'|'.join(k.enum)}" if k.enum else "")
+        if k.min_items is not None and k.min_items == k.max_items:
+            kind += f" [{k.min_items}]"
+        rows.append(
+            (
+                k.name.replace(".*", ".NAME"),
+                kind,
+                "" if k.default is None else json.dumps(k.default),
+                k.range_text(),
+                k.description,
+            )
+        )
+    head = ("key", "type", "default", "range", "description")
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(4)]
+    for r in (head, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from config._loader import load_config
+    from core._errors import FilterLoadError
     from pipeline._compose import build_pipeline
     from pipeline._runtime import configure_logging
 
@@ -41,7 +42,14 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level or cfg.log_level)
 
     async def main() -> int:
-        pipeline = await build_pipeline(cfg)
+        try:
+            pipeline = await build_pipeline(cfg)
+        except FilterLoadError as e:
+            # a stage refused at start-up is a configuration error (exit 2), reported at
+            # its stage's node like `edgepipe validate` reports it
+            from pipeline.chain._deploy import load_chain, locate_stage_error
+
+            raise locate_stage_error(e, load_chain(cfg)) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pipeline.stop)

@@ -1,7 +1,12 @@
+"""``edgepipe schema``: the JSON Schema (or the markdown reference) of pipeline.yaml, with
+the config each library filter declares, so editors complete a stage's ``config:`` too."""
+
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 from . import write_output
@@ -16,19 +21,67 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="json: the JSON Schema (for editors); markdown: a reference table",
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument(
+        "--filters",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="include the config declared by the .wasm modules in DIR (repeatable; "
+        "default: the library filters, filters/lib)",
+    )
+    p.add_argument(
+        "--no-filters", action="store_true", help="leave filter configs out (any mapping)"
+    )
     p.set_defaults(func=_schema)
 
 
-def json_schema() -> dict[str, Any]:
+def library_dir() -> Path | None:
+    """filters/lib of the source tree this package runs from, if it is there."""
+    lib = Path(__file__).resolve().parents[2] / "filters" / "lib"
+    return lib if lib.is_dir() else None
+
+
+def filter_declarations(dirs: list[Path]) -> dict[str, Any]:
+    """Module file name -> declaration of every declaring module in ``dirs``."""
+    from pipeline.chain._declared import DeclarationError, read_declaration
+
+    found: dict[str, Any] = {}
+    for d in dirs:
+        for mod in sorted(d.glob("*.wasm")):
+            try:
+                decl = read_declaration(mod.read_bytes())
+            except (OSError, DeclarationError):
+                continue
+            if decl is not None:
+                found.setdefault(mod.name, decl)
+    return found
+
+
+def json_schema(filters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The schema; with ``filters`` (see :func:`filter_declarations`), a stage whose
+    ``module`` names one of those files gets that filter's ``config:`` schema."""
     from config._models import PipelineConfig
 
     schema = PipelineConfig.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    stage = schema.get("$defs", {}).get("StageConfig")
+    if filters and stage is not None:
+        stage["allOf"] = [
+            {
+                "if": {
+                    "properties": {"module": {"pattern": f"(^|/){re.escape(name)}$"}},
+                    "required": ["module"],
+                },
+                "then": {"properties": {"config": decl.json_schema()}},
+            }
+            for name, decl in filters.items()
+        ]
     return schema
 
 
-def markdown_reference(schema: dict[str, Any]) -> str:
-    """A reference of every key, section by section, generated from the schema."""
+def markdown_reference(schema: dict[str, Any], filters: dict[str, Any] | None = None) -> str:
+    """A reference of every key, section by section, generated from the schema, then the
+    config of every filter in ``filters``."""
     defs = schema.get("$defs", {})
 
     def resolve(node: dict[str, Any]) -> dict[str, Any]:
@@ -91,13 +144,28 @@ def markdown_reference(schema: dict[str, Any]) -> str:
             section(t, sub)
 
     section("(top level)", schema)
+    for name, decl in (filters or {}).items():
+        lines.extend([f"## filter `{name}`: `config:`", ""])
+        if not decl.keys:
+            lines.extend(["Takes no configuration.", ""])
+            continue
+        lines.extend(["| key | type | default | range | description |", "|---|---|---|---|---|"])
+        for k in decl.keys:
+            kind = k.type + (" (" + " \\| ".join(f"`{e}`" for e in k.enum) + ")" if k.enum else "")
+            default = "" if k.default is None else f"`{json.dumps(k.default)}`"
+            desc = k.description.replace("|", "\\|")
+            key = k.name.replace(".*", ".NAME")
+            lines.append(f"| `{key}` | {kind} | {default} | {k.range_text()} | {desc} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def _schema(args: argparse.Namespace) -> int:
-    schema = json_schema()
+    dirs = [] if args.no_filters else (args.filters or [d for d in [library_dir()] if d])
+    filters = filter_declarations(dirs)
+    schema = json_schema(filters)
     if args.format == "markdown":
-        text = markdown_reference(schema)
+        text = markdown_reference(schema, filters)
     else:
         text = json.dumps(schema, indent=2) + "\n"
     write_output(text, args.output)

@@ -46,6 +46,20 @@
 //! (non-persistent per-series scratch), [`log`].  A panic traps (`unreachable`); the
 //! host then applies the stage's `on_error`.
 //!
+//! Config declaration (checked by the host before `init`; filters/ABI.md "Config
+//! declaration"): one [`config_decl!`] at the crate root, a key per line as
+//! `"NAME": TYPE [, FIELD = VALUE]* , "description";` with TYPE one of `bool`, `int`,
+//! `number`, `string`, `number_list`, `string_list` and FIELD one of `default`,
+//! `minimum`, `maximum`, `exclusive_minimum`, `exclusive_maximum`, `enum` (`"a|b|c"`),
+//! `min_items`, `max_items`, `nullable`; a NAME ending in `.*` is one key per suffix:
+//!
+//! ```ignore
+//! edgepipe_filter::config_decl! {
+//!     "band": number, default = 0.5, minimum = 0, "smallest reported change";
+//!     "band.*": number, minimum = 0, "per-metric band";
+//! }
+//! ```
+//!
 //! Build: `edgepipe filter build my_filter.rs` (Debian: `apt-get install rustc
 //! libstd-rust-dev-wasm32`), or a cargo `cdylib` crate depending on this one, built with
 //! `--target wasm32-unknown-unknown`.
@@ -493,6 +507,18 @@ pub mod __rt {
 
     pub use super::Global;
 
+    /// `text` as a byte array (a `#[link_section]` static needs an array, not a slice)
+    pub const fn text_bytes<const N: usize>(text: &str) -> [u8; N] {
+        let b = text.as_bytes();
+        let mut out = [0u8; N];
+        let mut i = 0;
+        while i < N {
+            out[i] = b[i];
+            i += 1;
+        }
+        out
+    }
+
     static IN: Global<Buf> = Global::new(Buf::new());
     static SCRATCH: Global<Buf> = Global::new(Buf::new());
     static OUT: Global<Out> = Global::new(Out { buf: Buf::new(), n: 0, failed: false });
@@ -736,6 +762,28 @@ impl Out {
     pub fn is_empty(&self) -> bool {
         self.n == 0
     }
+}
+
+// ---- config declaration -----------------------------------------------------------------
+
+/// Declare the config the filter accepts: JSON lines in the custom section
+/// `edgepipe.config` (see the crate documentation for the syntax).
+#[macro_export]
+macro_rules! config_decl {
+    ($($name:literal : $ty:ident $(, $field:ident = $val:literal)* , $desc:literal);* $(;)?) => {
+        const __EP_CONFIG_TEXT: &str = concat!(
+            "{\"edgepipe.config\":1}\n",
+            $(
+                "{\"name\":\"", $name, "\",\"type\":\"", stringify!($ty), "\"",
+                $(",\"", stringify!($field), "\":", stringify!($val),)*
+                ",\"description\":\"", $desc, "\"}\n",
+            )*
+        );
+        #[link_section = "edgepipe.config"]
+        #[used]
+        static __EP_CONFIG_DECL: [u8; __EP_CONFIG_TEXT.len()] =
+            $crate::__rt::text_bytes(__EP_CONFIG_TEXT);
+    };
 }
 
 // ---- the kind macros --------------------------------------------------------------------
