@@ -342,7 +342,8 @@ class Demo:
                 backend.add_operator(OPERATOR, pwhash)
             except OperatorExists:
                 backend.set_operator_hash(OPERATOR, pwhash)
-        self._rx.start()
+        with _shielded_from_ctrl_c():
+            self._rx.start()
         return password
 
     # -- the edges ------------------------------------------------------------------------------
@@ -576,6 +577,18 @@ class Demo:
             return 1
         self.say("stopped (edgepipe exit code 0)")
         return 0
+
+
+@contextlib.contextmanager
+def _shielded_from_ctrl_c() -> Iterator[None]:
+    """Children started in here begin with SIGINT blocked, so the terminal's Ctrl-C (sent to
+    the whole foreground process group) reaches only the demo, which then stops them in
+    order: the edges upload their last batches before the receiver goes."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _terminate(p: subprocess.Popen[bytes] | None) -> None:
