@@ -318,8 +318,9 @@ class Demo:
             from cloud._local import LocalReceiver
         except ImportError:
             return None
-        from cloud import OperatorExists, open_backend
         from cloud._auth import hash_password
+        from cloud._backend import open_backend
+        from cloud._errors import OperatorExists
 
         self._rx = LocalReceiver(
             self.cloud_db, log=self.dir / "receiver.log", master_key_file=self.master_key
