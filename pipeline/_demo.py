@@ -1,11 +1,19 @@
 """``edgepipe demo``: the whole data path on loopback, with one command.
 
-Starts, in a scratch directory: a broker (mosquitto if installed, else the embedded
-pure-Python one), a cloud receiver (if the ``cloud`` extra is installed) with a freshly
-registered device, a store key, the pipeline from the example ``pipeline.yaml`` (its
-filter chain included) as a real ``edgepipe run`` child process, and simulated sensors
-replaying the UCI air-quality data set.  Prints one live status line; Ctrl-C (or
-``--duration``) stops everything and leaves nothing running.
+Starts, in a work directory (``./edgepipe-demo`` unless told otherwise; kept, and reused by
+the next demo): a broker (mosquitto if installed, else the embedded pure-Python one), a
+cloud receiver with its dashboard (if the ``cloud`` extra is installed) and an operator
+with a fresh random password, and one edge device per simulated sensor box: its own
+``pipeline.yaml`` (the example's, filter chain included), store, store key and device
+secret, run as a real ``edgepipe run`` child process.  Simulated sensors replay the UCI
+air-quality data set, each box on its own topic.
+
+It prints a header with everything needed to look around (the dashboard and how to sign
+in, the work directory, the ``edgepipe`` and ``edgepipe-cloud`` commands that work on these
+files), then a live status in which the accounting adds up:
+``received = filtered out + dead-lettered + in flight + stored - created by stages``.
+Ctrl-C (or ``--duration``) stops the sensors, lets every edge commit, flush its chain and
+upload, then prints the final status from the edges' counters at exit and stops everything.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,19 +31,31 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
 from devtools import _dataset as dataset
 from devtools._mosquitto import Mosquitto, free_port, mosquitto_binary
 
-__all__ = ["Demo", "load_rows"]
+__all__ = ["DEFAULT_DIR", "MAX_DEVICES", "OPERATOR", "Demo", "Totals", "load_rows", "scrape"]
 
 PKG = Path(__file__).resolve().parent
 REPO = PKG.parent
+
+#: The work directory when ``--dir`` is not given (relative to the current directory).
+DEFAULT_DIR = Path("edgepipe-demo")
+#: Most simulated devices (one edge process each).
+MAX_DEVICES = 10
+#: The dashboard operator the demo creates; its password is new on every run.
+OPERATOR = "demo"
+#: Seconds to wait for the edges to acknowledge what the sensors sent, before stopping them.
+SETTLE_S = 30.0
+#: Seconds an edge may take to stop (commit, flush its chain, final upload).
+STOP_S = 60.0
 
 
 def load_rows(path: Path) -> list[dict[str, float]]:
@@ -50,18 +71,110 @@ def example_config() -> Path:
     raise FileNotFoundError("the example pipeline.yaml was not found next to the package")
 
 
+# -- accounting -------------------------------------------------------------------------------
+@dataclass
+class Totals:
+    """One edge's (or the sum of several edges') reading accounting, from ``/metrics``."""
+
+    received: float = 0  # edgepipe_readings_in_total
+    filtered: float = 0  # dropped by a stage: filtered or aggregated
+    dead_lettered: float = 0  # dropped by a failing stage into a dead letter
+    in_flight: float = 0  # through the chain, commit in progress
+    stored: float = 0  # edgepipe_readings_stored_total
+    created: float = 0  # edgepipe_readings_emitted_total: aggregates
+    synced: float = 0  # edgepipe_readings_synced_total
+    backlog: float = 0  # edgepipe_sync_backlog_readings
+    quota_dropped: float = 0  # stored, then dropped by the store quota (drop_oldest)
+    dead_letters: float = 0  # dead-letter records (messages or batches)
+    acked: float = 0  # QoS 1 messages acknowledged
+
+    @classmethod
+    def parse(cls, text: str) -> Totals:
+        t = cls()
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            name, _, labels = series.partition("{")
+            try:
+                v = float(value)
+            except ValueError:
+                continue
+            if name == "edgepipe_readings_dropped_total":
+                if 'stage="store"' in labels:
+                    t.quota_dropped += v
+                elif 'reason="dead_letter"' in labels:
+                    t.dead_lettered += v
+                else:
+                    t.filtered += v
+                continue
+            field = _FIELDS.get(name)
+            if field is not None:
+                setattr(t, field, getattr(t, field) + v)
+        return t
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(**{k: getattr(self, k) + getattr(other, k) for k in self.__dict__})
+
+    @property
+    def unaccounted(self) -> float:
+        """Zero when ``received = filtered + dead-lettered + in flight + stored - created``."""
+        return self.received - (
+            self.filtered + self.dead_lettered + self.in_flight + self.stored - self.created
+        )
+
+    def lines(self, published: int, label: str) -> list[str]:
+        ok = "adds up" if self.unaccounted == 0 else f"OFF BY {self.unaccounted:,.0f}"
+        return [
+            f"{label}  published {published:,} msgs | stored {self.stored:,.0f} readings | "
+            f"synced {self.synced:,.0f} | backlog {self.backlog:,.0f} | "
+            f"dead letters {self.dead_letters:,.0f}",
+            f"{'':{len(label)}}  received {self.received:,.0f} = filtered out "
+            f"{self.filtered:,.0f} + dead-lettered {self.dead_lettered:,.0f} + in flight "
+            f"{self.in_flight:,.0f} + stored {self.stored:,.0f} - created by stages "
+            f"{self.created:,.0f}  ({ok})",
+        ]
+
+
+_FIELDS = {
+    "edgepipe_readings_in_total": "received",
+    "edgepipe_readings_in_flight": "in_flight",
+    "edgepipe_readings_stored_total": "stored",
+    "edgepipe_readings_emitted_total": "created",
+    "edgepipe_readings_synced_total": "synced",
+    "edgepipe_sync_backlog_readings": "backlog",
+    "edgepipe_dead_letters_total": "dead_letters",
+    "edgepipe_messages_acked_total": "acked",
+}
+
+
+def scrape(port: int) -> Totals | None:
+    """An edge process's accounting from its ``/metrics`` (None if it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return Totals.parse(r.read().decode())
+    except OSError:
+        return None
+
+
+# -- the pieces -------------------------------------------------------------------------------
 class _Sensors(threading.Thread):
-    """Devices replaying the data set: one JSON message per sample, 13 metrics each."""
+    """Sensor boxes replaying the data set: one JSON message per sample, 13 metrics each, on
+    ``air/<device>``."""
 
     def __init__(
-        self, host: str, port: int, rows: list[dict[str, float]], devices: int, rate: float
+        self, host: str, port: int, rows: list[dict[str, float]], devices: list[str], rate: float
     ) -> None:
         super().__init__(name="sensors", daemon=True)
         self.host, self.port, self.rows = host, port, rows
-        self.devices = [f"aq-{i + 1:02d}" for i in range(devices)]
+        self.devices = devices
         self.rate = rate
-        self.sent = 0
+        self.sent = dict.fromkeys(devices, 0)
         self.stop_evt = threading.Event()
+
+    @property
+    def total(self) -> int:
+        return sum(self.sent.values())
 
     def run(self) -> None:
         import paho.mqtt.client as mqtt
@@ -77,7 +190,7 @@ class _Sensors(threading.Thread):
                 c.connect(self.host, self.port)
                 break
             except OSError:
-                time.sleep(0.2)
+                self.stop_evt.wait(0.2)
         c.loop_start()
         i, t0 = 0, time.monotonic()
         period = 1.0 / self.rate
@@ -87,7 +200,7 @@ class _Sensors(threading.Thread):
                     row = self.rows[(i + k * 997) % len(self.rows)]
                     body = {"ts": round(time.time(), 3), **row}
                     c.publish(f"air/{dev}", json.dumps(body), qos=1)
-                    self.sent += 1
+                    self.sent[dev] += 1
                 i += 1
                 delay = t0 + i * period - time.monotonic()
                 if delay > 0:
@@ -97,29 +210,66 @@ class _Sensors(threading.Thread):
             c.disconnect()
 
 
+@dataclass
+class _Edge:
+    """One simulated device: its directory, config and ``edgepipe run`` process."""
+
+    name: str
+    dir: Path
+    metrics_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "pipeline.yaml"
+
+    @property
+    def at_exit(self) -> Path:
+        return self.dir / "metrics-at-exit.prom"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.dir / "device.secret"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)
+
+
 class Demo:
     def __init__(
         self,
         *,
         workdir: Path | None = None,
+        temp: bool = False,
         rate: float = 10.0,
         devices: int = 3,
         duration: float | None = None,
-        keep: bool = False,
-        out: Any = None,
+        out: TextIO | None = None,
         broker: str = "auto",
     ) -> None:
-        self.rate, self.devices, self.duration, self.keep = rate, devices, duration, keep
+        if not 1 <= devices <= MAX_DEVICES:
+            raise ValueError(f"devices must be 1..{MAX_DEVICES}")
+        self.rate, self.duration, self.temp = rate, duration, temp
         self.broker_kind = broker
-        self._receiver_url: str | None = None
-        self._rx: Any = None
-        self._own_dir = workdir is None
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix="edgepipe-demo-"))
+        if temp:
+            self.dir = Path(tempfile.mkdtemp(prefix="edgepipe-demo-"))
+        else:
+            self.dir = Path(workdir or DEFAULT_DIR).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.edges = [
+            _Edge(f"aq-{i + 1:02d}", self.dir / f"aq-{i + 1:02d}") for i in range(devices)
+        ]
         self.out = out or sys.stdout
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
+        self._rx: Any = None
         self._stop = threading.Event()
-        self.final: dict[str, float] = {}
+        self._drawn = 0
+        self.final: Totals | None = None
 
     @property
     def use_mosquitto(self) -> bool:
@@ -127,10 +277,9 @@ class Demo:
             return True
         return self.broker_kind == "auto" and mosquitto_binary() is not None
 
-    def say(self, text: str) -> None:
+    def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
-    # -- pieces -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _broker(self) -> Iterator[Any]:
         if self.use_mosquitto:
@@ -144,194 +293,314 @@ class Demo:
                 "" if self.broker_kind == "embedded" else " (mosquitto is not installed)"
             )
         b.start()
-        self.say(f"  broker      {kind} on {b.host}:{b.port}")
+        self.broker_desc = f"{kind} on {b.host}:{b.port}"
         try:
             yield b
         finally:
             b.close()
 
-    def _spawn(
-        self,
-        args: list[str],
-        log: str,
-        env: dict[str, str] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        logf = open(self.dir / log, "ab")
-        p = subprocess.Popen(
-            args,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=str(self.dir),
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-        logf.close()
-        self._procs.append(p)
-        return p
+    # -- the cloud side -----------------------------------------------------------------------
+    @property
+    def cloud_db(self) -> str:
+        return f"sqlite:///{self.dir / 'cloud.db'}"
 
-    def _receiver(self) -> tuple[str, str] | None:
+    @property
+    def master_key(self) -> Path:
+        return self.dir / "cloud-master.key"
+
+    def _receiver(self) -> str | None:
+        """Start the receiver with every device registered and the operator's password set;
+        returns the password (None when the cloud extra is missing)."""
         try:
+            import argon2  # noqa: F401
             import uvicorn  # noqa: F401
 
-            import cloud._local  # noqa: F401
-            import cloud.cli  # noqa: F401
+            from cloud._local import LocalReceiver
         except ImportError:
-            self.say(
-                "  receiver    not started: install the cloud extra (pip install "
-                "'edgepipe[cloud]') to see readings arrive in the cloud"
-            )
             return None
-        from cloud._local import LocalReceiver
+        from cloud._auth import hash_password
+        from cloud._backend import open_backend
+        from cloud._errors import OperatorExists
 
         self._rx = LocalReceiver(
-            f"sqlite:///{self.dir / 'cloud.db'}", log=self.dir / "receiver.log"
+            self.cloud_db, log=self.dir / "receiver.log", master_key_file=self.master_key
         )
-        secret = self._rx.add_device("aq-gateway-01")
-        self._rx.start()
-        self.say(f"  receiver    {self._rx.url}  (data in {self.dir / 'cloud.db'})")
-        return self._rx.url, secret
+        with contextlib.closing(open_backend(self.cloud_db)) as backend:
+            known = {d["name"] for d in backend.list_devices()}
+        for e in self.edges:
+            if e.name in known and e.secret_file.exists():
+                continue  # registered by an earlier demo in this directory
+            if e.name in known:
+                raise RuntimeError(
+                    f"{e.name} is registered in {self.dir / 'cloud.db'} but its secret "
+                    f"{e.secret_file} is gone; remove {self.dir} to start over"
+                )
+            _write_private(e.secret_file, self._rx.add_device(e.name) + "\n")
+        password = secrets.token_urlsafe(15)  # 120 random bits
+        pwhash = hash_password(password)
+        with contextlib.closing(open_backend(self.cloud_db)) as backend:
+            try:
+                backend.add_operator(OPERATOR, pwhash)
+            except OperatorExists:
+                backend.set_operator_hash(OPERATOR, pwhash)
+        with _shielded_from_ctrl_c():
+            self._rx.start()
+        return password
 
-    def _config(self, broker: Any, receiver: tuple[str, str] | None, metrics_port: int) -> Path:
+    # -- the edges ------------------------------------------------------------------------------
+    def _config(self, edge: _Edge, broker: Any, sync_url: str | None) -> None:
         from storage import generate_key_line
 
         src = example_config()
         cfg = yaml.safe_load(src.read_text())
-        key = self.dir / "store.key"
-        key.write_text(generate_key_line() + "\n")
-        key.chmod(0o600)
-        cfg["broker"].update(
-            host=broker.host, port=broker.port, client_id=f"edgepipe-demo-{os.getpid()}"
-        )
-        cfg["store"].update(path=str(self.dir / "store.db"), key={"file": str(key)})
+        key = edge.dir / "store.key"
+        if not key.exists():
+            _write_private(key, generate_key_line() + "\n")
+        cfg["device"] = {"id": edge.name}
+        cfg["broker"].update(host=broker.host, port=broker.port)
+        cfg["subscriptions"] = [
+            {"topic": f"air/{edge.name}", "device": edge.name, "qos": 1},
+            {"topic": f"sensors/{edge.name}/{{metric}}", "device": edge.name, "qos": 1},
+        ]
+        cfg["store"].update(path=str(edge.dir / "store.db"), key={"file": str(key)})
         for stage in cfg.get("chain", []):
             stage["module"] = str((src.parent / stage["module"]).resolve())
-        if receiver is None:
+        if sync_url is None:
             cfg["sync"] = {"enabled": False}
         else:
-            cfg["sync"].update(url=receiver[0], device_secret=receiver[1], interval_s=1.0)
-        cfg["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
-        path = self.dir / "pipeline.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        path.chmod(0o600)  # it holds the device secret
-        return path
+            cfg["sync"].update(
+                url=sync_url, device_secret={"file": str(edge.secret_file)}, interval_s=1.0
+            )
+        edge.metrics_port = free_port()
+        cfg["metrics"] = {"listen": f"127.0.0.1:{edge.metrics_port}"}
+        head = (
+            f"# {edge.name} of `edgepipe demo`, made from {src} (rewritten at each demo:\n"
+            "# broker and metrics ports change; keys, secrets and data are kept)\n"
+        )
+        _write_private(edge.config, head + yaml.safe_dump(cfg, sort_keys=False))
 
-    # -- run --------------------------------------------------------------------------
+    def _spawn(self, edge: _Edge) -> None:
+        edge.at_exit.unlink(missing_ok=True)
+        with open(edge.dir / "edgepipe.log", "ab") as logf:
+            edge.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "run", "-c", str(edge.config)],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=str(edge.dir),
+                env={**os.environ, "EDGEPIPE_METRICS_AT_EXIT": str(edge.at_exit)},
+                start_new_session=True,
+            )
+
+    # -- output -----------------------------------------------------------------------------------
+    def _header(self, password: str | None, rows: int, dataset_name: str) -> None:
+        first = self.edges[0]
+        names = ", ".join(e.name for e in self.edges)
+        say = self.say
+        say(f"edgepipe demo: {len(self.edges)} simulated devices ({names}), one edge each")
+        say(f"  work dir    {self.dir}  (kept after exit; the next demo here continues)")
+        say(
+            f"  data        {dataset_name}: {rows} samples x 13 metrics, one message per "
+            f"sample, {self.rate:g} samples/s per device"
+        )
+        say(f"  broker      {self.broker_desc}")
+        for e in self.edges:
+            say(
+                f"  edge {e.name}  pid {e.proc.pid if e.proc else '-'}, "
+                f"metrics http://127.0.0.1:{e.metrics_port}/metrics, config {e.config}"
+            )
+        if self._rx is None:
+            say(
+                "  dashboard   not started: install the cloud extra (pip install "
+                "'edgepipe[cloud]') to see readings arrive in the cloud"
+            )
+        else:
+            say(f"  dashboard   {self._rx.url}/")
+            say(f"  sign in     user {OPERATOR}, password {password}  (new at every demo run)")
+        say("")
+        say("  look at the files (now, or after Ctrl-C):")
+        say(f"    edgepipe status -c {first.config}")
+        say(f"    edgepipe export -c {first.config} --format csv | head")
+        if self._rx is not None:
+            say(
+                f"    edgepipe-cloud devices --db {self.cloud_db} "
+                f"--master-key-file {self.master_key} list"
+            )
+            say(
+                f"    edgepipe-cloud serve --db {self.cloud_db} "
+                f"--master-key-file {self.master_key} --port 8750   # the dashboard again"
+            )
+        if len(self.edges) > 1:
+            say(f"    (the other devices: the same with {self.dir}/<device>/pipeline.yaml)")
+        say("")
+        say(
+            "  Ctrl-C stops the sensors; each edge then stores and uploads what it has "
+            "(its window aggregates too) before it exits."
+        )
+        say("")
+
+    def _draw(self, lines: list[str]) -> None:
+        """The live status: redrawn in place on a terminal, a new block every 10 s if not."""
+        if self.tty:
+            up = f"\x1b[{self._drawn}F" if self._drawn else ""
+            self.out.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))
+            self._drawn = len(lines)
+        else:
+            self.out.write("".join(f"{line}\n" for line in lines))
+        self.out.flush()
+
+    def _totals(self) -> Totals:
+        t = Totals()
+        for e in self.edges:
+            t = t + (scrape(e.metrics_port) or Totals())
+        return t
+
+    # -- run ----------------------------------------------------------------------------------------
     def run(self) -> int:
         dataset_path = dataset.find_dataset()
         rows = load_rows(dataset_path)
-        self.say(f"edgepipe demo in {self.dir}")
-        self.say(
-            f"  data        {dataset_path.name}: {len(rows)} samples x 13 metrics, "
-            f"{self.devices} simulated devices at {self.rate:g} samples/s each"
-        )
         prev = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in prev:
             signal.signal(s, lambda *_: self._stop.set())
         sensors = None
         try:
             with self._broker() as broker:
-                receiver = self._receiver()
-                self._receiver_url = receiver[0] if receiver else None
-                mport = free_port()
-                cfg = self._config(broker, receiver, mport)
-                edge = self._spawn(
-                    [sys.executable, "-m", "pipeline", "run", "-c", str(cfg)], "edgepipe.log"
+                password = self._receiver()
+                for e in self.edges:
+                    self._config(e, broker, self._rx.url if self._rx else None)
+                    self._spawn(e)
+                for e in self.edges:
+                    assert e.proc is not None
+                    _wait_http(f"http://127.0.0.1:{e.metrics_port}/readyz", 60, proc=e.proc)
+                self._header(password, len(rows), dataset_path.name)
+                sensors = _Sensors(
+                    broker.host, broker.port, rows, [e.name for e in self.edges], self.rate
                 )
-                _wait_http(f"http://127.0.0.1:{mport}/readyz", 30, proc=edge)
-                self.say(f"  edgepipe    pid {edge.pid}, metrics http://127.0.0.1:{mport}/metrics")
-                self.say("  Ctrl-C stops everything.\n")
-                sensors = _Sensors(broker.host, broker.port, rows, self.devices, self.rate)
                 sensors.start()
-                t_end = time.monotonic() + self.duration if self.duration else None
-                while not self._stop.is_set():
-                    if t_end is not None and time.monotonic() >= t_end:
-                        break
-                    if edge.poll() is not None:
-                        self.say(
-                            f"\nedgepipe exited with {edge.returncode}; see "
-                            f"{self.dir / 'edgepipe.log'}"
-                        )
-                        return 1
-                    self._status(mport, sensors.sent)
-                    self._stop.wait(1.0)
+                code = self._live(sensors)
                 sensors.stop_evt.set()
-                sensors.join(5)
-                # let the last batches commit and sync before stopping
-                self._settle(mport, sensors.sent)
-                self.final = self._status(mport, sensors.sent)
-                print(file=self.out)
-                edge.send_signal(signal.SIGTERM)
-                code = edge.wait(60)
-                self.say(f"stopped (edgepipe exit code {code})")
-                return 0 if code == 0 else 1
+                sensors.join(10)
+                if code:
+                    return code
+                self._settle(sensors)
+                return self._shutdown(sensors.total)
         finally:
             if sensors is not None:
                 sensors.stop_evt.set()
-            for p in self._procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-                    try:
-                        p.wait(30)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+            for e in self.edges:
+                _terminate(e.proc)
             if self._rx is not None:
                 self._rx.stop()
             for s, h in prev.items():
                 signal.signal(s, h)
-            if self._own_dir and not self.keep:
+            if self.temp:
                 shutil.rmtree(self.dir, ignore_errors=True)
-            elif self.keep:
-                self.say(f"kept {self.dir}")
+            else:
+                self.say(f"everything is kept in {self.dir}; rm -r it to start over")
 
-    def _settle(self, port: int, sent: int, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
+    def _live(self, sensors: _Sensors) -> int:
+        t_end = time.monotonic() + self.duration if self.duration else None
+        last_block = 0.0
+        while not self._stop.is_set():
+            if t_end is not None and time.monotonic() >= t_end:
+                break
+            for e in self.edges:
+                assert e.proc is not None
+                if e.proc.poll() is not None:
+                    self.say(
+                        f"\nedgepipe of {e.name} exited with {e.proc.returncode}; see "
+                        f"{e.dir / 'edgepipe.log'}"
+                    )
+                    return 1
+            now = time.monotonic()
+            if self.tty or now - last_block >= 10:
+                last_block = now
+                self._draw(self._totals().lines(sensors.total, f"{datetime.now():%H:%M:%S}"))
+            self._stop.wait(1.0)
+        return 0
+
+    def _settle(self, sensors: _Sensors) -> None:
+        """Wait (bounded) until each edge acknowledged what its sensors published."""
+        deadline = time.monotonic() + SETTLE_S
         while time.monotonic() < deadline:
-            m = scrape(port)
-            synced_all = self._receiver_url is None or m.get(
-                "edgepipe_readings_synced_total", 0
-            ) >= m.get("edgepipe_readings_stored_total", 0)
-            if m.get("edgepipe_messages_acked_total", 0) >= sent and synced_all:
+            if all(
+                (scrape(e.metrics_port) or Totals()).acked >= sensors.sent[e.name]
+                for e in self.edges
+            ):
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
+        self.say("(some messages were not acknowledged yet; the broker keeps them for next time)")
 
-    def _status(self, port: int, sent: int) -> dict[str, float]:
-        m = scrape(port)
-        received = m.get("edgepipe_readings_in_total", 0)
-        stored = m.get("edgepipe_readings_stored_total", 0)
-        dropped = m.get("edgepipe_readings_dropped_total", 0)
-        emitted = m.get("edgepipe_readings_emitted_total", 0)
-        line = (
-            f"\r{datetime.now():%H:%M:%S}  published {sent:,} msgs | received {received:,.0f} "
-            f"readings | filtered out {dropped:,.0f} | aggregates {emitted:,.0f} | "
-            f"stored {stored:,.0f} | synced "
-            f"{m.get('edgepipe_readings_synced_total', 0):,.0f} | backlog "
-            f"{m.get('edgepipe_sync_backlog_readings', 0):,.0f} | dead letters "
-            f"{m.get('edgepipe_dead_letters_total', 0):,.0f}   "
-        )
-        self.out.write(line)
-        self.out.flush()
-        return {**m, "published": sent}
+    def _shutdown(self, published: int) -> int:
+        """Stop the edges (each commits, flushes its chain, uploads), then the final status
+        from the counters each wrote at exit."""
+        self.say("\nstopping: each edge stores its last batches and window aggregates, uploads")
+        for e in self.edges:
+            assert e.proc is not None
+            e.proc.send_signal(signal.SIGTERM)
+        codes = {}
+        for e in self.edges:
+            assert e.proc is not None
+            try:
+                codes[e.name] = e.proc.wait(STOP_S)
+            except subprocess.TimeoutExpired:
+                codes[e.name] = None
+        total = Totals()
+        per: list[str] = []
+        for e in self.edges:
+            try:
+                t = Totals.parse(e.at_exit.read_text())
+            except OSError:
+                per.append(f"  {e.name}  no final counters ({e.at_exit} missing)")
+                continue
+            total = total + t
+            per.append(
+                f"  {e.name}  stored {t.stored:,.0f}  synced {t.synced:,.0f}  "
+                f"backlog {t.backlog:,.0f}  (of which created by stages {t.created:,.0f})"
+            )
+        self.final = total
+        self._drawn = 0
+        for line in total.lines(published, "at exit "):
+            self.say(line)
+        for line in per:
+            self.say(line)
+        if self._rx is None:
+            self.say("sync is off (no cloud extra): everything stays in the stores")
+        elif total.backlog:
+            self.say(
+                f"{total.backlog:,.0f} readings are not synced yet: they upload at the next "
+                f"demo, or now with: edgepipe sync --now -c {self.edges[0].config}"
+            )
+        else:
+            self.say("everything stored is in the cloud: backlog 0")
+        bad = {n: c for n, c in codes.items() if c != 0}
+        if bad:
+            self.say("stopped with errors: " + ", ".join(f"{n}: exit {c}" for n, c in bad.items()))
+            return 1
+        self.say("stopped (edgepipe exit code 0)")
+        return 0
 
 
-def scrape(port: int) -> dict[str, float]:
-    """Sum each metric over its labels from an edge process's /metrics."""
+@contextlib.contextmanager
+def _shielded_from_ctrl_c() -> Iterator[None]:
+    """Children started in here begin with SIGINT blocked, so the terminal's Ctrl-C (sent to
+    the whole foreground process group) reaches only the demo, which then stops them in
+    order: the edges upload their last batches before the receiver goes."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_part, _, value = line.rpartition(" ")
-        name = name_part.split("{", 1)[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return out
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _terminate(p: subprocess.Popen[bytes] | None) -> None:
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:

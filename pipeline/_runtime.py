@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from config._models import BatchConfig
 from core._backoff import Backoff
-from core._errors import EdgepipeError, StoreError, StoreFullError
+from core._errors import EdgepipeError, StoreError, StoreFullError, SyncError
 from core._metrics import METRICS
 from core._model import Batch, DeadLetter
 
@@ -44,11 +44,54 @@ _batches = METRICS.counter("edgepipe_batches_total", "batches processed")
 _readings_out = METRICS.counter("edgepipe_readings_out_total", "readings leaving the chain")
 _acked = METRICS.counter("edgepipe_messages_acked_total", "QoS 1 messages acknowledged")
 _store_full = METRICS.gauge("edgepipe_store_full", "1 while the store refuses writes")
-_backlog = METRICS.gauge("edgepipe_sync_backlog_readings", "readings not yet synced")
+_backlog = METRICS.gauge(
+    "edgepipe_sync_backlog_readings",
+    "readings stored and not yet acknowledged by the receiver (the backlog of edgepipe "
+    "status and the dashboard): at start, the store's; then + stored - synced - quota drops",
+)
+_in_flight = METRICS.gauge(
+    "edgepipe_readings_in_flight",
+    "readings through the chain and not yet committed: in = dropped (but stage store) "
+    "+ in_flight + stored - emitted",
+)
 _store_bytes = METRICS.gauge("edgepipe_store_bytes", "size of the store file")
 chain_load_errors = METRICS.counter(
     "edgepipe_chain_load_errors_total", "chain files that could not be loaded at start-up"
 )
+
+
+#: Seconds the sync worker gets at shutdown to upload what the last batches and the
+#: chain's flush stored (a receiver that is down fails at once; this bounds a slow one).
+FINAL_SYNC_S = 10.0
+
+
+class _BacklogGauge:
+    """``edgepipe_sync_backlog_readings`` at every scrape, from the counters that change it:
+    the store's unsynced readings when the pipeline started, plus readings stored, minus
+    readings the receiver acknowledged, minus unsynced readings the quota dropped since.
+    The same number as ``unsynced_readings`` of the store's stats at every moment."""
+
+    def __init__(self) -> None:
+        self.base: float | None = None
+        METRICS.add_collector(self.collect)
+
+    @staticmethod
+    def _moved() -> float:
+        return (
+            METRICS.value("edgepipe_readings_stored_total")
+            - METRICS.value("edgepipe_readings_synced_total")
+            - METRICS.value("edgepipe_readings_dropped_total", stage="store")
+        )
+
+    def start(self, unsynced_readings: int) -> None:
+        self.base = unsynced_readings - self._moved()
+
+    def collect(self, _metrics: Any = None) -> None:
+        if self.base is not None:
+            _backlog.set(max(0.0, self.base + self._moved()))
+
+
+BACKLOG = _BacklogGauge()
 
 
 def _fault_hook() -> Any:
@@ -289,6 +332,7 @@ class Pipeline:
             if self.chain is not None:
                 await self._restore_states(self.chain)
                 self._chain_ok = True
+            await self._start_gauges()
             if self.metrics_listen:
                 health = await self._start_health()
             if self.watcher is not None:
@@ -304,6 +348,7 @@ class Pipeline:
                 tasks.append(asyncio.create_task(self.store.reencrypt_in_background()))
             code = await self._consume()
             await self._flush_chain()
+            await self._final_sync(tasks)
             return code
         finally:
             self._stop.set()
@@ -320,6 +365,7 @@ class Pipeline:
             if health is not None:
                 await health.close()
             await self.store.close()
+            _metrics_at_exit()
 
     async def _start_health(self) -> Any:
         from ._http import HealthServer
@@ -382,6 +428,17 @@ class Pipeline:
     async def _commit(
         self, batch: Batch, dead: list[DeadLetter], keys: list[bytes], states: dict[str, bytes]
     ) -> None:
+        # counted before the first await: a scrape never sees a reading out of the chain that
+        # is neither in flight nor stored (Store.commit counts it stored before returning)
+        _in_flight.inc(len(batch))
+        try:
+            await self._commit_retrying(batch, dead, keys, states)
+        finally:
+            _in_flight.inc(-len(batch))
+
+    async def _commit_retrying(
+        self, batch: Batch, dead: list[DeadLetter], keys: list[bytes], states: dict[str, bytes]
+    ) -> None:
         backoff = Backoff(0.5, 10.0, jitter=False)
         while True:
             try:
@@ -414,19 +471,81 @@ class Pipeline:
             log.error("flushing the chain failed: %s", e)
             return
         if len(result.batch) or result.dead_letters:
-            await self.store.commit(
-                result.batch, list(result.dead_letters), (), self._snapshot(self.chain)
+            _in_flight.inc(len(result.batch))
+            try:
+                # once: at shutdown a full store must not hold the process forever
+                await self.store.commit(
+                    result.batch, list(result.dead_letters), (), self._snapshot(self.chain)
+                )
+            except (StoreFullError, StoreError) as e:
+                log.error("the chain's flush at shutdown could not be stored: %s", e)
+            finally:
+                _in_flight.inc(-len(result.batch))
+            if self.sync is not None:
+                self.sync.notify()
+
+    async def _final_sync(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Let the sync worker upload what was stored last (the chain's flush included),
+        within :data:`FINAL_SYNC_S`; what it cannot send waits in the store for next time."""
+        if self.sync is None:
+            return
+        self._stop.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FINAL_SYNC_S
+        running = [t for t in tasks if t.get_name() == "sync" and not t.done()]
+        if running:  # the background loop ends its request in hand, then sees the stop
+            await asyncio.wait(running, timeout=FINAL_SYNC_S)
+            for t in running:
+                t.cancel()
+        try:
+            left = max(0.0, deadline - loop.time())
+            n = await asyncio.wait_for(self.sync.drain(), timeout=left)
+        except (SyncError, TimeoutError) as e:
+            why = str(e) or f"not done within {FINAL_SYNC_S:g} s"
+            log.warning("at shutdown: could not sync the backlog (%s)", why)
+        else:
+            if n:
+                log.info("at shutdown: synced %d readings", n)
+        BACKLOG.collect()
+        backlog = METRICS.value("edgepipe_sync_backlog_readings")
+        if backlog:
+            log.warning(
+                "at shutdown: %d readings are not synced yet; they upload next time", backlog
             )
+
+    async def _start_gauges(self) -> None:
+        s = await self.store.stats()
+        BACKLOG.start(s["unsynced_readings"])
+        _store_bytes.set(s["db_bytes"])
 
     async def _gauges(self) -> None:
         while True:
+            await asyncio.sleep(5)
             try:
                 s = await self.store.stats()
-                _backlog.set(s["unsynced_readings"])
                 _store_bytes.set(s["db_bytes"])
             except EdgepipeError:
                 pass
-            await asyncio.sleep(5)
+
+
+def _metrics_at_exit() -> None:
+    """With ``EDGEPIPE_METRICS_AT_EXIT=FILE``, the final ``/metrics`` text is written there
+    (atomically) once everything is stored, synced and closed: the counters of the whole run,
+    the shutdown flush and the last uploads included, in the Prometheus text format (what
+    node_exporter's textfile collector reads).  ``edgepipe demo`` totals its devices' runs
+    from these."""
+    path = os.environ.get("EDGEPIPE_METRICS_AT_EXIT")
+    if not path:
+        return
+    from pathlib import Path
+
+    from core._fsutil import atomic_write
+
+    BACKLOG.collect()
+    try:
+        atomic_write(Path(path), METRICS.render().encode())
+    except OSError as e:
+        log.error("could not write the final metrics to %s: %s", path, e)
 
 
 def configure_logging(level: str) -> None:

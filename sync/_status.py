@@ -19,7 +19,12 @@ def status_report(
     cfg: SyncConfig, st: SyncState, backlog: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """The "sync" section of ``edgepipe status``: the worker's persisted state ``st``, with
-    the backlog from the store's ``stats()`` when the store exists (else as last saved)."""
+    the backlog from the store's ``stats()`` when the store exists (else as last saved).
+
+    The backlog is the one edgepipe shows everywhere: readings stored and not yet
+    acknowledged by the receiver -- ``edgepipe_sync_backlog_readings`` on ``/metrics``, the
+    demo's status line, and what each upload reports to the dashboard (as of that upload's
+    acknowledgement)."""
     out: dict[str, Any] = {"enabled": cfg.enabled, "url": cfg.url}
     if backlog is not None:
         out["backlog_batches"] = backlog["unsynced_batches"]

@@ -55,7 +55,8 @@ _DROPPED = METRICS.counter(
 )
 _EMITTED = METRICS.counter(
     "edgepipe_readings_emitted_total",
-    "Readings created by a stage (aggregates, expansions): stored = in - dropped + emitted",
+    "Readings created by a stage (aggregates, expansions): "
+    "in = dropped (but stage store) + in_flight + stored - emitted",
     ("stage",),
 )
 _ERRORS = METRICS.counter(
