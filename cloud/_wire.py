@@ -169,7 +169,7 @@ def decompress(body: bytes, encoding: str, limit: int, *, max_ratio: int | None 
             raise Rejected(
                 413,
                 "too_large",
-                f"body decompresses to more than {max_ratio} times its {len(body)} bytes "
+                f"decompressed body would exceed {max_ratio} times its {len(body)} bytes sent "
                 f"(limit {cap} bytes): send fewer batches per request",
             )
         raise Rejected(
