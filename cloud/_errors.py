@@ -16,7 +16,8 @@ master key or an API token.
     ├── OperatorExists        ``users add`` of a name in use (name)
     ├── UploadRefused         an upload the store refused whole; nothing stored (device)
     │   ├── SequenceConflict  a (device, seq) stored before with other bytes (device, seq)
-    │   └── NonceReplayed     the request's nonce was stored meanwhile (device)
+    │   ├── NonceReplayed     the request's nonce was stored meanwhile (device)
+    │   └── SeriesLimitExceeded  it would create too many series (device, scope, limit)
     ├── MasterKeyError        master key missing, unreadable, too permissive or wrong
     └── SecretUnreadable      a stored device secret failed authentication (device, key_id)
 """
@@ -34,6 +35,7 @@ __all__ = [
     "Rejected",
     "SecretUnreadable",
     "SequenceConflict",
+    "SeriesLimitExceeded",
     "UnknownDevice",
     "UnknownOperator",
     "UploadRefused",
@@ -113,6 +115,19 @@ class NonceReplayed(UploadRefused):
 
     def __init__(self, device: str) -> None:
         super().__init__(device, "this nonce was already used")
+
+
+class SeriesLimitExceeded(UploadRefused):
+    """The upload would create more series than allowed: in one request (``scope``
+    "request") or for the device in all ("device"); ``limit`` is the limit it exceeds."""
+
+    def __init__(self, device: str, scope: str, limit: int) -> None:
+        self.scope, self.limit = scope, limit
+        if scope == "request":
+            msg = f"the upload creates more than {limit} new series (the limit per request)"
+        else:
+            msg = f"device {device!r} would have more than {limit} series (the limit per device)"
+        super().__init__(device, msg)
 
 
 class MasterKeyError(CloudError):

@@ -29,6 +29,7 @@ from ._errors import (
     Rejected,
     SecretUnreadable,
     SequenceConflict,
+    SeriesLimitExceeded,
     UnknownDevice,
 )
 
@@ -51,6 +52,11 @@ def rejection_for(exc: CloudError, *, upload: bool = False) -> Rejected | None:
         return Rejected(404, "not_found", f"no device named {exc.name[:64]!r}")
     if isinstance(exc, SequenceConflict):
         return Rejected(409, "sequence_conflict", str(exc), seq=exc.seq)
+    if isinstance(exc, SeriesLimitExceeded):
+        # Per request: 413, so the device sends fewer batches at once; per device: 422.
+        if exc.scope == "request":
+            return Rejected(413, "too_many_series", str(exc), limit=exc.limit)
+        return Rejected(422, "series_limit", str(exc), limit=exc.limit)
     if isinstance(exc, NonceReplayed):
         return Rejected(401, "replay", str(exc))
     if isinstance(exc, MasterKeyError | SecretUnreadable):

@@ -4,14 +4,15 @@ nonces that make every request single-use, and the log of refused uploads."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from core._clock import utc_day
 
-from ._errors import NonceReplayed, SequenceConflict
+from ._errors import NonceReplayed, SequenceConflict, SeriesLimitExceeded
 from ._sql import ROLLUP_MS, SQLBase, chunks, tags_text
-from ._wire import Upload
+from ._wire import Upload, WireLimits
 
 __all__ = ["Ingest", "IngestResult", "IngestSQL", "REJECTION_LOG_ROWS"]
 
@@ -59,6 +60,29 @@ class Ingest(Protocol):
     ) -> None:
         """Log a refused upload; if ``device`` is named, also set its ``last_error`` (and
         ``last_seen`` when the request carried its valid signature)."""
+
+
+class _SeriesQuota:
+    """The series one upload may still create: per request, and for the device in all
+    (its stored count is read once, when the first new series is about to be created)."""
+
+    __slots__ = ("device", "did", "limits", "new", "stored")
+
+    def __init__(self, device: str, did: int, limits: WireLimits) -> None:
+        self.device, self.did, self.limits = device, did, limits
+        self.new = 0
+        self.stored: int | None = None
+
+    def take(self, store: SQLBase, cur: Any) -> None:
+        lim = self.limits
+        self.new += 1
+        if self.new > lim.max_new_series_per_request:
+            raise SeriesLimitExceeded(self.device, "request", lim.max_new_series_per_request)
+        if self.stored is None:
+            cur.execute(store._q("SELECT count(*) FROM series WHERE device_id = ?"), (self.did,))
+            self.stored = cur.fetchone()[0]
+        if self.stored + self.new > lim.max_series_per_device:
+            raise SeriesLimitExceeded(self.device, "device", lim.max_series_per_device)
 
 
 class IngestSQL(SQLBase):
@@ -128,13 +152,18 @@ class IngestSQL(SQLBase):
 
             nreadings = 0
             series_ids: dict[tuple[str, str, str], int] = {}
+            quota = _SeriesQuota(upload.device, did, upload.limits)
             for b in new:
                 local = []
-                for source, metric, tags in b.series:
+                used = set(b.sid)  # a series nothing refers to is never created
+                for i, (source, metric, tags) in enumerate(b.series):
+                    if i not in used:
+                        local.append(-1)
+                        continue
                     key = (source, metric, tags_text(tags))
                     sid = series_ids.get(key)
                     if sid is None:
-                        sid = series_ids[key] = self._series_id(cur, did, key)
+                        sid = series_ids[key] = self._series_id(cur, did, key, quota)
                     local.append(sid)
                 rows = [
                     (local[s], t, v, f, b.seq)
@@ -210,10 +239,14 @@ class IngestSQL(SQLBase):
                 "hi = CASE WHEN excluded.hi > readings_hourly.hi "
                 "THEN excluded.hi ELSE readings_hourly.hi END"
             ),
-            [(sid, hour, len(v), sum(v), min(v), max(v)) for (sid, hour), v in groups.items()],
+            # fsum: exact, and the wire bounds every value so that no sum can overflow.
+            [
+                (sid, hour, len(v), math.fsum(v), min(v), max(v))
+                for (sid, hour), v in groups.items()
+            ],
         )
 
-    def _series_id(self, cur: Any, did: int, key: tuple[str, str, str]) -> int:
+    def _series_id(self, cur: Any, did: int, key: tuple[str, str, str], quota: _SeriesQuota) -> int:
         q = self._q
         cur.execute(
             q(
@@ -223,6 +256,7 @@ class IngestSQL(SQLBase):
         )
         row = cur.fetchone()
         if row is None:
+            quota.take(self, cur)
             cur.execute(
                 q(
                     "INSERT INTO series (device_id, source, metric, tags) VALUES (?, ?, ?, ?) RETURNING id"

@@ -5,6 +5,7 @@ dashboard)."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -12,9 +13,23 @@ from core._clock import now_ms
 
 from ._sql import ROLLUP_MS, SQLBase, tags_obj
 
-__all__ = ["MAX_READINGS_LIMIT", "Queries", "QueriesSQL", "ReadingsQuery"]
+__all__ = ["MAX_READINGS_LIMIT", "MAX_TS_MS", "Queries", "QueriesSQL", "ReadingsQuery"]
 
 MAX_READINGS_LIMIT = 10_000
+#: Query times (ms) are bounded to 1970..2100: the bucket arithmetic stays in 64 bits.
+MAX_TS_MS = 4_102_444_800_000
+_BIG = sys.float_info.max
+
+
+def _num(x: Any) -> float | None:
+    """An aggregate as JSON can carry it: never inf or NaN (rows stored before values were
+    bounded may hold sums that overflowed)."""
+    if x is None:
+        return None
+    x = float(x)
+    if math.isnan(x):
+        return None
+    return max(-_BIG, min(_BIG, x))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +142,9 @@ class QueriesSQL(SQLBase):
     def readings(self, q: ReadingsQuery) -> dict[str, Any]:
         limit = max(1, min(q.limit, MAX_READINGS_LIMIT))
         until = q.until if q.until is not None else now_ms() + 1
+        until = max(1, min(until, MAX_TS_MS))
         since = q.since if q.since is not None else until - 24 * 3600 * 1000
+        since = max(0, min(since, until - 1))
         with self._read() as cur:
             did = self._device_id(cur, q.device)
             where = "s.device_id = ? AND r.ts >= ? AND r.ts < ?"
@@ -171,13 +188,13 @@ class QueriesSQL(SQLBase):
                         "metric": r[1],
                         "tags": tags_obj(r[2]),
                         "ts": r[3],
-                        "value": r[4],
+                        "value": _num(r[4]),
                         "flags": r[5],
                     }
                     for r in rows[:limit]
                 ]
             else:
-                step = int(step)
+                step = min(int(step), MAX_TS_MS)
                 if step < 1:
                     raise ValueError("step must be >= 1 ms")
                 # Integer arithmetic both dialects agree on; ts >= since keeps it non-negative.
@@ -208,9 +225,9 @@ class QueriesSQL(SQLBase):
                         "metric": r[2],
                         "tags": tags_obj(r[3]),
                         "ts": int(r[0]),
-                        "avg": float(r[4]),
-                        "min": float(r[5]),
-                        "max": float(r[6]),
+                        "avg": _num(r[4]),
+                        "min": _num(r[5]),
+                        "max": _num(r[6]),
                         "count": int(r[7]),
                     }
                     for r in rows[:limit]

@@ -19,6 +19,7 @@ from ._auth import operator_endpoint
 from ._backend import Backend, ReadingsQuery
 from ._errors import Rejected, UnknownDevice
 from ._openapi import BASE_SCHEMA
+from ._queries import MAX_TS_MS
 
 __all__ = [
     "dead_letters",
@@ -39,6 +40,8 @@ def _int_param(
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
+    if len(raw) > 24:
+        raise Rejected(400, "bad_query", f"{name} must be an integer between {lo} and {hi}")
     try:
         value = int(raw)
     except ValueError:
@@ -164,10 +167,10 @@ async def readings(request: Request) -> Response:
       - {name: device, in: query, required: true, schema: {type: string}}
       - {name: metric, in: query, schema: {type: string}}
       - {name: source, in: query, description: the reading's own device field, schema: {type: string}}
-      - {name: since, in: query, description: "ms since epoch, inclusive (default until - 24 h)", schema: {type: integer}}
-      - {name: until, in: query, description: "ms since epoch, exclusive (default now)", schema: {type: integer}}
+      - {name: since, in: query, description: "ms since epoch, inclusive (default until - 24 h)", schema: {type: integer, minimum: 0, maximum: 4102444800000}}
+      - {name: until, in: query, description: "ms since epoch, exclusive (default now)", schema: {type: integer, minimum: 1, maximum: 4102444800000}}
       - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 10000, default: 1000}}
-      - {name: step, in: query, description: bucket width in ms (forces downsampling), schema: {type: integer, minimum: 1}}
+      - {name: step, in: query, description: bucket width in ms (forces downsampling), schema: {type: integer, minimum: 1, maximum: 4102444800000}}
     responses:
       "200":
         description: Rows, oldest first.
@@ -186,10 +189,10 @@ async def readings(request: Request) -> Response:
         device=device,
         metric=p.get("metric") or None,
         source=p.get("source") or None,
-        since=_int_param(request, "since", None),
-        until=_int_param(request, "until", None),
+        since=_int_param(request, "since", None, 0, MAX_TS_MS),
+        until=_int_param(request, "until", None, 1, MAX_TS_MS),
         limit=_int_param(request, "limit", 1000, 1, 10_000) or 1000,
-        step=_int_param(request, "step", None, 1, None),
+        step=_int_param(request, "step", None, 1, MAX_TS_MS),
     )
     if q.since is not None and q.until is not None and q.since >= q.until:
         raise Rejected(400, "bad_query", "since must be before until")
@@ -201,7 +204,7 @@ def _log_params(request: Request) -> tuple[str | None, int, int | None]:
     return (
         request.query_params.get("device") or None,
         _int_param(request, "limit", 100, 1, 1000) or 100,
-        _int_param(request, "before", None),
+        _int_param(request, "before", None, 0, 2**62),
     )
 
 
@@ -216,7 +219,7 @@ async def rejections(request: Request) -> Response:
     parameters:
       - {$ref: "#/components/parameters/DeviceFilter"}
       - {$ref: "#/components/parameters/LogLimit"}
-      - {name: before, in: query, description: only entries with a smaller id (paging), schema: {type: integer}}
+      - {name: before, in: query, description: only entries with a smaller id (paging), schema: {type: integer, minimum: 0, maximum: 4611686018427387904}}
     responses:
       "200":
         description: Log entries.
@@ -246,7 +249,7 @@ async def dead_letters(request: Request) -> Response:
     parameters:
       - {$ref: "#/components/parameters/DeviceFilter"}
       - {$ref: "#/components/parameters/LogLimit"}
-      - {name: before, in: query, description: only entries received before this time (ms), schema: {type: integer}}
+      - {name: before, in: query, description: only entries received before this time (ms), schema: {type: integer, minimum: 0, maximum: 4611686018427387904}}
     responses:
       "200":
         description: Dead letters (metadata only).

@@ -90,6 +90,20 @@ class Settings(_EnvModel):
     device_uploads_per_s: float = Field(20, gt=0)
     device_upload_burst: int = Field(40, ge=1)
     retry_after_s: int = Field(2, ge=1)
+    # -- bounds of what one upload may carry or create (see docs/security.md) -------------
+    #: Decompressed bytes per byte sent, beyond the first 256 KiB (zip-bomb guard).
+    max_decompression_ratio: int = Field(100, ge=2)
+    #: Readings in one request, all its batches together.
+    max_readings_per_request: int = Field(1_000_000, ge=1)
+    #: Longest source or metric name, in characters.
+    max_name_chars: int = Field(256, ge=16, le=4096)
+    #: Series one request may create (beyond: 413, so the device sends fewer batches).
+    max_new_series_per_request: int = Field(1000, ge=1)
+    #: Series a device may have in all (beyond: 422 until an operator raises it).
+    max_series_per_device: int = Field(10_000, ge=1)
+    #: Readings stamped further ahead of the receiver's clock (plus ``max_skew_s``) are
+    #: refused: a device whose clock is wrong would hide its real lag.
+    max_future_s: int = Field(86_400, ge=0)
     #: Bearer token for the read API (the dashboard replaces this with operator sessions).
     api_token: SecretStr | None = None
     tls_cert: str | None = None

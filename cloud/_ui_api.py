@@ -21,6 +21,7 @@ from core._clock import now_ms
 from ._auth import operator_endpoint
 from ._backend import ROLLUP_MS, ReadingsQuery
 from ._errors import Rejected, UnknownDevice
+from ._queries import MAX_TS_MS
 from ._settings import DashboardSettings
 
 __all__ = [
@@ -139,14 +140,29 @@ def chart_window(since: int, until: int) -> tuple[int, int, int]:
     return lo, max(hi, lo + step), step
 
 
-def _int(request: Request, name: str) -> int | None:
+def _int(request: Request, name: str, lo: int = 0, hi: int = MAX_TS_MS) -> int | None:
     raw = request.query_params.get(name)
     if raw in (None, ""):
         return None
     try:
-        return int(raw)
+        if len(raw) > 24:
+            raise ValueError
+        value = int(raw)
     except ValueError:
         raise Rejected(400, "bad_query", f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise Rejected(400, "bad_query", f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def _mean(parts: list[tuple[float, int]], count: int) -> float | None:
+    """Count-weighted mean of bucket means, summed as weights (no product can overflow)."""
+    if not count:
+        return None
+    if len(parts) == 1:
+        return parts[0][0]
+    mean = math.fsum(avg * (n / count) for avg, n in parts)
+    return mean if math.isfinite(mean) else None
 
 
 @operator_endpoint
@@ -180,18 +196,20 @@ async def series_json(request: Request) -> Response:
     result = await run_in_threadpool(request.app.state.backend.readings, q)
     # Several tag sets of one (source, metric) fold into one line: count-weighted mean.
     count: list[int] = [0] * nbuckets
-    total: list[float] = [0.0] * nbuckets
+    parts: list[list[tuple[float, int]]] = [[] for _ in range(nbuckets)]
     lo: list[float | None] = [None] * nbuckets
     hi: list[float | None] = [None] * nbuckets
     for r in result["rows"]:
         i = (r["ts"] - since) // step
         if not 0 <= i < nbuckets:
             continue
+        if r["avg"] is None:  # a bucket whose stored sum is unusable shows as a gap
+            continue
         count[i] += r["count"]
-        total[i] += r["avg"] * r["count"]
+        parts[i].append((r["avg"], r["count"]))
         lo[i] = r["min"] if lo[i] is None else min(lo[i], r["min"])
         hi[i] = r["max"] if hi[i] is None else max(hi[i], r["max"])
-    avg = [total[i] / count[i] if count[i] else None for i in range(nbuckets)]
+    avg = [_mean(parts[i], count[i]) for i in range(nbuckets)]
     return JSONResponse(
         {
             "device": device,
@@ -221,7 +239,7 @@ async def series_list_json(request: Request) -> Response:
 async def logs_json(request: Request) -> Response:
     backend = request.app.state.backend
     device = request.query_params.get("device") or None
-    limit = min(max(_int(request, "limit") or 100, 1), 500)
+    limit = min(max(_int(request, "limit", 0, 2**31) or 100, 1), 500)
 
     def load() -> dict[str, Any]:
         return {

@@ -39,7 +39,7 @@ from ._errors import (
 )
 from ._http_errors import UNKNOWN_DEVICE_OR_BAD_SIGNATURE, error_response, rejection_for
 from ._settings import Settings
-from ._wire import ENCODINGS, decode_upload, decompress
+from ._wire import ENCODINGS, WireLimits, decode_upload, decompress
 
 __all__ = ["post_batches"]
 
@@ -315,8 +315,13 @@ async def _receive(
     ctx.held.append("processing")
 
     def decode() -> Any:
-        data = decompress(body, encoding, settings.max_decompressed_bytes)
-        return decode_upload(data, device)
+        data = decompress(
+            body,
+            encoding,
+            settings.max_decompressed_bytes,
+            max_ratio=settings.max_decompression_ratio,
+        )
+        return decode_upload(data, device, WireLimits.from_settings(settings), now=now)
 
     upload = await run_in_threadpool(decode)
     # A nonce must be remembered until its timestamp can no longer pass the skew check.

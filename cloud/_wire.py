@@ -1,4 +1,13 @@
-"""Decoding of an upload body (wire protocol v1): decompression with a bound, msgpack, shape.
+"""Decoding of an upload body (wire protocol v1): bounded decompression, then msgpack read
+against the protocol's shape with every count, length and nesting level bounded *before*
+anything is materialised.
+
+The top level, the status, the dead letters and each batch's series table are walked
+header by header (:class:`Reader` peeks at the next type byte and its length): an unknown
+key, a container where a scalar belongs, a string longer than its limit or an array longer
+than its count limit is refused before its contents are read.  Only the four reading
+columns are unpacked whole, by the C unpacker, with their length known from the header and
+any nested map or array refused by the unpacker's hooks as soon as it is built.
 
 Everything here is pure and synchronous; every refusal is a :class:`Rejected` whose detail
 says exactly what was wrong and where (``batches[2].val[7]: expected a number``).
@@ -13,15 +22,74 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import zstandard
 
-from ._errors import Rejected
+from core._clock import now_ms
 
-__all__ = ["ENCODINGS", "Batch", "DeadLetter", "Upload", "decode_upload", "decompress"]
+from ._errors import Rejected
+from ._wire_reader import ARRAY, MAP, SCALAR, STR, Reader, bad, name_problem
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ENCODINGS",
+    "MAX_ABS_VALUE",
+    "TS_MAX_MS",
+    "TS_MIN_MS",
+    "Batch",
+    "DeadLetter",
+    "Upload",
+    "WireLimits",
+    "decode_upload",
+    "decompress",
+    "name_problem",
+]
 
 ENCODINGS = ("identity", "gzip", "zstd")
 _INT64 = (-(2**63), 2**63 - 1)
+#: Readings must be stamped between 2000-01-01 and 2100-01-01 (ms), like the edge's decoder.
+TS_MIN_MS = 946_684_800_000
+TS_MAX_MS = 4_102_444_800_000
+#: Largest magnitude of a value: a sum of 10**58 of them still fits a double, so no
+#: aggregate (hourly totals, bucket sums) can overflow to infinity.
+MAX_ABS_VALUE = 1e250
+#: A body may decompress to this many bytes whatever its compression ratio.
+RATIO_FREE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WireLimits:
+    """Bounds of one upload (the receiver's :class:`cloud._settings.Settings` sets the
+    configurable ones; :data:`DEFAULT_LIMITS` are the defaults)."""
+
+    max_batches: int = 1000
+    max_readings: int = 1_000_000  # per request, all batches together
+    max_dead_letters: int = 1000
+    max_name_chars: int = 256  # source and metric
+    max_tags: int = 32
+    max_tag_key_chars: int = 64
+    max_tag_value_chars: int = 256
+    max_new_series_per_request: int = 1000
+    max_series_per_device: int = 10_000
+    #: Readings stamped further ahead of the receiver's clock are refused (a wrong clock).
+    max_future_ms: int = 86_400_000 + 300_000
+    #: Longest dead-letter text accepted on the wire; stored truncated to the widths below.
+    max_text_bytes: int = 65_536
+    topic_chars: int = 1024
+    stage_chars: int = 256
+    reason_chars: int = 4096
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> WireLimits:
+        return cls(
+            max_readings=settings.max_readings_per_request,
+            max_name_chars=settings.max_name_chars,
+            max_new_series_per_request=settings.max_new_series_per_request,
+            max_series_per_device=settings.max_series_per_device,
+            max_future_ms=(settings.max_future_s + settings.max_skew_s) * 1000,
+        )
+
+
+DEFAULT_LIMITS = WireLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,32 +124,39 @@ class Upload:
     status: dict[str, Any]
     batches: list[Batch]
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    #: The limits it was decoded with (the store applies the series limits).
+    limits: WireLimits = DEFAULT_LIMITS
 
     @property
     def readings(self) -> int:
         return sum(len(b) for b in self.batches)
 
 
-def decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Decode ``body`` without ever producing more than ``limit`` bytes (413 beyond it)."""
+# -- decompression --------------------------------------------------------------------------
+def decompress(body: bytes, encoding: str, limit: int, *, max_ratio: int | None = 100) -> bytes:
+    """Decode ``body`` without ever producing more than ``limit`` bytes, nor (beyond
+    :data:`RATIO_FREE_BYTES`) more than ``max_ratio`` times its own size: 413 beyond either."""
     encoding = (encoding or "identity").strip().lower()
+    cap = limit
+    if max_ratio is not None and encoding != "identity":
+        cap = min(limit, max(RATIO_FREE_BYTES, max_ratio * len(body)))
     if encoding == "identity":
         out = body
     elif encoding == "zstd":
         try:
             reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
-            out = reader.read(limit + 1)
-            if len(out) <= limit and reader.read(1):  # pragma: no cover - read() fills fully
+            out = reader.read(cap + 1)
+            if len(out) <= cap and reader.read(1):  # pragma: no cover - read() fills fully
                 out += b"x"
         except zstandard.ZstdError as exc:
             raise Rejected(400, "bad_body", f"zstd body cannot be decompressed: {exc}") from None
     elif encoding == "gzip":
         d = zlib.decompressobj(wbits=31)
         try:
-            out = d.decompress(body, limit + 1)
+            out = d.decompress(body, cap + 1)
         except zlib.error as exc:
             raise Rejected(400, "bad_body", f"gzip body cannot be decompressed: {exc}") from None
-        if len(out) <= limit and not d.eof:
+        if len(out) <= cap and not d.eof:
             raise Rejected(400, "bad_body", "gzip body is truncated")
     else:
         raise Rejected(
@@ -89,7 +164,14 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
             "unsupported_encoding",
             f"Content-Encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}",
         )
-    if len(out) > limit:
+    if len(out) > cap:
+        if cap < limit:
+            raise Rejected(
+                413,
+                "too_large",
+                f"decompressed body would exceed {max_ratio} times its {len(body)} bytes sent "
+                f"(limit {cap} bytes): send fewer batches per request",
+            )
         raise Rejected(
             413,
             "too_large",
@@ -98,85 +180,100 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-def _unpack(data: bytes, what: str) -> Any:
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises a zoo of types (ExtraData, ValueError, ...)
-        raise Rejected(400, "bad_body", f"{what} is not valid msgpack: {exc}") from None
-
-
-def _bad(where: str, msg: str) -> Rejected:
-    return Rejected(400, "bad_body", f"{where}: {msg}")
-
-
-def _int(v: Any, where: str) -> int:
+# -- checks ---------------------------------------------------------------------------------
+def _int(v: Any, where: str, lo: int = _INT64[0], hi: int = _INT64[1]) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not _INT64[0] <= v <= _INT64[1]:
-        raise _bad(where, f"expected a 64-bit integer, got {type(v).__name__}")
+        raise bad(where, f"expected a 64-bit integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise bad(where, f"{v} is out of range ({lo}..{hi})")
     return v
 
 
-def _str(v: Any, where: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise _bad(where, "expected a non-empty string")
-    return v
+def _name(s: str, where: str, what: str, max_chars: int) -> str:
+    problem = name_problem(s, max_chars)
+    if problem is not None:
+        raise bad(where, f"{what} {problem}")
+    return s
 
 
-def _map(v: Any, where: str) -> dict:
-    if not isinstance(v, dict):
-        raise _bad(where, f"expected a map, got {type(v).__name__}")
-    return v
+_BATCH_KEYS = ("seq", "series", "sid", "ts", "val", "flags")
 
 
-def _list(v: Any, where: str) -> list:
-    if not isinstance(v, list):
-        raise _bad(where, f"expected an array, got {type(v).__name__}")
-    return v
+def _series_entry(r: Reader, w: str, lim: WireLimits) -> tuple[str, str, tuple]:
+    if r.array_header(w, 3) != 3:
+        raise bad(w, "expected [device, metric, tags]")
+    name_bytes = 4 * lim.max_name_chars
+    source = _name(r.text(f"{w}[0]", name_bytes) or "", f"{w}[0]", "source", lim.max_name_chars)
+    metric = _name(r.text(f"{w}[1]", name_bytes) or "", f"{w}[1]", "metric", lim.max_name_chars)
+    tags: tuple[tuple[str, str], ...] = ()
+    wt = f"{w}[2]"
+    kind, _ = r.peek(wt)
+    if kind == SCALAR and r.data[r.up.tell()] == 0xC0:
+        r.up.skip()
+    else:
+        if kind != MAP:
+            raise bad(wt, "tags must map strings to strings")
+        pairs = []
+        for _ in range(r.map_header(wt, lim.max_tags)):
+            if r.peek(wt)[0] != STR:
+                raise bad(wt, "tags must map strings to strings")
+            k = r.text(wt, 4 * lim.max_tag_key_chars) or ""
+            if r.peek(wt)[0] != STR:
+                raise bad(wt, "tags must map strings to strings")
+            v = r.text(wt, 4 * lim.max_tag_value_chars) or ""
+            _name(k, wt, "tag key", lim.max_tag_key_chars)
+            _name(v, wt, f"tag {k!r}", lim.max_tag_value_chars)
+            pairs.append((k, v))
+        tags = tuple(sorted(pairs))
+    return source, metric, tags
 
 
-def _decode_batch(raw: bytes, where: str) -> Batch:
-    b = _map(_unpack(raw, where), where)
-    for key in ("seq", "series", "sid", "ts", "val", "flags"):
-        if key not in b:
-            raise _bad(where, f"missing key {key!r}")
-    seq = _int(b["seq"], f"{where}.seq")
-    if seq < 0:
-        raise _bad(f"{where}.seq", "must be >= 0")
-    series = []
-    for i, s in enumerate(_list(b["series"], f"{where}.series")):
-        w = f"{where}.series[{i}]"
-        s = _list(s, w)
-        if len(s) != 3:
-            raise _bad(w, "expected [device, metric, tags]")
-        sdev, metric = _str(s[0], f"{w}[0]"), _str(s[1], f"{w}[1]")
-        tags: tuple[tuple[str, str], ...] = ()
-        if s[2] is not None:
-            t = _map(s[2], f"{w}[2]")
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in t.items()):
-                raise _bad(f"{w}[2]", "tags must map strings to strings")
-            tags = tuple(sorted(t.items()))
-        series.append((sdev, metric, tags))
-    sid = _list(b["sid"], f"{where}.sid")
-    ts = _list(b["ts"], f"{where}.ts")
-    val = _list(b["val"], f"{where}.val")
-    flags = _list(b["flags"], f"{where}.flags")
+def _decode_batch(raw: bytes, where: str, lim: WireLimits, readings_left: int, now: int) -> Batch:
+    # Every column is at most as long as the readings the request may still carry.
+    r = Reader(
+        raw,
+        max_str=4 * max(lim.max_name_chars, lim.max_tag_value_chars, 32),
+        max_bin=0,
+        max_array=max(readings_left, 16),
+    )
+    got: dict[str, Any] = {}
+    for key in r.keys(where, r.map_header(where, len(_BATCH_KEYS)), _BATCH_KEYS):
+        w = f"{where}.{key}"
+        if key == "seq":
+            got[key] = _int(r.scalar(w), w, 0)
+        elif key == "series":
+            # A series table longer than the batch's readings names series nothing uses.
+            n = r.array_header(w, max(1, min(readings_left, lim.max_readings)), "series")
+            got[key] = [_series_entry(r, f"{w}[{i}]", lim) for i in range(n)]
+        else:
+            n = got.setdefault("_n", r.expect(w, ARRAY, "an array"))
+            if n > readings_left:
+                raise Rejected(
+                    413,
+                    "too_large",
+                    f"{w}: {n} readings exceed the limit of {lim.max_readings} per request",
+                )
+            got[key] = r.column(w, n)
+    r.end(where)
+    for key in _BATCH_KEYS:
+        if key not in got:
+            raise bad(where, f"missing key {key!r}")
+    series, sid, ts, val, flags = (got[k] for k in _BATCH_KEYS[1:])
     n = len(ts)
-    if not len(sid) == len(val) == len(flags) == n:
-        raise _bad(
-            where,
-            f"columns differ in length (sid {len(sid)}, ts {n}, val {len(val)}, flags {len(flags)})",
-        )
-    nseries = len(series)
-    if not (n and _columns_ok(sid, ts, val, flags, nseries)):
-        _locate_bad_value(where, sid, ts, val, flags, nseries)
-    return Batch(seq, hashlib.sha256(raw).hexdigest(), series, sid, ts, val, flags)
+    if len(series) > max(n, 1):
+        raise bad(f"{where}.series", f"{len(series)} series for {n} readings")
+    ts_max = now + lim.max_future_ms
+    if not (n and _columns_ok(sid, ts, val, flags, len(series), ts_max)):
+        _locate_bad_value(where, (sid, ts, val, flags), len(series), ts_max, lim.max_future_ms)
+    return Batch(got["seq"], hashlib.sha256(raw).hexdigest(), series, sid, ts, val, flags)
 
 
-def _columns_ok(sid: list, ts: list, val: list, flags: list, nseries: int) -> bool:
+def _columns_ok(sid: list, ts: list, val: list, flags: list, nseries: int, ts_max: int) -> bool:
     """Whole-column checks in C-speed builtins; the common, valid case."""
     _int_only = {int}
     if set(map(type, sid)) != _int_only or min(sid) < 0 or max(sid) >= nseries:
         return False
-    if set(map(type, ts)) != _int_only or min(ts) < _INT64[0] or max(ts) > _INT64[1]:
+    if set(map(type, ts)) != _int_only or min(ts) < TS_MIN_MS or max(ts) > ts_max:
         return False
     if set(map(type, flags)) != _int_only or min(flags) < 0 or max(flags) >= 2**32:
         return False
@@ -184,91 +281,135 @@ def _columns_ok(sid: list, ts: list, val: list, flags: list, nseries: int) -> bo
     if not kinds <= {float, int}:
         return False
     if int in kinds:
-        val[:] = map(float, val)
-    return all(map(math.isfinite, val))
+        try:
+            val[:] = map(float, val)
+        except OverflowError:
+            return False
+    return all(map(math.isfinite, val)) and max(map(abs, val)) <= MAX_ABS_VALUE
 
 
 def _locate_bad_value(
-    where: str, sid: list, ts: list, val: list, flags: list, nseries: int
+    where: str, columns: tuple[list, list, list, list], nseries: int, ts_max: int, ahead: int
 ) -> None:
     """Find and report the first bad element (slow path, only for invalid or empty input)."""
-    n = len(ts)
-    for i in range(n):
+    sid, ts, val, flags = columns
+    for i in range(len(ts)):
         s = sid[i]
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < nseries:
-            raise _bad(f"{where}.sid[{i}]", f"not an index into series (0..{nseries - 1})")
-        _int(ts[i], f"{where}.ts[{i}]")
+            raise bad(f"{where}.sid[{i}]", f"not an index into series (0..{nseries - 1})")
+        t = _int(ts[i], f"{where}.ts[{i}]")
+        if t < TS_MIN_MS:
+            raise bad(f"{where}.ts[{i}]", f"{t} is before 2000-01-01 (is the device clock set?)")
+        if t > ts_max:
+            raise bad(
+                f"{where}.ts[{i}]",
+                f"{t} is more than {ahead // 1000} s ahead of the receiver's clock",
+            )
         v = val[i]
         if isinstance(v, bool) or not isinstance(v, int | float):
-            raise _bad(f"{where}.val[{i}]", "expected a number")
+            raise bad(f"{where}.val[{i}]", "expected a number")
         if isinstance(v, int):
-            val[i] = v = float(v)
+            try:
+                val[i] = v = float(v)
+            except OverflowError:
+                v = math.inf
         if not math.isfinite(v):
-            raise _bad(f"{where}.val[{i}]", "expected a finite number")
+            raise bad(f"{where}.val[{i}]", "expected a finite number")
+        if abs(v) > MAX_ABS_VALUE:
+            raise bad(f"{where}.val[{i}]", f"{v!r} is out of range (|value| <= 1e250)")
         f = flags[i]
         if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < 2**32:
-            raise _bad(f"{where}.flags[{i}]", "expected an unsigned 32-bit integer")
+            raise bad(f"{where}.flags[{i}]", "expected an unsigned 32-bit integer")
 
 
-def _decode_dead_letter(d: Any, where: str) -> DeadLetter:
-    d = _map(d, where)
+_DL_KEYS = ("seq", "ts", "topic", "stage", "reason", "size")
+
+
+def _decode_dead_letter(r: Reader, where: str, lim: WireLimits) -> DeadLetter:
+    got: dict[str, Any] = {}
+    for key in r.keys(where, r.map_header(where, len(_DL_KEYS)), _DL_KEYS):
+        w = f"{where}.{key}"
+        if key in ("topic", "reason"):
+            got[key] = r.text(w, lim.max_text_bytes)
+        elif key == "stage":
+            got[key] = r.text(w, lim.max_text_bytes, nil=True)
+        else:
+            got[key] = _int(r.scalar(w), w, 0)
     for key in ("seq", "ts", "topic", "reason", "size"):
-        if key not in d:
-            raise _bad(where, f"missing key {key!r}")
-    stage = d.get("stage")
-    if stage is not None and not isinstance(stage, str):
-        raise _bad(f"{where}.stage", "expected a string or nil")
-    topic, reason = d["topic"], d["reason"]
-    if not isinstance(topic, str) or not isinstance(reason, str):
-        raise _bad(where, "topic and reason must be strings")
+        if key not in got:
+            raise bad(where, f"missing key {key!r}")
+    stage = got.get("stage")
     return DeadLetter(
-        _int(d["seq"], f"{where}.seq"),
-        _int(d["ts"], f"{where}.ts"),
-        topic[:1024],
-        stage,
-        reason[:4096],
-        _int(d["size"], f"{where}.size"),
+        got["seq"],
+        got["ts"],
+        got["topic"][: lim.topic_chars],
+        None if stage is None else stage[: lim.stage_chars],
+        got["reason"][: lim.reason_chars],
+        got["size"],
     )
 
 
-_STATUS_INTS = ("backlog_batches", "backlog_readings", "dead_letters")
+_STATUS_KEYS = ("backlog_batches", "backlog_readings", "oldest_unsynced_ms", "dead_letters", "link")
 
 
-def _decode_status(s: Any) -> dict[str, Any]:
-    s = _map(s, "status")
+def _decode_status(r: Reader) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in _STATUS_INTS:
-        if key in s:
-            out[key] = _int(s[key], f"status.{key}")
-    if "oldest_unsynced_ms" in s:
-        v = s["oldest_unsynced_ms"]
-        out["oldest_unsynced_ms"] = None if v is None else _int(v, "status.oldest_unsynced_ms")
-    if "link" in s:
-        if not isinstance(s["link"], str):
-            raise _bad("status.link", "expected a string")
-        out["link"] = s["link"][:32]
+    for key in r.keys("status", r.map_header("status", len(_STATUS_KEYS)), _STATUS_KEYS):
+        w = f"status.{key}"
+        if key == "link":
+            out[key] = (r.text(w, 256) or "")[:32]
+            continue
+        v = r.scalar(w)
+        out[key] = None if v is None and key == "oldest_unsynced_ms" else _int(v, w, 0)
     return out
 
 
-def decode_upload(data: bytes, device: str) -> Upload:
-    """Decode a decompressed body sent by ``device`` (the authenticated header value)."""
-    top = _map(_unpack(data, "body"), "body")
-    if top.get("v") != 1:
-        raise _bad("v", f"unsupported protocol version {top.get('v')!r} (expected 1)")
-    if top.get("device") != device:
+_TOP_KEYS = ("v", "device", "status", "batches", "dead_letters")
+
+
+def decode_upload(
+    data: bytes, device: str, limits: WireLimits = DEFAULT_LIMITS, *, now: int | None = None
+) -> Upload:
+    """Decode a decompressed body sent by ``device`` (the authenticated header value);
+    ``now`` (ms, default the clock) bounds how far ahead readings may be stamped."""
+    now = now_ms() if now is None else now
+    r = Reader(data, max_str=limits.max_text_bytes, max_bin=len(data), max_array=0)
+    got: dict[str, Any] = {}
+    for key in r.keys("body", r.map_header("body", len(_TOP_KEYS)), _TOP_KEYS):
+        if key == "v":
+            got[key] = r.scalar("v")
+            if got[key] != 1:
+                raise bad("v", f"unsupported protocol version {got[key]!r} (expected 1)")
+        elif key == "device":
+            got[key] = r.text("device", 4 * 256)
+            if got[key] != device:
+                raise Rejected(
+                    400,
+                    "device_mismatch",
+                    "body 'device' does not match the X-Edgepipe-Device header",
+                )
+        elif key == "status":
+            got[key] = _decode_status(r)
+        elif key == "batches":
+            n = r.array_header("batches", limits.max_batches, "batches")
+            got[key] = [r.binary(f"batches[{i}]") for i in range(n)]
+        else:
+            n = r.array_header("dead_letters", limits.max_dead_letters, "dead letters")
+            got[key] = [_decode_dead_letter(r, f"dead_letters[{i}]", limits) for i in range(n)]
+    r.end("body")
+    if got.get("v") != 1:
+        raise bad("v", f"unsupported protocol version {got.get('v')!r} (expected 1)")
+    if got.get("device") != device:
         raise Rejected(
             400, "device_mismatch", "body 'device' does not match the X-Edgepipe-Device header"
         )
-    status = _decode_status(top.get("status", {}))
-    raw = _list(top.get("batches"), "batches")
+    if "batches" not in got:
+        raise bad("batches", "expected an array, found nothing")
     batches = []
-    for i, r in enumerate(raw):
-        if not isinstance(r, bytes):
-            raise _bad(f"batches[{i}]", "expected bin (the msgpack bytes of one batch)")
-        batches.append(_decode_batch(r, f"batches[{i}]"))
+    left = limits.max_readings
+    for i, raw in enumerate(got["batches"]):
+        b = _decode_batch(raw, f"batches[{i}]", limits, left, now)
+        left -= len(b)
+        batches.append(b)
     batches.sort(key=lambda b: b.seq)
-    dls = [
-        _decode_dead_letter(d, f"dead_letters[{i}]")
-        for i, d in enumerate(_list(top.get("dead_letters", []), "dead_letters"))
-    ]
-    return Upload(device, status, batches, dls)
+    return Upload(device, got.get("status", {}), batches, got.get("dead_letters", []), limits)

@@ -160,10 +160,13 @@ def test_upload_stores_readings_and_status(
 def test_retry_is_acked_as_duplicate_and_not_doubled(
     backend: Backend, device: DeviceClient, operator: httpx.Client
 ) -> None:
-    batches = [make_batch(1, series_readings(20)), make_batch(2, series_readings(5, start=2))]
+    batches = [
+        make_batch(1, series_readings(20)),
+        make_batch(2, series_readings(5, start=1_700_000_000_002)),
+    ]
     assert device.upload(batches).json() == {"acked": [1, 2], "duplicates": []}
     # A retry after a lost response: same batches, new nonce, plus one new batch.
-    batches.append(make_batch(3, series_readings(3, start=3)))
+    batches.append(make_batch(3, series_readings(3, start=1_700_000_000_003)))
     r = device.upload(batches)
     assert r.status_code == 200
     assert r.json() == {"acked": [1, 2, 3], "duplicates": [1, 2]}
@@ -202,7 +205,10 @@ def test_conflict_within_one_request(backend: Backend, device: DeviceClient) -> 
 
 
 def test_concurrent_identical_uploads_store_once(backend: Backend, device: DeviceClient) -> None:
-    batches = [make_batch(s, series_readings(50, start=s * 100_000)) for s in range(1, 4)]
+    batches = [
+        make_batch(s, series_readings(50, start=1_700_000_000_000 + s * 100_000))
+        for s in range(1, 4)
+    ]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda _: device.upload(batches), range(6)))
     assert all(r.status_code == 200 for r in results), [r.text for r in results]
@@ -411,7 +417,7 @@ def test_bad_batch_shape_names_the_field(
             "seq": 2,
             "series": [["s", "m", None]],
             "sid": [0, 0],
-            "ts": [1, 2],
+            "ts": [1_700_000_000_001, 1_700_000_000_002],
             "val": [1.0, "x"],
             "flags": [0, 0],
         }

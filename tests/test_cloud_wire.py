@@ -12,13 +12,15 @@ import zstandard
 from cloud import Rejected
 from cloud._wire import decode_upload, decompress
 
+T0 = 1_700_000_000_000
+
 
 def _batch(**over: object) -> bytes:
     b = {
         "seq": 1,
         "series": [["s", "m", None], ["s", "n", {"k": "v"}]],
         "sid": [0, 1, 0],
-        "ts": [1, 2, 3],
+        "ts": [T0, T0 + 1, T0 + 2],
         "val": [1.0, 2, 3.5],
         "flags": [0, 1, 2**32 - 1],
     }
@@ -44,8 +46,8 @@ def test_valid_body_decodes() -> None:
     [
         ({"sid": [0, 2, 0]}, "batches[0].sid[1]"),
         ({"sid": [0, True, 0]}, "batches[0].sid[1]"),
-        ({"ts": [1, 2.5, 3]}, "batches[0].ts[1]"),
-        ({"ts": [1, 2, 2**64 - 1]}, "batches[0].ts[2]"),
+        ({"ts": [T0, 2.5, T0]}, "batches[0].ts[1]"),
+        ({"ts": [T0, T0, 2**64 - 1]}, "batches[0].ts[2]"),
         ({"val": [1.0, math.nan, 3.0]}, "batches[0].val[1]"),
         ({"val": [1.0, 2.0, None]}, "batches[0].val[2]"),
         ({"flags": [0, -1, 0]}, "batches[0].flags[1]"),

@@ -29,11 +29,17 @@ import msgpack
 from config._models import SubscriptionConfig
 from core._errors import DecodeError
 
+from ._names import check_tag
+
 __all__ = ["TopicTemplate", "decode_payload", "parse_timestamp"]
 
 # Readings must fall between 2000-01-01 and 2100-01-01 (milliseconds).
 _TS_MIN = 946_684_800_000
 _TS_MAX = 4_102_444_800_000
+#: A payload may be stamped at most this far ahead of its arrival (a sensor's wrong clock).
+_AHEAD_MS = 86_400_000
+#: Largest magnitude of a value (the cloud receiver's bound: no aggregate can overflow).
+_MAX_ABS = 1e250
 _json_decode = json.JSONDecoder().decode
 _RESERVED = frozenset({"ts", "time", "timestamp", "t", "seq", "id", "device", "tags", "value", "v"})
 
@@ -119,10 +125,30 @@ def parse_timestamp(v: Any) -> int:
 def _number(v: Any, what: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise DecodeError(f"{what} is not a number ({type(v).__name__})")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:
+        raise DecodeError(f"{what} is not finite") from None
     if not math.isfinite(f):
         raise DecodeError(f"{what} is not finite")
+    if abs(f) > _MAX_ABS:
+        raise DecodeError(f"value out of range: {what} is {f:.3g} (limit +-1e250)")
     return f
+
+
+def _arrival(arrival: int) -> int:
+    """The arrival time as a reading's timestamp: only from a clock that is set."""
+    if not _TS_MIN <= arrival < _TS_MAX:
+        raise DecodeError(f"device clock not set: arrival time {arrival} is outside 2000..2100")
+    return arrival
+
+
+def _not_ahead(ts: int, arrival: int) -> int:
+    if ts > arrival + _AHEAD_MS and _TS_MIN <= arrival:
+        raise DecodeError(
+            f"timestamp in the future: {ts} is more than 24 h after the arrival time {arrival}"
+        )
+    return ts
 
 
 def _tags(v: Any) -> dict[str, str] | None:
@@ -132,7 +158,10 @@ def _tags(v: Any) -> dict[str, str] | None:
         raise DecodeError("tags must be an object")
     if len(v) > 32:
         raise DecodeError("more than 32 tags")
-    return {str(k)[:64]: str(val)[:256] for k, val in v.items()}
+    tags = {str(k)[:64]: str(val)[:256] for k, val in v.items()}
+    for k, val in tags.items():
+        check_tag(k, val)
+    return tags
 
 
 def _object_rows(
@@ -145,7 +174,10 @@ def _object_rows(
     raw_ts = obj.get(ts_field)
     if raw_ts is None:
         raw_ts = obj.get("timestamp", obj.get("time"))
-    ts = parse_timestamp(raw_ts) if raw_ts is not None and sub.timestamp == "payload" else arrival
+    if raw_ts is not None and sub.timestamp == "payload":
+        ts = _not_ahead(parse_timestamp(raw_ts), arrival)
+    else:
+        ts = _arrival(arrival)
     device = obj.get("device")
     if device is not None and not isinstance(device, str):
         raise DecodeError("device must be a string")
@@ -189,7 +221,7 @@ def _structured_rows(
     elif isinstance(data, int | float) and not isinstance(data, bool):
         if metric is None:
             raise DecodeError("no metric: neither the topic nor the payload names one")
-        yield None, metric, arrival, _number(data, "value"), None
+        yield None, metric, _arrival(arrival), _number(data, "value"), None
     else:
         raise DecodeError(f"payload is a {type(data).__name__}, expected an object")
 
@@ -227,8 +259,8 @@ def _senml_rows(data: Any, arrival: int) -> Iterator[Row]:
         if not name:
             raise DecodeError("SenML record has no name")
         device, metric = _split_senml_name(bn, n)
-        ts = parse_timestamp(t)
-        yield device, metric, ts, value, None
+        ts = _not_ahead(parse_timestamp(t), arrival)
+        yield device, metric, ts, _number(value, "SenML value"), None
 
 
 def _split_senml_name(bn: str, n: str) -> tuple[str | None, str]:
@@ -258,11 +290,10 @@ def decode_payload(
                 value = float(payload)
             except ValueError:
                 raise DecodeError("payload is not a number") from None
-            if not math.isfinite(value):
-                raise DecodeError("value is not finite")
+            value = _number(value, "value")
             if metric is None:
                 raise DecodeError("no metric: neither the topic nor the payload names one")
-            return [(None, metric, arrival, value, None)]
+            return [(None, metric, _arrival(arrival), value, None)]
         if fmt in ("json", "senml"):
             try:
                 # bytes.decode + a bound decoder: json.loads would sniff the encoding first

@@ -25,6 +25,7 @@ from core._model import Batch, DeadLetter, SeriesRegistry
 
 from ._codecs import TopicTemplate, decode_payload
 from ._message import Message
+from ._names import check_names
 
 __all__ = ["Decoded", "Decoder"]
 
@@ -135,6 +136,7 @@ class Decoder:
                     dev = device or t_device or sub.device
                     if dev is None:
                         raise DecodeError("no device: neither the topic nor the payload names one")
+                    check_names(dev, metric)  # type: ignore[arg-type]
                     sid = intern(dev, metric, tags)  # type: ignore[arg-type]
                     ts_l.append(ts)
                     val_l.append(value)
