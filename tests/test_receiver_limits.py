@@ -34,6 +34,10 @@ def rx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
     monkeypatch.setenv("EDGEPIPE_CLOUD_MAX_NEW_SERIES_PER_REQUEST", "5")
     monkeypatch.setenv("EDGEPIPE_CLOUD_MAX_SERIES_PER_DEVICE", "8")
     monkeypatch.setenv("EDGEPIPE_CLOUD_MAX_NAME_CHARS", "64")
+    # these tests send hostile bodies back to back from one device: the per-device rate
+    # limit (tested in test_receiver_hardening.py) must not answer before the decoder does
+    monkeypatch.setenv("EDGEPIPE_CLOUD_DEVICE_UPLOADS_PER_S", "1000")
+    monkeypatch.setenv("EDGEPIPE_CLOUD_DEVICE_UPLOAD_BURST", "1000")
     r = Receiver(tmp_path)
     r.secret = r.add_device("edge-1")  # type: ignore[attr-defined]
     with r:
