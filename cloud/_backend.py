@@ -42,6 +42,7 @@ __all__ = [
     "ReadingsQuery",
     "SQLBackend",
     "open_backend",
+    "redacted_url",
 ]
 
 
@@ -87,7 +88,7 @@ def open_backend(url: str, *, master_key: MasterKey | None = None, create: bool 
     if url.startswith(("postgresql://", "postgres://")):
         from ._postgres import PostgresBackend
 
-        where = _without_password(url)
+        where = redacted_url(url)
         backend: Backend = PostgresBackend(url, create=create)
     else:
         from ._sqlite import SQLiteBackend
@@ -113,7 +114,8 @@ def open_backend(url: str, *, master_key: MasterKey | None = None, create: bool 
     return backend
 
 
-def _without_password(url: str) -> str:
+def redacted_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for messages."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
