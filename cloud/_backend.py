@@ -100,8 +100,13 @@ def open_backend(url: str, *, master_key: MasterKey | None = None, create: bool 
         else:
             path = url
         where = path if path == ":memory:" else os.path.abspath(path)
-        if not create and path != ":memory:" and not os.path.isfile(path):
-            raise NoDatabase(url, where, "no such file")
+        if not create and path != ":memory:":
+            from ._sqlite import holds_schema
+
+            if not os.path.isfile(path):
+                raise NoDatabase(url, where, "no such file")
+            if not holds_schema(path):
+                raise NoDatabase(url, where, "it holds no edgepipe-cloud tables")
         backend = SQLiteBackend(path)
     backend.master_key = master_key
     try:
