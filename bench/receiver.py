@@ -118,6 +118,7 @@ def run(backend: str, requests: int, batches: int, per_batch: int, clients: int)
         "EDGEPIPE_CLOUD_MASTER_KEY_FILE": f"{tmp.name}/master.key",
     }
     _cli(env, "master-key", "generate", "--out", f"{tmp.name}/master.key")
+    _cli(env, "init")
     secret = bytes.fromhex(_cli(env, "devices", "add", "bench-1"))
     bodies = _bodies("bench-1", requests, batches, per_batch)
     proc = subprocess.Popen(

@@ -17,10 +17,12 @@ worker threads.  The backend raises domain errors only (:mod:`cloud._errors`).
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 from ._devices import Devices, DevicesSQL
-from ._errors import CloudError
+from ._errors import CloudError, NoDatabase
 from ._ingest import Ingest, IngestResult, IngestSQL
 from ._operators import Operators, OperatorsSQL
 from ._queries import Queries, QueriesSQL, ReadingsQuery
@@ -40,6 +42,7 @@ __all__ = [
     "ReadingsQuery",
     "SQLBackend",
     "open_backend",
+    "redacted_url",
 ]
 
 
@@ -48,6 +51,9 @@ class Backend(Devices, Ingest, Queries, Operators, Protocol):
     """What the receiver needs from storage: every role, plus its lifetime.  Device secrets
     are stored sealed with ``master_key``; without one the backend serves everything except
     device secrets."""
+
+    def initialised(self) -> bool:
+        """Whether the database holds an edgepipe-cloud schema (read only)."""
 
     def init(self) -> None:
         """Create or migrate the schema (idempotent).  With a master key: refuse a key that
@@ -70,15 +76,20 @@ class SQLBackend(SchemaSQL, DevicesSQL, IngestSQL, QueriesSQL, OperatorsSQL):
                 self._adopt_master_key(cur, self.master_key)
 
 
-def open_backend(url: str, *, master_key: MasterKey | None = None) -> Backend:
+def open_backend(url: str, *, master_key: MasterKey | None = None, create: bool = True) -> Backend:
     """``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (the SQLAlchemy
     convention), a bare path, or ``postgresql://user@host:port/db`` (optionally
     ``?schema=name``).  The schema is created or migrated; with ``master_key`` it is checked
-    against the database and plaintext device secrets are sealed with it."""
+    against the database and plaintext device secrets are sealed with it.
+
+    With ``create=False`` a database that does not exist yet (no SQLite file, or no
+    edgepipe-cloud tables in the PostgreSQL database or schema) raises :class:`NoDatabase`
+    and nothing is created."""
     if url.startswith(("postgresql://", "postgres://")):
         from ._postgres import PostgresBackend
 
-        backend: Backend = PostgresBackend(url)
+        where = redacted_url(url)
+        backend: Backend = PostgresBackend(url, create=create)
     else:
         from ._sqlite import SQLiteBackend
 
@@ -88,11 +99,30 @@ def open_backend(url: str, *, master_key: MasterKey | None = None) -> Backend:
             raise CloudError(f"unsupported database URL scheme in {url.split('://')[0]!r}")
         else:
             path = url
+        where = path if path == ":memory:" else os.path.abspath(path)
+        if not create and path != ":memory:":
+            from ._sqlite import holds_schema
+
+            if not os.path.isfile(path):
+                raise NoDatabase(url, where, "no such file")
+            if not holds_schema(path):
+                raise NoDatabase(url, where, "it holds no edgepipe-cloud tables")
         backend = SQLiteBackend(path)
     backend.master_key = master_key
     try:
+        if not create and not backend.initialised():
+            raise NoDatabase(url, where, "it holds no edgepipe-cloud tables")
         backend.init()
     except BaseException:
         backend.close()
         raise
     return backend
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -19,6 +19,7 @@ master key or an API token.
     │   ├── NonceReplayed     the request's nonce was stored meanwhile (device)
     │   └── SeriesLimitExceeded  it would create too many series (device, scope, limit)
     ├── MasterKeyError        master key missing, unreadable, too permissive or wrong
+    ├── NoDatabase            no receiver database where one must exist (url, where)
     └── SecretUnreadable      a stored device secret failed authentication (device, key_id)
 """
 
@@ -30,6 +31,7 @@ __all__ = [
     "CloudError",
     "DeviceExists",
     "MasterKeyError",
+    "NoDatabase",
     "NonceReplayed",
     "OperatorExists",
     "Rejected",
@@ -132,6 +134,15 @@ class SeriesLimitExceeded(UploadRefused):
 
 class MasterKeyError(CloudError):
     """The master key is missing, unreadable, or not the one this database was sealed with."""
+
+
+class NoDatabase(CloudError):
+    """No receiver database at ``url`` (``where``: the file or server it names, without a
+    password), for a caller that must not create one."""
+
+    def __init__(self, url: str, where: str, reason: str) -> None:
+        self.url, self.where, self.reason = url, where, reason
+        super().__init__(f"no edgepipe-cloud database at {where}: {reason}")
 
 
 class SecretUnreadable(CloudError):

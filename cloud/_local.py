@@ -71,7 +71,14 @@ class LocalReceiver:
         return ["--master-key-file", str(self.master_key_file)]
 
     def add_device(self, name: str) -> str:
-        """Register a device; returns its secret (hex), as ``devices add`` prints it."""
+        """Register a device; returns its secret (hex), as ``devices add`` prints it.  The
+        database is created first (``init``) if it does not exist yet."""
+        subprocess.run(
+            cli_command("init", "--db", self.db, *self._key_args()),
+            capture_output=True,
+            check=True,
+            cwd=self.cwd,
+        )
         out = subprocess.run(
             cli_command("devices", "--db", self.db, *self._key_args(), "add", name),
             capture_output=True,

@@ -110,6 +110,12 @@ class SchemaSQL(SQLBase):
                 created_ms BIGINT NOT NULL)""",
         ]
 
+    def initialised(self) -> bool:
+        """Whether this database holds an edgepipe-cloud schema (read only)."""
+        with self._read() as cur:
+            cur.execute(self._q(self.TABLE_EXISTS), ("schema_version",))
+            return cur.fetchone() is not None
+
     def _migrate(self, cur: Any) -> None:
         """Create or migrate the schema inside the caller's write transaction."""
         for stmt in self._ddl():

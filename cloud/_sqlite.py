@@ -13,13 +13,38 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from ._backend import SQLBackend
 
-__all__ = ["SQLiteBackend"]
+__all__ = ["SQLiteBackend", "holds_schema"]
+
+_HEADER = b"SQLite format 3\0"
+
+
+def holds_schema(path: str) -> bool:
+    """Whether the file at ``path`` is a SQLite database with edgepipe-cloud tables; read
+    only: an empty file or another program's database is left exactly as it is."""
+    with open(path, "rb") as f:
+        if f.read(len(_HEADER)) != _HEADER:
+            return False
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        row = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()
+    return row is not None
 
 
 class SQLiteBackend(SQLBackend):

@@ -1,6 +1,7 @@
-"""``edgepipe-cloud``: run the receiver and manage device credentials.
+"""``edgepipe-cloud``: run the receiver and manage device credentials and operators.
 
     edgepipe-cloud master-key generate --out /etc/edgepipe/cloud-master.key   # 0600
+    edgepipe-cloud init --db sqlite:///cloud.db            # creates the database
     edgepipe-cloud serve --db sqlite:///cloud.db --host 0.0.0.0 --port 8443 \\
         --master-key-file /etc/edgepipe/cloud-master.key \\
         [--max-body-mb 8] [--tls-cert cert.pem --tls-key key.pem]
@@ -13,10 +14,17 @@
     edgepipe-cloud master-key rotate       # new key line in the file, re-seal every secret
     edgepipe-cloud master-key rotate --keep-key   # re-seal with the key's last line as is
 
+The global options ``--db`` and ``--master-key-file`` go before or after any command
+(:mod:`cloud._cli_args`).  The database is ``--db``, else ``EDGEPIPE_CLOUD_DB``, else
+``sqlite:///edgepipe-cloud.db`` in the current directory; only ``serve`` and ``init`` create
+it, every other command refuses a database that does not exist (exit status 2).
+
 Device secrets are stored sealed with the master key (``--master-key-file`` or
 ``EDGEPIPE_CLOUD_MASTER_KEY_FILE``, or the key lines in ``EDGEPIPE_CLOUD_MASTER_KEY``);
 ``serve`` and ``devices add`` refuse to run without it.  Every option can also come from the
 environment (``EDGEPIPE_CLOUD_DB``, ``EDGEPIPE_CLOUD_API_TOKEN``, ``EDGEPIPE_CLOUD_PORT`` ...).
+
+Exit status: 0 done, 1 the command failed, 2 usage or configuration error.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ from pydantic import ValidationError
 
 from protocol._keys import append_key_line
 
-from ._backend import Backend, open_backend
-from ._errors import CloudError, DeviceExists, OperatorExists
+from ._backend import SCHEMA_VERSION, Backend, open_backend
+from ._cli_args import DB_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Source, db_source, parser
+from ._errors import CloudError, DeviceExists, NoDatabase, OperatorExists
 from ._secrets import (
     MasterKey,
     MasterKeyError,
@@ -47,73 +56,10 @@ __all__ = ["main"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgepipe-cloud", description="edgepipe cloud receiver")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="run the receiver (uvicorn)")
-    serve.add_argument("--db", help="sqlite:///path.db or postgresql://user@host:port/db")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--max-body-mb", type=float, help="largest upload body (default 8)")
-    serve.add_argument("--tls-cert")
-    serve.add_argument("--tls-key")
-    serve.add_argument("--log-level", default="info")
-    _key_option(serve)
-
-    devices = sub.add_parser("devices", help="manage device credentials")
-    devices.add_argument("--db", help="database URL (default: $EDGEPIPE_CLOUD_DB)")
-    _key_option(devices)
-    dsub = devices.add_subparsers(dest="action", required=True)
-    add = dsub.add_parser("add", help="register a device and print its secret once")
-    add.add_argument("name")
-    dsub.add_parser("list", help="list devices and their sync status (JSON lines)")
-    rm = dsub.add_parser("remove", help="remove a device and everything stored for it")
-    rm.add_argument("name")
-
-    users = sub.add_parser("users", help="manage dashboard operators")
-    users.add_argument("--db", help="database URL (default: $EDGEPIPE_CLOUD_DB)")
-    _key_option(users)
-    usub = users.add_subparsers(dest="action", required=True)
-    uadd = usub.add_parser("add", help="add an operator (password hashed with argon2id)")
-    uadd.add_argument("name")
-    uadd.add_argument(
-        "--password-stdin", action="store_true", help="read the password from stdin (one line)"
-    )
-    usub.add_parser("list", help="list operators")
-    urm = usub.add_parser("remove", help="remove an operator and end their sessions")
-    urm.add_argument("name")
-
-    mkey = sub.add_parser("master-key", help="the key that seals device secrets at rest")
-    mksub = mkey.add_subparsers(dest="action", required=True)
-    gen = mksub.add_parser("generate", help="make a new master key line")
-    gen.add_argument("--out", help="write it to this new file (mode 0600) instead of stdout")
-    rot = mksub.add_parser(
-        "rotate",
-        help="add a new key line to the master key file and re-seal every device secret",
-    )
-    rot.add_argument("--db", help="database URL (default: $EDGEPIPE_CLOUD_DB)")
-    _key_option(rot)
-    rot.add_argument(
-        "--keep-key",
-        action="store_true",
-        help="do not add a key line: re-seal with the last line as configured (use this when "
-        "the key comes from the environment or a read-only Secret)",
-    )
-    return p
-
-
-def _key_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--master-key-file",
-        help="file (mode 0600) with the master key that seals device secrets "
-        "(default: $EDGEPIPE_CLOUD_MASTER_KEY_FILE or the key in $EDGEPIPE_CLOUD_MASTER_KEY)",
-    )
-
-
-def _open(settings: Settings) -> Backend:
-    """The backend, with the master key if one is configured (checked, plaintext sealed)."""
-    return open_backend(settings.db, master_key=MasterKey.from_settings(settings))
+def _open(settings: Settings, *, create: bool = False) -> Backend:
+    """The backend, with the master key if one is configured (checked, plaintext sealed).
+    Without ``create`` a database that does not exist is refused (:class:`NoDatabase`)."""
+    return open_backend(settings.db, master_key=MasterKey.from_settings(settings), create=create)
 
 
 def _serve(settings: Settings, log_level: str) -> int:
@@ -125,7 +71,7 @@ def _serve(settings: Settings, log_level: str) -> int:
         raise no_master_key()
     # Opened here, not in the app's startup, so a wrong key ends the command with its
     # message (and before anything is written or served).
-    backend = _open(settings)
+    backend = _open(settings, create=True)
     try:
         app = create_app(settings, backend=backend)
         uvicorn.run(
@@ -142,7 +88,23 @@ def _serve(settings: Settings, log_level: str) -> int:
     return 0
 
 
-def _fail(msg: str, code: int = 1) -> int:
+def _init(settings: Settings) -> int:
+    try:
+        backend = _open(settings)
+    except NoDatabase as exc:
+        with _open(settings, create=True):
+            pass
+        print(f"created the edgepipe-cloud database at {exc.where}", file=sys.stderr)
+        return EXIT_OK
+    backend.close()
+    print(
+        f"the edgepipe-cloud database is up to date (schema version {SCHEMA_VERSION})",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _fail(msg: str, code: int = EXIT_FAILED) -> int:
     print(f"edgepipe-cloud: {msg}", file=sys.stderr)
     return code
 
@@ -151,7 +113,7 @@ def _bad_name(kind: str, name: str) -> int | None:
     """Exit code 2 with a message when ``name`` is not a valid device or user name."""
     if _NAME.fullmatch(name):
         return None
-    return _fail(f"{kind} names are 1-64 chars of letters, digits, '.', '_', '-'", 2)
+    return _fail(f"{kind} names are 1-64 chars of letters, digits, '.', '_', '-'", EXIT_USAGE)
 
 
 def _devices(args: argparse.Namespace, settings: Settings) -> int:
@@ -198,15 +160,15 @@ def _read_password(from_stdin: bool) -> str | None:
 def _users(args: argparse.Namespace, settings: Settings) -> int:
     from ._auth import hash_password
 
+    if args.action == "add" and (bad := _bad_name("user", args.name)) is not None:
+        return bad
     with _open(settings) as backend:
         if args.action == "add":
-            if (bad := _bad_name("user", args.name)) is not None:
-                return bad
             password = _read_password(args.password_stdin)
             if password is None:
                 return 1
             if len(password) < 8:
-                return _fail("the password must be at least 8 characters", 2)
+                return _fail("the password must be at least 8 characters", EXIT_USAGE)
             try:
                 backend.add_operator(args.name, hash_password(password))
             except OperatorExists as exc:
@@ -222,7 +184,7 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _master_key(args: argparse.Namespace) -> int:
+def _master_key(args: argparse.Namespace, settings: Settings | None) -> int:
     if args.action == "generate":
         line = generate_master_key_line() + "\n"
         if args.out is None:
@@ -234,7 +196,7 @@ def _master_key(args: argparse.Namespace) -> int:
             return _fail(f"{args.out} exists; not overwriting a key")
         print(f"master key written to {args.out} (mode 0600)", file=sys.stderr)
         return 0
-    settings = Settings.from_env(db=args.db, master_key_file=args.master_key_file)
+    assert settings is not None
     key = MasterKey.from_settings(settings)
     if key is None:
         raise no_master_key()
@@ -245,7 +207,7 @@ def _master_key(args: argparse.Namespace) -> int:
             "the receivers, then run 'edgepipe-cloud master-key rotate --keep-key'"
         )
     # The current key must open this database before the key file is touched.
-    with open_backend(settings.db, master_key=key) as backend:
+    with open_backend(settings.db, master_key=key, create=False) as backend:
         old = key.ids
         if not args.keep_key:
             assert key.path is not None
@@ -280,22 +242,28 @@ def _append_key_line(path: os.PathLike[str] | str, line: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser(argv).parse_args(argv)
+    db, key_file = getattr(args, "db", None), getattr(args, "master_key_file", None)
     try:
+        if args.command == "master-key" and args.action == "generate":
+            return _master_key(args, None)
         if args.command == "serve":
             settings = Settings.from_env(
-                db=args.db,
+                db=db,
                 host=args.host,
                 port=args.port,
                 max_body_mb=args.max_body_mb,
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
-                master_key_file=args.master_key_file,
+                master_key_file=key_file,
             )
             return _serve(settings, args.log_level)
+        settings = Settings.from_env(db=db, master_key_file=key_file)
+        if args.command == "init":
+            return _init(settings)
         if args.command == "master-key":
-            return _master_key(args)
-        settings = Settings.from_env(db=args.db, master_key_file=args.master_key_file)
+            return _master_key(args, settings)
         if args.command == "users":
             return _users(args, settings)
         return _devices(args, settings)
@@ -303,9 +271,27 @@ def main(argv: list[str] | None = None) -> int:
         errors = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
-        return _fail(f"invalid settings: {errors}", 2)
+        return _fail(f"invalid settings: {errors}", EXIT_USAGE)
+    except NoDatabase as exc:
+        return _fail(_no_database(exc, db_source(db)), EXIT_USAGE)
+    except MasterKeyError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     except (CloudError, OSError) as exc:
         return _fail(str(exc))
+
+
+def _no_database(exc: NoDatabase, source: Source) -> str:
+    if source.origin == "--db":
+        origin = "given with --db"
+    elif source.origin == "the default":
+        origin = f"the default: neither --db nor ${DB_ENV} is set"
+    else:
+        origin = f"from {source.origin}"
+    return (
+        f"{exc} (database {exc.url}, {origin}). Point at the receiver's database (the one "
+        f"'serve' uses) with --db URL or {DB_ENV}=URL, or create a new one with "
+        "'edgepipe-cloud init --db URL'"
+    )
 
 
 if __name__ == "__main__":

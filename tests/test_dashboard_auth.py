@@ -275,6 +275,11 @@ def test_users_cli(tmp_path: Path) -> None:
             [*cli, "users", "--db", db, *args], input=stdin, capture_output=True, text=True
         )
 
+    missing = run("add", "ops", "--password-stdin", stdin=PASSWORD + "\n")
+    assert missing.returncode == 2 and "edgepipe-cloud init" in missing.stderr
+    assert not (tmp_path / "users.db").exists()
+    init = subprocess.run([*cli, "init", "--db", db], capture_output=True, text=True)
+    assert init.returncode == 0, init.stderr
     assert run("add", "ops", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
     again = run("add", "ops", "--password-stdin", stdin=PASSWORD + "\n")
     assert again.returncode == 1 and "already exists" in again.stderr
