@@ -86,6 +86,12 @@ class DevicesSQL(SQLBase):
                     f"master key {kid!r} from {mk.source} is not the key this database was "
                     "sealed with (its key check fails): wrong master key"
                 )
+        for kid, check in checks.items():  # an older check format: rewritten once, verified
+            if not mk.is_current_check(check):
+                cur.execute(
+                    q("UPDATE master_keys SET key_check = ? WHERE key_id = ?"),
+                    (mk.check_value(kid)[1], kid),
+                )
         for kid in sorted(used - set(checks)):  # no key check (yet): try one of its rows
             cur.execute(
                 q("SELECT name, secret FROM devices WHERE secret_key_id = ? LIMIT 1"), (kid,)

@@ -15,8 +15,9 @@ Sealing is the edge's AEAD (:class:`protocol._keys.Aead`, AES-256-GCM); each row
 ``(key id, base64url(nonce || ciphertext))``.  The associated data binds the
 ciphertext to the device name and the key id, so a row copied to another device, or relabelled
 with another key id, fails authentication.  For every key id the database also keeps a *key
-check* (a fixed text sealed with that key), so a wrong master key is refused when the
-receiver starts, before it writes anything, even in a database without devices.
+check* (:func:`protocol._keys.key_check`, the scheme the edge store uses too), so a wrong
+master key is refused when the receiver starts, before it writes anything, even in a
+database without devices.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from protocol._keys import (
     b64d,
     b64e,
     generate_key_line,
+    key_check,
+    key_check_ok,
     read_key_file,
     write_new_key_file,
 )
@@ -50,7 +53,9 @@ __all__ = [
 
 #: Layout of the associated data; bound into every ciphertext.
 SECRET_FORMAT = 1
-_CHECK_TEXT = b"edgepipe-cloud master key check"
+_CHECK_TEXT = b"edgepipe-cloud master key check"  # schema 2's sealed key checks
+_CHECK_PURPOSE = b"edgepipe-cloudkc"
+_CHECK_BYTES = 64
 #: A file-backed master key is re-read at most this often when a row names an unknown key
 #: id (another process rotated to a key added to the file after this one started).
 _RELOAD_EVERY_S = 2.0
@@ -200,13 +205,29 @@ class MasterKey:
             ) from None
 
     def check_value(self, key_id: str | None = None) -> tuple[str, str]:
-        """-> (key id, key check) for the active key or ``key_id``."""
+        """-> (key id, key check) for the active key or ``key_id``: the edge's one key-check
+        scheme (:func:`protocol._keys.key_check`)."""
         kid = key_id or self.active_id
-        return kid, b64e(self._aead.key_check(kid, _check_aad, _CHECK_TEXT))
+        return kid, b64e(key_check(self._aead.keyring.key(kid), _CHECK_PURPOSE))
 
     def verify_check(self, key_id: str, value: str) -> bool:
+        """Whether ``value`` is the key check of ``key_id``.  Databases written before the
+        key-check scheme was shared hold a sealed text instead (schema 2's format, longer
+        than a check); it is still accepted, and :meth:`is_current_check` tells the backend
+        to rewrite it."""
+        if key_id not in self.ids:
+            return False
         try:
             blob = b64d(value)
         except ValueError:
             return False
-        return self._aead.verify_key_check(key_id, _check_aad, blob, _CHECK_TEXT)
+        if self.is_current_check(value):
+            return key_check_ok(self._aead.keyring.key(key_id), _CHECK_PURPOSE, blob)
+        return self._aead.opens(key_id, _check_aad, blob) == _CHECK_TEXT
+
+    @staticmethod
+    def is_current_check(value: str) -> bool:
+        try:
+            return len(b64d(value)) == _CHECK_BYTES
+        except ValueError:
+            return False

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -36,6 +37,8 @@ __all__ = [
     "AadFor",
     "Aead",
     "Keyring",
+    "key_check",
+    "key_check_ok",
     "Sealer",
     "Unauthentic",
     "append_key_line",
@@ -170,6 +173,19 @@ class Unauthentic(Exception):
         super().__init__(f"ciphertext failed authentication with key {key_id!r}")
 
 
+def key_check(key: bytes, purpose: bytes) -> bytes:
+    """The one key check of edgepipe: a keyed BLAKE2b-512 of a constant, personalised by
+    ``purpose`` (at most 16 bytes: the edge store uses ``b"edgepipe-kcv"``, the receiver's
+    master key ``b"edgepipe-cloudkc"``).  It proves that a key is the one some data was
+    sealed with without sealing anything (no nonce to reuse, nothing to decrypt), and says
+    nothing about the key (a MAC of public text)."""
+    return hashlib.blake2b(b"edgepipe key check", key=key, person=purpose).digest()
+
+
+def key_check_ok(key: bytes, purpose: bytes, value: bytes) -> bool:
+    return hmac.compare_digest(value, key_check(key, purpose))
+
+
 class Aead:
     """The one AEAD of edgepipe: AES-256-GCM under the keys of a :class:`Keyring`.
 
@@ -177,8 +193,8 @@ class Aead:
     associated data is the caller's (``aad(key_id)``).  The edge store's rows
     (:class:`Sealer`) and the receiver's device secrets are both sealed with it.
 
-    A *key check* proves that a key is the one some data was sealed with, before anything is
-    read or written: a fixed text sealed under the key with the caller's associated data.
+    Which key some data was sealed with is proved by :func:`key_check` (one scheme for the
+    edge store and the receiver), before anything is read or written.
     """
 
     __slots__ = ("_ciphers", "keyring")
@@ -220,19 +236,15 @@ class Aead:
         except (InvalidTag, ValueError):
             raise Unauthentic(key_id) from None
 
-    def key_check(self, key_id: str, aad: AadFor, text: bytes) -> bytes:
-        """A key check for ``key_id``: ``text`` sealed under it (random nonce)."""
-        return self.seal(aad, text, key_id=key_id)[1]
-
-    def verify_key_check(self, key_id: str, aad: AadFor, value: bytes, text: bytes) -> bool:
-        """True if ``value`` is a key check of ``key_id`` (made by :meth:`key_check`); False
-        for a wrong key, a damaged value or a key id the keyring lacks."""
+    def opens(self, key_id: str, aad: AadFor, blob: bytes) -> bytes | None:
+        """The plaintext of ``blob``, or None when it does not authenticate under ``key_id``
+        or the keyring lacks that key (for reading old key checks; never raises)."""
         if key_id not in self._ciphers:
-            return False
+            return None
         try:
-            return self.open(key_id, aad, value) == text
+            return self.open(key_id, aad, blob)
         except Unauthentic:
-            return False
+            return None
 
 
 class Sealer:

@@ -8,28 +8,28 @@ through :meth:`~protocol._keys.Sealer.opens`."""
 from __future__ import annotations
 
 import hashlib
-import hmac
 import sqlite3
 from pathlib import Path
 
 from core._errors import KeyError_, StoreError
-from protocol._keys import Sealer
+from protocol._keys import Sealer, key_check, key_check_ok
 
 from ._codec import SEALED
 
 __all__ = ["check_device", "check_keys", "device_mac", "has_new_keys", "kcv"]
 
 
+_PURPOSE = b"edgepipe-kcv"
+
+
 def kcv(sealer: Sealer, kid: str) -> bytes:
-    """A key check value: a MAC of a constant, independent of the device."""
-    return hashlib.blake2b(
-        b"edgepipe key check", key=sealer.keyring.key(kid), person=b"edgepipe-kcv"
-    ).digest()
+    """A key check value (:func:`protocol._keys.key_check`), independent of the device."""
+    return key_check(sealer.keyring.key(kid), _PURPOSE)
 
 
 def _kcv_ok(sealer: Sealer, kid: str, value: bytes, version: int) -> bool:
     if version >= 2:
-        return hmac.compare_digest(value, kcv(sealer, kid))
+        return key_check_ok(sealer.keyring.key(kid), _PURPOSE, value)
     # schema 1: an AES-GCM encryption of a constant under a fixed all-zero nonce
     return sealer.opens("meta", "kcv", kid, b"\0" * 12 + value)
 

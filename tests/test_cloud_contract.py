@@ -849,6 +849,38 @@ def test_a_wrong_master_key_is_refused_at_start_and_writes_nothing(db_url: str) 
         assert b.get_device_secret(name) == secret
 
 
+def test_sealed_key_checks_of_older_databases_are_verified_then_rewritten(db_url: str) -> None:
+    """Databases written before the key check was shared with the edge store hold a sealed
+    text as their key check: a right key opens it and rewrites it as a key_check MAC, a
+    wrong key is still refused, and nothing is written then."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from cloud import MasterKeyError
+    from cloud._secrets import generate_master_key_line
+    from protocol._keys import b64d, b64e, key_check
+
+    line = generate_master_key_line()
+    kid, key = line.split()[0], b64d(line.split()[1])
+    with open_backend(db_url, master_key=new_master_key(line)) as b:
+        name, secret = new_device(b)
+        (check,) = _sql(b, "SELECT key_check FROM master_keys WHERE key_id = ?", (kid,))[0]
+        assert b64d(check) == key_check(key, b"edgepipe-cloudkc")
+        # the older format, written independently of the code that reads it
+        k = kid.encode()
+        aad = b"edgepipe-cloud/key-check/v1|%d:%s" % (len(k), k)
+        nonce = b"\x07" * 12
+        old = b64e(nonce + AESGCM(key).encrypt(nonce, b"edgepipe-cloud master key check", aad))
+        _sql(b, "UPDATE master_keys SET key_check = ? WHERE key_id = ?", (old, kid))
+    with pytest.raises(MasterKeyError, match="key check fails"):
+        open_backend(db_url, master_key=new_master_key(generate_master_key_line(kid)))
+    with open_backend(db_url) as b:
+        assert _sql(b, "SELECT key_check FROM master_keys") == [(old,)]
+    with open_backend(db_url, master_key=new_master_key(line)) as b:
+        assert b.get_device_secret(name) == secret
+        (now,) = _sql(b, "SELECT key_check FROM master_keys WHERE key_id = ?", (kid,))[0]
+        assert b64d(now) == key_check(key, b"edgepipe-cloudkc")
+
+
 def test_plaintext_secrets_are_sealed_on_first_start_with_a_key(db_url: str) -> None:
     key = new_master_key()
     with open_backend(db_url, master_key=key) as b:
