@@ -20,7 +20,8 @@ from core._errors import ConfigError, FilterError
 from protocol._keys import Keyring
 from storage import Store
 
-from ._runtime import FilterChain, NoChain, Parts, Pipeline, chain_load_errors
+from ._parts import FilterChain, NoChain, Parts
+from ._runtime import Pipeline, chain_load_errors
 
 if TYPE_CHECKING:
     from sync import BatchSource, SyncWorker

@@ -19,7 +19,6 @@ upload, then prints the final status from the edges' counters at exit and stops 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -41,6 +40,9 @@ import yaml
 from devtools import _dataset as dataset
 from devtools._mosquitto import Mosquitto, free_port, mosquitto_binary
 
+from ._demo_accounting import Totals, scrape
+from ._demo_sensors import Sensors, load_rows
+
 __all__ = ["DEFAULT_DIR", "MAX_DEVICES", "OPERATOR", "Demo", "Totals", "load_rows", "scrape"]
 
 PKG = Path(__file__).resolve().parent
@@ -58,156 +60,11 @@ SETTLE_S = 30.0
 STOP_S = 60.0
 
 
-def load_rows(path: Path) -> list[dict[str, float]]:
-    return [
-        dict(zip(dataset.METRICS, values, strict=True)) for _, values in dataset.read_rows(path)
-    ]
-
-
 def example_config() -> Path:
     for cand in (REPO / "pipeline.yaml", Path.cwd() / "pipeline.yaml"):
         if cand.exists():
             return cand
     raise FileNotFoundError("the example pipeline.yaml was not found next to the package")
-
-
-# -- accounting -------------------------------------------------------------------------------
-@dataclass
-class Totals:
-    """One edge's (or the sum of several edges') reading accounting, from ``/metrics``."""
-
-    received: float = 0  # edgepipe_readings_in_total
-    filtered: float = 0  # dropped by a stage: filtered or aggregated
-    dead_lettered: float = 0  # dropped by a failing stage into a dead letter
-    in_flight: float = 0  # through the chain, commit in progress
-    stored: float = 0  # edgepipe_readings_stored_total
-    created: float = 0  # edgepipe_readings_emitted_total: aggregates
-    synced: float = 0  # edgepipe_readings_synced_total
-    backlog: float = 0  # edgepipe_sync_backlog_readings
-    quota_dropped: float = 0  # stored, then dropped by the store quota (drop_oldest)
-    dead_letters: float = 0  # dead-letter records (messages or batches)
-    acked: float = 0  # QoS 1 messages acknowledged
-
-    @classmethod
-    def parse(cls, text: str) -> Totals:
-        t = cls()
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            series, _, value = line.rpartition(" ")
-            name, _, labels = series.partition("{")
-            try:
-                v = float(value)
-            except ValueError:
-                continue
-            if name == "edgepipe_readings_dropped_total":
-                if 'stage="store"' in labels:
-                    t.quota_dropped += v
-                elif 'reason="dead_letter"' in labels:
-                    t.dead_lettered += v
-                else:
-                    t.filtered += v
-                continue
-            field = _FIELDS.get(name)
-            if field is not None:
-                setattr(t, field, getattr(t, field) + v)
-        return t
-
-    def __add__(self, other: Totals) -> Totals:
-        return Totals(**{k: getattr(self, k) + getattr(other, k) for k in self.__dict__})
-
-    @property
-    def unaccounted(self) -> float:
-        """Zero when ``received = filtered + dead-lettered + in flight + stored - created``."""
-        return self.received - (
-            self.filtered + self.dead_lettered + self.in_flight + self.stored - self.created
-        )
-
-    def lines(self, published: int, label: str) -> list[str]:
-        ok = "adds up" if self.unaccounted == 0 else f"OFF BY {self.unaccounted:,.0f}"
-        return [
-            f"{label}  published {published:,} msgs | stored {self.stored:,.0f} readings | "
-            f"synced {self.synced:,.0f} | backlog {self.backlog:,.0f} | "
-            f"dead letters {self.dead_letters:,.0f}",
-            f"{'':{len(label)}}  received {self.received:,.0f} = filtered out "
-            f"{self.filtered:,.0f} + dead-lettered {self.dead_lettered:,.0f} + in flight "
-            f"{self.in_flight:,.0f} + stored {self.stored:,.0f} - created by stages "
-            f"{self.created:,.0f}  ({ok})",
-        ]
-
-
-_FIELDS = {
-    "edgepipe_readings_in_total": "received",
-    "edgepipe_readings_in_flight": "in_flight",
-    "edgepipe_readings_stored_total": "stored",
-    "edgepipe_readings_emitted_total": "created",
-    "edgepipe_readings_synced_total": "synced",
-    "edgepipe_sync_backlog_readings": "backlog",
-    "edgepipe_dead_letters_total": "dead_letters",
-    "edgepipe_messages_acked_total": "acked",
-}
-
-
-def scrape(port: int) -> Totals | None:
-    """An edge process's accounting from its ``/metrics`` (None if it does not answer)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            return Totals.parse(r.read().decode())
-    except OSError:
-        return None
-
-
-# -- the pieces -------------------------------------------------------------------------------
-class _Sensors(threading.Thread):
-    """Sensor boxes replaying the data set: one JSON message per sample, 13 metrics each, on
-    ``air/<device>``."""
-
-    def __init__(
-        self, host: str, port: int, rows: list[dict[str, float]], devices: list[str], rate: float
-    ) -> None:
-        super().__init__(name="sensors", daemon=True)
-        self.host, self.port, self.rows = host, port, rows
-        self.devices = devices
-        self.rate = rate
-        self.sent = dict.fromkeys(devices, 0)
-        self.stop_evt = threading.Event()
-
-    @property
-    def total(self) -> int:
-        return sum(self.sent.values())
-
-    def run(self) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        c = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"demo-sensors-{os.getpid()}",
-        )
-        c.max_inflight_messages_set(200)
-        while not self.stop_evt.is_set():
-            try:
-                c.connect(self.host, self.port)
-                break
-            except OSError:
-                self.stop_evt.wait(0.2)
-        c.loop_start()
-        i, t0 = 0, time.monotonic()
-        period = 1.0 / self.rate
-        try:
-            while not self.stop_evt.is_set():
-                for k, dev in enumerate(self.devices):
-                    row = self.rows[(i + k * 997) % len(self.rows)]
-                    body = {"ts": round(time.time(), 3), **row}
-                    c.publish(f"air/{dev}", json.dumps(body), qos=1)
-                    self.sent[dev] += 1
-                i += 1
-                delay = t0 + i * period - time.monotonic()
-                if delay > 0:
-                    self.stop_evt.wait(delay)
-        finally:
-            c.loop_stop()
-            c.disconnect()
 
 
 @dataclass
@@ -472,7 +329,7 @@ class Demo:
                     assert e.proc is not None
                     _wait_http(f"http://127.0.0.1:{e.metrics_port}/readyz", 60, proc=e.proc)
                 self._header(password, len(rows), dataset_path.name)
-                sensors = _Sensors(
+                sensors = Sensors(
                     broker.host, broker.port, rows, [e.name for e in self.edges], self.rate
                 )
                 sensors.start()
@@ -497,7 +354,7 @@ class Demo:
             else:
                 self.say(f"everything is kept in {self.dir}; rm -r it to start over")
 
-    def _live(self, sensors: _Sensors) -> int:
+    def _live(self, sensors: Sensors) -> int:
         t_end = time.monotonic() + self.duration if self.duration else None
         last_block = 0.0
         while not self._stop.is_set():
@@ -518,7 +375,7 @@ class Demo:
             self._stop.wait(1.0)
         return 0
 
-    def _settle(self, sensors: _Sensors) -> None:
+    def _settle(self, sensors: Sensors) -> None:
         """Wait (bounded) until each edge acknowledged what its sensors published."""
         deadline = time.monotonic() + SETTLE_S
         while time.monotonic() < deadline:

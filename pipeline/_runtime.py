@@ -20,9 +20,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from config._models import BatchConfig
 from core._backoff import Backoff
@@ -30,11 +28,10 @@ from core._errors import EdgepipeError, StoreError, StoreFullError, SyncError
 from core._metrics import METRICS
 from core._model import Batch, DeadLetter
 
-if TYPE_CHECKING:
-    from sync import SyncWorker
+from ._parts import BatchSink, FilterChain, NoChain, Output, Parts
 
-    from .chain import ChainWatcher
-    from .ingest import Decoder, Message, MQTTClient
+if TYPE_CHECKING:
+    from .ingest import Message
 
 __all__ = ["BatchSink", "FilterChain", "NoChain", "Parts", "Pipeline"]
 
@@ -123,100 +120,6 @@ _trace_commit = (
 )
 
 
-class ChainOutput(Protocol):
-    batch: Batch
-    dead_letters: Sequence[DeadLetter]
-
-
-class FilterChain(Protocol):
-    """The seam between the runtime and the filters (``pipeline.chain.Chain`` is one)."""
-
-    @property
-    def stopped(self) -> str | None: ...
-
-    def process(self, batch: Batch) -> ChainOutput: ...
-
-    def flush(self) -> ChainOutput: ...
-
-    def snapshot(self) -> dict[str, bytes]: ...
-
-    def restore(self, states: dict[str, bytes]) -> None: ...
-
-    def describe(self) -> list[dict[str, Any]]: ...
-
-    def hand_over(self, new: Any) -> ChainOutput: ...
-
-    def close(self) -> None: ...
-
-
-class BatchSink(Protocol):
-    """Where a processed batch is committed in one transaction (``storage.Store`` is one)."""
-
-    async def seen(self, keys: list[bytes]) -> set[bytes]: ...
-
-    async def commit(
-        self,
-        batch: Batch,
-        dead_letters: list[DeadLetter],
-        keys: Iterable[bytes],
-        states: dict[str, bytes],
-    ) -> Any: ...
-
-    async def load_states(self) -> dict[str, bytes]: ...
-
-    async def stats(self) -> dict[str, Any]: ...
-
-    async def reencrypt_in_background(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class NoChain:
-    """The chain when none is configured: readings pass through unchanged."""
-
-    stopped = None
-
-    def process(self, batch: Batch) -> _Result:
-        return _Result(batch, [])
-
-    def flush(self) -> _Result:
-        return _Result(Batch(), [])
-
-    def snapshot(self) -> dict[str, bytes]:
-        return {}
-
-    def restore(self, states: dict[str, bytes]) -> None:
-        pass
-
-    def describe(self) -> list[dict[str, Any]]:
-        return []
-
-    def hand_over(self, new: Any) -> _Result:
-        return _Result(Batch(), [])  # nothing in flight; the runtime restores new's state
-
-    def close(self) -> None:
-        pass
-
-
-class _Result:
-    __slots__ = ("batch", "dead_letters")
-
-    def __init__(self, batch: Batch, dead_letters: list[DeadLetter]) -> None:
-        self.batch, self.dead_letters = batch, dead_letters
-
-
-@dataclass
-class Parts:
-    """The collaborators of a running pipeline, built by ``pipeline._compose``."""
-
-    store: BatchSink
-    decoder: Decoder
-    mqtt: MQTTClient
-    chain: FilterChain | None  # None while a chain file is broken
-    watcher: ChainWatcher | None
-    sync: SyncWorker | None
-
-
 class Pipeline:
     """A running edgepipe: ``await (await build_pipeline(cfg)).run()`` (see
     ``pipeline._compose``), stopped by :meth:`stop`."""
@@ -301,7 +204,7 @@ class Pipeline:
         old = self.chain
         if old is None or isinstance(old, NoChain):
             await self._restore_states(new)
-            flushed = _Result(Batch(), [])
+            flushed = Output(Batch(), [])
         else:
             flushed = old.hand_over(new)
         await self._commit(flushed.batch, list(flushed.dead_letters), [], self._snapshot(new))
