@@ -1,9 +1,14 @@
 """Filter chain cost: Wasm stages vs the same filters in pure Python, and cold start.
 
-    python -m bench.chain [--records N] [--json bench/results/chain.json]
+    python -m bench.chain [--records N] [--json bench/results/chain.json] [--only-filters]
 
-Per-record cost (ns) of 1, 3 and 5 chained stages at batch sizes 1, 10, 100 and 1000 on
-the UCI air-quality data (13 metrics per hourly row, file order), next to a pure-Python
+First, per library filter at batch sizes 10, 100 and 1000: CPU ns per record through
+edgepipe (one stage in a :class:`Chain`) next to the same filter in idiomatic Python on
+the same batches, interleaved round by round (median of the rounds), plus the host
+overhead alone (an identity ``map`` stage) and the example's 3-stage chain
+(pipeline.yaml: validity, calibrate on CO_GT, 10-minute window).  Then the per-record
+cost of 1, 3 and 5 chained stages at batch sizes 1, 10, 100 and 1000 on the UCI
+air-quality data (13 metrics per hourly row, file order), next to a pure-Python
 implementation of the same math; then the cold start of one stage from the AOT cache
 vs compiling the module from its bytes.
 """
@@ -58,6 +63,30 @@ def load_data(registry: SeriesRegistry) -> Batch:
 # -- the same filters in pure Python (batch in, batch out) -----------------------------
 
 
+class PyBatch:
+    """A batch as idiomatic Python holds one: four lists (what the Python filters get)."""
+
+    __slots__ = ("ts", "value", "series", "flags")
+
+    def __init__(self, b: Batch | None = None) -> None:
+        if b is None:
+            self.ts, self.value, self.series, self.flags = [], [], [], []
+        else:
+            self.ts, self.value, self.series, self.flags = b.ts, b.value, b.series, b.flags
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def append(self, ts: int, value: float, series: int, flags: int = 0) -> None:
+        self.ts.append(ts)
+        self.value.append(value)
+        self.series.append(series)
+        self.flags.append(flags)
+
+    def rows(self):
+        return zip(self.ts, self.value, self.series, self.flags, strict=True)
+
+
 class PyStages:
     def __init__(self, registry: SeriesRegistry) -> None:
         self.reg = registry
@@ -67,9 +96,11 @@ class PyStages:
         self.ema: dict[int, float] = {}
         self.prev: dict[int, tuple[float, int]] = {}
         self.z: dict[int, list] = {}
+        self.win: dict[int, list] = {}
+        self.derived: dict[int, list[int]] = {}
 
-    def validity(self, b: Batch) -> Batch:
-        out = Batch()
+    def validity(self, b: PyBatch) -> PyBatch:
+        out = PyBatch()
         rng = self.ranges
         for ts, v, sid, fl in b.rows():
             r = rng.get(sid)
@@ -80,8 +111,8 @@ class PyStages:
                 out.append(ts, v, sid, fl)
         return out
 
-    def calibrate(self, b: Batch) -> Batch:
-        out = Batch()
+    def calibrate(self, b: PyBatch) -> PyBatch:
+        out = PyBatch()
         for ts, v, sid, fl in b.rows():
             c = self.cal.get(sid)
             if c is None:
@@ -93,8 +124,8 @@ class PyStages:
             out.append(ts, v * c[2] + c[3], sid, fl | Flags.CALIBRATED)
         return out
 
-    def ema_(self, b: Batch) -> Batch:
-        out = Batch()
+    def ema_(self, b: PyBatch) -> PyBatch:
+        out = PyBatch()
         ema = self.ema
         for ts, v, sid, fl in b.rows():
             e = ema.get(sid)
@@ -103,8 +134,8 @@ class PyStages:
             out.append(ts, e, sid, fl)
         return out
 
-    def spike(self, b: Batch) -> Batch:
-        out = Batch()
+    def spike(self, b: PyBatch) -> PyBatch:
+        out = PyBatch()
         prev = self.prev
         for ts, v, sid, fl in b.rows():
             p = prev.get(sid)
@@ -114,8 +145,8 @@ class PyStages:
             out.append(ts, v, sid, fl)
         return out
 
-    def zscore(self, b: Batch) -> Batch:
-        out = Batch()
+    def zscore(self, b: PyBatch) -> PyBatch:
+        out = PyBatch()
         st = self.z
         for ts, x, sid, fl in b.rows():
             s = st.get(sid)
@@ -143,12 +174,180 @@ class PyStages:
 
         return run
 
+    def window(self, b: PyBatch) -> PyBatch:
+        """10-minute tumbling mean/min/max/count per series, raw readings passed on."""
+        out = PyBatch()
+        st = self.win
+        derived = self.derived
+        for ts, v, sid, fl in b.rows():
+            start = ts - ts % 600_000
+            w = st.get(sid)
+            if w is not None and start > w[0]:
+                ids = derived.get(sid)
+                if ids is None:
+                    ids = derived[sid] = [
+                        self.reg.derive(sid, x) for x in ("_mean", "_min", "_max", "_count")
+                    ]
+                ws, total, lo, hi, n = w
+                for i, x in zip(ids, (total / n, lo, hi, float(n)), strict=True):
+                    out.append(ws, x, i, Flags.AGGREGATE)
+                w = None
+            if w is None:
+                st[sid] = [start, v, v, v, 1]
+            elif start == w[0]:
+                w[1] += v
+                w[2] = min(w[2], v)
+                w[3] = max(w[3], v)
+                w[4] += 1
+            out.append(ts, v, sid, fl)
+        return out
+
+    def identity(self, b: PyBatch) -> PyBatch:
+        return b
+
 
 def stage_cfgs(names: list[str]) -> list[StageConfig]:
     return [
         StageConfig(name=n, module=LIB / f"{n}.wasm", kind=STAGES[n][0], config=STAGES[n][1])
         for n in names
     ]
+
+
+#: A map stage that returns its input unchanged: what the host costs on its own.
+IDENTITY_WAT = """
+(module
+  (memory (export "memory") 1)
+  (global $cap (mut i32) (i32.const 0))
+  (func (export "ep_abi_version") (result i32) (i32.const 1))
+  (func (export "ep_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "ep_input") (param $n i32) (result i32)
+    (local $need i32)
+    (local.set $need (i32.add (i32.const 1024) (i32.mul (local.get $n) (i32.const 24))))
+    (if (i32.gt_u (local.get $need) (i32.mul (memory.size) (i32.const 65536)))
+      (then (drop (memory.grow
+        (i32.sub (i32.div_u (i32.add (local.get $need) (i32.const 65535)) (i32.const 65536))
+                 (memory.size))))))
+    (i32.const 1024))
+  (func (export "ep_process") (param $n i32) (result i64)
+    (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (local.get $n))))
+)
+"""
+
+#: The example pipeline.yaml's chain.
+EXAMPLE = [
+    (
+        "validity",
+        "filter",
+        {"sentinel": -200, "range": {"T": [-40, 60], "RH": [0, 100], "AH": [0, 5]}},
+        None,
+    ),
+    ("calibrate", "map", {"scale.CO_GT": 1.02, "offset.CO_GT": -0.05}, ["CO_GT"]),
+    ("window", "aggregate", {"window_s": 600, "passthrough": True}, None),
+]
+
+
+def example_cfgs() -> list[StageConfig]:
+    return [
+        StageConfig(
+            name=n,
+            module=LIB / f"{n}.wasm",
+            kind=kind,
+            config=cfg,
+            **({"match": {"metrics": m}} if m else {}),
+        )
+        for n, kind, cfg, m in EXAMPLE
+    ]
+
+
+class PyExample:
+    """The example chain in Python (validity, calibrate on CO_GT, window)."""
+
+    def __init__(self, reg: SeriesRegistry) -> None:
+        self.p = PyStages(reg)
+        self.reg = reg
+        self.co: dict[int, bool] = {}
+
+    def __call__(self, b: PyBatch) -> PyBatch:
+        b = self.p.validity(b)
+        out = PyBatch()
+        co = self.co
+        for ts, v, sid, fl in b.rows():
+            hit = co.get(sid)
+            if hit is None:
+                hit = co[sid] = self.reg.key(sid).metric == "CO_GT"
+            if hit:
+                out.append(ts, v * 1.02 - 0.05, sid, fl | Flags.CALIBRATED)
+            else:
+                out.append(ts, v, sid, fl)
+        return self.p.window(out)
+
+
+FILTERS = ["identity", "validity", "calibrate", "ema", "spike", "zscore", "window", "example"]
+FILTER_SIZES = [10, 100, 1000]
+
+
+def _filter_cfgs(name: str, tmp: Path) -> list[StageConfig]:
+    reg_cfgs: list[StageConfig]
+    if name == "identity":
+        import wasmtime
+
+        path = tmp / "identity.wasm"
+        path.write_bytes(wasmtime.wat2wasm(IDENTITY_WAT))
+        reg_cfgs = [StageConfig(name="identity", module=path, kind="map")]
+    elif name == "example":
+        reg_cfgs = example_cfgs()
+    elif name == "window":
+        reg_cfgs = [
+            StageConfig(
+                name="window",
+                module=LIB / "window.wasm",
+                kind="aggregate",
+                config={"window_s": 600, "passthrough": True},
+            )
+        ]
+    else:
+        reg_cfgs = stage_cfgs([name])
+    return reg_cfgs
+
+
+def filters_side_by_side(
+    data: Batch, reg: SeriesRegistry, tmp: Path, records: int, rounds: int
+) -> list[dict]:
+    """Each library filter through edgepipe and in Python, round by round, medians."""
+    rows = []
+    print(
+        f"{'filter':>10} {'batch':>6} {'edgepipe':>10} {'python':>10} {'ratio':>7}"
+        "   (CPU ns per record, median of rounds)"
+    )
+    for name in FILTERS:
+        for size in FILTER_SIZES:
+            parts = split(data, size, records)
+            py_parts = [PyBatch(p) for p in parts]
+            cfgs = _filter_cfgs(name, tmp)
+            wasm, py = [], []
+            with Chain.build(cfgs, reg, base_dir=REPO, cache_dir=tmp) as ch:
+                measure(ch.process, parts[: max(1, len(parts) // 10)])  # warm up
+                for _ in range(rounds):
+                    wasm.append(measure(ch.process, parts)[1])
+                    fn = (
+                        PyExample(reg)
+                        if name == "example"
+                        else getattr(PyStages(reg), "ema_" if name == "ema" else name)
+                    )
+                    py.append(measure(fn, py_parts)[1])
+            w, p = statistics.median(wasm), statistics.median(py)
+            rows.append(
+                {
+                    "filter": name,
+                    "batch": size,
+                    "edgepipe_cpu_ns_per_record": round(w, 1),
+                    "python_cpu_ns_per_record": round(p, 1),
+                    "python_over_edgepipe": round(p / w, 2),
+                    "rounds": rounds,
+                }
+            )
+            print(f"{name:>10} {size:>6} {w:>10.0f} {p:>10.0f} {p / w:>6.1f}x", flush=True)
+    return rows
 
 
 def split(batch: Batch, size: int, limit: int) -> list[Batch]:
@@ -203,12 +402,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=30_000, help="records per measurement")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "chain.json")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the per-filter table")
+    ap.add_argument("--only-filters", action="store_true", help="only the per-filter table")
     args = ap.parse_args(argv)
 
     reg = SeriesRegistry()
     data = load_data(reg)
     tmp = Path(tempfile.mkdtemp(prefix="edgepipe-bench-"))
     rows = []
+    try:
+        filters = filters_side_by_side(data, reg, tmp, args.records, args.rounds)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if args.only_filters:
+        shutil.rmtree(tmp, ignore_errors=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"filters": filters}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return 0
     print(
         f"{'stages':>6} {'batch':>6} {'wasm cpu':>12} {'python cpu':>12} {'wasm wall':>12} "
         f"{'python wall':>12} {'wasm us/bat':>12}\n{'':>14}(ns per record; CPU = this thread)"
@@ -222,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                     measure(ch.process, parts[: max(1, len(parts) // 20)])  # warm up
                     wasm_wall, wasm_cpu, records = measure(ch.process, parts)
                 py = PyStages(reg).chain(names)
-                py_wall, py_cpu, _ = measure(py, parts)
+                py_wall, py_cpu, _ = measure(py, [PyBatch(p) for p in parts])
                 rows.append(
                     {
                         "stages": n_stages,
@@ -253,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "data_records": len(data),
         "chains": {str(k): v for k, v in CHAINS.items()},
+        "filters": filters,
         "per_record": rows,
         "cold_start": {k: round(v, 3) for k, v in cold.items()},
     }

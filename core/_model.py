@@ -1,18 +1,21 @@
 """The data that flows through edgepipe.
 
 A *reading* is (device, metric, timestamp, numeric value, optional tags).  Inside the
-pipeline readings travel as a columnar :class:`Batch`: four parallel lists (timestamp in
-milliseconds since the Unix epoch, value, series id, flags).  The strings (device, metric,
-tags) live once in the :class:`SeriesRegistry` and a batch refers to them by series id.
-That is the shape the Wasm ABI wants (fixed-width records, host keeps the strings) and it
-keeps per-reading Python objects off the hot path.
+pipeline readings travel as a :class:`Batch`: one buffer of fixed 24-byte records
+(timestamp in milliseconds since the Unix epoch, value, series id, flags), the layout of
+the Wasm ABI.  The strings (device, metric, tags) live once in the :class:`SeriesRegistry`
+and a batch refers to them by series id.  The same buffer goes from the decoder through
+every filter stage into the store's sealed row, so the hot path makes no Python object
+per reading.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Mapping
-from typing import NamedTuple
+import sys
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 __all__ = [
     "RECORD",
@@ -27,6 +30,7 @@ __all__ = [
 #: The fixed binary record layout shared with Wasm guests (see filters/ABI.md):
 #: ts i64 (ms), value f64, series u32, flags u32, little-endian, 24 bytes.
 RECORD = struct.Struct("<qdII")
+_LITTLE = sys.byteorder == "little"
 
 
 class Flags:
@@ -114,73 +118,157 @@ class SeriesRegistry:
 
 
 class Batch:
-    """A columnar batch of readings: parallel lists ``ts``, ``value``, ``series``, ``flags``."""
+    """A batch of readings as one buffer of packed records (:data:`RECORD`, 24 bytes each).
 
-    __slots__ = ("ts", "value", "series", "flags")
+    The buffer is what crosses into Wasm (one ``memmove``), what the store seals and what
+    stages hand to each other; nothing on the hot path makes a Python object per reading.
+    ``ts``, ``value``, ``series`` and ``flags`` are the columns as new lists (for callers
+    that want them; built at C speed); :meth:`column` is a zero-copy view of one.
+    """
+
+    __slots__ = ("_raw",)
 
     def __init__(
         self,
-        ts: list[int] | None = None,
-        value: list[float] | None = None,
-        series: list[int] | None = None,
-        flags: list[int] | None = None,
+        ts: Sequence[int] | None = None,
+        value: Sequence[float] | None = None,
+        series: Sequence[int] | None = None,
+        flags: Sequence[int] | None = None,
     ) -> None:
-        self.ts = ts if ts is not None else []
-        self.value = value if value is not None else []
-        self.series = series if series is not None else []
-        self.flags = flags if flags is not None else [0] * len(self.ts)
+        self._raw: bytes | bytearray = b""
+        if ts:
+            self._raw = _interleave(ts, value or (), series or (), flags)
+
+    @classmethod
+    def from_records(cls, raw: bytes | bytearray) -> Batch:
+        """A batch over ``raw`` (packed records; not copied, so do not change it after)."""
+        if len(raw) % RECORD.size:
+            raise ValueError(f"{len(raw)} bytes is not a whole number of records")
+        out = cls.__new__(cls)
+        out._raw = raw
+        return out
+
+    @classmethod
+    def from_columns(
+        cls,
+        ts: Sequence[int],
+        value: Sequence[float],
+        series: Sequence[int],
+        flags: Sequence[int] | None = None,
+    ) -> Batch:
+        """A batch from four columns (lists or arrays, of equal length)."""
+        return cls(ts, value, series, flags)
+
+    @property
+    def raw(self) -> bytes | bytearray:
+        """The packed records (the batch's own buffer, not a copy)."""
+        return self._raw
 
     def __len__(self) -> int:
-        return len(self.ts)
+        return len(self._raw) // 24
 
     def __repr__(self) -> str:
         return f"<Batch {len(self)} readings>"
 
+    def column(self, name: str) -> Sequence[Any]:
+        """A zero-copy view of one column (``ts``, ``value``, ``series`` or ``flags``)."""
+        if not _LITTLE:
+            return getattr(self, name)
+        mv = memoryview(self._raw)
+        if name == "ts":
+            return mv.cast("q")[0::3]
+        if name == "value":
+            return mv.cast("d")[1::3]
+        return mv.cast("I")[4::6] if name == "series" else mv.cast("I")[5::6]
+
+    def _list(self, name: str, i: int) -> list[Any]:
+        if not self._raw:
+            return []
+        if _LITTLE:
+            return self.column(name).tolist()  # type: ignore[attr-defined]
+        return [r[i] for r in RECORD.iter_unpack(self._raw)]
+
+    @property
+    def ts(self) -> list[int]:
+        return self._list("ts", 0)
+
+    @property
+    def value(self) -> list[float]:
+        return self._list("value", 1)
+
+    @property
+    def series(self) -> list[int]:
+        return self._list("series", 2)
+
+    @property
+    def flags(self) -> list[int]:
+        return self._list("flags", 3)
+
     def append(self, ts: int, value: float, series: int, flags: int = 0) -> None:
-        self.ts.append(ts)
-        self.value.append(value)
-        self.series.append(series)
-        self.flags.append(flags)
+        """Add one reading (for building small batches; the hot path builds whole columns
+        with :meth:`from_columns`)."""
+        if not isinstance(self._raw, bytearray):
+            self._raw = bytearray(self._raw)
+        self._raw += RECORD.pack(ts, value, series, flags)
 
     def extend(self, other: Batch) -> None:
-        self.ts += other.ts
-        self.value += other.value
-        self.series += other.series
-        self.flags += other.flags
+        if not other._raw:
+            return
+        if not self._raw:
+            self._raw = other._raw
+            return
+        if not isinstance(self._raw, bytearray):
+            self._raw = bytearray(self._raw)
+        self._raw += other._raw
 
     def rows(self) -> Iterator[tuple[int, float, int, int]]:
-        return zip(self.ts, self.value, self.series, self.flags, strict=True)
+        return RECORD.iter_unpack(self._raw)
 
     def take(self, index: Iterable[int]) -> Batch:
         """A new batch holding the rows at ``index`` (in that order)."""
-        out = Batch()
-        for i in index:
-            out.append(self.ts[i], self.value[i], self.series[i], self.flags[i])
-        return out
+        raw = self._raw
+        if isinstance(index, range) and index.step == 1:
+            return Batch.from_records(bytes(raw[index.start * 24 : index.stop * 24]))
+        return Batch.from_records(b"".join([raw[i * 24 : i * 24 + 24] for i in index]))
 
     # -- the fixed binary layout ------------------------------------------------------
     def pack(self) -> bytes:
-        """The records in the ABI's fixed 24-byte layout."""
-        pack = RECORD.pack
-        return b"".join(map(pack, self.ts, self.value, self.series, self.flags))
+        """The records in the ABI's fixed 24-byte layout (no copy when already bytes)."""
+        raw = self._raw
+        return raw if type(raw) is bytes else bytes(raw)
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> Batch:
-        out = cls()
-        if data:
-            ts, value, series, flags = zip(*RECORD.iter_unpack(data), strict=True)
-            out.ts, out.value, out.series, out.flags = (
-                list(ts),
-                list(value),
-                list(series),
-                list(flags),
-            )
-        return out
+    def unpack(cls, data: bytes | bytearray | memoryview) -> Batch:
+        return cls.from_records(data if type(data) is bytes else bytes(data))
 
     def readings(self, registry: SeriesRegistry) -> Iterator[Reading]:
         for ts, value, sid, flags in self.rows():
             key = registry.key(sid)
             yield Reading(key.device, key.metric, ts, value, key.tag_dict, flags)
+
+
+def _interleave(
+    ts: Sequence[int],
+    value: Sequence[float],
+    series: Sequence[int],
+    flags: Sequence[int] | None,
+) -> bytes | bytearray:
+    """Four columns -> packed records: four strided copies at C speed."""
+    n = len(ts)
+    if len(value) != n or len(series) != n or (flags is not None and len(flags) != n):
+        raise ValueError("a batch's columns must have the same length")
+    if not _LITTLE:
+        fl = flags if flags is not None else [0] * n
+        return b"".join(map(RECORD.pack, ts, value, series, fl))
+    buf = bytearray(24 * n)
+    mv = memoryview(buf)
+    q, d, u = mv.cast("q"), mv.cast("d"), mv.cast("I")
+    q[0::3] = ts if isinstance(ts, array) and ts.typecode == "q" else array("q", ts)
+    d[1::3] = value if isinstance(value, array) and value.typecode == "d" else array("d", value)
+    u[4::6] = series if isinstance(series, array) and series.typecode == "I" else array("I", series)
+    if flags is not None and any(flags):
+        u[5::6] = flags if isinstance(flags, array) and flags.typecode == "I" else array("I", flags)
+    return buf
 
 
 class DeadLetter(NamedTuple):

@@ -31,7 +31,7 @@ from core._model import Batch, DeadLetter, Reading, SeriesKey, SeriesRegistry
 from protocol._keys import Keyring, Sealer
 
 from . import _queries as q
-from ._codec import SEALED, pack_batch, stage_id
+from ._codec import SEALED, batch_span, pack_batch, stage_id
 from ._keycheck import check_device, check_keys, has_new_keys
 from ._keyuse import KeyUses
 from ._metrics import committed, key_seals, per_reading, stored, written
@@ -200,7 +200,7 @@ class Store:
                 kid, blob = seal("batches", seq, plain)
                 con.execute(
                     "INSERT INTO batches (seq, key_id, blob, n, t_min, t_max) VALUES (?,?,?,?,?,?)",
-                    (seq, kid, blob, len(batch), min(batch.ts), max(batch.ts)),
+                    (seq, kid, blob, len(batch), *batch_span(batch)),
                 )
                 con.execute("UPDATE meta SET v=? WHERE k='last_seq'", (seq,))
             if dead:

@@ -45,16 +45,15 @@ _SCAN_MAX = 4096
 
 def encode_batch(seq: int, batch: Any, registry: SeriesRegistry) -> bytes:
     """One batch in the wire format: columnar, with a series table local to the batch."""
-    local: dict[int, int] = {}
+    sids = batch.series
+    # the batch's series in order of first use, then each reading's index among them
+    local = dict.fromkeys(sids)
     series: list[list[Any]] = []
-    sid_out = []
-    for sid in batch.series:
-        i = local.get(sid)
-        if i is None:
-            key = registry.key(sid)
-            i = local[sid] = len(series)
-            series.append([key.device, key.metric, key.tag_dict])
-        sid_out.append(i)
+    for i, sid in enumerate(local):
+        key = registry.key(sid)
+        local[sid] = i
+        series.append([key.device, key.metric, key.tag_dict])
+    sid_out = list(map(local.__getitem__, sids))
     return msgpack.packb(
         {
             "seq": seq,
@@ -109,9 +108,9 @@ DEAD_LETTERS_PER_REQUEST = 200
 
 def classify(batch: Any, recent_after_ms: int) -> str:
     """alerts (a flagged reading), recent (newest reading after the cut-off) or bulk."""
-    if any(batch.flags):
+    if any(batch.column("flags")):
         return "alerts"
-    if batch.ts and max(batch.ts) >= recent_after_ms:
+    if len(batch) and max(batch.column("ts")) >= recent_after_ms:
         return "recent"
     return "bulk"
 

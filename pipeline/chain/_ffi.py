@@ -28,14 +28,32 @@ from wasmtime import _ffi as ffi
 
 __all__ = ["Budget", "GuestCall", "GuestMemory", "HostTrap"]
 
-_func_call = _capi._wasmtime_func_call_unchecked
-_mem_data = _capi._wasmtime_memory_data
-_mem_size = _capi._wasmtime_memory_data_size
 _set_fuel = _capi._wasmtime_context_set_fuel
 _set_deadline = _capi._wasmtime_context_set_epoch_deadline
-_TrapPtr = ctypes.POINTER(ffi.wasm_trap_t)
 _memmove, _string_at, _void_p = ctypes.memmove, ctypes.string_at, ctypes.c_void_p
-_byref = ctypes.byref
+_byref, _addressof = ctypes.byref, ctypes.addressof
+
+
+def _raw(name: str, restype: object, *argtypes: object) -> ctypes._CFuncPtr:
+    """A private handle on a C API function taking plain addresses: converting a Python
+    int to ``void*`` costs a fraction of wasmtime-py's typed-pointer checks."""
+    fn = ffi.dll[name]  # a new function object, not wasmtime-py's own
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
+
+
+_func_call = _raw(
+    "wasmtime_func_call_unchecked", _void_p, _void_p, _void_p, _void_p, ctypes.c_size_t, _void_p
+)
+_mem_data = _raw("wasmtime_memory_data", _void_p, _void_p, _void_p)
+_mem_size = _raw("wasmtime_memory_data_size", ctypes.c_size_t, _void_p, _void_p)
+_TrapPtr = ctypes.POINTER(ffi.wasm_trap_t)
+
+
+def _context(store: wasmtime.Store) -> int:
+    return ctypes.cast(store._context(), _void_p).value or 0
+
+
 _raise_last = wasmtime._func.maybe_raise_last_exn
 _UNLIMITED_FUEL = 2**63 - 1
 
@@ -54,13 +72,20 @@ class GuestCall:
     :class:`wasmtime.Trap`, :class:`wasmtime.WasmtimeError` or whatever a host function
     raised."""
 
-    __slots__ = ("_ctx", "_func", "_vals", "_size", "_i64")
+    __slots__ = ("_keep", "_args", "_vals", "_trap", "_i64")
 
     def __init__(self, store: wasmtime.Store, func: wasmtime.Func, nparams: int, i64: bool):
-        self._ctx = store._context()
-        self._func = _byref(func._func)
-        self._size = max(nparams, 1)
-        self._vals = (_capi.wasmtime_val_raw_t * self._size)()
+        size = max(nparams, 1)
+        self._vals = (_capi.wasmtime_val_raw_t * size)()
+        self._trap = _void_p()
+        self._keep = (store, func)  # the addresses below live as long as these do
+        self._args = (
+            _context(store),
+            _addressof(func._func),
+            _addressof(self._vals),
+            size,
+            _addressof(self._trap),
+        )
         self._i64 = i64
 
     def __call__(self, a: int | None = None, b: int | None = None) -> int:
@@ -69,34 +94,39 @@ class GuestCall:
             vals[0].i32 = a
             if b is not None:
                 vals[1].i32 = b
-        trap = _TrapPtr()
-        err = _func_call(self._ctx, self._func, vals, self._size, _byref(trap))
-        if err:
-            exc = wasmtime.WasmtimeError._from_ptr(err)
-            _raise_last()
-            raise exc
-        if trap:
-            exc2 = wasmtime.Trap._from_ptr(trap)
-            _raise_last()
-            raise exc2
+        err = _func_call(*self._args)
+        if err or self._trap.value:
+            self._raise(err)
         return vals[0].i64 if self._i64 else vals[0].i32
+
+    def _raise(self, err: int | None) -> None:
+        if err:
+            exc: Exception = wasmtime.WasmtimeError._from_ptr(
+                ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t))
+            )
+        else:
+            exc = wasmtime.Trap._from_ptr(ctypes.cast(self._trap.value, _TrapPtr))
+            self._trap.value = None
+        _raise_last()
+        raise exc
 
 
 class GuestMemory:
     """The linear memory ``memory`` of an instance in ``store``.  Its host address can
     change whenever the guest grows it, so every operation looks it up afresh."""
 
-    __slots__ = ("_ctx", "_ref", "memory")
+    __slots__ = ("_ctx", "_ref", "memory", "_store")
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
-        self._ctx = store._context()
+        self._store = store
+        self._ctx = _context(store)
         self.memory = memory
-        self._ref = _byref(memory._memory)
+        self._ref = _addressof(memory._memory)
 
     def span(self) -> tuple[int, int]:
         """(host address, byte length) of the linear memory right now."""
         ctx, ref = self._ctx, self._ref
-        return _void_p.from_buffer(_mem_data(ctx, ref)).value or 0, _mem_size(ctx, ref)
+        return _mem_data(ctx, ref) or 0, _mem_size(ctx, ref)
 
     def place(self, ptr: int, data: bytes) -> bool:
         """Copy ``data`` to guest ``ptr`` if ``[ptr, ptr+len(data))`` lies in the memory;
@@ -104,8 +134,7 @@ class GuestMemory:
         ctx, ref = self._ctx, self._ref
         if ptr < 0 or ptr + len(data) > _mem_size(ctx, ref):
             return False
-        base = _void_p.from_buffer(_mem_data(ctx, ref)).value or 0
-        _memmove(base + ptr, data, len(data))
+        _memmove(_mem_data(ctx, ref) + ptr, data, len(data))
         return True
 
     def _address(self, ptr: int, length: int) -> int:
@@ -114,7 +143,7 @@ class GuestMemory:
             raise HostTrap(
                 "out_of_bounds", f"guest range [{ptr}, {ptr + length}) is outside its memory"
             )
-        return (_void_p.from_buffer(_mem_data(ctx, ref)).value or 0) + ptr
+        return (_mem_data(ctx, ref) or 0) + ptr
 
     def read(self, ptr: int, length: int) -> bytes:
         """The ``length`` bytes at guest ``ptr``; :class:`HostTrap` ``out_of_bounds``."""

@@ -1,9 +1,9 @@
 """One sandboxed WebAssembly filter stage (ABI v1, see filters/ABI.md).
 
 A stage owns one wasmtime Store and one instance of its module, reused across batches.
-Each batch costs one ``ep_input`` call, one ``memmove`` of the packed records into linear
-memory, one ``ep_process`` call and one read of the output records: there is no
-per-record Python work beyond :meth:`Batch.pack` / :meth:`Batch.unpack`.
+Each batch costs one ``ep_input`` call, one ``memmove`` of the batch's packed records
+into linear memory, one ``ep_process`` call, one read of the output records and one call
+of the output check (:mod:`._check`): there is no per-record Python work.
 
 The sandbox: no WASI and only the three ``edgepipe`` host functions; fuel per call
 (``Config.consume_fuel``), a wall-clock deadline per call (epoch interruption driven by
@@ -31,11 +31,12 @@ from core._model import Batch, SeriesRegistry
 
 from ._abi import ABI_VERSION, flatten_config
 from ._aot import ModuleCache
+from ._check import OutputCheck
 from ._declared import ConfigProblem
 from ._engine import TICK_S, TICKER, engine
 from ._ffi import Budget, GuestCall, GuestMemory, HostTrap
 from ._module import LoadedModule, load_module
-from ._records import REC, columns, is_subsequence, unpack
+from ._records import REC, unpack
 
 __all__ = ["StageConfigError", "WasmStage"]
 
@@ -114,6 +115,7 @@ class WasmStage:
         self._log_at = time.monotonic()
         self._last_log: str | None = None  # the guest's last message (shown if init refuses)
         self._store: wasmtime.Store | None = None
+        self._checker: OutputCheck | None = None
         self._linker = self._make_linker()
         self.instances = 0
         try:
@@ -317,9 +319,15 @@ class WasmStage:
                 code="output_pointer",
             ) from None
 
+    @property
+    def _check(self) -> OutputCheck:
+        if self._checker is None:
+            self._checker = OutputCheck()
+        return self._checker
+
     def _check_series(self, raw: bytes) -> None:
         if raw:
-            top = max(columns(raw)[2])
+            top = self._check.max_series(raw)
             if top >= len(self.registry):
                 raise FilterRuntimeError(
                     f"output refers to unknown series id {top}",
@@ -358,19 +366,14 @@ class WasmStage:
         raw = self._output(r, "ep_process", n)
         kind = self.kind
         if kind == "map":
-            if len(raw) != len(data):
-                same = False
-            else:
-                a, b = columns(raw), columns(data)
-                same = a[0] == b[0] and a[2] == b[2]
-            if not same:
+            if not self._check.same_keys(raw, data):
                 raise FilterRuntimeError(
                     "a map stage must return the same records (count, series, ts) in order",
                     stage=self.name,
                     code="kind_violation",
                 )
         elif kind == "filter":
-            if not is_subsequence(raw, data):
+            if not self._check.is_subsequence(raw, data):
                 raise FilterRuntimeError(
                     "a filter stage may only drop records, not change or reorder them",
                     stage=self.name,

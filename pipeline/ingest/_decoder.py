@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from array import array
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
@@ -102,11 +103,11 @@ class Decoder:
         skip: set[bytes] | frozenset[bytes] = frozenset(),
     ) -> Decoded:
         """Decode ``msgs``; messages whose identity is in ``skip`` are already stored."""
-        batch = Batch()
         dead: list[DeadLetter] = []
         keys: list[bytes] = []
         intern = self.registry.intern
-        ts_l, val_l, sid_l, fl_l = batch.ts, batch.value, batch.series, batch.flags
+        # typed columns (no Python object kept per reading), packed once at the end
+        ts_l, val_l, sid_l = array("q"), array("d"), array("I")
         identity = self.identity
         cached = self._keys_for
         self._keys_for = None
@@ -141,13 +142,13 @@ class Decoder:
                     ts_l.append(ts)
                     val_l.append(value)
                     sid_l.append(sid)
-                    fl_l.append(0)
             except DecodeError as e:
                 # drop whatever this message appended before the error
-                del ts_l[mark:], val_l[mark:], sid_l[mark:], fl_l[mark:]
+                del ts_l[mark:], val_l[mark:], sid_l[mark:]
                 reason = e.reason
                 _dead.inc(1, "ingest", reason.split(":")[0][:60])
                 dead.append(DeadLetter(m.arrival_ms, m.topic, reason, bytes(m.payload), None))
+        batch = Batch.from_columns(ts_l, val_l, sid_l)
         _readings_in.inc(len(batch))
         if n_qos1:
             _received.inc(n_qos1, "1")
