@@ -171,17 +171,6 @@ def test_on_error_stop_quarantines_after_bounded_attempts(tmp_path, reg):
     )
 
 
-def test_on_error_stop_retry_recovers_a_transient_failure(tmp_path, reg):
-    # traps on the first call of each instance only (a global flag): the retry succeeds
-    body = f"(if (i32.eqz (global.get $g)) (then (global.set $g (i32.const 1)) (unreachable))) {IDENTITY}"
-    extra = "(global $g (mut i32) (i32.const 0))"
-    mod = write_wat(tmp_path, "once", wat_module(body, extra=extra))
-    with build(tmp_path, [stage("once", mod, "filter", on_error="stop")], reg) as chain:
-        res = chain.process(sample())
-        assert not res.dead_letters and res.batch.value == sample().value
-        assert chain.describe()[0]["failures"] == 1
-
-
 def test_circuit_breaker_trips_and_recovers(tmp_path, reg):
     # traps whenever the first record's value is negative
     body = (
