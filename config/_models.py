@@ -199,9 +199,29 @@ class BatchConfig(_Model):
 class LimitsConfig(_Model):
     fuel: int | None = Field(50_000_000, ge=1000, description="Wasm fuel per batch (None: off)")
     timeout_ms: int = Field(200, ge=1, description="wall-clock deadline per batch (epoch)")
-    memory_mb: int = Field(16, ge=1, le=1024, description="linear memory cap")
-    max_output: int = Field(65536, ge=1, description="most records one batch may emit")
-    module_max_kb: int = Field(4096, ge=1, description="largest accepted module")
+    memory_mb: int = Field(
+        16,
+        ge=1,
+        le=64,
+        description="linear memory cap (at most 64 MiB: one stage must not be able to take "
+        "a small device's memory)",
+    )
+    max_output: int = Field(
+        65536, ge=1, le=1_000_000, description="most records one batch may emit"
+    )
+    module_max_kb: int = Field(
+        4096,
+        ge=1,
+        le=16384,
+        description="largest accepted module (compiling is bounded: see filters/ABI.md)",
+    )
+    stop_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="on_error: stop: attempts at a batch (each on a fresh instance) before "
+        "the stage's input is quarantined as a dead letter and the pipeline goes on",
+    )
     breaker_failures: int = Field(
         5, ge=1, description="consecutive failed batches that trip the stage's circuit breaker"
     )

@@ -157,7 +157,24 @@ class Pipeline:
             return False, "store is not writable"
         if self.mqtt is None or not self.mqtt.connected:
             return False, "not connected to the MQTT broker"
+        tripped = self._tripped_stages()
+        if tripped:
+            return False, tripped
         return True, "ready"
+
+    def _tripped_stages(self) -> str:
+        """Which stages have their circuit breaker open, and why ("" for none).  The data
+        goes on (each such stage's on_error path), but the device is not doing its job."""
+        chain = self.chain
+        if chain is None:
+            return ""
+        out = [
+            f"stage {d['name']}: circuit breaker {d['breaker'].replace('_', '-')} after "
+            f"{d['consecutive_failures']} failures ({d.get('last_code') or 'error'})"
+            for d in chain.describe()
+            if d["breaker"] != "closed"
+        ]
+        return "; ".join(out)
 
     def stop(self) -> None:
         self._stop.set()
@@ -309,7 +326,7 @@ class Pipeline:
         skip = await store.seen(dups) if dups else set()
         dec = decoder.decode(msgs, skip)
         result = chain.process(dec.batch)
-        if chain.stopped:
+        if chain.stopped:  # a chain that cannot go on at all (a stage alone never does this)
             log.error("stopping: %s (the batch was not acknowledged)", chain.stopped)
             return False
         dead = dec.dead_letters + list(result.dead_letters)

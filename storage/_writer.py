@@ -56,6 +56,29 @@ def _is_full(e: sqlite3.Error) -> bool:
     return "full" in msg or "disk i/o" in msg or "no space" in msg
 
 
+def make_private(path: Path) -> None:
+    """Create the database file 0600 whatever the umask (SQLite then gives its -wal and
+    -shm the same mode), and take group and other access away from existing store files."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # a missing directory etc.: connecting reports it
+    else:
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            st = os.stat(f)
+            if st.st_mode & 0o077 and st.st_uid == os.getuid():
+                os.chmod(f, st.st_mode & 0o700)
+        except OSError:
+            pass
+
+
 def configure(con: sqlite3.Connection, path: Path, synchronous: str) -> None:
     """The connection's settings: WAL, ``synchronous``, zeroed deletes, a bounded WAL."""
     con.execute("PRAGMA busy_timeout=10000")
@@ -82,6 +105,8 @@ class Writer:
 
     @classmethod
     async def connect(cls, path: Path) -> Writer:
+        if str(path) != ":memory:":
+            make_private(path)
         db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False)
         try:
             io = await db._execute(ThreadIO)  # opened on the worker thread, for that thread

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from core._clock import ManualClock
-from core._errors import FilterLoadError, FilterRuntimeError
+from core._errors import FilterLoadError
 from core._metrics import METRICS
 from core._model import Batch, SeriesRegistry
 from pipeline.chain._chain import Chain
@@ -145,15 +145,30 @@ def test_trap_in_some_batches_only(tmp_path, reg):
         assert chain.process(sample(4)).batch.value == sample(4).value
 
 
-def test_on_error_stop(tmp_path, reg):
+def test_on_error_stop_quarantines_after_bounded_attempts(tmp_path, reg):
+    # traps on every batch: tried stop_attempts times (a fresh instance each), then the
+    # stage's input is quarantined as one dead letter and the chain goes on
     mod = write_wat(tmp_path, "trap", wat_module("(unreachable)"))
-    with build(tmp_path, [stage("t", mod, "filter", on_error="stop")], reg) as chain:
-        res = chain.process(sample())
-        assert len(res.batch) == 0 and not res.dead_letters
-        assert chain.stopped is not None and "stage t" in chain.stopped
-        assert "unreachable" in chain.stopped
-        with pytest.raises(FilterRuntimeError):
-            chain.process(sample())
+    before = METRICS.value("edgepipe_stage_quarantined_total", stage="t")
+    dl_before = METRICS.value("edgepipe_dead_letters_total", stage="t", reason="quarantined")
+    with build(
+        tmp_path, [stage("t", mod, "filter", on_error="stop", stop_attempts=4)], reg
+    ) as chain:
+        b = sample()
+        res = chain.process(b)
+        assert len(res.batch) == 0
+        [dl] = res.dead_letters
+        assert dl.reason == "stage t: quarantined after 4 attempts: unreachable"
+        assert Batch.unpack(dl.payload).value == b.value  # nothing lost
+        assert chain.stopped is None
+        d = chain.describe()[0]
+        assert d["failures"] == 4 and d["instances"] == 5 and d["quarantined"] == 5
+        assert chain.process(sample(3)).dead_letters  # the next batch is handled alike
+    assert METRICS.value("edgepipe_stage_quarantined_total", stage="t") == before + 8
+    assert (
+        METRICS.value("edgepipe_dead_letters_total", stage="t", reason="quarantined")
+        == dl_before + 2
+    )
 
 
 def test_circuit_breaker_trips_and_recovers(tmp_path, reg):

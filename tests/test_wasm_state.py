@@ -3,9 +3,7 @@ continues exactly like an uninterrupted run; hot-swap hand-over; AOT cache."""
 
 from __future__ import annotations
 
-import pytest
-
-from core._errors import FilterLoadError
+from core._metrics import METRICS
 from core._model import Batch, SeriesRegistry
 from pipeline.chain._aot import ModuleCache
 from pipeline.chain._chain import Chain
@@ -79,11 +77,18 @@ def test_restore_rejects_foreign_state(tmp_path):
     with Chain.build([stage("win", "window", "aggregate")], reg, **kw) as ch:
         ch.process(Batch([1], [1.0], [0]))
         blob = ch.snapshot()["win"]
+    dropped = METRICS.value("edgepipe_stage_state_dropped_total", stage="win", reason="restore")
     with Chain.build([stage("win", "ema", "map")], reg, **kw) as other:  # same name, other module
-        with pytest.raises(FilterLoadError) as ei:
-            other.restore({"win": blob})
-        assert ei.value.stage == "win" and ei.value.code == "restore"
+        other.restore({"win": blob})  # refused: dropped, counted, the stage starts cold
+        d = other.describe()[0]
+        assert d["state_dropped"] == 1 and d["last_code"] == "restore"
+        assert d["consecutive_failures"] == 1 and d["state_bytes"] == 0
+        assert other.process(Batch([2], [4.0], [0])).batch.value == [4.0]  # cold EMA
         other.restore({"gone": b"xx"})  # stages no longer in the chain are ignored
+    assert (
+        METRICS.value("edgepipe_stage_state_dropped_total", stage="win", reason="restore")
+        == dropped + 1
+    )
 
 
 def test_hand_over_flushes_and_moves_state(tmp_path):

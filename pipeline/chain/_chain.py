@@ -8,14 +8,26 @@ output) its instance is rebuilt from its last good state and ``on_error`` decide
 
 * ``dead_letter`` -- the stage's input goes to a :class:`DeadLetter` and is dropped;
 * ``pass``        -- the stage's input goes on unchanged, as if the stage were absent;
-* ``stop``        -- :attr:`Chain.stopped` is set; the runtime stops without acking.
+* ``stop``        -- the stage's input is not let past it unprocessed: the batch is tried
+  again on a fresh instance, up to ``limits.stop_attempts`` attempts in all; when every
+  attempt fails, the stage's input is *quarantined*: one dead letter ("quarantined after N
+  attempts"), an ALARM log line and ``edgepipe_stage_quarantined_total``.  The records the
+  stage does not match, and the other stages, go on: one stage never stops the pipeline.
 
 A stage that fails ``limits.breaker_failures`` batches in a row is *tripped*: for
 ``limits.breaker_cooldown_s`` its batches take the ``on_error`` path without calling the
 guest, then one batch is tried again (half-open).
 
 Stateful stages are snapshotted after every successful batch; :meth:`Chain.snapshot`
-returns those blobs for the store to commit with the batch, and a trap restores them.
+returns those blobs for the store to commit with the batch, and a trap restores them.  A
+state that cannot be taken (``ep_snapshot`` traps, returns a bad pointer or length) or
+given back (``ep_restore`` traps or refuses) fails the stage like any other failure, and
+the state is dropped with a logged reason counted in ``edgepipe_stage_state_dropped_total``
+(the stage then runs cold); nothing about a stage's state ever raises out of the chain.
+
+An instance whose linear memory grew well past its steady size during a batch
+(:meth:`WasmStage.grown`) is recycled before the next one: a fresh instance restored from
+the state just saved, so the memory a ``memory.grow`` returns to the system.
 """
 
 from __future__ import annotations
@@ -67,6 +79,30 @@ _BREAKER = METRICS.gauge(
 )
 _SECONDS = METRICS.counter(
     "edgepipe_stage_seconds_total", "Time spent in each filter stage", ("stage",)
+)
+_FAILING = METRICS.gauge(
+    "edgepipe_stage_failing",
+    "1 while a stage's last batch failed, labelled with the trap/error code of that failure",
+    ("stage", "code"),
+)
+_DEAD = METRICS.counter(
+    "edgepipe_dead_letters_total", "messages or batches dead-lettered", ["stage", "reason"]
+)
+_QUARANTINED = METRICS.counter(
+    "edgepipe_stage_quarantined_total",
+    "Readings an on_error: stop stage failed on limits.stop_attempts times, set aside as "
+    "dead letters so the rest of the data flows",
+    ("stage",),
+)
+_STATE_DROPPED = METRICS.counter(
+    "edgepipe_stage_state_dropped_total",
+    "Stage states that could not be saved (snapshot) or given back (restore) and were dropped",
+    ("stage", "reason"),
+)
+_RECYCLED = METRICS.counter(
+    "edgepipe_stage_recycles_total",
+    "Instances replaced between batches because their memory grew past its steady size",
+    ("stage",),
 )
 
 
@@ -123,7 +159,10 @@ class _Slot:
         self.match_all = m.devices is None and m.metrics is None
         self._matches: dict[int, bool] = {}
         self.last_error: str | None = None
+        self.last_code: str | None = None  # the code of the last failure, while failing
         self.batches = self.failures = 0
+        self.quarantined = self.state_dropped = self.recycles = 0
+        self.attempts = cfg.limits.stop_attempts if cfg.on_error == "stop" else 1
 
     def matches(self, sid: int, registry: SeriesRegistry) -> bool:
         hit = self._matches.get(sid)
@@ -248,27 +287,87 @@ class Chain:
             out = self._failed(slot, data, err, dead, call_guest=False)
         else:
             t0 = time.perf_counter()
-            try:
-                out = slot.stage.process_raw(data, n)
-                if slot.stage.stateful:
-                    slot.good_state = slot.stage.snapshot()
-            except FilterRuntimeError as err:
-                out = self._failed(slot, data, err, dead)
-            else:
-                slot.batches += 1
-                if slot.breaker.failures:
-                    slot.breaker.success()
-                    _BREAKER.set(0, name)
-                m = len(out) // RECORD.size
-                if m < n:
-                    reason = "aggregated" if slot.cfg.kind == "aggregate" else "filtered"
-                    _DROPPED.inc(n - m, name, reason)
-                elif m > n:
-                    _EMITTED.inc(m - n, name)
+            attempt = 1
+            while True:
+                try:
+                    out = slot.stage.process_raw(data, n)
+                    if slot.stage.stateful:
+                        slot.good_state = self._saved(slot)
+                except FilterRuntimeError as err:
+                    if attempt < slot.attempts:  # on_error: stop tries again first
+                        self._retrying(slot, err, attempt)
+                        attempt += 1
+                        continue
+                    out = self._failed(slot, data, err, dead, attempts=attempt)
+                else:
+                    slot.batches += 1
+                    self._succeeded(slot)
+                    m = len(out) // RECORD.size
+                    if m < n:
+                        reason = "aggregated" if slot.cfg.kind == "aggregate" else "filtered"
+                        _DROPPED.inc(n - m, name, reason)
+                    elif m > n:
+                        _EMITTED.inc(m - n, name)
+                    if slot.stage.grown(n):
+                        self._recycle(slot)
+                break
             _SECONDS.inc(time.perf_counter() - t0, name)
         if out is not None:
             _RECORDS.inc(len(out) // RECORD.size, name, "out")
         return out
+
+    def _saved(self, slot: _Slot) -> bytes:
+        """The stage's state now; a failure drops it (counted) and fails the batch."""
+        try:
+            return slot.stage.snapshot()
+        except FilterRuntimeError as err:
+            self._drop_state(slot, "snapshot", err)
+            raise
+
+    def _succeeded(self, slot: _Slot) -> None:
+        if slot.breaker.failures:
+            slot.breaker.success()
+            _BREAKER.set(0, slot.name)
+        if slot.last_code is not None:
+            _FAILING.set(0, slot.name, slot.last_code)
+            slot.last_code = None
+
+    def _count(self, slot: _Slot, err: FilterError) -> str:
+        """Count one failure of ``slot`` (metrics, describe()); its code."""
+        name, code = slot.name, err.code or "error"
+        _ERRORS.inc(1, name, code)
+        slot.failures += 1
+        slot.last_error = f"{code}: {err.message}"
+        if slot.last_code != code:
+            if slot.last_code is not None:
+                _FAILING.set(0, name, slot.last_code)
+            slot.last_code = code
+        _FAILING.set(1, name, code)
+        return code
+
+    def _trip(self, slot: _Slot, err: FilterError) -> None:
+        """A failed batch (or state operation) as the circuit breaker sees it."""
+        log.warning("stage %s failed (%s): %s", slot.name, err.code or "error", err.message)
+        if slot.breaker.failure():
+            _BREAKER.set(1, slot.name)
+            log.error(
+                "stage %s failed %d batches in a row: circuit breaker open for %.0f s",
+                slot.name,
+                slot.breaker.failures,
+                slot.breaker.cooldown,
+            )
+
+    def _retrying(self, slot: _Slot, err: FilterError, attempt: int) -> None:
+        code = self._count(slot, err)
+        log.warning(
+            "stage %s failed (%s), attempt %d of %d: %s",
+            slot.name,
+            code,
+            attempt,
+            slot.attempts,
+            err.message,
+        )
+        self._reset(slot)
 
     def _failed(
         self,
@@ -278,48 +377,91 @@ class Chain:
         dead: list[DeadLetter],
         *,
         call_guest: bool = True,
+        attempts: int = 1,
     ) -> bytes | None:
-        """Apply the stage's on_error policy; the records to pass on, or None when stopped."""
-        name, code = slot.name, err.code or "error"
-        _ERRORS.inc(1, name, code)
-        slot.failures += 1
-        slot.last_error = f"{code}: {err.message}"
+        """Apply the stage's on_error policy; the records to pass on (never None: a stage
+        cannot stop the chain)."""
+        name = slot.name
+        code = self._count(slot, err)
         if call_guest:
-            log.warning("stage %s failed (%s): %s", name, code, err.message)
-            if slot.breaker.failure():
-                _BREAKER.set(1, name)
-                log.error(
-                    "stage %s failed %d batches in a row: circuit breaker open for %.0f s",
-                    name,
-                    slot.breaker.failures,
-                    slot.breaker.cooldown,
-                )
+            self._trip(slot, err)
             self._reset(slot)
         policy = slot.cfg.on_error
-        if policy == "stop":
-            self.stopped = f"stage {name}: {code}: {err.message}"
-            return None
         if policy == "pass":
             return data
-        if data:
-            dead.append(
-                DeadLetter(
-                    ts=int(time.time() * 1000),
-                    topic="",
-                    reason=f"stage {name}: trap: {code}",
-                    payload=data,
-                    stage=name,
-                )
+        if not data:
+            return b""
+        n = len(data) // RECORD.size
+        if policy == "stop":
+            why = f"after {attempts} attempts" if call_guest else "(circuit breaker open)"
+            reason, label = f"stage {name}: quarantined {why}: {code}", "quarantined"
+            slot.quarantined += n
+            _QUARANTINED.inc(n, name)
+            log.error(
+                "ALARM: stage %s (on_error: stop) failed %s on a batch of %d readings "
+                "(%s: %s); they are quarantined as a dead letter and the pipeline goes on",
+                name,
+                why,
+                n,
+                code,
+                err.message,
             )
-            _DROPPED.inc(len(data) // RECORD.size, name, "dead_letter")
+        else:
+            reason, label = f"stage {name}: trap: {code}", "dead_letter"
+        dead.append(
+            DeadLetter(
+                ts=int(time.time() * 1000),
+                topic="",
+                reason=reason,
+                payload=data,
+                stage=name,
+            )
+        )
+        _DEAD.inc(1, name, label if label == "quarantined" else code)
+        _DROPPED.inc(n, name, label)
         return b""
 
+    def _drop_state(self, slot: _Slot, reason: str, err: FilterError) -> None:
+        slot.state_dropped += 1
+        _STATE_DROPPED.inc(1, slot.name, reason)
+        log.warning(
+            "stage %s: its state could not be %s (%s: %s); that state is dropped",
+            slot.name,
+            "saved" if reason == "snapshot" else "restored",
+            err.code or "error",
+            err.message,
+        )
+
     def _reset(self, slot: _Slot) -> None:
+        """A fresh instance with the last good state; a state it refuses is dropped and
+        the stage starts cold.  Failing even that, every batch fails fast (``no_instance``)
+        into on_error and tries again."""
         try:
             slot.stage.reset(slot.good_state)
-        except FilterError as e:
-            # the next batch retries; until then every batch fails fast into on_error
+            return
+        except FilterRuntimeError as e:
+            if not slot.good_state or slot.stage.broken is not None:
+                log.error("stage %s could not be re-instantiated: %s", slot.name, e.message)
+                return
+            self._count(slot, e)
+            self._drop_state(slot, "restore", e)
+            slot.good_state = None
+        try:
+            slot.stage.reset(None)
+        except FilterRuntimeError as e:
             log.error("stage %s could not be re-instantiated: %s", slot.name, e.message)
+
+    def _recycle(self, slot: _Slot) -> None:
+        grown = slot.stage.memory_bytes()
+        slot.recycles += 1
+        _RECYCLED.inc(1, slot.name)
+        log.info(
+            "stage %s: linear memory grew to %d KiB (steady %d KiB); recycling the instance",
+            slot.name,
+            grown // 1024,
+            slot.stage.steady_bytes // 1024,
+        )
+        self._reset(slot)
 
     def flush(self) -> ChainResult:
         """Emit pending aggregate output (``ep_flush``), carried through later stages."""
@@ -336,10 +478,9 @@ class Chain:
             try:
                 flushed = slot.stage.flush_raw()
                 if slot.stage.stateful:
-                    slot.good_state = slot.stage.snapshot()
+                    slot.good_state = self._saved(slot)
             except FilterRuntimeError as err:
-                if self._failed(slot, b"", err, dead) is None:
-                    return ChainResult(Batch(), dead)
+                self._failed(slot, b"", err, dead)
                 continue
             k = len(flushed) // RECORD.size
             _RECORDS.inc(k, slot.name, "out")
@@ -355,12 +496,21 @@ class Chain:
         for slot in self._slots:
             if slot.stage.stateful:
                 if slot.good_state is None:
-                    slot.good_state = slot.stage.snapshot()
+                    try:
+                        slot.good_state = self._saved(slot)
+                    except FilterRuntimeError as err:
+                        # nothing to save (the stored one stays); the stage fails like any
+                        self._count(slot, err)
+                        self._trip(slot, err)
+                        self._reset(slot)
+                        continue
                 out[slot.name] = slot.good_state
         return out
 
     def restore(self, states: dict[str, bytes]) -> None:
-        """Load state blobs saved by :meth:`snapshot` (unknown stage names are ignored)."""
+        """Load state blobs saved by :meth:`snapshot` (unknown stage names are ignored).  A
+        blob its stage refuses (or traps on) is dropped, counted and logged; that stage
+        starts cold and its breaker counts the failure.  Never raises."""
         by_name = {s.name: s for s in self._slots}
         for name, blob in states.items():
             slot = by_name.get(name)
@@ -370,9 +520,12 @@ class Chain:
             try:
                 slot.stage.restore(blob)
             except FilterRuntimeError as e:
-                raise FilterLoadError(
-                    f"cannot restore saved state: {e.message}", stage=name, code="restore"
-                ) from None
+                self._count(slot, e)
+                self._drop_state(slot, "restore", e)
+                self._trip(slot, e)
+                slot.good_state = None
+                self._reset(slot)
+                continue
             slot.good_state = blob
 
     def hand_over(self, new: Chain) -> ChainResult:
@@ -388,6 +541,7 @@ class Chain:
         }
         new.restore({k: v for k, v in states.items() if k in same})
         self.close()
+        new._publish_gauges()  # after close() zeroed the gauges of this chain's stages
         return result
 
     # -- status ----------------------------------------------------------------------
@@ -411,6 +565,11 @@ class Chain:
                     "failures": slot.failures,
                     "instances": st.instances,
                     "last_error": slot.last_error,
+                    "last_code": slot.last_code,
+                    "quarantined": slot.quarantined,
+                    "state_dropped": slot.state_dropped,
+                    "recycles": slot.recycles,
+                    "memory_bytes": st.memory_bytes(),
                 }
             )
         return out
@@ -421,6 +580,17 @@ class Chain:
         self._closed = True
         for slot in self._slots:
             slot.stage.close()
+            # a closed chain's stages are neither tripped nor failing (a deploy replaced
+            # them, or the process ends): their gauges must not stay at 1
+            _BREAKER.set(0, slot.name)
+            if slot.last_code is not None:
+                _FAILING.set(0, slot.name, slot.last_code)
+
+    def _publish_gauges(self) -> None:
+        for slot in self._slots:
+            _BREAKER.set(1 if slot.breaker.status() != "closed" else 0, slot.name)
+            if slot.last_code is not None:
+                _FAILING.set(1, slot.name, slot.last_code)
 
     def __enter__(self) -> Chain:
         return self

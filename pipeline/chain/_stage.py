@@ -11,7 +11,15 @@ the shared ticker thread, :data:`._engine.TICKER`, that only runs while a guest 
 in flight), a linear memory cap (``Store.set_limits``), and validation of everything the
 guest returns (pointer bounds, record count, series ids, the stage kind's contract).
 Any failure raises :class:`FilterRuntimeError` with a short ``code``; after a failure
-the instance is considered corrupt and :meth:`WasmStage.reset` builds a fresh one.
+the instance is considered corrupt and :meth:`WasmStage.reset` builds a fresh one.  Every
+entry point (``ep_init``, ``ep_process``, ``ep_flush``, ``ep_snapshot``, ``ep_restore``)
+fails that way and only that way: host functions turn their own errors into traps, a failed
+instantiation leaves the stage without an instance (each later call fails fast with code
+``no_instance`` until a reset succeeds), never with calls into a freed store.  A guest may
+create at most :data:`MAX_DERIVED_SERIES` series and report error numbers 1-255 (others
+are ``guest_error``), so it cannot grow the registry or the metrics without bound.
+:meth:`WasmStage.grown` tells when linear memory grew well past its steady size, so the
+chain can recycle the instance between batches and the memory returns to the system.
 Calls and memory copies go through :mod:`._ffi`.
 """
 
@@ -38,7 +46,7 @@ from ._ffi import Budget, GuestCall, GuestMemory, HostTrap
 from ._module import LoadedModule, load_module
 from ._records import REC, unpack
 
-__all__ = ["StageConfigError", "WasmStage"]
+__all__ = ["MAX_DERIVED_SERIES", "RECYCLE_SLACK", "StageConfigError", "WasmStage"]
 
 log = logging.getLogger("edgepipe.filter")
 
@@ -48,6 +56,12 @@ _UNDECLARED = METRICS.counter(
     "counted once per module",
 )
 _warned: set[str] = set()  # sha256 of the modules warned about
+
+#: most series one stage may create with ``series_derive`` (over the process's life)
+MAX_DERIVED_SERIES = 4096
+#: linear memory growth over the steady size that is always tolerated between batches;
+#: beyond it (and beyond 8 record sizes per record of the batch) the instance is recycled
+RECYCLE_SLACK = 4 * 1024 * 1024
 
 
 class StageConfigError(FilterLoadError):
@@ -116,6 +130,9 @@ class WasmStage:
         self._last_log: str | None = None  # the guest's last message (shown if init refuses)
         self._store: wasmtime.Store | None = None
         self._checker: OutputCheck | None = None
+        self.derived = 0  # series this stage created with series_derive
+        self.steady_bytes = 0  # linear memory right after instantiation (and restore)
+        self.broken: str | None = None  # why the stage has no instance, if it has none
         self._linker = self._make_linker()
         self.instances = 0
         try:
@@ -148,6 +165,14 @@ class WasmStage:
         registry = self.registry
 
         def series_name(series: int, kind: int, ptr: int, length: int) -> int:
+            try:
+                return _series_name(series, kind, ptr, length)
+            except HostTrap:
+                raise
+            except Exception as e:  # a host bug must trap the call, not escape it
+                raise HostTrap("host_error", f"series_name: {type(e).__name__}") from None
+
+        def _series_name(series: int, kind: int, ptr: int, length: int) -> int:
             key = registry.get(_u32(series))
             if key is None or kind not in (0, 1):
                 return -1
@@ -168,7 +193,19 @@ class WasmStage:
                 suffix = raw.decode()
             except UnicodeDecodeError:
                 raise HostTrap("bad_argument", "series_derive: suffix is not UTF-8") from None
-            return registry.derive(sid, suffix)
+            before = len(registry)
+            try:
+                new = registry.derive(sid, suffix)
+            except Exception as e:
+                raise HostTrap("host_error", f"series_derive: {type(e).__name__}") from None
+            if len(registry) > before:
+                self.derived += 1
+                if self.derived > MAX_DERIVED_SERIES:
+                    raise HostTrap(
+                        "series_limit",
+                        f"series_derive: a stage may create at most {MAX_DERIVED_SERIES} series",
+                    )
+            return new
 
         def guest_log(level: int, ptr: int, length: int) -> None:
             now = time.monotonic()
@@ -193,7 +230,18 @@ class WasmStage:
 
     # -- instance lifecycle ------------------------------------------------------------
     def _instantiate(self) -> None:
+        """A fresh instance; on failure the stage is left with none (``broken`` says why)."""
         self._drop_store()
+        try:
+            self._instantiate_once()
+        except BaseException as e:
+            self._drop_store()
+            self.broken = e.message if isinstance(e, FilterRuntimeError) else type(e).__name__
+            raise
+        self.broken = None
+        self.steady_bytes = self._mem.span()[1]
+
+    def _instantiate_once(self) -> None:
         store = wasmtime.Store(engine())
         store.set_limits(memory_size=self._mem_cap, instances=1, tables=1, memories=1)
         self._store = store
@@ -245,13 +293,29 @@ class WasmStage:
                 )
 
     def _drop_store(self) -> None:
+        # no call may reach the old store's context once it is freed
+        self._f_process = self._f_input = self._f_flush = None  # type: ignore[assignment]
+        self._f_snapshot = self._f_restore = self._f_alloc = self._f_init = None
         self._store = None  # frees the instance and its memory
+
+    def grown(self, n_records: int) -> bool:
+        """True when linear memory grew past its steady size by more than a batch of
+        ``n_records`` can explain (see :data:`RECYCLE_SLACK`): time to recycle."""
+        if self._store is None:
+            return False
+        allowed = max(RECYCLE_SLACK, 8 * REC * n_records)
+        return self._mem.span()[1] - self.steady_bytes > allowed
+
+    def memory_bytes(self) -> int:
+        """The instance's linear memory size now (0 without an instance)."""
+        return self._mem.span()[1] if self._store is not None else 0
 
     def reset(self, state: bytes | None = None) -> None:
         """A fresh instance (after a trap), restoring ``state`` if given."""
         self._instantiate()
         if state:
             self.restore(state)
+            self.steady_bytes = max(self.steady_bytes, self._mem.span()[1])
 
     def close(self) -> None:
         self._drop_store()
@@ -272,7 +336,7 @@ class WasmStage:
 
     def _call(self, fn: GuestCall | None, what: str, *args: int, arm: bool = True) -> int:
         if fn is None or self._store is None:
-            raise FilterRuntimeError(f"{what}: stage is closed", stage=self.name, code="closed")
+            raise self._closed_error(what)
         if arm:
             self._arm()
         TICKER.enter()
@@ -282,6 +346,13 @@ class WasmStage:
             raise self._error(e, what) from None
         finally:
             TICKER.exit()
+
+    def _closed_error(self, what: str) -> FilterRuntimeError:
+        if self.broken is not None:
+            return FilterRuntimeError(
+                f"{what}: no instance ({self.broken})", stage=self.name, code="no_instance"
+            )
+        return FilterRuntimeError(f"{what}: stage is closed", stage=self.name, code="closed")
 
     def _guarded_write(self, ptr: int, data: bytes, what: str) -> None:
         if not data:
@@ -297,9 +368,9 @@ class WasmStage:
 
     def _output(self, r: int, what: str, n_in: int) -> bytes:
         if r < 0:
-            raise FilterRuntimeError(
-                f"{what} reported error {-r}", stage=self.name, code=f"guest_error_{-r}"
-            )
+            # a bounded set of codes: they become metric labels
+            code = f"guest_error_{-r}" if -r <= 255 else "guest_error"
+            raise FilterRuntimeError(f"{what} reported error {-r}", stage=self.name, code=code)
         ptr, n = r >> 32, r & 0xFFFFFFFF
         limit = self._max_output
         if self.kind in ("filter", "filter_map", "map"):
@@ -344,7 +415,7 @@ class WasmStage:
         if n == 0:
             return b""
         if self._store is None:
-            raise FilterRuntimeError("stage is closed", stage=self.name, code="closed")
+            raise self._closed_error("ep_input")
         self._arm()
         what = "ep_input"
         TICKER.enter()
@@ -388,7 +459,7 @@ class WasmStage:
         return unpack(self.process_raw(batch.pack(), len(batch)))
 
     def flush_raw(self) -> bytes:
-        if self._f_flush is None:
+        if not self.has_flush:
             return b""
         r = self._call(self._f_flush, "ep_flush")
         raw = self._output(r, "ep_flush", self._max_output)
@@ -400,7 +471,7 @@ class WasmStage:
 
     def snapshot(self) -> bytes:
         """The guest's state blob (``b""`` for none or a stateless module)."""
-        if self._f_snapshot is None:
+        if not self.stateful:
             return b""
         r = self._call(self._f_snapshot, "ep_snapshot")
         ptr, n = _u32(r >> 32), r & 0xFFFFFFFF
@@ -420,7 +491,7 @@ class WasmStage:
     def restore(self, blob: bytes) -> None:
         if not blob:
             return
-        if self._f_restore is None:
+        if "ep_restore" not in self.loaded.exports:
             raise FilterRuntimeError(
                 "state given to a module without ep_restore", stage=self.name, code="restore"
             )
