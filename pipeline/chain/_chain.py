@@ -32,7 +32,6 @@ the state just saved, so the memory a ``memory.grow`` returns to the system.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 from collections.abc import Iterable
@@ -42,68 +41,19 @@ from typing import Any, NamedTuple
 from config._models import StageConfig
 from core._clock import SYSTEM_CLOCK, Clock
 from core._errors import FilterError, FilterLoadError, FilterRuntimeError
-from core._metrics import METRICS
 from core._model import RECORD, Batch, DeadLetter, SeriesRegistry
 
+from . import _chain_metrics as metric
 from ._aot import ModuleCache
 from ._engine import engine, engine_settings
 from ._module import LoadedModule, load_module
 from ._records import unpack
+from ._slot import Slot
 from ._stage import WasmStage
 
 __all__ = ["Chain", "ChainResult"]
 
 log = logging.getLogger("edgepipe.chain")
-
-_RECORDS = METRICS.counter(
-    "edgepipe_stage_records_total",
-    "Records into and out of each filter stage",
-    ("stage", "direction"),
-)
-_DROPPED = METRICS.counter(
-    "edgepipe_readings_dropped_total",
-    "Readings dropped, by stage and reason (filtered, aggregated, dead_letter; stage store: quota)",
-    ("stage", "reason"),
-)
-_EMITTED = METRICS.counter(
-    "edgepipe_readings_emitted_total",
-    "Readings created by a stage (aggregates, expansions): "
-    "in = dropped (but stage store) + in_flight + stored - emitted",
-    ("stage",),
-)
-_ERRORS = METRICS.counter(
-    "edgepipe_stage_errors_total", "Filter stage failures, by trap/error code", ("stage", "code")
-)
-_BREAKER = METRICS.gauge(
-    "edgepipe_stage_breaker_open", "1 while a stage's circuit breaker is tripped", ("stage",)
-)
-_SECONDS = METRICS.counter(
-    "edgepipe_stage_seconds_total", "Time spent in each filter stage", ("stage",)
-)
-_FAILING = METRICS.gauge(
-    "edgepipe_stage_failing",
-    "1 while a stage's last batch failed, labelled with the trap/error code of that failure",
-    ("stage", "code"),
-)
-_DEAD = METRICS.counter(
-    "edgepipe_dead_letters_total", "messages or batches dead-lettered", ["stage", "reason"]
-)
-_QUARANTINED = METRICS.counter(
-    "edgepipe_stage_quarantined_total",
-    "Readings an on_error: stop stage failed on limits.stop_attempts times, set aside as "
-    "dead letters so the rest of the data flows",
-    ("stage",),
-)
-_STATE_DROPPED = METRICS.counter(
-    "edgepipe_stage_state_dropped_total",
-    "Stage states that could not be saved (snapshot) or given back (restore) and were dropped",
-    ("stage", "reason"),
-)
-_RECYCLED = METRICS.counter(
-    "edgepipe_stage_recycles_total",
-    "Instances replaced between batches because their memory grew past its steady size",
-    ("stage",),
-)
 
 
 class ChainResult(NamedTuple):
@@ -111,92 +61,11 @@ class ChainResult(NamedTuple):
     dead_letters: list[DeadLetter]
 
 
-class _Breaker:
-    __slots__ = ("threshold", "cooldown", "failures", "open_until", "trips", "_clock")
-
-    def __init__(self, threshold: int, cooldown: float, clock: Clock) -> None:
-        self.threshold, self.cooldown = threshold, cooldown
-        self._clock = clock
-        self.failures = 0
-        self.open_until = 0.0
-        self.trips = 0
-
-    def status(self, now: float | None = None) -> str:
-        if self.failures < self.threshold:
-            return "closed"
-        now = self._clock.monotonic() if now is None else now
-        return "open" if now < self.open_until else "half_open"
-
-    def allows(self) -> bool:
-        return self.failures < self.threshold or self._clock.monotonic() >= self.open_until
-
-    def success(self) -> None:
-        self.failures = 0
-
-    def failure(self) -> bool:
-        """Count a failure; True when this trips (or re-trips) the breaker."""
-        self.failures += 1
-        if self.failures >= self.threshold:
-            self.open_until = self._clock.monotonic() + self.cooldown
-            self.trips += 1
-            return True
-        return False
-
-
-class _Slot:
-    """A stage in the chain plus everything the chain keeps about it."""
-
-    def __init__(self, cfg: StageConfig, stage: WasmStage, clock: Clock) -> None:
-        self.cfg = cfg
-        self.name = cfg.name
-        self.stage = stage
-        lim = cfg.limits
-        self.breaker = _Breaker(lim.breaker_failures, lim.breaker_cooldown_s, clock)
-        self.good_state: bytes | None = None  # last snapshot after a successful batch
-        m = cfg.match
-        self.devices = m.devices
-        self.metrics = m.metrics
-        self.match_all = m.devices is None and m.metrics is None
-        self._matches: dict[int, bool] = {}
-        self.last_error: str | None = None
-        self.last_code: str | None = None  # the code of the last failure, while failing
-        self.batches = self.failures = 0
-        self.quarantined = self.state_dropped = self.recycles = 0
-        self.attempts = cfg.limits.stop_attempts if cfg.on_error == "stop" else 1
-
-    def matches(self, sid: int, registry: SeriesRegistry) -> bool:
-        hit = self._matches.get(sid)
-        if hit is None:
-            key = registry.key(sid)
-            hit = (
-                self.devices is None
-                or any(fnmatch.fnmatchcase(key.device, p) for p in self.devices)
-            ) and (
-                self.metrics is None
-                or any(fnmatch.fnmatchcase(key.metric, p) for p in self.metrics)
-            )
-            self._matches[sid] = hit
-        return hit
-
-    def split(self, batch: Batch, registry: SeriesRegistry) -> tuple[Batch, Batch | None]:
-        if self.match_all:
-            return batch, None
-        hits = [self.matches(s, registry) for s in batch.series]
-        if all(hits):
-            return batch, None
-        if not any(hits):
-            return Batch(), batch
-        return (
-            batch.take(i for i, h in enumerate(hits) if h),
-            batch.take(i for i, h in enumerate(hits) if not h),
-        )
-
-
 class Chain:
     """An ordered list of Wasm stages (see the module docstring)."""
 
     def __init__(
-        self, slots: list[_Slot], registry: SeriesRegistry, clock: Clock = SYSTEM_CLOCK
+        self, slots: list[Slot], registry: SeriesRegistry, clock: Clock = SYSTEM_CLOCK
     ) -> None:
         self._slots = slots
         self._clock = clock
@@ -223,7 +92,7 @@ class Chain:
         ``clock`` times the circuit breakers' cooldowns.
         """
         cache = ModuleCache(cache_dir, engine(), engine_settings())
-        slots: list[_Slot] = []
+        slots: list[Slot] = []
         seen: set[str] = set()
         try:
             for cfg in stages:
@@ -232,7 +101,7 @@ class Chain:
                 seen.add(cfg.name)
                 mod = (loaded or {}).get(cfg.name)
                 stage = WasmStage(cfg, registry, base_dir=base_dir, cache=cache, loaded=mod)
-                slots.append(_Slot(cfg, stage, clock))
+                slots.append(Slot(cfg, stage, clock))
         except BaseException:
             for slot in slots:
                 slot.stage.close()
@@ -265,7 +134,7 @@ class Chain:
             data = out
         return ChainResult(unpack(data), dead)
 
-    def _through(self, slot: _Slot, data: bytes, dead: list[DeadLetter]) -> bytes | None:
+    def _through(self, slot: Slot, data: bytes, dead: list[DeadLetter]) -> bytes | None:
         """One stage, honouring its ``match:``; None when the chain stopped."""
         if slot.match_all:
             return self._run(slot, data, dead)
@@ -277,10 +146,10 @@ class Chain:
         out = self._run(slot, sub.pack(), dead)
         return None if out is None else out + rest.pack()
 
-    def _run(self, slot: _Slot, data: bytes, dead: list[DeadLetter]) -> bytes | None:
+    def _run(self, slot: Slot, data: bytes, dead: list[DeadLetter]) -> bytes | None:
         name = slot.name
         n = len(data) // RECORD.size
-        _RECORDS.inc(n, name, "in")
+        metric.RECORDS.inc(n, name, "in")
         out: bytes | None
         if not slot.breaker.allows():
             err = FilterRuntimeError("circuit breaker open", stage=name, code="breaker_open")
@@ -305,18 +174,18 @@ class Chain:
                     m = len(out) // RECORD.size
                     if m < n:
                         reason = "aggregated" if slot.cfg.kind == "aggregate" else "filtered"
-                        _DROPPED.inc(n - m, name, reason)
+                        metric.DROPPED.inc(n - m, name, reason)
                     elif m > n:
-                        _EMITTED.inc(m - n, name)
+                        metric.EMITTED.inc(m - n, name)
                     if slot.stage.grown(n):
                         self._recycle(slot)
                 break
-            _SECONDS.inc(time.perf_counter() - t0, name)
+            metric.SECONDS.inc(time.perf_counter() - t0, name)
         if out is not None:
-            _RECORDS.inc(len(out) // RECORD.size, name, "out")
+            metric.RECORDS.inc(len(out) // RECORD.size, name, "out")
         return out
 
-    def _saved(self, slot: _Slot) -> bytes:
+    def _saved(self, slot: Slot) -> bytes:
         """The stage's state now; a failure drops it (counted) and fails the batch."""
         try:
             return slot.stage.snapshot()
@@ -324,32 +193,32 @@ class Chain:
             self._drop_state(slot, "snapshot", err)
             raise
 
-    def _succeeded(self, slot: _Slot) -> None:
+    def _succeeded(self, slot: Slot) -> None:
         if slot.breaker.failures:
             slot.breaker.success()
-            _BREAKER.set(0, slot.name)
+            metric.BREAKER.set(0, slot.name)
         if slot.last_code is not None:
-            _FAILING.set(0, slot.name, slot.last_code)
+            metric.FAILING.set(0, slot.name, slot.last_code)
             slot.last_code = None
 
-    def _count(self, slot: _Slot, err: FilterError) -> str:
+    def _count(self, slot: Slot, err: FilterError) -> str:
         """Count one failure of ``slot`` (metrics, describe()); its code."""
         name, code = slot.name, err.code or "error"
-        _ERRORS.inc(1, name, code)
+        metric.ERRORS.inc(1, name, code)
         slot.failures += 1
         slot.last_error = f"{code}: {err.message}"
         if slot.last_code != code:
             if slot.last_code is not None:
-                _FAILING.set(0, name, slot.last_code)
+                metric.FAILING.set(0, name, slot.last_code)
             slot.last_code = code
-        _FAILING.set(1, name, code)
+        metric.FAILING.set(1, name, code)
         return code
 
-    def _trip(self, slot: _Slot, err: FilterError) -> None:
+    def _trip(self, slot: Slot, err: FilterError) -> None:
         """A failed batch (or state operation) as the circuit breaker sees it."""
         log.warning("stage %s failed (%s): %s", slot.name, err.code or "error", err.message)
         if slot.breaker.failure():
-            _BREAKER.set(1, slot.name)
+            metric.BREAKER.set(1, slot.name)
             log.error(
                 "stage %s failed %d batches in a row: circuit breaker open for %.0f s",
                 slot.name,
@@ -357,7 +226,7 @@ class Chain:
                 slot.breaker.cooldown,
             )
 
-    def _retrying(self, slot: _Slot, err: FilterError, attempt: int) -> None:
+    def _retrying(self, slot: Slot, err: FilterError, attempt: int) -> None:
         code = self._count(slot, err)
         log.warning(
             "stage %s failed (%s), attempt %d of %d: %s",
@@ -371,7 +240,7 @@ class Chain:
 
     def _failed(
         self,
-        slot: _Slot,
+        slot: Slot,
         data: bytes,
         err: FilterError,
         dead: list[DeadLetter],
@@ -396,7 +265,7 @@ class Chain:
             why = f"after {attempts} attempts" if call_guest else "(circuit breaker open)"
             reason, label = f"stage {name}: quarantined {why}: {code}", "quarantined"
             slot.quarantined += n
-            _QUARANTINED.inc(n, name)
+            metric.QUARANTINED.inc(n, name)
             log.error(
                 "ALARM: stage %s (on_error: stop) failed %s on a batch of %d readings "
                 "(%s: %s); they are quarantined as a dead letter and the pipeline goes on",
@@ -417,13 +286,13 @@ class Chain:
                 stage=name,
             )
         )
-        _DEAD.inc(1, name, label if label == "quarantined" else code)
-        _DROPPED.inc(n, name, label)
+        metric.DEAD.inc(1, name, label if label == "quarantined" else code)
+        metric.DROPPED.inc(n, name, label)
         return b""
 
-    def _drop_state(self, slot: _Slot, reason: str, err: FilterError) -> None:
+    def _drop_state(self, slot: Slot, reason: str, err: FilterError) -> None:
         slot.state_dropped += 1
-        _STATE_DROPPED.inc(1, slot.name, reason)
+        metric.STATE_DROPPED.inc(1, slot.name, reason)
         log.warning(
             "stage %s: its state could not be %s (%s: %s); that state is dropped",
             slot.name,
@@ -432,7 +301,7 @@ class Chain:
             err.message,
         )
 
-    def _reset(self, slot: _Slot) -> None:
+    def _reset(self, slot: Slot) -> None:
         """A fresh instance with the last good state; a state it refuses is dropped and
         the stage starts cold.  Failing even that, every batch fails fast (``no_instance``)
         into on_error and tries again."""
@@ -451,10 +320,10 @@ class Chain:
         except FilterRuntimeError as e:
             log.error("stage %s could not be re-instantiated: %s", slot.name, e.message)
 
-    def _recycle(self, slot: _Slot) -> None:
+    def _recycle(self, slot: Slot) -> None:
         grown = slot.stage.memory_bytes()
         slot.recycles += 1
-        _RECYCLED.inc(1, slot.name)
+        metric.RECYCLED.inc(1, slot.name)
         log.info(
             "stage %s: linear memory grew to %d KiB (steady %d KiB); recycling the instance",
             slot.name,
@@ -483,9 +352,9 @@ class Chain:
                 self._failed(slot, b"", err, dead)
                 continue
             k = len(flushed) // RECORD.size
-            _RECORDS.inc(k, slot.name, "out")
+            metric.RECORDS.inc(k, slot.name, "out")
             if k:
-                _EMITTED.inc(k, slot.name)
+                metric.EMITTED.inc(k, slot.name)
             carry += flushed
         return ChainResult(unpack(carry), dead)
 
@@ -582,15 +451,15 @@ class Chain:
             slot.stage.close()
             # a closed chain's stages are neither tripped nor failing (a deploy replaced
             # them, or the process ends): their gauges must not stay at 1
-            _BREAKER.set(0, slot.name)
+            metric.BREAKER.set(0, slot.name)
             if slot.last_code is not None:
-                _FAILING.set(0, slot.name, slot.last_code)
+                metric.FAILING.set(0, slot.name, slot.last_code)
 
     def _publish_gauges(self) -> None:
         for slot in self._slots:
-            _BREAKER.set(1 if slot.breaker.status() != "closed" else 0, slot.name)
+            metric.BREAKER.set(1 if slot.breaker.status() != "closed" else 0, slot.name)
             if slot.last_code is not None:
-                _FAILING.set(1, slot.name, slot.last_code)
+                metric.FAILING.set(1, slot.name, slot.last_code)
 
     def __enter__(self) -> Chain:
         return self

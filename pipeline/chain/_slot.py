@@ -1,0 +1,95 @@
+"""A stage in the chain and what the chain keeps about it: its circuit breaker (on an
+injected clock), its ``match:`` selection, its last good state and failure counts."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from config._models import StageConfig
+from core._clock import Clock
+from core._model import Batch, SeriesRegistry
+
+from ._stage import WasmStage
+
+__all__ = ["Breaker", "Slot"]
+
+
+class Breaker:
+    __slots__ = ("threshold", "cooldown", "failures", "open_until", "trips", "_clock")
+
+    def __init__(self, threshold: int, cooldown: float, clock: Clock) -> None:
+        self.threshold, self.cooldown = threshold, cooldown
+        self._clock = clock
+        self.failures = 0
+        self.open_until = 0.0
+        self.trips = 0
+
+    def status(self, now: float | None = None) -> str:
+        if self.failures < self.threshold:
+            return "closed"
+        now = self._clock.monotonic() if now is None else now
+        return "open" if now < self.open_until else "half_open"
+
+    def allows(self) -> bool:
+        return self.failures < self.threshold or self._clock.monotonic() >= self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+
+    def failure(self) -> bool:
+        """Count a failure; True when this trips (or re-trips) the breaker."""
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = self._clock.monotonic() + self.cooldown
+            self.trips += 1
+            return True
+        return False
+
+
+class Slot:
+    """A stage in the chain plus everything the chain keeps about it."""
+
+    def __init__(self, cfg: StageConfig, stage: WasmStage, clock: Clock) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.stage = stage
+        lim = cfg.limits
+        self.breaker = Breaker(lim.breaker_failures, lim.breaker_cooldown_s, clock)
+        self.good_state: bytes | None = None  # last snapshot after a successful batch
+        m = cfg.match
+        self.devices = m.devices
+        self.metrics = m.metrics
+        self.match_all = m.devices is None and m.metrics is None
+        self._matches: dict[int, bool] = {}
+        self.last_error: str | None = None
+        self.last_code: str | None = None  # the code of the last failure, while failing
+        self.batches = self.failures = 0
+        self.quarantined = self.state_dropped = self.recycles = 0
+        self.attempts = cfg.limits.stop_attempts if cfg.on_error == "stop" else 1
+
+    def matches(self, sid: int, registry: SeriesRegistry) -> bool:
+        hit = self._matches.get(sid)
+        if hit is None:
+            key = registry.key(sid)
+            hit = (
+                self.devices is None
+                or any(fnmatch.fnmatchcase(key.device, p) for p in self.devices)
+            ) and (
+                self.metrics is None
+                or any(fnmatch.fnmatchcase(key.metric, p) for p in self.metrics)
+            )
+            self._matches[sid] = hit
+        return hit
+
+    def split(self, batch: Batch, registry: SeriesRegistry) -> tuple[Batch, Batch | None]:
+        if self.match_all:
+            return batch, None
+        hits = [self.matches(s, registry) for s in batch.series]
+        if all(hits):
+            return batch, None
+        if not any(hits):
+            return Batch(), batch
+        return (
+            batch.take(i for i, h in enumerate(hits) if h),
+            batch.take(i for i, h in enumerate(hits) if not h),
+        )
