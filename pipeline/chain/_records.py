@@ -9,6 +9,7 @@ import struct
 import sys
 from collections.abc import Sequence
 
+from core._errors import FilterRuntimeError
 from core._model import RECORD, Batch
 
 __all__ = ["REC", "columns", "is_subsequence", "unpack"]
@@ -18,8 +19,18 @@ _LITTLE = sys.byteorder == "little"
 _REC_S = struct.Struct(f"{REC}s")
 
 
+def _whole(raw: bytes) -> bytes:
+    if len(raw) % REC:
+        raise FilterRuntimeError(
+            f"{len(raw)} bytes of output are not whole {REC}-byte records", code="output_size"
+        )
+    return raw
+
+
 def columns(raw: bytes) -> tuple[Sequence[int], Sequence[float], Sequence[int], Sequence[int]]:
-    """Column views (ts, value, series, flags) of packed records, without copying."""
+    """Column views (ts, value, series, flags) of packed records, without copying; bytes
+    that are not whole records raise :class:`FilterRuntimeError` (code ``output_size``)."""
+    _whole(raw)
     if _LITTLE:
         mv = memoryview(raw)
         q, d, u = mv.cast("q"), mv.cast("d"), mv.cast("I")
@@ -29,11 +40,12 @@ def columns(raw: bytes) -> tuple[Sequence[int], Sequence[float], Sequence[int], 
 
 
 def unpack(raw: bytes) -> Batch:
-    """Packed records -> :class:`Batch` (5x faster than ``Batch.unpack``)."""
+    """Packed records -> :class:`Batch` (5x faster than ``Batch.unpack``); bytes that are
+    not whole records raise :class:`FilterRuntimeError` (code ``output_size``)."""
     if not raw:
         return Batch()
     if not _LITTLE:
-        return Batch.unpack(raw)
+        return Batch.unpack(_whole(raw))
     ts, value, series, flags = columns(raw)
     return Batch(ts.tolist(), value.tolist(), series.tolist(), flags.tolist())  # type: ignore[attr-defined]
 
