@@ -3,6 +3,7 @@ size and packed bytes -> :class:`Batch` without copying or converting."""
 
 from __future__ import annotations
 
+from core._errors import FilterRuntimeError
 from core._model import RECORD, Batch
 
 __all__ = ["REC", "unpack"]
@@ -11,5 +12,10 @@ REC = RECORD.size  # 24
 
 
 def unpack(raw: bytes) -> Batch:
-    """Packed records -> :class:`Batch` (the batch wraps ``raw``; no copy)."""
+    """Packed records -> :class:`Batch` (the batch wraps ``raw``; no copy); bytes that are
+    not whole records raise :class:`FilterRuntimeError` (code ``output_size``)."""
+    if len(raw) % REC:
+        raise FilterRuntimeError(
+            f"{len(raw)} bytes of output are not whole {REC}-byte records", code="output_size"
+        )
     return Batch.from_records(raw)
