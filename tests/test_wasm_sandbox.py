@@ -391,3 +391,59 @@ def test_host_imports(tmp_path, reg, caplog):
     mod = write_wat(tmp_path, "oob", wat_module(body, imports=HOST_IMPORTS))
     with build(tmp_path, [stage("oob", mod, "filter_map")], reg) as chain:
         assert chain.process(sample()).dead_letters[0].reason == "stage oob: trap: out_of_bounds"
+
+
+@pytest.mark.parametrize(
+    ("store", "what"),
+    [
+        ("(f64.store (i32.const 1032) (f64.div (f64.const 0) (f64.const 0)))", "NaN"),
+        ("(f64.store (i32.const 1032) (f64.div (f64.const 1) (f64.const 0)))", "inf"),
+        ("(f64.store (i32.const 1032) (f64.const -1e300))", "beyond 1e250"),
+        ("(i64.store (i32.const 1024) (i64.const 0))", "ts 1970"),
+        ("(i64.store (i32.const 1024) (i64.const 9223372036854775807))", "ts 2**63-1"),
+    ],
+)
+@pytest.mark.parametrize("on_error", ["dead_letter", "pass"])
+def test_out_of_range_output_is_a_stage_failure(tmp_path, reg, store, what, on_error):
+    """A stage whose output the receiver would refuse for ever (a NaN, an infinity, a value
+    beyond +-1e250, a timestamp moved outside 2000..2100) fails under its policy, instead of
+    being stored and blocking the device's sync."""
+    mod = write_wat(tmp_path, "bad", wat_module(f"{store} {IDENTITY}"))
+    before = METRICS.value("edgepipe_stage_errors_total", stage="bad", code="bad_value")
+    b = Batch([1_700_000_000_000 + i for i in range(4)], [1.0, 2.0, 3.0, 4.0], [0, 1, 0, 1])
+    kind = "filter_map"  # may change values and timestamps (a map keeping ts is checked too)
+    with build(tmp_path, [stage("bad", mod, kind, on_error=on_error)], reg) as chain:
+        res = chain.process(b)
+    assert METRICS.value("edgepipe_stage_errors_total", stage="bad", code="bad_value") == before + 1
+    if on_error == "dead_letter":
+        assert len(res.batch) == 0
+        assert "bad_value" in res.dead_letters[0].reason
+    else:
+        assert res.batch.pack() == b.pack() and not res.dead_letters
+
+
+def test_a_filter_output_is_not_range_checked_twice(tmp_path, reg):
+    """A filter's output is part of its input, which the decoder checked: an input outside
+    the ranges (as from an older store) passes a filter unchanged."""
+    mod = write_wat(tmp_path, "keep", wat_module(IDENTITY))
+    b = Batch([5], [float("inf")], [0])
+    with build(tmp_path, [stage("keep", mod, "filter")], reg) as chain:
+        res = chain.process(b)
+    assert res.batch.pack() == b.pack() and not res.dead_letters
+
+
+def test_timestamps_are_checked_against_the_inputs_own_range(tmp_path, reg):
+    """A stage given readings stamped before 2000 may keep them there (it did not move them)."""
+    mod = write_wat(tmp_path, "same", wat_module(IDENTITY))
+    b = Batch([1000, 2000], [1.0, 2.0], [0, 1])
+    with build(tmp_path, [stage("same", mod, "filter_map")], reg) as chain:
+        res = chain.process(b)
+    assert res.batch.pack() == b.pack() and not res.dead_letters
+
+
+def test_a_stage_passing_on_a_bad_value_it_was_given_is_not_failed(tmp_path, reg):
+    mod = write_wat(tmp_path, "same", wat_module(IDENTITY))
+    b = Batch([1_700_000_000_000, 1_700_000_000_001], [float("nan"), 2.0], [0, 1])
+    with build(tmp_path, [stage("same", mod, "map")], reg) as chain:
+        res = chain.process(b)
+    assert res.batch.pack() == b.pack() and not res.dead_letters

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import time
 from pathlib import Path
 
@@ -61,6 +62,7 @@ _warned: set[str] = set()  # sha256 of the modules warned about
 MAX_DERIVED_SERIES = 4096
 #: linear memory growth over the steady size that is always tolerated between batches;
 #: beyond it (and beyond 8 record sizes per record of the batch) the instance is recycled
+_TS_VALUE = struct.Struct("<qd")  # the timestamp and value of a packed record
 RECYCLE_SLACK = 4 * 1024 * 1024
 
 
@@ -452,6 +454,16 @@ class WasmStage:
                 )
         else:
             self._check_series(raw)
+        if kind != "filter":
+            bad = self._check.bad_record(raw, data)
+            if bad >= 0:
+                ts, value = _TS_VALUE.unpack_from(raw, bad * REC)
+                raise FilterRuntimeError(
+                    f"output record {bad} is out of range (ts {ts}, value {value!r}): "
+                    "values must be finite, within +-1e250, and timestamps in 2000..2100",
+                    stage=self.name,
+                    code="bad_value",
+                )
         return raw
 
     def process(self, batch: Batch) -> Batch:
