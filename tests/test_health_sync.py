@@ -302,3 +302,58 @@ def test_wire_bytes_per_snapshot_and_log_record(tmp_path: Path) -> None:
            "msg": "stage validity failed (oob): wasm trap: out of bounds memory access", "n": 1}  # fmt: skip
     with_log, _ = encode_request("edge-1", [], {}, "zstd", None, {"logs": [log]})
     assert len(with_log) - len(empty) < 200
+
+
+def test_receiver_queries_and_badges(tmp_path: Path, receiver: Any) -> None:
+    """The read side: the log view's level, text and time filters, and the badges of a
+    store filling towards its quota (each naming the snapshot that is its evidence)."""
+    import time
+
+    from cloud._backend import open_backend
+    from cloud._health_api import badges
+
+    clock = ManualClock(time.time())
+
+    async def go() -> None:
+        store = await open_store(tmp_path)
+        try:
+            w = _worker(store, receiver, clock)
+            quota = {"used_bytes": 0}
+            w.health.extra.append(lambda: {"store_used_b": quota["used_bytes"]})
+            lg = logging.getLogger("edgepipe.chain")
+            lg.addHandler(w.logs)
+            try:
+                lg.warning("stage %s failed (%s): wasm trap", "scale", "unreachable")
+                lg.error("store is not writable")
+            finally:
+                lg.removeHandler(w.logs)
+            await w.record_now()
+            quota["used_bytes"] = int(store.max_bytes * 0.9)
+            clock.advance(60)
+            await w.record_now()
+            await w.sync_once()
+            w.close()
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    backend = open_backend(f"sqlite:///{receiver.db_path}", create=False)
+    try:
+        assert [r["level"] for r in backend.device_logs("edge-1", level="ERROR")] == ["ERROR"]
+        hits = backend.device_logs("edge-1", text="UNREACHABLE")
+        assert [r["msg"] for r in hits] == ["stage scale failed (unreachable): wasm trap"]
+        assert backend.device_logs("edge-1", since=int(clock.time() * 1000) + 1) == []
+        snaps = backend.device_health("edge-1")
+        assert len(snaps) == 2
+        now = int(clock.time() * 1000)
+        first = badges(snaps[:1], None, now)
+        assert [b["badge"] for b in first] == []
+        got = badges(snaps, None, now)
+        assert [b["badge"] for b in got] == ["store_full"]
+        assert got[0]["seq"] == snaps[-1]["seq"] and got[0]["key"] == "store_used_b"
+        silent = badges(snaps, None, now + 3_600_000)
+        assert "silent" in [b["badge"] for b in silent]
+        skewed = badges(snaps, {"clock_skew_ms": -120_000}, now)
+        assert "clock_skew" in [b["badge"] for b in skewed]
+    finally:
+        backend.close()
