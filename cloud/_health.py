@@ -59,15 +59,19 @@ class HealthSQL(SQLBase):
     def _store_device_records(self, cur: Any, did: int, upload: Any, now: int) -> None:
         q = self._q
         if upload.health:
+            skew = upload.clock_skew_ms  # the signed timestamp against our clock
+
+            def data(values: dict[str, Any]) -> str:
+                if skew is not None:
+                    values = {**values, "receiver_skew_ms": -skew}
+                return json.dumps(values, separators=(",", ":"))
+
             cur.executemany(
                 q(
                     "INSERT INTO device_health (device_id, seq, ts, data, received_ms) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING"
                 ),
-                [
-                    (did, h.seq, h.ts, json.dumps(h.values, separators=(",", ":")), now)
-                    for h in upload.health
-                ],
+                [(did, h.seq, h.ts, data(h.values), now) for h in upload.health],
             )
             self._trim(cur, "device_health", did, HEALTH_KEEP, now)
         if upload.logs:

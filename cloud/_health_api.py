@@ -43,8 +43,7 @@ def badges(
     first = snapshots[0]["values"].get("sessions_lost", 0)
     if v.get("sessions_lost", 0) > first:
         out.append(_badge("session_lost", "MQTT session lost", last, "sessions_lost"))
-    skew = (status or {}).get("clock_skew_ms")
-    skew = v.get("clock_skew_ms", skew)
+    skew = v.get("clock_skew_ms", v.get("receiver_skew_ms", (status or {}).get("clock_skew_ms")))
     if isinstance(skew, int) and abs(skew) > thresholds["clock_skew_ms"]:
         out.append(
             _badge("clock_skew", f"clock off by {skew / 1000:+.0f} s", last, "clock_skew_ms")

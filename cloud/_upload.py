@@ -325,7 +325,6 @@ async def _receive(
 
     upload = await run_in_threadpool(decode)
     upload.clock_skew_ms = timestamp * 1000 - now  # the signed timestamp (1 s resolution)
-    upload.status["clock_skew_ms"] = upload.clock_skew_ms
     # A nonce must be remembered until its timestamp can no longer pass the skew check.
     expires = (max(timestamp * 1000, now) + 2 * settings.max_skew_s * 1000) + 1000
     # UnknownDevice if it was removed while we were decoding; SequenceConflict, NonceReplayed.
@@ -340,7 +339,8 @@ async def _receive(
     )
     gate.accepted += 1
     return JSONResponse(
-        {"acked": result.acked, "duplicates": result.duplicates, "time_ms": now_ms()}
+        {"acked": result.acked, "duplicates": result.duplicates},
+        headers={"X-Edgepipe-Time": str(now_ms())},  # the device's clock-skew estimate
     )
 
 
