@@ -352,7 +352,9 @@ def test_receiver_queries_and_badges(tmp_path: Path, receiver: Any) -> None:
         assert got[0]["seq"] == snaps[-1]["seq"] and got[0]["key"] == "store_used_b"
         silent = badges(snaps, None, now + 3_600_000)
         assert "silent" in [b["badge"] for b in silent]
-        skewed = badges(snaps, {"clock_skew_ms": -120_000}, now)
+        assert abs(snaps[-1]["values"]["receiver_skew_ms"]) < 30_000
+        snaps[-1]["values"]["clock_skew_ms"] = -120_000  # the device's own estimate
+        skewed = badges(snaps, None, now)
         assert "clock_skew" in [b["badge"] for b in skewed]
     finally:
         backend.close()
