@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from . import _health_api as health
 from . import _read_api as read
 from ._admission import DeviceRate, UploadGate
 from ._auth import PasswordChecker, operator_endpoint, require_operator
@@ -46,6 +47,8 @@ def api_routes() -> list[BaseRoute]:
         Route("/v1/devices", read.list_devices, methods=["GET"]),
         Route("/v1/devices/{name}", read.get_device, methods=["GET"]),
         Route("/v1/devices/{name}/metrics", read.device_metrics, methods=["GET"]),
+        Route("/v1/devices/{name}/health", health.device_health, methods=["GET"]),
+        Route("/v1/devices/{name}/logs", health.device_logs, methods=["GET"]),
         Route("/v1/readings", read.readings, methods=["GET"]),
         Route("/v1/rejections", read.rejections, methods=["GET"]),
         Route("/v1/dead-letters", read.dead_letters, methods=["GET"]),

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ._devices import Devices, DevicesSQL
 from ._errors import CloudError, NoDatabase
+from ._health import Health, HealthSQL
 from ._ingest import Ingest, IngestResult, IngestSQL
 from ._operators import Operators, OperatorsSQL
 from ._queries import Queries, QueriesSQL, ReadingsQuery
@@ -47,7 +48,7 @@ __all__ = [
 
 
 @runtime_checkable
-class Backend(Devices, Ingest, Queries, Operators, Protocol):
+class Backend(Devices, Ingest, Queries, Operators, Health, Protocol):
     """What the receiver needs from storage: every role, plus its lifetime.  Device secrets
     are stored sealed with ``master_key``; without one the backend serves everything except
     device secrets."""
@@ -63,7 +64,7 @@ class Backend(Devices, Ingest, Queries, Operators, Protocol):
     def close(self) -> None: ...
 
 
-class SQLBackend(SchemaSQL, DevicesSQL, IngestSQL, QueriesSQL, OperatorsSQL):
+class SQLBackend(SchemaSQL, DevicesSQL, HealthSQL, IngestSQL, QueriesSQL, OperatorsSQL):
     """Every role, in SQL both dialects accept; subclasses supply the dialect hooks."""
 
     def __enter__(self) -> SQLBackend:

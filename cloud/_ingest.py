@@ -86,6 +86,9 @@ class _SeriesQuota:
 
 
 class IngestSQL(SQLBase):
+    def _store_device_records(self, cur: Any, did: int, upload: Upload, now: int) -> None:
+        """Health snapshots and logs, in the upload's transaction (``cloud._health``)."""
+
     # -- nonces --------------------------------------------------------------------------
     def nonce_seen(self, device: str, nonce: str, now: int) -> bool:
         with self._read() as cur:
@@ -193,6 +196,7 @@ class IngestSQL(SQLBase):
                         for d in upload.dead_letters
                     ],
                 )
+            self._store_device_records(cur, did, upload, now)
             last_seq = max(acked) if acked else None
             cur.execute(
                 q(

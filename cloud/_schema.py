@@ -10,7 +10,8 @@ from ._sql import ROLLUP_MS, SQLBase
 __all__ = ["SCHEMA_VERSION", "SchemaSQL"]
 
 #: 1: device secrets in plaintext hex.  2: sealed with the master key (``secret_key_id``).
-SCHEMA_VERSION = 2
+#: 3: device health snapshots and warning logs (``device_health``, ``device_logs``).
+SCHEMA_VERSION = 3
 
 
 class SchemaSQL(SQLBase):
@@ -108,6 +109,26 @@ class SchemaSQL(SQLBase):
                 key_id TEXT PRIMARY KEY,
                 key_check TEXT NOT NULL,
                 created_ms BIGINT NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS device_health (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                seq BIGINT NOT NULL,
+                ts BIGINT NOT NULL,
+                data TEXT NOT NULL,
+                received_ms BIGINT NOT NULL,
+                PRIMARY KEY (device_id, seq))""",
+            "CREATE INDEX IF NOT EXISTS device_health_ts ON device_health (device_id, ts)",
+            """CREATE TABLE IF NOT EXISTS device_logs (
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                seq BIGINT NOT NULL,
+                ts BIGINT NOT NULL,
+                last_ts BIGINT NOT NULL,
+                level TEXT NOT NULL,
+                logger TEXT NOT NULL,
+                msg TEXT NOT NULL,
+                n BIGINT NOT NULL,
+                received_ms BIGINT NOT NULL,
+                PRIMARY KEY (device_id, seq))""",
+            "CREATE INDEX IF NOT EXISTS device_logs_ts ON device_logs (device_id, ts)",
         ]
 
     def initialised(self) -> bool:
@@ -131,9 +152,11 @@ class SchemaSQL(SQLBase):
                 f"database schema version {row[0]} is newer than this edgepipe-cloud "
                 f"({SCHEMA_VERSION}); upgrade edgepipe-cloud"
             )
-        elif row[0] < 2:
-            # Version 1 kept device secrets in plaintext; NULL key id marks such a row.
-            cur.execute("ALTER TABLE devices ADD COLUMN secret_key_id TEXT")
+        elif row[0] < SCHEMA_VERSION:
+            if row[0] < 2:
+                # Version 1 kept device secrets in plaintext; NULL key id marks such a row.
+                cur.execute("ALTER TABLE devices ADD COLUMN secret_key_id TEXT")
+            # Version 3 only adds the device-record tables, created above.
             cur.execute(self._q("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
         # Databases created before the hourly rollup existed: build it once.
         cur.execute("SELECT 1 FROM readings_hourly LIMIT 1")

@@ -324,6 +324,7 @@ async def _receive(
         return decode_upload(data, device, WireLimits.from_settings(settings), now=now)
 
     upload = await run_in_threadpool(decode)
+    upload.clock_skew_ms = timestamp * 1000 - now  # the signed timestamp (1 s resolution)
     # A nonce must be remembered until its timestamp can no longer pass the skew check.
     expires = (max(timestamp * 1000, now) + 2 * settings.max_skew_s * 1000) + 1000
     # UnknownDevice if it was removed while we were decoding; SequenceConflict, NonceReplayed.
@@ -337,7 +338,10 @@ async def _receive(
         now=now,
     )
     gate.accepted += 1
-    return JSONResponse({"acked": result.acked, "duplicates": result.duplicates})
+    return JSONResponse(
+        {"acked": result.acked, "duplicates": result.duplicates},
+        headers={"X-Edgepipe-Time": str(now_ms())},  # the device's clock-skew estimate
+    )
 
 
 def _too_large(settings: Settings) -> Rejected:

@@ -27,6 +27,7 @@ import zstandard
 from core._clock import now_ms
 
 from ._errors import Rejected
+from ._health_wire import RECORD_LIMITS, HealthSnapshot, LogRecord, decode_health, decode_logs
 from ._wire_reader import ARRAY, MAP, SCALAR, STR, Reader, bad, name_problem
 
 __all__ = [
@@ -126,6 +127,11 @@ class Upload:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     #: The limits it was decoded with (the store applies the series limits).
     limits: WireLimits = DEFAULT_LIMITS
+    #: The device's own records (docs/health.md): health snapshots and warning logs.
+    health: list[HealthSnapshot] = field(default_factory=list)
+    logs: list[LogRecord] = field(default_factory=list)
+    #: The device's clock minus the receiver's (ms), from the signed timestamp.
+    clock_skew_ms: int | None = None
 
     @property
     def readings(self) -> int:
@@ -364,7 +370,7 @@ def _decode_status(r: Reader) -> dict[str, Any]:
     return out
 
 
-_TOP_KEYS = ("v", "device", "status", "batches", "dead_letters")
+_TOP_KEYS = ("v", "device", "status", "batches", "dead_letters", "health", "logs")
 
 
 def decode_upload(
@@ -393,9 +399,18 @@ def decode_upload(
         elif key == "batches":
             n = r.array_header("batches", limits.max_batches, "batches")
             got[key] = [r.binary(f"batches[{i}]") for i in range(n)]
-        else:
+        elif key == "dead_letters":
             n = r.array_header("dead_letters", limits.max_dead_letters, "dead letters")
             got[key] = [_decode_dead_letter(r, f"dead_letters[{i}]", limits) for i in range(n)]
+        elif key == "health":
+            raw = r.binary("health")
+            got[key] = decode_health(
+                raw, RECORD_LIMITS, ts_min=TS_MIN_MS, ts_max=now + limits.max_future_ms
+            )
+        else:
+            got[key] = decode_logs(
+                r, RECORD_LIMITS, ts_min=TS_MIN_MS, ts_max=now + limits.max_future_ms
+            )
     r.end("body")
     if got.get("v") != 1:
         raise bad("v", f"unsupported protocol version {got.get('v')!r} (expected 1)")
@@ -412,4 +427,12 @@ def decode_upload(
         left -= len(b)
         batches.append(b)
     batches.sort(key=lambda b: b.seq)
-    return Upload(device, got.get("status", {}), batches, got.get("dead_letters", []), limits)
+    return Upload(
+        device,
+        got.get("status", {}),
+        batches,
+        got.get("dead_letters", []),
+        limits,
+        got.get("health", []),
+        got.get("logs", []),
+    )

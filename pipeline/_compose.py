@@ -206,9 +206,46 @@ async def build_pipeline(cfg: PipelineConfig, *, clock: Clock = SYSTEM_CLOCK) ->
         await store.close()
         raise
     parts = Parts(store, decoder, mqtt, filters, watcher, worker)
-    return Pipeline(
+    pipeline = Pipeline(
         parts,
         batch=cfg.batch,
         metrics_listen=cfg.metrics.listen,
         reencrypt=cfg.store.reencrypt,
     )
+    if worker is not None:
+        device_records(worker, store, pipeline, clock=clock)
+    return pipeline
+
+
+def device_records(
+    worker: SyncWorker, store: Store, pipeline: Pipeline, *, clock: Clock = SYSTEM_CLOCK
+) -> None:
+    """Health snapshots and warning logs for the cloud (docs/health.md): the sampler gets
+    the application's own state (MQTT, readiness, the active chain's hash) as a collector;
+    the pipeline attaches the log collector while it runs."""
+    from sync import HealthSampler, LogCollector
+
+    def app_fields() -> dict[str, object]:
+        ready, _ = pipeline.ready()
+        out: dict[str, object] = {
+            "mqtt_connected": int(bool(pipeline.mqtt.connected)),
+            "ready": int(ready),
+        }
+        chain = pipeline.chain
+        if chain is not None:
+            out["chain"] = chain_hash(chain.describe())
+        return out
+
+    worker.health = HealthSampler(store_path=store.path, extra=[app_fields])
+    worker.logs = LogCollector(clock=clock.time)
+
+
+def chain_hash(stages: list[dict[str, object]]) -> str:
+    """A short hash of the active chain: its stages' names and module digests in order
+    (``-`` for no chain)."""
+    if not stages:
+        return "-"
+    import hashlib
+
+    text = "\n".join(f"{d.get('name')}:{d.get('sha256')}" for d in stages)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

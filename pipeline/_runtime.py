@@ -248,6 +248,9 @@ class Pipeline:
         """Run until :meth:`stop`; returns the process exit code."""
         tasks: list[asyncio.Task[Any]] = []
         health = None
+        collector = self.sync.logs if self.sync is not None else None
+        if collector is not None:  # warnings of this run go to the cloud (docs/health.md)
+            logging.getLogger().addHandler(collector)
         try:
             if self.chain is not None:
                 await self._restore_states(self.chain)
@@ -284,6 +287,9 @@ class Pipeline:
                 self.chain.close()
             if health is not None:
                 await health.close()
+            if collector is not None:
+                logging.getLogger().removeHandler(collector)
+                await self.sync.record_now()  # type: ignore[union-attr]
             await self.store.close()
             _metrics_at_exit()
 

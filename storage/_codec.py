@@ -31,6 +31,8 @@ SEALED = (
     ("filter_state", "id"),
     ("dead_letters", "seq"),
     ("batches", "seq"),
+    ("health", "seq"),
+    ("logs", "seq"),
 )
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

@@ -22,7 +22,7 @@ __all__ = ["SCHEMA_VERSION", "meta", "migrate", "stored_version"]
 log = logging.getLogger("edgepipe.store")
 
 #: The SQL schema version (``PRAGMA user_version``); migrations below go forward only.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -99,7 +99,22 @@ def _migrate_v2(con: sqlite3.Connection, keys: KeyUses) -> None:
     con.execute("ALTER TABLE seen2 RENAME TO seen")
 
 
-_MIGRATIONS: list[Callable[[sqlite3.Connection, KeyUses], None]] = [_migrate_v1, _migrate_v2]
+def _migrate_v3(con: sqlite3.Connection, keys: KeyUses) -> None:
+    """v3: the device's own records, each a sealed row: health snapshots and warning log
+    records (``_logring``), kept until the receiver acknowledged them."""
+    for table in ("health", "logs"):
+        con.execute(
+            f"CREATE TABLE {table} (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, "
+            "key_id TEXT NOT NULL, blob BLOB NOT NULL, synced INTEGER NOT NULL DEFAULT 0)"
+        )
+        con.execute(f"CREATE INDEX {table}_unsynced ON {table}(synced, seq)")
+
+
+_MIGRATIONS: list[Callable[[sqlite3.Connection, KeyUses], None]] = [
+    _migrate_v1,
+    _migrate_v2,
+    _migrate_v3,
+]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -30,6 +30,7 @@ from core._errors import StoreError
 from core._model import Batch, DeadLetter, Reading, SeriesKey, SeriesRegistry
 from protocol._keys import Keyring, Sealer
 
+from . import _logring as ring
 from . import _queries as q
 from ._codec import SEALED, batch_span, pack_batch, stage_id
 from ._keycheck import check_device, check_keys, has_new_keys
@@ -280,6 +281,19 @@ class Store:
             con.execute("COMMIT")
 
         await self._run(mark)
+
+    # -- the device's own records: health snapshots and warning logs (``_logring``) --------
+    async def append_records(self, table: str, records: list[dict[str, Any]]) -> int:
+        """Seal and append records to the ``health`` or ``logs`` ring (bounded: the oldest
+        give way); returns how many old rows the bound removed."""
+        return await self._run(ring.append, self._uses, table, records)
+
+    async def unsynced_records(self, table: str, limit: int = 200) -> list[ring.RingRecord]:
+        """The oldest records of a ring not yet acknowledged by the receiver, decrypted."""
+        return await self._run(ring.unsynced, self.sealer, table, limit)
+
+    async def mark_records_synced(self, table: str, seqs: Iterable[int]) -> None:
+        await self._run(ring.mark_synced, table, list(seqs))
 
     # -- key rotation ------------------------------------------------------------------
     async def rows_by_key(self) -> dict[str, int]:

@@ -12,7 +12,9 @@ from core._lazy import lazy_names
 
 __all__ = [
     "BatchSource",
+    "HealthSampler",
     "LinkMonitor",
+    "LogCollector",
     "SyncState",
     "SyncWorker",
     "Transport",
@@ -24,6 +26,8 @@ _WHERE = {
     "BatchSource": "._worker",
     "SyncWorker": "._worker",
     "LinkMonitor": "._link",
+    "HealthSampler": "._health",
+    "LogCollector": "._logs",
     "SyncState": "._state",
     "Transport": "._transport",
     "secret_bytes": "._transport",

@@ -83,10 +83,16 @@ def encode_request(
     status: dict[str, Any],
     compression: str,
     dead_letters: list[dict[str, Any]] | None = None,
+    extras: dict[str, Any] | None = None,
 ) -> tuple[bytes, str]:
+    """The request body; ``extras`` are the optional device-record parts (``health``: the
+    block of :func:`sync._health.encode_health`, ``logs``: log records)."""
     top: dict[str, Any] = {"v": 1, "device": device, "status": status, "batches": blobs}
     if dead_letters:
         top["dead_letters"] = dead_letters
+    for k, v in (extras or {}).items():
+        if v:
+            top[k] = v
     return compress(msgpack.packb(top, use_bin_type=True), compression)
 
 
@@ -164,10 +170,12 @@ def encode_within(
     status: dict[str, Any],
     budget_left: int | None,
     dead_letters: list[dict[str, Any]] | None = None,
+    extras: dict[str, Any] | None = None,
 ) -> tuple[bytes, str, list[Any]]:
     """The body of one request (and its encoding) with the leading ``batches`` that fit
     ``cfg.max_request_bytes`` and ``budget_left`` bytes (None: no budget), and those
-    batches; an empty body when not even one fits the budget."""
+    batches; an empty body when not even one fits the budget.  ``extras`` (health, logs)
+    ride along (see :func:`encode_request`)."""
     blobs, size = [], 0
     for sb in batches:
         try:
@@ -184,7 +192,9 @@ def encode_within(
         blobs.append(blob)
         size += len(blob)
     while True:
-        body, encoding = encode_request(device, blobs, status, cfg.compression, dead_letters)
+        body, encoding = encode_request(
+            device, blobs, status, cfg.compression, dead_letters, extras
+        )
         if budget_left is None or len(body) <= budget_left:
             return body, encoding, batches[: len(blobs)]
         if len(blobs) <= 1:

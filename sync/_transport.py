@@ -89,6 +89,9 @@ class Transport:
                 out = json.loads(data)
                 if not isinstance(out, dict):
                     raise ValueError
+                theirs = resp.getheader("X-Edgepipe-Time") or ""
+                if theirs.isdigit() and len(theirs) <= 16:  # the receiver's clock (ms)
+                    out["time_ms"] = int(theirs)
                 return out
             except ValueError:
                 raise SyncError("the receiver sent an unreadable response", status=200) from None

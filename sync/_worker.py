@@ -33,7 +33,9 @@ from core._errors import SyncError
 from core._metrics import METRICS
 from core._model import DeadLetter, SeriesRegistry
 
+from ._health import HealthSampler, encode_health
 from ._link import Link, LinkMonitor
+from ._logs import LogCollector
 from ._request import (
     DEAD_LETTERS_PER_REQUEST,
     dead_letter_meta,
@@ -64,6 +66,11 @@ _probes = METRICS.counter(
     "edgepipe_sync_probes_total",
     "GET /v1/ping probes of the receiver before a body is sent again, by result (ok, failed)",
     ["result"],
+)
+_records_sent = METRICS.counter(
+    "edgepipe_sync_device_records_total",
+    "health snapshots and log records acknowledged by the receiver, by kind (health, logs)",
+    ["kind"],
 )
 _link_polls = METRICS.counter(
     "edgepipe_sync_link_polls_total", "reads of the link state (sysfs) while the sync worker waits"
@@ -102,9 +109,15 @@ class SyncWorker:
         state_path: Path,
         link: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        health: HealthSampler | None = None,
+        logs: LogCollector | None = None,
+        health_every_s: float = 60.0,
     ) -> None:
         """Built by the composition root (``pipeline._compose.sync_worker``), which resolves
-        paths and makes the transport and link monitor from the config."""
+        paths and makes the transport and link monitor from the config.  With ``health``
+        and ``logs`` (then ``store`` must be a ``storage.Store``), a health snapshot is
+        stored every ``health_every_s`` seconds and the collected warnings with it; both
+        are uploaded with the batches (docs/health.md)."""
         self.store = store
         self.cfg = cfg
         self.device_id = transport.device_id
@@ -120,6 +133,11 @@ class SyncWorker:
         self._max_batches = cfg.batches_per_request
         self._cursors: dict[str, int] = {}
         self._cursor_link: tuple[str, str | None] | None = None
+        self.health = health
+        self.logs = logs
+        self.health_every_s = health_every_s
+        #: the receiver's clock minus ours (ms), from the last upload's exchange
+        self.clock_skew_ms: int | None = None
 
     def _now_ms(self) -> int:
         return int(self._clock.time() * 1000)
@@ -139,6 +157,45 @@ class SyncWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """The background loop of ``edgepipe run``.  Never raises (but on cancellation)."""
+        sampler = None
+        if self.health is not None or self.logs is not None:
+            sampler = asyncio.create_task(self._record_loop(stop), name="health")
+        try:
+            await self._run(stop)
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+                await self.record_now()  # the last warnings of this run are kept
+
+    async def _record_loop(self, stop: asyncio.Event) -> None:
+        """A health snapshot (and the warnings collected) into the store every
+        ``health_every_s``, link or no link: a gap while offline fills in later."""
+        while not stop.is_set():
+            await self.record_now()
+            if self.health is not None:
+                self.notify()
+            await _wait(stop, self.health_every_s)
+
+    async def record_now(self) -> None:
+        """Store one health snapshot and the collected log records now.  Never raises."""
+        store: Any = self.store
+        try:
+            if self.health is not None:
+                stats = await store.stats()
+                self.status.roll_day()
+                snap = self.health.sample(self._now_ms(), stats, dict(self.status.bytes_today))
+                if self.clock_skew_ms is not None:
+                    snap["clock_skew_ms"] = self.clock_skew_ms
+                await store.append_records("health", [snap])
+            if self.logs is not None:
+                records = self.logs.drain()
+                if records:
+                    await store.append_records("logs", records)
+        except Exception as e:  # the store is full or closing: the next round tries again
+            log.debug("health/log records not stored: %s", e)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await self._step(stop)
@@ -222,7 +279,8 @@ class SyncWorker:
             return 0
         batches, advance, waiting = await self._select(link)
         dead = await self.store.unsynced_dead_letters(limit=DEAD_LETTERS_PER_REQUEST)
-        if not batches and not dead:
+        health, logs = await self._unsynced_records(link)
+        if not batches and not dead and not health and not logs:
             self._set_waiting(waiting, link, "unmetered")
             return 0
         stats = await self.store.stats()
@@ -238,6 +296,10 @@ class SyncWorker:
             "link": link.kind,
         }
         dead_meta = [dead_letter_meta(seq, d) for seq, d in dead]
+        extras = {
+            "health": encode_health(health) if health else None,
+            "logs": [{"seq": seq, **rec} for seq, rec in logs],
+        }
         body, encoding, batches = await asyncio.to_thread(
             encode_within,
             self.device_id,
@@ -247,7 +309,20 @@ class SyncWorker:
             status,
             budget_left,
             dead_meta,
+            extras,
         )
+        if not body and (health or logs) and batches:  # the budget: readings come first
+            health, logs = [], []
+            body, encoding, batches = await asyncio.to_thread(
+                encode_within,
+                self.device_id,
+                self.store.registry,
+                self.cfg,
+                batches,
+                status,
+                budget_left,
+                dead_meta,
+            )
         if not body:
             self._set_waiting(f"daily budget of the {link.kind} link is used up", link, "budget")
             return 0
@@ -260,6 +335,7 @@ class SyncWorker:
             _probes.inc(1, "ok")
             self._probe_first = False
         self.status.last_attempt_ms = self._now_ms()
+        sent_at = self._clock.time()
         try:
             result = await asyncio.to_thread(self.transport.post_batches, body, encoding, link.kind)
         except SyncError as e:
@@ -275,6 +351,7 @@ class SyncWorker:
             raise
         # a 200 means the whole request was committed, dead letters included
         await self.store.mark_dead_letters_synced(seq for seq, _ in dead)
+        await self._records_synced(health, logs, result, sent_at)
         acked = set()
         for s in result.get("acked", ()):
             if isinstance(s, int):
@@ -286,7 +363,7 @@ class SyncWorker:
         _readings_synced.inc(n)
         self._count_bytes(link, len(body))
         if not batches:
-            return 0  # dead letters only
+            return 0  # dead letters or device records only
         if not ok:
             raise SyncError("the receiver acknowledged none of the batches sent", status=200)
         if len(ok) == len(batches):
@@ -297,6 +374,35 @@ class SyncWorker:
 
     def close(self) -> None:
         self.transport.close()
+
+    # -- health and log records -----------------------------------------------------------
+    #: records per request: unmetered, metered (there, only the newest snapshots' worth)
+    _RECORDS = {False: (120, 200), True: (4, 20)}
+
+    async def _unsynced_records(self, link: Link) -> tuple[list[Any], list[Any]]:
+        if self.health is None and self.logs is None:
+            return [], []
+        store: Any = self.store
+        n_health, n_logs = self._RECORDS[bool(link.metered)]
+        return (
+            await store.unsynced_records("health", n_health),
+            await store.unsynced_records("logs", n_logs),
+        )
+
+    async def _records_synced(
+        self, health: list[Any], logs: list[Any], result: dict[str, Any], sent_at: float
+    ) -> None:
+        store: Any = self.store
+        if health:
+            await store.mark_records_synced("health", [seq for seq, _ in health])
+            _records_sent.inc(len(health), "health")
+        if logs:
+            await store.mark_records_synced("logs", [seq for seq, _ in logs])
+            _records_sent.inc(len(logs), "logs")
+        theirs = result.get("time_ms")
+        if isinstance(theirs, int) and not isinstance(theirs, bool):
+            mid = (sent_at + self._clock.time()) / 2
+            self.clock_skew_ms = int(theirs - mid * 1000)
 
     # -- choosing what to send --------------------------------------------------------------
     async def _select(self, link: Link) -> tuple[list[Any], dict[str, int], str | None]:

@@ -898,7 +898,7 @@ def test_plaintext_secrets_are_sealed_on_first_start_with_a_key(db_url: str) -> 
         rows = _devices_rows(b)
         assert {r[2] for r in rows} == {key.active_id}
         assert all(b.get_device_secret(n) == s for n, s in devices)
-        assert _sql(b, "SELECT version FROM schema_version") == [(2,)]
+        assert _sql(b, "SELECT version FROM schema_version") == [(3,)]
     with open_backend(db_url, master_key=key) as b:  # again: nothing left to do
         assert _devices_rows(b) == rows
     for _, secret in devices:

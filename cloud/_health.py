@@ -1,0 +1,175 @@
+"""The device-health role: health snapshots and warning logs per device, with retention
+(docs/health.md).
+
+Records arrive with an upload and are stored by the upload's own transaction
+(:meth:`HealthSQL._store_device_records`, called by the ingest role), idempotent on
+(device, record seq).  Retention bounds what one device can make the receiver keep, by age
+and by count, trimmed as records arrive: at most :data:`HEALTH_KEEP` snapshots and
+:data:`LOGS_KEEP` log records per device, none older than :data:`RETENTION_MS`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol, runtime_checkable
+
+from ._sql import SQLBase
+
+__all__ = ["HEALTH_KEEP", "LOGS_KEEP", "RETENTION_MS", "Health", "HealthSQL"]
+
+#: Snapshots kept per device (a month of one a minute).
+HEALTH_KEEP = 45_000
+#: Log records (each de-duplicated, with a count) kept per device.
+LOGS_KEEP = 10_000
+#: Neither is kept longer than this.
+RETENTION_MS = 31 * 86_400_000
+#: Most rows one query returns.
+QUERY_MAX = 5_000
+
+
+@runtime_checkable
+class Health(Protocol):
+    """Per device: its health snapshots and warning log records."""
+
+    def device_health(
+        self, name: str, since: int | None = None, until: int | None = None, limit: int = 2000
+    ) -> list[dict[str, Any]]:
+        """Snapshots in [since, until), oldest first: ``{"seq", "ts", "values"}``."""
+
+    def device_logs(
+        self,
+        name: str,
+        *,
+        level: str | None = None,
+        text: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """Log records, newest first, at ``level`` or above, containing ``text``."""
+
+    def latest_health(self) -> dict[str, dict[str, Any]]:
+        """Per device name: its newest snapshot (``{"ts", "values"}``)."""
+
+
+_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+
+
+class HealthSQL(SQLBase):
+    def _store_device_records(self, cur: Any, did: int, upload: Any, now: int) -> None:
+        q = self._q
+        if upload.health:
+            skew = upload.clock_skew_ms  # the signed timestamp against our clock
+
+            def data(values: dict[str, Any]) -> str:
+                if skew is not None:
+                    values = {**values, "receiver_skew_ms": -skew}
+                return json.dumps(values, separators=(",", ":"))
+
+            cur.executemany(
+                q(
+                    "INSERT INTO device_health (device_id, seq, ts, data, received_ms) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING"
+                ),
+                [(did, h.seq, h.ts, data(h.values), now) for h in upload.health],
+            )
+            self._trim(cur, "device_health", did, HEALTH_KEEP, now)
+        if upload.logs:
+            cur.executemany(
+                q(
+                    "INSERT INTO device_logs "
+                    "(device_id, seq, ts, last_ts, level, logger, msg, n, received_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING"
+                ),
+                [
+                    (did, r.seq, r.ts, r.last, r.level, r.logger, r.msg, r.n, now)
+                    for r in upload.logs
+                ],
+            )
+            self._trim(cur, "device_logs", did, LOGS_KEEP, now)
+
+    def _trim(self, cur: Any, table: str, did: int, keep: int, now: int) -> None:
+        q = self._q
+        cur.execute(
+            q(f"DELETE FROM {table} WHERE device_id = ? AND ts < ?"), (did, now - RETENTION_MS)
+        )
+        cur.execute(
+            q(f"SELECT seq FROM {table} WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?"),
+            (did, keep),
+        )
+        row = cur.fetchone()
+        if row is not None:
+            cur.execute(q(f"DELETE FROM {table} WHERE device_id = ? AND seq <= ?"), (did, row[0]))
+
+    def device_health(
+        self, name: str, since: int | None = None, until: int | None = None, limit: int = 2000
+    ) -> list[dict[str, Any]]:
+        where, args = self._range(since, until)
+        limit = max(1, min(limit, QUERY_MAX))
+        with self._read() as cur:
+            cur.execute(
+                self._q(
+                    "SELECT seq, ts, data FROM (SELECT h.seq, h.ts, h.data FROM device_health h "
+                    f"JOIN devices d ON d.id = h.device_id WHERE d.name = ?{where} "
+                    "ORDER BY h.ts DESC LIMIT ?) t ORDER BY ts"
+                ),
+                (name, *args, limit),
+            )
+            return [
+                {"seq": s, "ts": ts, "values": json.loads(data)} for s, ts, data in cur.fetchall()
+            ]
+
+    def device_logs(
+        self,
+        name: str,
+        *,
+        level: str | None = None,
+        text: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        where, args = self._range(since, until)
+        if level is not None and level.upper() in _LEVELS:
+            levels = _LEVELS[_LEVELS.index(level.upper()) :]
+            where += f" AND h.level IN ({', '.join('?' * len(levels))})"
+            args.extend(levels)
+        if text:
+            where += " AND lower(h.msg) LIKE ? ESCAPE '\\'"
+            esc = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            args.append(f"%{esc}%")
+        limit = max(1, min(limit, QUERY_MAX))
+        with self._read() as cur:
+            cur.execute(
+                self._q(
+                    "SELECT h.seq, h.ts, h.last_ts, h.level, h.logger, h.msg, h.n "
+                    "FROM device_logs h JOIN devices d ON d.id = h.device_id "
+                    f"WHERE d.name = ?{where} ORDER BY h.ts DESC, h.seq DESC LIMIT ?"
+                ),
+                (name, *args, limit),
+            )
+            keys = ("seq", "ts", "last", "level", "logger", "msg", "n")
+            return [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]
+
+    def latest_health(self) -> dict[str, dict[str, Any]]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT d.name, h.ts, h.data FROM device_health h "
+                "JOIN devices d ON d.id = h.device_id "
+                "JOIN (SELECT device_id, max(seq) AS seq FROM device_health "
+                "GROUP BY device_id) m ON m.device_id = h.device_id AND m.seq = h.seq"
+            )
+            return {
+                name: {"ts": ts, "values": json.loads(data)} for name, ts, data in cur.fetchall()
+            }
+
+    @staticmethod
+    def _range(since: int | None, until: int | None) -> tuple[str, list[Any]]:
+        where, args = "", []
+        if since is not None:
+            where += " AND h.ts >= ?"
+            args.append(since)
+        if until is not None:
+            where += " AND h.ts < ?"
+            args.append(until)
+        return where, args
