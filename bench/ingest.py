@@ -1,6 +1,6 @@
 """Decode + validate cost per message (no broker, no store): the ingest hot path alone.
 
-    python -m bench.ingest [--data ../shared/data/airquality-uci.csv] [--repeat 3]
+    python -m bench.ingest [--data data/airquality-uci.csv] [--repeat 3]
 
 Real readings from the UCI air-quality data set (9,357 hourly rows, 13 metrics) are turned
 into MQTT messages in each payload format -- one metric per message (number, JSON single),
@@ -23,11 +23,12 @@ import msgpack
 
 from config._models import SubscriptionConfig
 from core._model import SeriesRegistry
+from devtools import _dataset as dataset
 from pipeline.ingest._decoder import Decoder
 from pipeline.ingest._mqtt import Message
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "airquality-uci.csv"
+DATA = dataset.FULL
 
 
 def load(path: Path) -> list[tuple[int, dict[str, float]]]:

@@ -53,6 +53,12 @@ def test_the_tree_keeps_every_contract() -> None:
         ("pipeline/ingest/_decoder.py", "from pipeline import _runtime", "inside pipeline"),
         ("cloud/_wire.py", "import storage", "the cloud receiver shares only"),
         ("pipeline/_runtime.py", "import cloud", "the edge process never imports"),
+        ("pipeline/ingest/_decoder.py", "import storage", "the edge's components"),
+        ("pipeline/chain/_stage.py", "import sync", "the edge's components"),
+        ("sync/_worker.py", "import pipeline.chain", "the edge's components"),
+        ("devtools/_dataset.py", "import protocol._keys", "devtools (private brokers"),
+        ("storage/_codec.py", "from storage import _store", "inside storage"),
+        ("pipeline/ingest/_decoder.py", "import aiosqlite", "aiosqlite"),
     ],
 )
 def test_an_upward_import_breaks_the_check(tmp_path, module, upward, contract) -> None:
