@@ -9,12 +9,11 @@ secret.
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from core._clock import utc_day
+from core._clock import now_ms, utc_day
+from core._fsutil import atomic_write
 
 __all__ = ["SyncState"]
 
@@ -65,10 +64,10 @@ class SyncState:
             return cls()
 
     def save(self, path: Path) -> None:
-        self.updated_ms = int(time.time() * 1000)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        """Write the state (advisory: rewritten after every attempt, so without fsync, and a
+        failed write is tried again at the next save)."""
+        self.updated_ms = now_ms()
         try:
-            tmp.write_text(json.dumps(asdict(self), sort_keys=True))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps(asdict(self), sort_keys=True).encode(), durable=False)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            pass

@@ -279,7 +279,7 @@ class Chain:
             reason, label = f"stage {name}: trap: {code}", "dead_letter"
         dead.append(
             DeadLetter(
-                ts=int(time.time() * 1000),
+                ts=int(self._clock.time() * 1000),
                 topic="",
                 reason=reason,
                 payload=data,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -401,9 +400,7 @@ def _pinned(target: Path, source: Path, spec: ChainSpec, loaded: dict[str, Loade
         mod = loaded[st.name]
         dest = modules_dir / f"{mod.sha256}.wasm"
         if not dest.exists():
-            tmp = dest.with_suffix(".tmp")
-            shutil.copyfile(mod.path, tmp)
-            os.replace(tmp, dest)
+            atomic_write(dest, mod.path.read_bytes())
         data = st.model_dump(mode="json", exclude_defaults=True)
         data["module"] = os.path.relpath(dest, target.parent)
         data["sha256"] = mod.sha256
