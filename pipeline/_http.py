@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable
 from types import TracebackType
@@ -261,9 +262,15 @@ def _parse_request_line(raw: bytes) -> tuple[str, str]:
 _registered: weakref.WeakSet[Metrics] = weakref.WeakSet()
 
 
-def register_process_metrics(metrics: Metrics = METRICS) -> None:
-    """Add the ``process_*`` gauges (read from ``/proc/self`` per scrape) to ``metrics``, once."""
-    if metrics in _registered or not os.path.exists("/proc/self/stat"):
+def register_process_metrics(metrics: Metrics = METRICS, proc: str = "/proc/self") -> None:
+    """Add the ``process_*`` gauges (read from ``proc`` per scrape) to ``metrics``, once.
+
+    Memory comes from ``statm`` and CPU time from :func:`os.times`, not from ``stat``:
+    qemu-user (the arm64 CI, docs/arm64.md) fills the emulated ``/proc/self/stat`` with
+    zeros, while ``statm`` and the ``times`` system call are right everywhere.  The start
+    time is ``stat``'s when it has one, else the time these gauges were registered (at
+    start-up)."""
+    if metrics in _registered or not os.path.exists(f"{proc}/statm"):
         return
     _registered.add(metrics)
     rss = metrics.gauge("process_resident_memory_bytes", "Resident memory size in bytes.")
@@ -274,12 +281,12 @@ def register_process_metrics(metrics: Metrics = METRICS) -> None:
     start = metrics.gauge(
         "process_start_time_seconds", "Start time of the process since the Unix epoch in seconds."
     )
-    ticks = os.sysconf("SC_CLK_TCK")
     page = os.sysconf("SC_PAGE_SIZE")
-    boot = _boot_time()
-    # the soft limit, from /proc/self/limits ("Max open files  1024  1048576  files")
+    started = _start_time(proc)
+    start.set(started if started is not None else time.time())
+    # the soft limit, from limits ("Max open files  1024  1048576  files")
     try:
-        with open("/proc/self/limits") as f:
+        with open(f"{proc}/limits") as f:
             for line in f:
                 if line.startswith("Max open files"):
                     soft = line.split()[3]
@@ -289,19 +296,32 @@ def register_process_metrics(metrics: Metrics = METRICS) -> None:
         pass
 
     def collect(m: Metrics) -> None:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        # fields after the parenthesised command name, which may itself contain spaces
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        # 1-based field numbers from proc(5): utime 14, stime 15, starttime 22, vsize 23, rss 24
-        cpu.set((int(fields[11]) + int(fields[12])) / ticks)
-        vms.set(int(fields[20]))
-        rss.set(int(fields[21]) * page)
-        if boot is not None:
-            start.set(boot + int(fields[19]) / ticks)
-        fds.set(len(os.listdir("/proc/self/fd")))
+        with open(f"{proc}/statm", "rb") as f:
+            # proc(5): size resident shared text lib data dt, in pages
+            size, resident = f.read().split()[:2]
+        vms.set(int(size) * page)
+        rss.set(int(resident) * page)
+        t = os.times()
+        cpu.set(t.user + t.system)
+        fds.set(len(os.listdir(f"{proc}/fd")))
 
     metrics.add_collector(collect)
+
+
+def _start_time(proc: str) -> float | None:
+    """The process's start time from ``stat`` and the boot time, or ``None`` without one."""
+    boot = _boot_time()
+    try:
+        with open(f"{proc}/stat", "rb") as f:
+            stat = f.read()
+        # fields after the parenthesised command name, which may itself contain spaces;
+        # proc(5) numbers them from 1: starttime is field 22, in clock ticks since boot
+        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    if boot is None or ticks <= 0:  # qemu-user reports 0
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _boot_time() -> float | None:

@@ -6,7 +6,9 @@ checked for *exactly* the published set: nothing missing, nothing twice.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 
 import pytest
@@ -101,15 +103,25 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
             batch={"max_messages": 200, "max_delay_ms": 5},
         )
         db = tmp_path / "store.db"
-        # a store slower than the publisher, so the restart lands in the middle of a backlog
         monkeypatch.setenv("EDGEPIPE_FAULT", "slow_commit:40")
         proc = started(edge, cfg)
         monkeypatch.delenv("EDGEPIPE_FAULT")
-        first = Publisher(b, [seq_message(i) for i in range(n // 2)], rate=20000)
-        first.start()
-        first.join_ok()
-        assert len(stored_values(db, keyfile)) < n // 2  # still working through the backlog
-        b.restart()
+        # the restart lands in the middle of a backlog, whatever the CPU's speed: the first
+        # few hundred readings are stored, then the edge is paused (SIGSTOP) while the rest
+        # of the first half piles up in the broker's queue and the edge's socket, and the
+        # broker restarts before the edge runs again
+        lead = 300
+        publish_now(b, [seq_message(i) for i in range(lead)])
+        wait_for(lambda: len(stored_values(db, keyfile)) >= lead, 60, "the first readings")
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        try:
+            first = Publisher(b, [seq_message(i) for i in range(lead, n // 2)], rate=20000)
+            first.start()
+            first.join_ok()
+            assert len(stored_values(db, keyfile)) < n // 2  # a backlog at the restart
+            b.restart()
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
         second = Publisher(b, [seq_message(i) for i in range(n // 2, n)], rate=20000)
         second.start()
         second.join_ok()

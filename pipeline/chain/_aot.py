@@ -2,17 +2,26 @@
 
 Compiling a module with Cranelift takes tens of milliseconds on a small device; loading
 its serialized machine code takes well under one.  Entries are keyed by the sha256 of
-the module bytes, the wasmtime version and the engine settings, and every file carries a
-header with that key and a sha256 of the payload: a truncated, corrupt or stale file is
-never handed to ``Module.deserialize`` (which trusts its input) -- it is recompiled and
-replaced atomically.
+the module bytes, the wasmtime version, the engine settings and the host target (see
+:func:`host_target`), and every file carries a header with that key and a sha256 of the
+payload: a truncated, corrupt or stale file is never handed to ``Module.deserialize``
+(which trusts its input) -- it is recompiled and replaced atomically.
+
+The target is in the key because Cranelift compiles for the CPU features it detects:
+machine code made on one CPU is refused on another ("compilation settings of module
+incompatible with native host").  With the features in the key, boards of different CPUs
+sharing one cache directory each find their own entry instead of recompiling -- and
+overwriting each other's -- on every start.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import struct
+import sys
 from pathlib import Path
 
 import wasmtime
@@ -26,7 +35,7 @@ try:
 except Exception:  # pragma: no cover - not installed as a distribution
     WASMTIME_VERSION = "unknown"
 
-__all__ = ["ModuleCache", "cache_key"]
+__all__ = ["ModuleCache", "cache_key", "host_target"]
 
 log = logging.getLogger("edgepipe.aot")
 
@@ -35,18 +44,71 @@ _MAGIC = b"EPAOT\x00\x01\x00"
 _HEADER = struct.Struct("<8s32s32sQ")
 
 
-def cache_key(wasm_sha256: str, engine_settings: str) -> bytes:
-    text = f"{wasm_sha256}\0wasmtime-{WASMTIME_VERSION}\0{engine_settings}"
+#: getauxval(3) entries: the CPU feature bits the kernel reports (and qemu-user emulates)
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+
+
+@functools.cache
+def host_target() -> str:
+    """The architecture and CPU features machine code compiled here depends on.
+
+    wasmtime-py exposes no precompiled-compatibility hash, so this is the features the way
+    Cranelift's host detection sees them: on Arm the kernel's ``AT_HWCAP``/``AT_HWCAP2``
+    words (what Rust's feature detection reads; qemu-user sets them per CPU model), on x86
+    the CPUID flags of ``/proc/cpuinfo``.  Both are supersets of what wasmtime checks when
+    it loads a module, so two CPUs never share an entry that one of them would refuse."""
+    machine = os.uname().machine
+    return f"{machine}-{sys.platform}:{_cpu_features(machine)}"
+
+
+def _cpu_features(machine: str) -> str:
+    if machine.startswith(("aarch64", "arm")):
+        try:
+            import ctypes
+
+            getauxval = ctypes.CDLL(None).getauxval
+            getauxval.restype = ctypes.c_ulong
+            getauxval.argtypes = [ctypes.c_ulong]
+            return f"hwcap={getauxval(_AT_HWCAP):#x},hwcap2={getauxval(_AT_HWCAP2):#x}"
+        except (OSError, AttributeError):
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    flags = " ".join(sorted(value.split()))
+                    return "flags=" + hashlib.sha256(flags.encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return "features-unknown"
+
+
+def cache_key(wasm_sha256: str, engine_settings: str, target: str | None = None) -> bytes:
+    """The key of a compiled module: what it was compiled from, by what and for what CPU
+    (``target``, by default :func:`host_target`)."""
+    target = host_target() if target is None else target
+    text = f"{wasm_sha256}\0wasmtime-{WASMTIME_VERSION}\0{engine_settings}\0{target}"
     return hashlib.sha256(text.encode()).digest()
 
 
 class ModuleCache:
-    """Compiled modules under ``directory`` (created on demand); ``None`` disables it."""
+    """Compiled modules under ``directory`` (created on demand); ``None`` disables it.
 
-    def __init__(self, directory: Path | None, engine: wasmtime.Engine, settings: str) -> None:
+    ``target`` (default :func:`host_target`) is the CPU the entries are for: a directory
+    shared by different CPUs holds one entry per module and CPU."""
+
+    def __init__(
+        self,
+        directory: Path | None,
+        engine: wasmtime.Engine,
+        settings: str,
+        target: str | None = None,
+    ) -> None:
         self.directory = directory
         self.engine = engine
         self.settings = settings
+        self.target = target
         self.hits = self.misses = 0
 
     def _path(self, key: bytes) -> Path:
@@ -58,7 +120,7 @@ class ModuleCache:
         if self.directory is None:
             self.misses += 1
             return wasmtime.Module(self.engine, wasm)
-        key = cache_key(sha256, self.settings)
+        key = cache_key(sha256, self.settings, self.target)
         path = self._path(key)
         module = self._read(path, key)
         if module is not None:
