@@ -44,6 +44,7 @@ from ._check import OutputCheck
 from ._declared import ConfigProblem
 from ._engine import TICK_S, TICKER, engine
 from ._ffi import Budget, GuestCall, GuestMemory, HostTrap
+from ._host import MAX_DERIVED_SERIES, make_linker
 from ._module import LoadedModule, load_module
 from ._records import REC, unpack
 
@@ -58,8 +59,6 @@ _UNDECLARED = METRICS.counter(
 )
 _warned: set[str] = set()  # sha256 of the modules warned about
 
-#: most series one stage may create with ``series_derive`` (over the process's life)
-MAX_DERIVED_SERIES = 4096
 #: linear memory growth over the steady size that is always tolerated between batches;
 #: beyond it (and beyond 8 record sizes per record of the batch) the instance is recycled
 _TS_VALUE = struct.Struct("<qd")  # the timestamp and value of a packed record
@@ -162,73 +161,7 @@ class WasmStage:
 
     # -- host functions ----------------------------------------------------------
     def _make_linker(self) -> wasmtime.Linker:
-        linker = wasmtime.Linker(engine())
-        i32 = wasmtime.ValType.i32()
-        registry = self.registry
-
-        def series_name(series: int, kind: int, ptr: int, length: int) -> int:
-            try:
-                return _series_name(series, kind, ptr, length)
-            except HostTrap:
-                raise
-            except Exception as e:  # a host bug must trap the call, not escape it
-                raise HostTrap("host_error", f"series_name: {type(e).__name__}") from None
-
-        def _series_name(series: int, kind: int, ptr: int, length: int) -> int:
-            key = registry.get(_u32(series))
-            if key is None or kind not in (0, 1):
-                return -1
-            data = (key.device if kind == 0 else key.metric).encode()
-            n = min(len(data), _u32(length))
-            if n:
-                self._mem.write(_u32(ptr), data[:n])
-            return len(data)
-
-        def series_derive(series: int, ptr: int, length: int) -> int:
-            sid, length = _u32(series), _u32(length)
-            if registry.get(sid) is None:
-                raise HostTrap("unknown_series", f"series_derive: unknown series id {sid}")
-            if not 0 < length <= 64:
-                raise HostTrap("bad_argument", "series_derive: suffix must be 1-64 bytes")
-            raw = self._mem.read(_u32(ptr), length)
-            try:
-                suffix = raw.decode()
-            except UnicodeDecodeError:
-                raise HostTrap("bad_argument", "series_derive: suffix is not UTF-8") from None
-            before = len(registry)
-            try:
-                new = registry.derive(sid, suffix)
-            except Exception as e:
-                raise HostTrap("host_error", f"series_derive: {type(e).__name__}") from None
-            if len(registry) > before:
-                self.derived += 1
-                if self.derived > MAX_DERIVED_SERIES:
-                    raise HostTrap(
-                        "series_limit",
-                        f"series_derive: a stage may create at most {MAX_DERIVED_SERIES} series",
-                    )
-            return new
-
-        def guest_log(level: int, ptr: int, length: int) -> None:
-            now = time.monotonic()
-            self._log_tokens = min(20.0, self._log_tokens + (now - self._log_at) * 10)
-            self._log_at = now
-            if self._log_tokens < 1:
-                return
-            self._log_tokens -= 1
-            text = self._mem.read(_u32(ptr), min(_u32(length), 1024)).decode(errors="replace")
-            self._last_log = text[:200]
-            lvl = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING}.get(level, logging.ERROR)
-            log.log(lvl, "stage %s: %s", self.name, text)
-
-        linker.define_func(
-            "edgepipe", "series_name", wasmtime.FuncType([i32] * 4, [i32]), series_name
-        )
-        linker.define_func(
-            "edgepipe", "series_derive", wasmtime.FuncType([i32] * 3, [i32]), series_derive
-        )
-        linker.define_func("edgepipe", "log", wasmtime.FuncType([i32] * 3, []), guest_log)
-        return linker
+        return make_linker(self)
 
     # -- instance lifecycle ------------------------------------------------------------
     def _instantiate(self) -> None:

@@ -1,0 +1,98 @@
+"""The host functions a guest imports (module ``edgepipe``, ABI v1): a stage's only way
+out of its sandbox.  Each turns its own failures into a trap of the calling guest."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import wasmtime
+
+from ._engine import engine
+from ._ffi import HostTrap
+
+if TYPE_CHECKING:
+    from ._stage import WasmStage
+
+__all__ = ["MAX_DERIVED_SERIES", "make_linker"]
+
+log = logging.getLogger("edgepipe.filter")
+
+#: Series one stage may create with ``series_derive`` (a guest cannot grow the registry,
+#: and with it every metric label, without bound).
+MAX_DERIVED_SERIES = 4096
+
+
+def _u32(x: int) -> int:
+    return x & 0xFFFFFFFF
+
+
+def make_linker(stage: WasmStage) -> wasmtime.Linker:
+    """The three ``edgepipe`` imports a guest may use, bound to ``stage``: ``series_name``,
+    ``series_derive`` (bounded per stage) and ``log`` (rate-limited, cut to 1 KiB)."""
+    linker = wasmtime.Linker(engine())
+    i32 = wasmtime.ValType.i32()
+    registry = stage.registry
+
+    def series_name(series: int, kind: int, ptr: int, length: int) -> int:
+        try:
+            return _series_name(series, kind, ptr, length)
+        except HostTrap:
+            raise
+        except Exception as e:  # a host bug must trap the call, not escape it
+            raise HostTrap("host_error", f"series_name: {type(e).__name__}") from None
+
+    def _series_name(series: int, kind: int, ptr: int, length: int) -> int:
+        key = registry.get(_u32(series))
+        if key is None or kind not in (0, 1):
+            return -1
+        data = (key.device if kind == 0 else key.metric).encode()
+        n = min(len(data), _u32(length))
+        if n:
+            stage._mem.write(_u32(ptr), data[:n])
+        return len(data)
+
+    def series_derive(series: int, ptr: int, length: int) -> int:
+        sid, length = _u32(series), _u32(length)
+        if registry.get(sid) is None:
+            raise HostTrap("unknown_series", f"series_derive: unknown series id {sid}")
+        if not 0 < length <= 64:
+            raise HostTrap("bad_argument", "series_derive: suffix must be 1-64 bytes")
+        raw = stage._mem.read(_u32(ptr), length)
+        try:
+            suffix = raw.decode()
+        except UnicodeDecodeError:
+            raise HostTrap("bad_argument", "series_derive: suffix is not UTF-8") from None
+        before = len(registry)
+        try:
+            new = registry.derive(sid, suffix)
+        except Exception as e:
+            raise HostTrap("host_error", f"series_derive: {type(e).__name__}") from None
+        if len(registry) > before:
+            stage.derived += 1
+            if stage.derived > MAX_DERIVED_SERIES:
+                raise HostTrap(
+                    "series_limit",
+                    f"series_derive: a stage may create at most {MAX_DERIVED_SERIES} series",
+                )
+        return new
+
+    def guest_log(level: int, ptr: int, length: int) -> None:
+        now = time.monotonic()
+        stage._log_tokens = min(20.0, stage._log_tokens + (now - stage._log_at) * 10)
+        stage._log_at = now
+        if stage._log_tokens < 1:
+            return
+        stage._log_tokens -= 1
+        text = stage._mem.read(_u32(ptr), min(_u32(length), 1024)).decode(errors="replace")
+        stage._last_log = text[:200]
+        lvl = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING}.get(level, logging.ERROR)
+        log.log(lvl, "stage %s: %s", stage.name, text)
+
+    linker.define_func("edgepipe", "series_name", wasmtime.FuncType([i32] * 4, [i32]), series_name)
+    linker.define_func(
+        "edgepipe", "series_derive", wasmtime.FuncType([i32] * 3, [i32]), series_derive
+    )
+    linker.define_func("edgepipe", "log", wasmtime.FuncType([i32] * 3, []), guest_log)
+    return linker
