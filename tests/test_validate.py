@@ -320,3 +320,23 @@ def test_module_without_declaration_warns_once_and_runs(tmp_path, keyfile, caplo
     r = edgepipe("validate", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "stage p: module plain.wasm declares no configuration" in r.stderr
+
+
+def test_run_logs_a_broken_chain_file_located(tmp_path, keyfile, edge):
+    """A chain file whose stage is refused at start: the process waits, not ready, and
+    the log line an operator reads says where the problem is (file:line:col of module:)."""
+    from devtools._mosquitto import Mosquitto
+    from tests.helpers.edge import make_config
+
+    chain = tmp_path / "filters.yaml"
+    broken = {"name": "broken", "module": str(tmp_path / "missing.wasm")}
+    chain.write_text(yaml.safe_dump({"version": 1, "chain": [broken]}, sort_keys=False))
+    cfg = make_config(tmp_path, Mosquitto(port=free_port()), keyfile, chain_file=str(chain))
+    proc = edge(cfg)
+    proc.wait_metric("edgepipe_chain_load_errors_total", 1, 60)
+    assert proc.readyz() == (503, "not ready: filter chain not loaded")
+    where = f"{chain}:{stage_at(chain, 'broken', 'module')}: stage 'broken': "
+    # the log line is the operator-facing feature under test
+    line = next(ln for ln in proc.output().splitlines() if "cannot be loaded" in ln)
+    assert where in line and "missing.wasm: cannot read module" in line, line
+    assert proc.terminate() == 0
