@@ -77,6 +77,15 @@ class SQLBackend(SchemaSQL, DevicesSQL, HealthSQL, IngestSQL, QueriesSQL, Operat
                 self._adopt_master_key(cur, self.master_key)
 
 
+class BadDatabaseURL(CloudError):
+    """A ``--db`` URL edgepipe-cloud cannot use (an unknown scheme, a bad ``?schema=``): a
+    usage error, nothing was opened.  ``url`` is shown without its password."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = redacted_url(url), reason
+        super().__init__(f"database URL {self.url}: {reason}")
+
+
 def open_backend(url: str, *, master_key: MasterKey | None = None, create: bool = True) -> Backend:
     """``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (the SQLAlchemy
     convention), a bare path, or ``postgresql://user@host:port/db`` (optionally
@@ -97,7 +106,11 @@ def open_backend(url: str, *, master_key: MasterKey | None = None, create: bool 
         if url.startswith("sqlite:///"):
             path = url.removeprefix("sqlite:///")
         elif "://" in url:
-            raise CloudError(f"unsupported database URL scheme in {url.split('://')[0]!r}")
+            raise BadDatabaseURL(
+                url,
+                f"unsupported scheme {url.split('://')[0]!r} (sqlite:///PATH or "
+                "postgresql://user@host:port/db)",
+            )
         else:
             path = url
         where = path if path == ":memory:" else os.path.abspath(path)

@@ -19,11 +19,28 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from ._backend import SQLBackend
+from ._backend import BadDatabaseURL, SQLBackend, redacted_url
+from ._errors import CloudError, NoDatabase
 
 __all__ = ["PostgresBackend"]
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+#: libpq's refusal when the database named in the URL is not on the server
+_NO_SUCH_DB = re.compile(r'database "([^"]*)" does not exist')
+
+
+def _connect_error(url: str, e: psycopg.OperationalError) -> CloudError:
+    """A failed first connection as one line: no database of that name on the server is
+    :class:`NoDatabase` (the URL is wrong: a usage error); anything else (no server, a
+    refused login) is a :class:`CloudError` with libpq's reason (a runtime failure)."""
+    reason = " ".join(str(e).split())
+    where = redacted_url(url)
+    missing = _NO_SUCH_DB.search(reason)
+    if missing:
+        return NoDatabase(url, where, f"the server has no database {missing.group(1)!r}")
+    return CloudError(f"cannot connect to the database at {where}: {reason}")
 
 
 class PostgresBackend(SQLBackend):
@@ -37,7 +54,7 @@ class PostgresBackend(SQLBackend):
         params = parse_qsl(parts.query)
         self.schema = next((v for k, v in params if k == "schema"), None)
         if self.schema is not None and not _IDENT.fullmatch(self.schema):
-            raise ValueError("schema must be a plain SQL identifier")
+            raise BadDatabaseURL(url, "?schema= must be a plain SQL identifier")
         rest = urlencode([(k, v) for k, v in params if k != "schema"])
         self._dsn = urlunsplit(parts._replace(query=rest))
         self._closed = False
@@ -45,9 +62,12 @@ class PostgresBackend(SQLBackend):
         # at once and with psycopg's own error, and the schema is created once, before the
         # pool opens connections concurrently (CREATE SCHEMA IF NOT EXISTS is not race-free).
         # Without ``create`` a missing schema stays missing (the tables are not found).
-        with psycopg.connect(self._dsn, autocommit=True) as conn:
-            if self.schema and create:
-                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        try:
+            with psycopg.connect(self._dsn, autocommit=True) as conn:
+                if self.schema and create:
+                    conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        except psycopg.OperationalError as e:
+            raise _connect_error(url, e) from None
         self._pool = ConnectionPool(
             self._dsn,
             min_size=1,

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 
 from protocol._keys import append_key_line
 
-from ._backend import SCHEMA_VERSION, Backend, open_backend
+from ._backend import SCHEMA_VERSION, Backend, BadDatabaseURL, open_backend
 from ._cli_args import DB_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Source, db_source, parser
 from ._errors import CloudError, DeviceExists, NoDatabase, OperatorExists
 from ._secrets import (
@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"invalid settings: {errors}", EXIT_USAGE)
     except NoDatabase as exc:
         return _fail(_no_database(exc, db_source(db)), EXIT_USAGE)
+    except BadDatabaseURL as exc:
+        return _fail(str(exc), EXIT_USAGE)
     except MasterKeyError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except (CloudError, OSError) as exc:
@@ -287,10 +289,13 @@ def _no_database(exc: NoDatabase, source: Source) -> str:
         origin = f"the default: neither --db nor ${DB_ENV} is set"
     else:
         origin = f"from {source.origin}"
+    if exc.url.startswith(("postgresql://", "postgres://")) and "has no database" in exc.reason:
+        create = "create it on the server (createdb), then run 'edgepipe-cloud init --db URL'"
+    else:
+        create = "create a new one with 'edgepipe-cloud init --db URL'"
     return (
         f"{exc} (database {exc.url}, {origin}). Point at the receiver's database (the one "
-        f"'serve' uses) with --db URL or {DB_ENV}=URL, or create a new one with "
-        "'edgepipe-cloud init --db URL'"
+        f"'serve' uses) with --db URL or {DB_ENV}=URL, or {create}"
     )
 
 

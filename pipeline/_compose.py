@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from config._models import PipelineConfig, SyncConfig
+from config._secrets import device_secret, store_keyring
 from core._clock import SYSTEM_CLOCK, Clock
 from core._errors import ConfigError, FilterError
 from protocol._keys import Keyring
@@ -58,9 +59,9 @@ def _beside(p: Path, suffix: str) -> Path:
 
 
 def keyring(cfg: PipelineConfig) -> Keyring:
-    if cfg.store.key is None:
-        raise ConfigError("store.key is required (a keyring file, env var or secret)")
-    return Keyring.from_secret(cfg.store.key)
+    """The store keyring of ``store.key``; a located :class:`ConfigError` (``store.key: ...``)
+    when it is not set, unreadable, too permissive or does not parse."""
+    return store_keyring(cfg)
 
 
 async def open_store(cfg: PipelineConfig, *, create: bool = True) -> Store:
@@ -86,10 +87,11 @@ def sync_worker(
     link: str | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> SyncWorker:
-    """The sync worker of ``cfg`` over ``store``."""
+    """The sync worker of ``cfg`` over ``store``; ``sync.device_secret`` not set or not to
+    be had is a located :class:`ConfigError`."""
     sc = cfg.sync
-    if secret is None and sc.device_secret is not None:
-        secret = sc.device_secret.get()
+    if secret is None:
+        secret = device_secret(cfg)
     return make_sync_worker(
         sc,
         store,
@@ -152,9 +154,11 @@ def chain(
     if cfg.chain_file is None and not cfg.chain:
         return NoChain(), None
     from .chain import Chain, ChainSpec, ChainWatcher, default_cache_dir, load_chain
+    from .chain._deploy import locate_stage_error
 
     cache = default_cache_dir(cfg)
     built: FilterChain | None = None
+    spec: ChainSpec | None = None
     try:
         spec = load_chain(cfg)
         built = Chain.build(
@@ -163,10 +167,12 @@ def chain(
     except (ConfigError, FilterError) as e:
         if cfg.chain_file is None:
             raise
+        # a stage's refusal, located in the chain file like `edgepipe validate` reports it
+        why = locate_stage_error(e, spec) if isinstance(e, FilterError) and spec else e
         log.error(
             "the filter chain cannot be loaded, waiting for a fixed chain file "
             "(not consuming meanwhile): %s",
-            e,
+            why,
         )
         chain_load_errors.inc()
         spec = ChainSpec([], cfg.base_dir, cfg.resolve(cfg.chain_file), None)

@@ -71,12 +71,18 @@ def pipeline_yaml(tmp_path: Path, keyfile: Path, **top: object) -> Path:
     return path
 
 
-def stage_at(path: Path, name: str) -> str:
-    """``LINE:COL`` (1-based) of the ``- name: NAME`` stage node in a YAML file."""
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+def stage_at(path: Path, name: str, key: str | None = None) -> str:
+    """``LINE:COL`` (1-based) of the ``- name: NAME`` stage node in a YAML file, or of the
+    value of that stage's ``key``."""
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
         if line.strip() == f"- name: {name}":
-            return f"{i}:{line.index('name') + 1}"
-    raise AssertionError(f"no stage {name} in {path}")
+            if key is None:
+                return f"{i}:{line.index('name') + 1}"
+            for j, other in enumerate(lines[i:], i + 1):
+                if other.strip().startswith(f"{key}: "):
+                    return f"{j}:{other.index(key) + len(key) + 3}"
+    raise AssertionError(f"no stage {name} (key {key}) in {path}")
 
 
 def edgepipe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -88,6 +94,10 @@ def edgepipe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
         cwd=REPO,
         env={**os.environ, "PYDANTIC_DISABLE_PLUGINS": "__all__"},
     )
+
+
+#: the key of the stage each refusal is located at (None: the stage's node)
+KEY_OF = {"sha256": "sha256", "init_refuses": None}
 
 
 def refused_case(tmp_path: Path, case: str) -> tuple[dict[str, object], str]:
@@ -133,11 +143,14 @@ def test_validate_and_run_refuse_the_same_stage_with_exit_2(tmp_path, keyfile, c
     bad, says = refused_case(tmp_path, case)
     good = {"name": "ema", "module": str(LIB / "ema.wasm"), "kind": "map"}
     cfg = pipeline_yaml(tmp_path, keyfile, chain=[good, bad])
-    where = f"{cfg}:{stage_at(cfg, 'bad')}: stage 'bad': "
+    # at the value of the key the refusal is about (module: unless said otherwise)
+    where = f"{cfg}:{stage_at(cfg, 'bad', KEY_OF.get(case, 'module'))}: stage 'bad': "
 
     assert main(["validate", "-c", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert where in err and says in err, err
+    # what the guest logged is said once, in the refusal, not again as a log line
+    assert err.count("threshold must be above low") == (case == "init_refuses"), err
     assert "ema" not in err.replace(str(LIB / "ema.wasm"), "")  # the good stage is fine
     assert not (tmp_path / "store.db").exists()  # validate started nothing
 
@@ -154,7 +167,8 @@ def test_deploy_refuses_the_same_stage_with_exit_2(tmp_path, keyfile, case, caps
     cfg = pipeline_yaml(tmp_path, keyfile, chain_file="filters.yaml")
     assert main(["deploy", str(filters), "-c", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert f"{filters}:{stage_at(filters, 'bad')}: stage 'bad': " in err and says in err, err
+    where = stage_at(filters, "bad", KEY_OF.get(case, "module"))
+    assert f"{filters}:{where}: stage 'bad': " in err and says in err, err
     assert not (tmp_path / "filters.yaml").exists()  # nothing installed
 
 
@@ -170,7 +184,7 @@ def test_chain_file_stages_are_checked_and_counted(tmp_path, keyfile, capsys):
     chain.write_text(yaml.safe_dump({"version": 1, "chain": [ema, broken]}, sort_keys=False))
     assert main(["validate", "-c", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert f"{chain}:{stage_at(chain, 'broken')}: stage 'broken': " in err, err
+    assert f"{chain}:{stage_at(chain, 'broken', 'module')}: stage 'broken': " in err, err
     assert "missing.wasm: cannot read module" in err
 
 
@@ -228,7 +242,9 @@ def test_out_of_range_and_bad_choice_are_refused(tmp_path, keyfile, capsys):
     assert "config.alpha: 1.5 is out of range (must be > 0 and <= 1)" in capsys.readouterr().err
 
 
-def test_per_metric_keys_and_the_example_pipeline_are_accepted(tmp_path, keyfile, capsys):
+def test_per_metric_keys_and_the_example_pipeline_are_accepted(
+    tmp_path, keyfile, capsys, monkeypatch
+):
     valid = {"name": "v", "module": str(LIB / "validity.wasm"), "kind": "filter"}
     cfg = pipeline_yaml(
         tmp_path,
@@ -239,7 +255,13 @@ def test_per_metric_keys_and_the_example_pipeline_are_accepted(tmp_path, keyfile
     cfg = pipeline_yaml(tmp_path, keyfile, chain=[{**valid, "config": {"range": {"T": [1]}}}])
     assert main(["validate", "-c", str(cfg)]) == 2
     assert "config.range.T: needs at least 2 item(s), got 1" in capsys.readouterr().err
-    assert main(["validate", "-c", str(REPO / "pipeline.yaml")]) == 0
+    # the example, with its store key where this test has one and its device secret set
+    example = (REPO / "pipeline.yaml").read_text()
+    example = example.replace("/etc/edgepipe/store.key", str(keyfile))
+    copy = tmp_path / "example.yaml"
+    copy.write_text(example.replace("filters/lib/", f"{LIB}/"))
+    monkeypatch.setenv("EDGEPIPE_DEVICE_SECRET", "ab" * 32)
+    assert main(["validate", "-c", str(copy)]) == 0
 
 
 def test_every_library_filter_declares_its_config():
@@ -298,3 +320,23 @@ def test_module_without_declaration_warns_once_and_runs(tmp_path, keyfile, caplo
     r = edgepipe("validate", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "stage p: module plain.wasm declares no configuration" in r.stderr
+
+
+def test_run_logs_a_broken_chain_file_located(tmp_path, keyfile, edge):
+    """A chain file whose stage is refused at start: the process waits, not ready, and
+    the log line an operator reads says where the problem is (file:line:col of module:)."""
+    from devtools._mosquitto import Mosquitto
+    from tests.helpers.edge import make_config
+
+    chain = tmp_path / "filters.yaml"
+    broken = {"name": "broken", "module": str(tmp_path / "missing.wasm")}
+    chain.write_text(yaml.safe_dump({"version": 1, "chain": [broken]}, sort_keys=False))
+    cfg = make_config(tmp_path, Mosquitto(port=free_port()), keyfile, chain_file=str(chain))
+    proc = edge(cfg)
+    proc.wait_metric("edgepipe_chain_load_errors_total", 1, 60)
+    assert proc.readyz() == (503, "not ready: filter chain not loaded")
+    where = f"{chain}:{stage_at(chain, 'broken', 'module')}: stage 'broken': "
+    # the log line is the operator-facing feature under test
+    line = next(ln for ln in proc.output().splitlines() if "cannot be loaded" in ln)
+    assert where in line and "missing.wasm: cannot read module" in line, line
+    assert proc.terminate() == 0

@@ -20,8 +20,9 @@ thread and returns it.  A chain that fails leaves the old one running; the reaso
 :func:`check_chain` is what ``edgepipe validate``, ``run`` and ``deploy`` all refuse a
 chain for: every stage's module is read, checked (size, pin, ABI, imports), compiled and
 instantiated in the sandbox, its ``config:`` checked against the module's declaration and
-``ep_init`` run with it; each problem is reported at its stage's node in the YAML
-(``file:line:col: stage 'NAME': ...``) as a :class:`ConfigError`.
+``ep_init`` run with it; each problem is reported at the stage's key it is about in the
+YAML (``module:``, ``sha256:``, ``config:``: ``file:line:col: stage 'NAME': ...``) as a
+:class:`ConfigError`.
 
 ``edgepipe deploy`` validates and compiles a filters file, copies its modules into a
 content-addressed store beside the installed file, pins their sha256, atomically
@@ -148,9 +149,22 @@ def load_chain(cfg: PipelineConfig, chain_file: Path | None = None) -> ChainSpec
 # -- checking -----------------------------------------------------------------------
 
 
+#: the key of a stage a refusal is about, by code (anything else is about its module:
+#: unreadable, not Wasm, too large, bad ABI or imports, a trap in ep_init)
+_KEY_OF: dict[str, tuple[str, ...]] = {
+    "sha256_mismatch": ("sha256",),
+    "memory_limit": ("limits", "memory_mb"),
+    "init": ("config",),
+    "bad_config": ("config",),
+    "name": ("name",),
+}
+
+
 def locate_stage_error(err: FilterError, spec: ChainSpec) -> ConfigError:
-    """A stage's refusal as a :class:`ConfigError` at the stage's node (for a config
-    problem: at the offending key or value), ``file:line:col: stage 'NAME': ...``."""
+    """A stage's refusal as a :class:`ConfigError` at the value of the stage's key it is
+    about (``module:``, ``sha256:``, ``config:`` or, for a config problem, the offending key
+    or value; the stage's node when that key is not written), ``file:line:col: stage
+    'NAME': ...``."""
     return _located([err], spec)
 
 
@@ -172,7 +186,8 @@ def _located(errors: list[FilterError], spec: ChainSpec) -> ConfigError:
                     pos = locs.get(probe)
                 found.append((pos or stage_at, f"stage {err.stage!r}: {p}"))
         else:
-            found.append((stage_at, str(err)))
+            key = _KEY_OF.get(err.code or "", ("module",))
+            found.append((locs.get((*base, *key)) or stage_at, str(err)))
     shown = spec.source or (str(spec.path) if spec.path else "pipeline.yaml")
     found.sort(key=lambda f: f[0])
     (line, col), text = found[0]

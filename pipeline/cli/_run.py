@@ -34,11 +34,15 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from config._loader import load_config
+    from config._secrets import check_secrets
     from core._errors import FilterLoadError
     from pipeline._compose import build_pipeline
     from pipeline._runtime import configure_logging
 
     cfg = load_config(args.config)
+    # every secret and file the config names, before anything is opened: what `edgepipe
+    # validate` refuses, refused the same way (located, exit 2)
+    check_secrets(cfg)
     configure_logging(args.log_level or cfg.log_level)
 
     async def main() -> int:
