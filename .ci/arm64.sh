@@ -139,7 +139,8 @@ inside python3 -c 'import platform, wasmtime, cryptography, pydantic_core, zstan
 assert platform.machine() == "aarch64", platform.machine()'
 
 step "edgepipe validate (the example pipeline.yaml)"
-inside sh -c 'cd /srv/edgepipe && edgepipe validate -c pipeline.yaml'
+inside sh -c 'cd /srv/edgepipe && mkdir -p /etc/edgepipe && edgepipe keys generate -o /etc/edgepipe/store.key &&
+  EDGEPIPE_DEVICE_SECRET=$(printf %064d 0) edgepipe validate -c pipeline.yaml'
 
 step "installing the test tools from aarch64 wheels"
 inside pip install -q --no-index --find-links /srv/wheels --only-binary=:all: \
