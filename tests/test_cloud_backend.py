@@ -13,12 +13,7 @@ import pytest
 from cloud import Backend, ReadingsQuery, SequenceConflict, open_backend
 from cloud._app import rejection_for
 from cloud._wire import decode_upload
-from tests.helpers.cloud_client import (
-    make_batch,
-    new_device,
-    new_master_key,
-    series_readings,
-)
+from tests.helpers.cloud_client import make_batch, new_device, new_master_key, series_readings
 
 
 # -- the backend contract without HTTP ------------------------------------------------------

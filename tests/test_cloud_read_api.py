@@ -10,13 +10,7 @@ import httpx
 
 from cloud import Backend
 from protocol import _signing
-from tests.helpers.cloud_client import (
-    TOKEN,
-    DeviceClient,
-    LiveServer,
-    make_batch,
-    series_readings,
-)
+from tests.helpers.cloud_client import TOKEN, DeviceClient, LiveServer, make_batch, series_readings
 
 
 # -- read API ----------------------------------------------------------------------------------
