@@ -37,17 +37,19 @@ class SyncState:
     updated_ms: int | None = None
 
     # -- counters -------------------------------------------------------------------------
-    def roll_day(self) -> None:
-        day = utc_day()
+    def roll_day(self, day: str | None = None) -> None:
+        """Start a new day's counters when ``day`` (``YYYY-MM-DD`` in UTC, default: today
+        by the system clock) is not the one counted so far."""
+        day = day or utc_day()
         if day != self.day:
             self.day, self.bytes_today = day, {}
 
-    def add_bytes(self, link: str, n: int) -> None:
-        self.roll_day()
+    def add_bytes(self, link: str, n: int, day: str | None = None) -> None:
+        self.roll_day(day)
         self.bytes_today[link] = self.bytes_today.get(link, 0) + n
 
-    def used_today(self, link: str) -> int:
-        self.roll_day()
+    def used_today(self, link: str, day: str | None = None) -> int:
+        self.roll_day(day)
         return self.bytes_today.get(link, 0)
 
     # -- persistence ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from config._models import SyncConfig
 from core._backoff import Backoff
-from core._clock import SYSTEM_CLOCK, Clock
+from core._clock import SYSTEM_CLOCK, Clock, utc_day
 from core._errors import SyncError
 from core._metrics import METRICS
 from core._model import DeadLetter, SeriesRegistry
@@ -142,6 +142,10 @@ class SyncWorker:
     def _now_ms(self) -> int:
         return int(self._clock.time() * 1000)
 
+    def _today(self) -> str:
+        """The UTC day by this worker's clock: the day the byte budget counts."""
+        return utc_day(self._now_ms())
+
     # -- public -------------------------------------------------------------------------
     def notify(self) -> None:
         """Called after each commit: there is something new to upload."""
@@ -183,7 +187,7 @@ class SyncWorker:
         try:
             if self.health is not None:
                 stats = await store.stats()
-                self.status.roll_day()
+                self.status.roll_day(self._today())
                 snap = self.health.sample(self._now_ms(), stats, dict(self.status.bytes_today))
                 if self.clock_skew_ms is not None:
                     snap["clock_skew_ms"] = self.clock_skew_ms
@@ -422,16 +426,17 @@ class SyncWorker:
         mb = self.cfg.metered.daily_budget_mb
         if not link.metered or mb is None:
             return None
-        return int(mb * 1024 * 1024) - self.status.used_today(link.kind)
+        return int(mb * 1024 * 1024) - self.status.used_today(link.kind, self._today())
 
     # -- waiting ----------------------------------------------------------------------------
     async def _sleep(self, stop: asyncio.Event, timeout: float, *, on_data: bool) -> str:
-        """Wait ``timeout`` s; return early ("link") when a link comes up or changes, or
+        """Wait ``timeout`` s by the worker's clock; return early ("link") when a link comes
+        up or changes, or
         ("data") on :meth:`notify` if ``on_data``.  Reads sysfs every ``poll_s``."""
-        deadline = time.monotonic() + timeout
+        deadline = self._clock.monotonic() + timeout
         first = self.links.current()
         while not stop.is_set():
-            left = deadline - time.monotonic()
+            left = deadline - self._clock.monotonic()
             if left <= 0:
                 return "timeout"
             await _wait(stop, min(left, self.links.poll_s), self._wake if on_data else None)
@@ -449,7 +454,7 @@ class SyncWorker:
 
     # -- status -----------------------------------------------------------------------------
     def _count_bytes(self, link: Link, n: int) -> None:
-        self.status.add_bytes(link.kind, n)
+        self.status.add_bytes(link.kind, n, self._today())
         _bytes_sent.inc(n, link.kind)
 
     def _record_success(self, link: Link, n: int, stats: dict[str, Any], seqs: list[int]) -> None:

@@ -47,13 +47,38 @@ def test_any_batch_decodes_and_every_message_is_accounted_for(items):
     assert len(dups) == sum(1 for m in msgs if m.qos and m.maybe_seen)
     out = dec.decode(msgs)
     assert len(out.keys) == sum(1 for m in msgs if m.qos)
-    assert len(out.dead_letters) <= len(msgs)
     for d in out.dead_letters:
         assert d.reason and isinstance(d.payload, bytes)
     b = out.batch
     assert len(b.ts) == len(b.value) == len(b.series) == len(b.flags)
-    # messages that produced no dead letter produced at least one reading
-    assert len(b) >= len(msgs) - len(out.dead_letters) or not msgs
+    # each message alone: either at least one reading and no dead letter, or no reading and
+    # exactly one dead letter that keeps it (topic and payload byte for byte)
+    ts: list[int] = []
+    values: list[float] = []
+    series: list[int] = []
+    dead = []
+    decoded = 0
+    for m in msgs:
+        one = dec.decode([m])
+        if one.dead_letters:
+            assert len(one.dead_letters) == 1 and len(one.batch) == 0, (m, one)
+            (d,) = one.dead_letters
+            assert (d.topic, d.payload) == (m.topic, bytes(m.payload))
+            dead.append(d)
+        else:
+            assert len(one.batch) >= 1, f"message neither decoded nor dead-lettered: {m}"
+            decoded += 1
+        ts += list(one.batch.ts)
+        values += list(one.batch.value)
+        series += list(one.batch.series)
+    # ... and the whole batch is exactly those readings and dead letters, in message order
+    assert decoded + len(out.dead_letters) == len(msgs)  # every message counted once
+    assert [(d.topic, d.reason, d.payload) for d in out.dead_letters] == [
+        (d.topic, d.reason, d.payload) for d in dead
+    ]
+    assert len(b) == len(ts)
+    assert list(b.ts) == ts and list(b.series) == series
+    assert [x.hex() for x in b.value] == [x.hex() for x in values]  # NaN-safe
 
 
 def test_redeliveries_already_stored_are_skipped_and_identities_are_keyed():

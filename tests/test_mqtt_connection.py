@@ -89,8 +89,9 @@ def test_mutual_tls(tmp_path, keyfile, edge):
         sub = tmp_path / "nocert"
         sub.mkdir()
         proc2 = edge(config(sub, b, keyfile, broker=no_cert))
+        proc2.wait_metric("edgepipe_mqtt_connect_failures_total", 2, timeout=60)  # a retry
         # the log line saying why is the operator-facing feature under test
-        wait_for(lambda: "cannot connect" in proc2.output(), 20, "TLS refusal logged")
+        assert "cannot connect to MQTT broker" in proc2.output(), proc2.output()
         assert proc2.alive()
         assert proc2.readyz() == (503, "not ready: not connected to the MQTT broker")
         assert proc2.metric("edgepipe_mqtt_connects_total") == 0
@@ -184,9 +185,10 @@ def test_password_auth_from_env_and_file(tmp_path, keyfile, edge, monkeypatch):
         d.mkdir()
         bad = {"client_id": "edgepipe-auth-bad", "username": "edge", "password": "nope"}
         proc = edge(config(d, b, keyfile, broker=bad))
-        # what the operator reads: the refusal, and never the password
-        wait_for(lambda: "refused" in proc.output(), 20, "refusal logged")
+        proc.wait_metric("edgepipe_mqtt_connect_failures_total", 2, timeout=60)
         assert proc.alive()  # keeps retrying with backoff
+        # what the operator reads: the refusal, and never the password
+        assert "refused" in proc.output(), proc.output()
         assert proc.metric("edgepipe_mqtt_connects_total") == 0
         assert "nope" not in proc.output()
 
@@ -455,13 +457,16 @@ def test_reconnects_with_jittered_backoff_until_the_broker_appears(tmp_path, key
         broker={"client_id": "edgepipe-late", "reconnect_min_s": 0.05, "reconnect_max_s": 0.4},
     )
     proc = edge(cfg)
-    # the retry delays are only visible in the log lines (what the operator reads)
-    wait_for(lambda: proc.output().count("cannot connect") >= 6, 20, "several attempts")
+    failures = proc.wait_metric("edgepipe_mqtt_connect_failures_total", 6, timeout=60)
+    # The retry message is what the operator reads while the broker is away: each failed
+    # attempt is logged (before it is counted) with the delay before the next one, and the
+    # delays are visible nowhere else.
     waits = [
         float(line.rsplit("retrying in ", 1)[1].rstrip("s"))
         for line in proc.output().splitlines()
-        if "retrying in" in line
+        if "cannot connect to MQTT broker" in line and "retrying in" in line
     ]
+    assert len(waits) >= failures, proc.output()
     assert all(0 <= w <= 0.4 for w in waits), waits  # full jitter below the cap
     assert len(set(waits)) > 1  # jittered, not a fixed interval
     with b:

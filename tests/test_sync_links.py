@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from config._models import SyncLinksConfig
+from core._clock import ManualClock, utc_day
 from sync._link import LinkMonitor
 from sync._state import SyncState
 from tests.helpers.proxy import Proxy
@@ -195,7 +196,18 @@ def test_metered_priority_then_bulk_on_wifi(
     assert receiver.device_row(DEVICE)["last_link"] == "wifi"
 
 
+def _clock_on_one_day() -> ManualClock:
+    """A worker clock that stays on one UTC day while a test moves it by up to 100 s: now
+    (the receiver checks signed timestamps within 300 s of its clock), or 150 s earlier
+    when midnight is closer than that."""
+    now = time.time()
+    return ManualClock(now - 150 if 86400 - now % 86400 < 150 else now)
+
+
 def test_metered_daily_budget(tmp_path: Path, fake_sys: FakeSys, receiver: Receiver) -> None:
+    # the budget counts the UTC day of the worker's clock: pinned, midnight cannot reset it
+    clock = _clock_on_one_day()
+    day = utc_day(int(clock.time() * 1000))
     fill_sync(tmp_path, 10, 200)
     fake_sys.set("wwan0", "up", "1")
     budget = 20_000
@@ -207,20 +219,22 @@ def test_metered_daily_budget(tmp_path: Path, fake_sys: FakeSys, receiver: Recei
         batches_per_request=1,
         metered={"priority": ["alerts", "recent", "bulk"], "daily_budget_mb": budget / 2**20},
     )
-    with WorkerThread(tmp_path, cfg) as w:
+    with WorkerThread(tmp_path, cfg, clock=clock) as w:
         wait_until(lambda: w.worker.status.waiting, 20, "the budget to run out")
         assert "daily budget of the cellular link is used up" in w.worker.status.waiting
         sent_batches = receiver.counts()["batches"]
     st = SyncState.load(tmp_path / "store.db.sync.json")
+    assert st.day == day
     assert 0 < st.bytes_today["cellular"] <= budget
     assert 0 < sent_batches < 10
     assert unsynced(tmp_path)[0] == 10 - sent_batches
     # a restart does not reset the budget: it lives in the state file
     held = sync_count("edgepipe_sync_waits_total", reason="budget")
-    with WorkerThread(tmp_path, cfg):
-        wait_until(
-            lambda: sync_count("edgepipe_sync_waits_total", reason="budget") >= held + 2,
-            20,
-            "the restarted worker to hold back twice for the budget",
-        )
+
+    def held_back_twice() -> bool:
+        clock.advance(0.25)  # ends the worker's wait between two looks (interval_s 0.2)
+        return sync_count("edgepipe_sync_waits_total", reason="budget") >= held + 2
+
+    with WorkerThread(tmp_path, cfg, clock=clock):
+        wait_until(held_back_twice, 20, "the restarted worker to hold back twice for the budget")
         assert receiver.counts()["batches"] == sent_batches

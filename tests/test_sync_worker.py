@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from core._backoff import Backoff
+from core._clock import ManualClock
 from core._errors import SyncError
 from core._model import Batch
 from sync._request import classify
@@ -74,19 +75,25 @@ def test_retry_after_is_honoured(tmp_path: Path, busy_server, caplog) -> None:
         return sync_count("edgepipe_sync_link_polls_total")
 
     waited = waits()
+    # the worker's clock only moves when the test moves it: the 7 s cannot pass unnoticed
+    clock = ManualClock(time.time())
     cfg = sync_cfg(url, "ab" * 32, backoff_min_s=0.05, links={"poll_s": 0.1})
-    with WorkerThread(tmp_path, cfg):
+    with WorkerThread(tmp_path, cfg, clock=clock):
         wait_until(lambda: _Busy.hits >= 2, 10, "the first attempt")
         wait_until(lambda: waits() > waited, 10, "the worker to take the Retry-After")
-        # ten looks at the links (1 s) into the wait: its own backoff would have retried
-        # within 0.05 s
+        # ten looks at the links into the wait: its own backoff would have retried after
+        # 0.05 s, and it does not retry before the clock has moved the 7 s asked for
         looked = polls()
         wait_until(lambda: polls() >= looked + 10, 20, "the worker to wait a while")
-        hits = _Busy.hits
+        clock.advance(6.9)
+        looked = polls()
+        wait_until(lambda: polls() >= looked + 3, 20, "the worker to look at the clock again")
+        assert _Busy.hits == 2  # one upload by hand + the worker's first
+        clock.advance(0.2)  # 7.1 s after the refusal: the next try
+        wait_until(lambda: _Busy.hits >= 3, 20, "the retry once the 7 s have passed")
+        wait_until(lambda: waits() >= waited + 2, 10, "the second Retry-After taken")
     # the warning is what the operator reads in the journal: it must say when the next try is
     assert "next try in 7.0s" in caplog.text
-    assert hits == 2  # one upload + no second one within the 7 s asked for
-    assert waits() == waited + 1
     assert unsynced(tmp_path) == (2, 20)
 
 

@@ -50,6 +50,10 @@ _sessions_lost = METRICS.counter(
     "edgepipe_mqtt_sessions_lost_total", "reconnects on which the broker had no session"
 )
 _connects = METRICS.counter("edgepipe_mqtt_connects_total", "successful MQTT connections")
+_connect_failures = METRICS.counter(
+    "edgepipe_mqtt_connect_failures_total",
+    "MQTT connection attempts that failed (each is retried after a backoff)",
+)
 _subscribes = METRICS.counter(
     "edgepipe_mqtt_subscribes_total", "subscriptions the broker acknowledged (one per connect)"
 )
@@ -214,6 +218,7 @@ class MQTTClient:
                     wait,
                 )
                 self.stats["connect_failures"] += 1
+                _connect_failures.inc()
                 await asyncio.sleep(wait)
                 continue
             first = False

@@ -30,6 +30,9 @@ from tests.helpers.edge import wait_for
 
 PG_DSN = os.environ.get("EDGEPIPE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PATH = "/v1/batches"
+TOKEN = "operator-token-for-tests"  # the receiver contract's operator token
+MAX_BODY = 256 * 1024  # ... and its body limits
+MAX_DECOMPRESSED = 2 * 1024 * 1024
 
 Reading = tuple[
     str, str, dict[str, str] | None, int, float, int
@@ -235,3 +238,10 @@ def new_device(backend: Any, prefix: str = "dev") -> tuple[str, bytes]:
     secret = os.urandom(32)
     backend.add_device(name, secret)
     return name, secret
+
+
+def last_rejection(operator: httpx.Client, device: str | None = None) -> dict:
+    """The newest row of the receiver's rejection log (of ``device``), via the read API."""
+    params = {"limit": 1} | ({"device": device} if device else {})
+    rows = operator.get("/v1/rejections", params=params).json()["rejections"]
+    return rows[0]

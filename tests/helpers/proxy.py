@@ -176,6 +176,8 @@ class Proxy:
                 if not data:
                     break
                 if self._delay_s:
+                    # the injected link latency (delay()): a slow link is what the sync tests
+                    # exercise, so this sleep is the fault itself, not a wait for anything
                     time.sleep(self._delay_s)
                 if upward:
                     cap.extend(data)
