@@ -20,7 +20,6 @@ from ._backend import (
     Operators,
     Queries,
     ReadingsQuery,
-    open_backend,
 )
 from ._errors import (
     CloudError,
@@ -36,6 +35,7 @@ from ._errors import (
     UnknownOperator,
     UploadRefused,
 )
+from ._open import open_backend
 from ._secrets import MasterKey
 from ._settings import DashboardSettings, Settings
 

@@ -30,9 +30,10 @@ from . import _health_api as health
 from . import _read_api as read
 from ._admission import DeviceRate, UploadGate
 from ._auth import PasswordChecker, operator_endpoint, require_operator
-from ._backend import Backend, open_backend
+from ._backend import Backend
 from ._dashboard import dashboard_routes, install
 from ._http_errors import SecurityHeaders, exception_handlers, rejection_for
+from ._open import open_backend
 from ._secrets import MasterKey, no_master_key
 from ._settings import DashboardSettings, Settings
 from ._upload import post_batches

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._backend import redacted_url
 from ._settings import ENV_PREFIX, Settings
+from ._url import redacted_url
 
 __all__ = [
     "DB_ENV",

@@ -20,6 +20,7 @@ master key or an API token.
     │   └── SeriesLimitExceeded  it would create too many series (device, scope, limit)
     ├── MasterKeyError        master key missing, unreadable, too permissive or wrong
     ├── NoDatabase            no receiver database where one must exist (url, where)
+    ├── BadDatabaseURL        a database URL edgepipe-cloud cannot use (url, reason)
     └── SecretUnreadable      a stored device secret failed authentication (device, key_id)
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BadDatabaseURL",
     "CloudError",
     "DeviceExists",
     "MasterKeyError",
@@ -151,3 +153,14 @@ class SecretUnreadable(CloudError):
     def __init__(self, device: str, key_id: str | None, reason: str) -> None:
         self.device, self.key_id = device, key_id
         super().__init__(f"the stored secret of device {device!r} cannot be used: {reason}")
+
+
+class BadDatabaseURL(CloudError):
+    """A ``--db`` URL edgepipe-cloud cannot use (an unknown scheme, a bad ``?schema=``): a
+    usage error, nothing was opened.  ``url`` is shown without its password."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        from ._url import redacted_url
+
+        self.url, self.reason = redacted_url(url), reason
+        super().__init__(f"database URL {self.url}: {reason}")

@@ -19,8 +19,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from ._backend import BadDatabaseURL, SQLBackend, redacted_url
-from ._errors import CloudError, NoDatabase
+from ._backend import SQLBackend
+from ._errors import BadDatabaseURL, CloudError, NoDatabase
+from ._url import redacted_url
 
 __all__ = ["PostgresBackend"]
 

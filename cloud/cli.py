@@ -39,9 +39,10 @@ from pydantic import ValidationError
 
 from protocol._keys import append_key_line
 
-from ._backend import SCHEMA_VERSION, Backend, BadDatabaseURL, open_backend
+from ._backend import SCHEMA_VERSION, Backend
 from ._cli_args import DB_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Source, db_source, parser
-from ._errors import CloudError, DeviceExists, NoDatabase, OperatorExists
+from ._errors import BadDatabaseURL, CloudError, DeviceExists, NoDatabase, OperatorExists
+from ._open import open_backend
 from ._secrets import (
     MasterKey,
     MasterKeyError,

@@ -175,8 +175,8 @@ class Demo:
             from cloud._local import LocalReceiver
         except ImportError:
             return None
+        from cloud import open_backend
         from cloud._auth import hash_password
-        from cloud._backend import open_backend
         from cloud._errors import OperatorExists
 
         self._rx = LocalReceiver(

@@ -308,7 +308,7 @@ def test_receiver_queries_and_badges(tmp_path: Path, receiver: Any) -> None:
     store filling towards its quota (each naming the snapshot that is its evidence)."""
     import time
 
-    from cloud._backend import open_backend
+    from cloud import open_backend
     from cloud._health_api import badges
 
     clock = ManualClock(time.time())
@@ -361,7 +361,8 @@ def test_receiver_queries_and_badges(tmp_path: Path, receiver: Any) -> None:
 
 
 def test_receiver_schema_2_migrates_forward(tmp_path: Path) -> None:
-    from cloud._backend import SCHEMA_VERSION, open_backend
+    from cloud import open_backend
+    from cloud._backend import SCHEMA_VERSION
 
     url = f"sqlite:///{tmp_path / 'cloud.db'}"
     open_backend(url).close()

@@ -69,3 +69,44 @@ def test_an_upward_import_breaks_the_check(tmp_path, module, upward, contract) -
     assert r.returncode != 0, r.stdout[-4000:]
     broken = r.stdout[r.stdout.index("Broken contracts") :]
     assert contract in broken, broken[:2000]
+
+
+def test_no_module_import_cycle() -> None:
+    """No two modules of the project import each other, directly or around a loop (imports
+    under ``if TYPE_CHECKING:`` excepted: they never run)."""
+    import grimp
+
+    graph = grimp.build_graph(*PACKAGES, cache_dir=None, exclude_type_checking_imports=True)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.find_modules_directly_imported_by(v):
+            if w not in graph.modules:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for m in sorted(graph.modules):
+        if m not in index:
+            visit(m)
+    assert not cycles, cycles
