@@ -13,6 +13,7 @@ from core._metrics import METRICS
 from core._model import Batch, SeriesRegistry
 from pipeline.chain._chain import Chain
 from pipeline.chain._stage import WasmStage
+from tests.helpers.edge import wait_for
 from tests.helpers.wasm import LIB, REPO, stage, wat_module, write_wat
 
 IDENTITY = "(i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.extend_i32_u (local.get 0)))"
@@ -330,9 +331,11 @@ def test_epoch_ticker_parks_when_idle(tmp_path, reg):
     with build(tmp_path, [stage("ema", "ema", "map")], reg) as chain:
         parks = TICKER.parks
         chain.process(sample())
-        # the call woke the ticker; with no guest call in flight it parks again (no ticking)
+        # the calls woke the ticker; with no guest call in flight it parks again (no ticking).
+        # A batch is several guest calls (process, snapshot), each of which may wake it: it
+        # parks after the first and may wake once more for the next before it parks for good.
         assert TICKER.wait_parked(parks, 30)
-        assert TICKER.parked
+        wait_for(lambda: TICKER.parked, 30, "the ticker parked after the last guest call")
     # and it does tick while a guest runs (the epoch deadline depends on it)
     mod = write_wat(tmp_path, "spin", wat_module("(loop $l (br $l)) (unreachable)"))
     with build(tmp_path, [stage("spin", mod, "filter", fuel=None, timeout_ms=10)], reg) as chain:
