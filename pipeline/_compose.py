@@ -27,11 +27,14 @@ from ._runtime import Pipeline, chain_load_errors
 if TYPE_CHECKING:
     from sync import BatchSource, SyncWorker
 
-    from .chain import ChainWatcher
+    from .chain import ChainSpec, ChainWatcher
 
 __all__ = [
     "build_pipeline",
+    "cache_dir",
     "chain",
+    "chain_spec",
+    "chain_target",
     "keyring",
     "make_sync_worker",
     "open_store",
@@ -144,6 +147,37 @@ def make_sync_worker(
     )
 
 
+def cache_dir(cfg: PipelineConfig) -> Path:
+    """The AOT cache directory the runtime and ``edgepipe deploy`` share (beside the store)."""
+    return store_path(cfg).parent / ".edgepipe-cache"
+
+
+def chain_spec(cfg: PipelineConfig, chain_file: Path | None = None) -> ChainSpec:
+    """The chain of a pipeline: ``chain_file`` (argument or config) or the inline chain."""
+    from .chain import ChainSpec, load_chain_file
+
+    path = chain_file or cfg.chain_file
+    if path is None:
+        return ChainSpec(list(cfg.chain), cfg.base_dir, source=cfg.source, locs=cfg.locations)
+    if cfg.chain:
+        line, col = cfg.locations.get(("chain_file", "__key__"), (None, None))
+        raise ConfigError(
+            "give either `chain:` or `chain_file:`, not both", path=cfg.source, line=line, col=col
+        )
+    return load_chain_file(cfg.resolve(path))
+
+
+def chain_target(cfg: PipelineConfig) -> Path:
+    """The chain file ``edgepipe deploy`` installs and the runtime watches."""
+    if cfg.chain_file is None:
+        raise ConfigError(
+            "pipeline.yaml has no `chain_file:`; add e.g. `chain_file: filters.yaml` so "
+            "the runtime watches the file that `edgepipe deploy` installs",
+            path=cfg.source or "pipeline.yaml",
+        )
+    return cfg.resolve(cfg.chain_file)
+
+
 def chain(
     cfg: PipelineConfig, store: Store, *, clock: Clock = SYSTEM_CLOCK
 ) -> tuple[FilterChain | None, ChainWatcher | None]:
@@ -153,14 +187,14 @@ def chain(
     and does not consume (the broker holds the messages) until a fixed file appears."""
     if cfg.chain_file is None and not cfg.chain:
         return NoChain(), None
-    from .chain import Chain, ChainSpec, ChainWatcher, default_cache_dir, load_chain
+    from .chain import Chain, ChainSpec, ChainWatcher
     from .chain._deploy import locate_stage_error
 
-    cache = default_cache_dir(cfg)
+    cache = cache_dir(cfg)
     built: FilterChain | None = None
     spec: ChainSpec | None = None
     try:
-        spec = load_chain(cfg)
+        spec = chain_spec(cfg)
         built = Chain.build(
             spec.stages, store.registry, base_dir=spec.base_dir, cache_dir=cache, clock=clock
         )

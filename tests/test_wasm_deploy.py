@@ -14,8 +14,9 @@ import pytest
 from config._loader import load_config
 from core._errors import ConfigError
 from core._model import Batch, SeriesRegistry
+from pipeline._compose import chain_spec
 from pipeline.chain._chain import Chain
-from pipeline.chain._deploy import ChainWatcher, load_chain, load_chain_file
+from pipeline.chain._deploy import ChainWatcher, load_chain_file
 from pipeline.cli import main
 from tests.helpers.wasm import LIB
 
@@ -135,7 +136,7 @@ def test_deploy_and_rollback_cli(tmp_path, capsys, reg):
     out = json.loads(capsys.readouterr().out)
     assert out["version"] == 1
     cfg = load_config(cfg_path)
-    spec = load_chain(cfg)
+    spec = chain_spec(cfg)
     assert spec.path == tmp_path / "installed" / "filters.yaml"
     assert spec.stages[0].sha256 == out["stages"][0]["sha256"]
     assert list((tmp_path / ".edgepipe-cache").glob("*.cwasm"))  # AOT cache filled
@@ -167,12 +168,12 @@ def test_deploy_and_rollback_cli(tmp_path, capsys, reg):
 
     assert main(["rollback", "-c", str(cfg_path)]) == 0
     assert "version 1" in capsys.readouterr().out
-    spec = load_chain(load_config(cfg_path))
+    spec = chain_spec(load_config(cfg_path))
     assert spec.stages[0].config == {"alpha": 0.5}
     assert main(["rollback", "-c", str(cfg_path)]) == 2  # nothing older
     assert "oldest" in capsys.readouterr().err
     assert main(["rollback", "-c", str(cfg_path), "--to", "2"]) == 0
-    assert load_chain(load_config(cfg_path)).stages[0].config == {"alpha": 0.25}
+    assert chain_spec(load_config(cfg_path)).stages[0].config == {"alpha": 0.25}
     assert main(["rollback", "-c", str(cfg_path), "--list"]) == 0
     assert "*      2" in capsys.readouterr().out
 
@@ -192,7 +193,7 @@ def test_chain_and_chain_file_are_exclusive(tmp_path):
         f"chain:\n  - name: e\n    module: {LIB / 'ema.wasm'}\n    kind: map\n"
     )
     with pytest.raises(ConfigError):
-        load_chain(load_config(cfg_path))
+        chain_spec(load_config(cfg_path))
 
 
 def test_filter_build_and_test_cli(tmp_path, capsys):

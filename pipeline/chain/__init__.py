@@ -14,17 +14,15 @@ __all__ = [
     "ChainResult",
     "ChainSpec",
     "ChainWatcher",
-    "default_cache_dir",
-    "load_chain",
+    "load_chain_file",
 ]
 
 _WHERE = {
+    "load_chain_file": "._deploy",
     "Chain": "._chain",
     "ChainResult": "._chain",
     "ChainSpec": "._deploy",
     "ChainWatcher": "._deploy",
-    "default_cache_dir": "._deploy",
-    "load_chain": "._deploy",
 }
 
 

@@ -44,7 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from config._loader import load_yaml_located, locate_validation_error, read_text
-from config._models import PipelineConfig, StageConfig, unique_stage_names
+from config._models import StageConfig, unique_stage_names
 from core._errors import ConfigError, FilterError
 from core._fsutil import atomic_write
 from core._metrics import METRICS
@@ -59,10 +59,8 @@ __all__ = [
     "ChainSpec",
     "ChainWatcher",
     "check_chain",
-    "default_cache_dir",
     "deploy",
     "history",
-    "load_chain",
     "load_chain_file",
     "locate_stage_error",
     "rollback",
@@ -104,11 +102,6 @@ class ChainSpec:
     locs: dict[tuple[Any, ...], tuple[int, int]] | None = None
 
 
-def default_cache_dir(cfg: PipelineConfig) -> Path:
-    """The AOT cache directory the runtime and ``edgepipe deploy`` share."""
-    return cfg.resolve(cfg.store.path).parent / ".edgepipe-cache"
-
-
 def load_chain_file(path: Path, text: str | None = None) -> ChainSpec:
     """Parse and validate a filters file; :class:`ConfigError` at file:line:col."""
     shown = str(path)
@@ -131,19 +124,6 @@ def load_chain_file(path: Path, text: str | None = None) -> ChainSpec:
         shown,
         locs,
     )
-
-
-def load_chain(cfg: PipelineConfig, chain_file: Path | None = None) -> ChainSpec:
-    """The chain of a pipeline: ``chain_file`` (argument or config) or the inline chain."""
-    path = chain_file or cfg.chain_file
-    if path is None:
-        return ChainSpec(list(cfg.chain), cfg.base_dir, source=cfg.source, locs=cfg.locations)
-    if cfg.chain:
-        line, col = cfg.locations.get(("chain_file", "__key__"), (None, None))
-        raise ConfigError(
-            "give either `chain:` or `chain_file:`, not both", path=cfg.source, line=line, col=col
-        )
-    return load_chain_file(cfg.resolve(path))
 
 
 # -- checking -----------------------------------------------------------------------
@@ -370,23 +350,14 @@ class ChainWatcher:
 # -- deploy and rollback ----------------------------------------------------------------
 
 
-def _target(cfg: PipelineConfig) -> Path:
-    if cfg.chain_file is None:
-        raise ConfigError(
-            "pipeline.yaml has no `chain_file:`; add e.g. `chain_file: filters.yaml` so "
-            "the runtime watches the file that `edgepipe deploy` installs",
-            path="pipeline.yaml",
-        )
-    return cfg.resolve(cfg.chain_file)
-
-
 def _history_dir(target: Path) -> Path:
     return target.parent / STATE_DIR / "history"
 
 
-def history(cfg: PipelineConfig) -> tuple[list[Path], int | None]:
-    """Installed versions (oldest first) and the number of the current one."""
-    hdir = _history_dir(_target(cfg))
+def history(target: Path) -> tuple[list[Path], int | None]:
+    """Installed versions of the chain file ``target`` (oldest first) and the number of the
+    current one."""
+    hdir = _history_dir(target)
     entries = sorted(hdir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].yaml")) if hdir.exists() else []
     try:
         current = int((hdir / "CURRENT").read_text().strip())
@@ -426,14 +397,13 @@ def _pinned(target: Path, source: Path, spec: ChainSpec, loaded: dict[str, Loade
     return (header + body).encode()
 
 
-def deploy(cfg: PipelineConfig, source: Path, *, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Validate, compile and install ``source`` as the watched chain file."""
-    target = _target(cfg)
+def deploy(target: Path, source: Path, *, cache_dir: Path | None) -> dict[str, Any]:
+    """Validate, compile and install ``source`` as the watched chain file ``target``
+    (``pipeline._compose.chain_target``), compiling into ``cache_dir``."""
     spec = load_chain_file(source)  # ConfigError at file:line:col
-    cache_dir = cache_dir or default_cache_dir(cfg)
     loaded = check_chain(spec, cache_dir=cache_dir)  # what `edgepipe validate` checks
     text = _pinned(target, source, spec, loaded)
-    entries, _ = history(cfg)
+    entries, _ = history(target)
     if not entries and target.exists() and not target.is_symlink():
         # the chain that was there before the first deploy (written by hand): keep it,
         # pinned like a deployed one, as version 1 so that `edgepipe rollback` returns to it
@@ -463,10 +433,10 @@ def deploy(cfg: PipelineConfig, source: Path, *, cache_dir: Path | None = None) 
     }
 
 
-def rollback(cfg: PipelineConfig, to: int | None = None) -> dict[str, Any]:
-    """Re-install an earlier deployed version (default: the one before the current)."""
-    target = _target(cfg)
-    entries, current = history(cfg)
+def rollback(target: Path, to: int | None = None) -> dict[str, Any]:
+    """Re-install an earlier deployed version of ``target`` (default: the one before the
+    current)."""
+    entries, current = history(target)
     numbers = [int(p.stem) for p in entries]
     if not numbers:
         raise ConfigError("nothing to roll back to: no deploy history", path=str(target))

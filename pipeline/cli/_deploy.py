@@ -30,10 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _deploy(args: argparse.Namespace) -> int:
     from config._loader import load_config
+    from pipeline import _compose as compose
     from pipeline.chain._deploy import deploy
 
     cfg = load_config(args.config)
-    result = deploy(cfg, args.filters)
+    result = deploy(compose.chain_target(cfg), args.filters, cache_dir=compose.cache_dir(cfg))
     if args.json:
         print(json.dumps(result))
     else:
@@ -45,16 +46,18 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace) -> int:
     from config._loader import load_config
+    from pipeline import _compose as compose
     from pipeline.chain._deploy import history, rollback
 
     cfg = load_config(args.config)
+    target = compose.chain_target(cfg)
     if args.list:
-        entries, current = history(cfg)
+        entries, current = history(target)
         for e in entries:
             n = int(e.stem)
             print(f"{'*' if n == current else ' '} {n:6d}  {e}")
         return 0
-    result = rollback(cfg, args.to)
+    result = rollback(target, args.to)
     if args.json:
         print(json.dumps(result))
     else:

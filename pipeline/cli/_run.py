@@ -51,9 +51,10 @@ def _run(args: argparse.Namespace) -> int:
         except FilterLoadError as e:
             # a stage refused at start-up is a configuration error (exit 2), reported at
             # its stage's node like `edgepipe validate` reports it
-            from pipeline.chain._deploy import load_chain, locate_stage_error
+            from pipeline._compose import chain_spec
+            from pipeline.chain._deploy import locate_stage_error
 
-            raise locate_stage_error(e, load_chain(cfg)) from None
+            raise locate_stage_error(e, chain_spec(cfg)) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pipeline.stop)

@@ -61,8 +61,10 @@ def _resolve(p: str | Provider) -> Provider:
 
 
 async def store_section(ctx: StatusContext) -> dict[str, Any]:
+    from .. import _compose as compose
+
     if ctx.store is None:
-        return {"path": str(ctx.cfg.resolve(ctx.cfg.store.path)), "exists": False}
+        return {"path": str(compose.store_path(ctx.cfg)), "exists": False}
     s = await ctx.store.stats()
     out = {
         "path": str(ctx.store.path),

@@ -28,7 +28,8 @@ def _validate(args: argparse.Namespace) -> int:
     from config._loader import load_config
     from config._secrets import check_secrets
     from core._errors import ConfigError
-    from pipeline.chain._deploy import check_chain, load_chain
+    from pipeline._compose import chain_spec
+    from pipeline.chain._deploy import check_chain
 
     cfg = load_config(args.config)
     problems: list[ConfigError] = []
@@ -43,7 +44,7 @@ def _validate(args: argparse.Namespace) -> int:
     logger.addHandler(logs)
     level, logger.level = logger.level, logging.WARNING
     try:
-        spec = load_chain(cfg)
+        spec = chain_spec(cfg)
         # no AOT cache: validating writes nothing, not even next to the store
         check_chain(spec, cache_dir=None)
     except ConfigError as e:
