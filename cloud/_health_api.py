@@ -80,8 +80,8 @@ async def device_health(request: Request) -> Response:
     security: [{operatorBearer: []}]
     parameters:
       - {$ref: "#/components/parameters/Name"}
-      - {name: since, in: query, schema: {type: integer}}
-      - {name: until, in: query, schema: {type: integer}}
+      - {name: since, in: query, description: "ms since epoch, inclusive", schema: {type: integer, minimum: 0, maximum: 9007199254740991}}
+      - {name: until, in: query, description: "ms since epoch, exclusive", schema: {type: integer, minimum: 0, maximum: 9007199254740991}}
       - {name: limit, in: query, schema: {type: integer, maximum: 5000}}
     responses:
       "200":
@@ -95,6 +95,7 @@ async def device_health(request: Request) -> Response:
                 snapshots: {type: array, items: {type: object}}
                 badges: {type: array, items: {type: object}}
               required: [device, snapshots, badges]
+      "400": {$ref: "#/components/responses/Error"}
       "401": {$ref: "#/components/responses/Error"}
       "404": {$ref: "#/components/responses/Error"}
     """
@@ -129,8 +130,8 @@ async def device_logs(request: Request) -> Response:
       - {$ref: "#/components/parameters/Name"}
       - {name: level, in: query, schema: {type: string, enum: [WARNING, ERROR, CRITICAL]}}
       - {name: q, in: query, schema: {type: string, maxLength: 200}}
-      - {name: since, in: query, schema: {type: integer}}
-      - {name: until, in: query, schema: {type: integer}}
+      - {name: since, in: query, description: "ms since epoch, inclusive", schema: {type: integer, minimum: 0, maximum: 9007199254740991}}
+      - {name: until, in: query, description: "ms since epoch, exclusive", schema: {type: integer, minimum: 0, maximum: 9007199254740991}}
       - {name: limit, in: query, schema: {type: integer, maximum: 5000}}
     responses:
       "200":

@@ -15,7 +15,7 @@ import pytest
 
 from core._errors import KeyError_, StoreError, TamperedError
 from core._model import Batch, DeadLetter
-from storage import Keyring, Sealer, Store, generate_key_line
+from storage import SCHEMA_VERSION, Keyring, Sealer, Store, generate_key_line
 from storage._schema import _V1
 
 DEVICE = "sec-dev"
@@ -330,7 +330,7 @@ def test_migration_from_schema_1(tmp_path: Path) -> None:
 
     async def go() -> None:
         async with await Store.open(db, kr, device_id=DEVICE) as s:
-            assert s.schema_version == 2
+            assert s.schema_version == SCHEMA_VERSION
             assert s.identity_key == kr.derive("message-identity")  # dedupe continuity
             assert await s.load_states() == {"CANARYSTAGE7": b"CANARYSTATE7"}
             assert [sb.seq for sb in await s.batches()] == [1, 2, 3]
@@ -339,7 +339,7 @@ def test_migration_from_schema_1(tmp_path: Path) -> None:
             await s.verify()
         assert leaks(db, [b"CANARYSTAGE7"]) == []  # the clear stage name is zeroed away
         con = sqlite3.connect(db)
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         con.close()
 
     asyncio.run(go())
