@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import headless_chromium
 from tests.helpers.cloud_client import DeviceClient, make_batch
 from tests.helpers.edge import REPO, make_config, publish, reading_msg, wait_for
 from tests.helpers.sync_env import Receiver
@@ -62,24 +63,8 @@ def receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiv
 
 @pytest.fixture
 def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        try:
-            yield b
-        finally:
-            b.close()
+    with headless_chromium(CHROMIUM) as b:
+        yield b
 
 
 def _fake_sysfs(root: Path, iface: str) -> Path:

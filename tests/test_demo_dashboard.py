@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import headless_chromium
 from tests.helpers.edge import REPO, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -172,24 +173,8 @@ def _identity_errors(samples: list[tuple[str, dict[str, float]]]) -> list[str]:
 
 @pytest.fixture
 def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        try:
-            yield b
-        finally:
-            b.close()
+    with headless_chromium(CHROMIUM) as b:
+        yield b
 
 
 def _run_printed(cmd: str, cwd: Path) -> str:
