@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from . import _bundle_api as bundle
 from . import _health_api as health
 from . import _read_api as read
 from ._admission import DeviceRate, UploadGate
@@ -45,6 +46,8 @@ def api_routes() -> list[BaseRoute]:
     return [
         Route("/v1/ping", read.ping, methods=["GET"]),
         Route("/v1/batches", post_batches, methods=["POST"]),
+        Route("/v1/bundle", bundle.check_in, methods=["POST"]),
+        Route("/v1/modules/{sha256}", bundle.get_module, methods=["GET"]),
         Route("/v1/devices", read.list_devices, methods=["GET"]),
         Route("/v1/devices/{name}", read.get_device, methods=["GET"]),
         Route("/v1/devices/{name}/metrics", read.device_metrics, methods=["GET"]),

@@ -7,7 +7,9 @@ Protocol in its own module:
   key (add, list, get, secrets, re-wrap);
 * :class:`~cloud._ingest.Ingest` -- uploads, idempotent on (device, seq), and their nonces;
 * :class:`~cloud._queries.Queries` -- readings, rollups, the logs and the fleet's status;
-* :class:`~cloud._operators.Operators` -- dashboard operators and their sessions.
+* :class:`~cloud._operators.Operators` -- dashboard operators and their sessions;
+* :class:`~cloud._bundles.Bundles` -- signed chain bundles, their modules, and the desired
+  and reported bundle state of every device.
 
 :class:`SQLBackend` implements every role once, in portable SQL, on top of the dialect
 hooks of :class:`~cloud._sql.SQLBase` that the two concrete backends fill in
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from ._bundles import Bundles, BundlesSQL
 from ._devices import Devices, DevicesSQL
 from ._health import Health, HealthSQL
 from ._ingest import Ingest, IngestResult, IngestSQL
@@ -29,6 +32,7 @@ from ._sql import ROLLUP_MS
 
 __all__ = [
     "ROLLUP_MS",
+    "Bundles",
     "SCHEMA_VERSION",
     "Backend",
     "Devices",
@@ -42,7 +46,7 @@ __all__ = [
 
 
 @runtime_checkable
-class Backend(Devices, Ingest, Queries, Operators, Health, Protocol):
+class Backend(Devices, Ingest, Queries, Operators, Health, Bundles, Protocol):
     """What the receiver needs from storage: every role, plus its lifetime.  Device secrets
     are stored sealed with ``master_key``; without one the backend serves everything except
     device secrets."""
@@ -58,7 +62,7 @@ class Backend(Devices, Ingest, Queries, Operators, Health, Protocol):
     def close(self) -> None: ...
 
 
-class SQLBackend(SchemaSQL, DevicesSQL, HealthSQL, IngestSQL, QueriesSQL, OperatorsSQL):
+class SQLBackend(SchemaSQL, DevicesSQL, HealthSQL, IngestSQL, QueriesSQL, OperatorsSQL, BundlesSQL):
     """Every role, in SQL both dialects accept; subclasses supply the dialect hooks."""
 
     def __enter__(self) -> SQLBackend:
