@@ -282,7 +282,7 @@ async def check_in(request: Request) -> Response:
     description: >-
       The body is the device's bundle state (JSON, at most 64 KiB; docs/sync-protocol.md).
       The answer names the desired bundle and, unless the device already runs it or
-      reported refusing it, carries its signed manifest (docs/rollout.md).
+      reported refusing it or working on it, carries its signed manifest (docs/rollout.md).
     operationId: bundleCheckIn
     tags: [sync]
     security: [{deviceSignature: []}]
@@ -338,8 +338,9 @@ async def check_in(request: Request) -> Response:
         desired = None
         if bundle is not None:
             v = bundle["version"]
+            # a version the device runs, refused, or is waiting on (it keeps the manifest)
             known = v == report["active_version"] or (
-                report["status"] == "failed" and report["version"] == v
+                report["version"] == v and report["status"] in ("failed", "waiting", "downloading")
             )
             desired = {
                 "version": v,
