@@ -1,5 +1,7 @@
 """The device side of bundles: ``POST /v1/bundle`` (check in: report the bundle state, get
-the desired bundle) and ``GET /v1/modules/{sha256}`` (a module of that bundle).
+the desired bundle) and ``GET /v1/modules/{sha256}`` (a module of that bundle); for
+operators, ``GET /v1/bundles`` (bundles and the fleet's bundle state) and
+``GET /v1/devices/{name}/bundle`` (one device's state and events).
 
 Both are authenticated exactly like an upload with a version 2 signature
 (:mod:`protocol._signing`): the headers and the body's digest are signed, the timestamp
@@ -35,6 +37,7 @@ from protocol import _signing as signing
 from protocol._bundle import REASONS, envelope
 
 from ._admission import DeviceRate
+from ._auth import operator_endpoint
 from ._backend import Backend
 from ._errors import CloudError, MasterKeyError, Rejected, SecretUnreadable, UnknownDevice
 from ._http_errors import UNKNOWN_DEVICE_OR_BAD_SIGNATURE, error_response, rejection_for
@@ -44,7 +47,9 @@ __all__ = [
     "MAX_REPORT_BYTES",
     "BundleGate",
     "check_in",
+    "device_bundle",
     "get_module",
+    "list_bundles",
     "parse_report",
 ]
 
@@ -392,3 +397,73 @@ async def get_module(request: Request) -> Response:
         return Response(data, media_type="application/wasm")
 
     return await _answer(request, "modules", handle)
+
+
+# -- operators ------------------------------------------------------------------------------
+@operator_endpoint
+async def list_bundles(request: Request) -> Response:
+    """Every bundle (newest first) and every device's desired and reported bundle.
+    ---
+    summary: Bundles and the fleet's bundle state
+    operationId: listBundles
+    tags: [read]
+    security: [{operatorBearer: []}]
+    responses:
+      "200":
+        description: Bundles (without their manifests) and one state per device.
+        content:
+          application/json:
+            schema:
+              type: object
+              properties:
+                bundles: {type: array, items: {type: object}}
+                devices: {type: array, items: {type: object}}
+              required: [bundles, devices]
+      "401": {$ref: "#/components/responses/Error"}
+    """
+    backend: Backend = request.app.state.backend
+    bundles = await run_in_threadpool(backend.list_bundles)
+    states = await run_in_threadpool(backend.bundle_states)
+    return JSONResponse({"bundles": bundles, "devices": states})
+
+
+@operator_endpoint
+async def device_bundle(request: Request) -> Response:
+    """One device's desired and reported bundle, and its bundle events (oldest first).
+    ---
+    summary: Bundle state and timeline of one device
+    operationId: deviceBundle
+    tags: [read]
+    security: [{operatorBearer: []}]
+    parameters:
+      - {$ref: "#/components/parameters/Name"}
+      - name: since
+        in: query
+        schema: {type: integer, minimum: 0}
+    responses:
+      "200":
+        description: The state and the events.
+        content:
+          application/json:
+            schema:
+              type: object
+              properties:
+                state: {type: object}
+                events: {type: array, items: {type: object}}
+              required: [state, events]
+      "400": {$ref: "#/components/responses/Error"}
+      "401": {$ref: "#/components/responses/Error"}
+      "404": {$ref: "#/components/responses/Error"}
+    """
+    backend: Backend = request.app.state.backend
+    name = request.path_params["name"]
+    raw = request.query_params.get("since") or None
+    if raw is not None and not (raw.isdigit() and len(raw) <= 16):
+        raise Rejected(400, "bad_request", "since must be a non-negative integer (ms)")
+    state = await run_in_threadpool(backend.bundle_state, name)
+    if state is None:
+        raise UnknownDevice(name)
+    events = await run_in_threadpool(
+        functools.partial(backend.bundle_events, name, since=int(raw) if raw else None)
+    )
+    return JSONResponse({"state": state, "events": events})

@@ -30,12 +30,13 @@ from protocol._bundle import (
     ModuleEntry,
     SigningKey,
     check_path,
+    decode_manifest,
     encode_manifest,
 )
 from protocol._keys import append_key_line, read_key_file, write_new_key_file
 
 from ._backend import Backend
-from ._bundles import BundleVersionTaken
+from ._bundles import BundleVersionTaken, UnknownBundle
 from ._errors import CloudError
 from ._settings import Settings
 
@@ -235,8 +236,65 @@ def create_bundle(
 ) -> dict[str, Any]:
     """Read, check, sign and store a bundle with the next version; -> its summary."""
     text, modules = read_bundle_source(filters)
-    now = now_ms() if now is None else now
     new = sum(backend.put_module(e.sha256, blob) for e, blob in modules)
+    return _sign_and_store(
+        backend,
+        key,
+        text,
+        [e for e, _ in modules],
+        new,
+        fleet=fleet,
+        priority=priority,
+        valid_days=valid_days,
+        now=now,
+    )
+
+
+def reissue_bundle(
+    backend: Backend,
+    key: SigningKey,
+    version: int,
+    *,
+    fleet: str,
+    priority: str,
+    valid_days: float,
+    now: int | None = None,
+) -> dict[str, Any]:
+    """The chain of stored bundle ``version`` (its filters text and modules, unchanged)
+    signed again as the next version: how a fleet goes back to an earlier chain, since a
+    device never applies a version lower than one it has applied."""
+    old = backend.get_bundle(version)
+    if old is None:
+        raise UnknownBundle(version)
+    m = decode_manifest(old["manifest"])
+    return _sign_and_store(
+        backend,
+        key,
+        m.filters_text,
+        list(m.modules),
+        0,
+        fleet=fleet,
+        priority=priority,
+        valid_days=valid_days,
+        now=now,
+        extra={"from_version": version},
+    )
+
+
+def _sign_and_store(
+    backend: Backend,
+    key: SigningKey,
+    text: str,
+    modules: list[ModuleEntry],
+    new: int,
+    *,
+    fleet: str,
+    priority: str,
+    valid_days: float,
+    now: int | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    now = now_ms() if now is None else now
     for _ in range(10):  # another `bundle create` may take the version meanwhile
         manifest = Manifest(
             fleet=fleet,
@@ -248,7 +306,7 @@ def create_bundle(
             key_id=key.id,
             filters_text=text,
             filters_sha256=hashlib.sha256(text.encode()).hexdigest(),
-            modules=tuple(e for e, _ in modules),
+            modules=tuple(modules),
         )
         data = encode_manifest(manifest)
         try:
@@ -264,6 +322,7 @@ def create_bundle(
             "new_modules": new,
             "total_bytes": manifest.total_bytes,
             "not_after": manifest.not_after,
+            **(extra or {}),
         }
     raise CloudError("could not take a bundle version (too many concurrent bundle creates)")
 
@@ -280,14 +339,11 @@ def bundle_command(args: argparse.Namespace, settings: Settings, backend: Backen
         if not found:
             raise SigningKeyError(f"no signing key {args.key!r} in {source}")
         key = found[0]
-    summary = create_bundle(
-        backend,
-        key,
-        Path(args.filters),
-        fleet=settings.fleet,
-        priority=args.priority,
-        valid_days=args.valid_days,
-    )
+    opts = {"fleet": settings.fleet, "priority": args.priority, "valid_days": args.valid_days}
+    if args.from_version is not None:
+        summary = reissue_bundle(backend, key, args.from_version, **opts)
+    else:
+        summary = create_bundle(backend, key, Path(args.filters), **opts)
     print(json.dumps(summary, sort_keys=True))
     print(
         f"bundle version {summary['version']} signed with {key.id} and stored; "
@@ -343,7 +399,15 @@ def add_parsers(sub: Any, command: Any, exits: Any, db_cmd: str, no_db: str) -> 
         "check, sign and store a filters file and its modules as the next bundle version",
         exits(f"the filters file or a module is refused; {db_cmd}", no_db + key_hint),
     )
-    create.add_argument("filters", metavar="FILTERS.yaml")
+    create.add_argument("filters", metavar="FILTERS.yaml", nargs="?")
+    create.add_argument(
+        "--from",
+        dest="from_version",
+        type=int,
+        metavar="VERSION",
+        help="instead of a filters file: sign the chain of stored bundle VERSION again as the "
+        "next version (going back to an earlier chain; devices never apply a lower version)",
+    )
     create.add_argument(
         "--priority",
         choices=["normal", "urgent"],

@@ -16,6 +16,7 @@
     edgepipe-cloud signing-key generate --out /etc/edgepipe/fleet-signing.key   # 0600
     edgepipe-cloud signing-key list | rotate   # public key lines; a new signing key line
     edgepipe-cloud bundle create filters.yaml [--priority urgent]   # sign the next version
+    edgepipe-cloud bundle create --from 3        # bundle 3's chain again, as the next version
     edgepipe-cloud bundle list
     edgepipe-cloud devices desire NAME VERSION   # what the device should run
     edgepipe-cloud devices bundles               # desired and reported bundle per device
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "signing-key":
             return signing_key_command(args, settings)
         if args.command == "bundle":
+            if args.action == "create" and (args.filters is None) == (args.from_version is None):
+                return _fail("give FILTERS.yaml or --from VERSION (one of them)", EXIT_USAGE)
             with _open(settings) as backend:
                 return bundle_command(args, settings, backend)
         if args.command == "init":

@@ -274,3 +274,44 @@ def test_module_content_is_addressed(backend: Backend) -> None:
     sha = hashlib.sha256(data).hexdigest()
     assert backend.put_module(sha, data) in (True, False)
     assert backend.put_module(sha, data) is False and backend.has_module(sha)
+
+
+def test_operators_read_bundles_and_a_device_timeline(
+    backend: Backend, server: LiveServer, operator: httpx.Client, tmp_path: Path
+) -> None:
+    name, _ = new_device(backend)
+    made = make_bundle(backend, tmp_path)
+    backend.set_desired(name, made["version"], "canary", now=5)
+    doc = operator.get("/v1/bundles").json()
+    assert doc["bundles"][0]["version"] == made["version"] and "manifest" not in doc["bundles"][0]
+    assert any(
+        d["device"] == name and d["desired_version"] == made["version"] for d in doc["devices"]
+    )
+    one = operator.get(f"/v1/devices/{name}/bundle").json()
+    assert one["state"]["desired_reason"] == "canary"
+    assert [e["kind"] for e in one["events"]] == ["desired"]
+    assert operator.get(f"/v1/devices/{name}/bundle", params={"since": 6}).json()["events"] == []
+    assert operator.get(f"/v1/devices/{name}/bundle", params={"since": "x"}).status_code == 400
+    assert operator.get("/v1/devices/nobody-at-all/bundle").status_code == 404
+    assert httpx.get(server.url + "/v1/bundles").status_code == 401  # operators only
+
+
+def test_reissue_signs_an_earlier_chain_as_the_next_version(
+    backend: Backend, tmp_path: Path
+) -> None:
+    from cloud._bundle_cli import reissue_bundle
+
+    first = make_bundle(backend, tmp_path / "a", tag="first")
+    make_bundle(backend, tmp_path / "b", tag="second")
+    again = reissue_bundle(
+        backend, KEY, first["version"], fleet="default", priority="urgent", valid_days=1
+    )
+    assert again["version"] == backend.next_bundle_version() - 1 > first["version"]
+    assert again["from_version"] == first["version"] and again["priority"] == "urgent"
+    old, new = backend.get_bundle(first["version"]), backend.get_bundle(again["version"])
+    assert old is not None and new is not None and old["modules"] == new["modules"]
+    m_old = _bundle.decode_manifest(old["manifest"])
+    m_new = _bundle.decode_manifest(new["manifest"])
+    assert m_new.filters_text == m_old.filters_text and m_new.modules == m_old.modules
+    with pytest.raises(UnknownBundle):
+        reissue_bundle(backend, KEY, 10**9, fleet="default", priority="normal", valid_days=1)
