@@ -206,7 +206,7 @@ async def _authenticated(
         raise
     if secret is None:
         raise Rejected(401, "bad_signature", UNKNOWN_DEVICE_OR_BAD_SIGNATURE)
-    ctype = h.get("content-type", "")
+    ctype = h.get("content-type", "application/json")
     encoding = h.get("content-encoding", "identity")
     link = h.get(signing.HEADER_LINK, "unknown")
     timestamp = int(ts_raw)

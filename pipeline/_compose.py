@@ -33,6 +33,8 @@ __all__ = [
     "ChainDeployer",
     "bundle_agent",
     "build_pipeline",
+    "bundle_cache_dir",
+    "bundle_state_path",
     "cache_dir",
     "chain",
     "chain_spec",
@@ -187,6 +189,16 @@ def pulled_chain_target(cfg: PipelineConfig) -> Path:
     return _beside(store_path(cfg), ".chain") / "filters.yaml"
 
 
+def bundle_state_path(cfg: PipelineConfig) -> Path:
+    """The bundle agent's state (the highest version applied, what runs): beside the store."""
+    return _beside(store_path(cfg), ".bundle.json")
+
+
+def bundle_cache_dir(cfg: PipelineConfig) -> Path:
+    """The bundle agent's content-addressed module cache and staging: beside the store."""
+    return _beside(store_path(cfg), ".bundles")
+
+
 def _uses_pulled_chain(cfg: PipelineConfig) -> bool:
     b = cfg.sync.bundles
     return (
@@ -336,13 +348,12 @@ def bundle_agent(
     and module cache live beside the store."""
     from sync import BundleAgent
 
-    sp = store_path(cfg)
     return BundleAgent(
         cfg.sync.bundles,
         transport=worker.transport,
         applier=ChainDeployer(cfg, watcher),  # type: ignore[arg-type]
-        state_path=_beside(sp, ".bundle.json"),
-        cache_dir=_beside(sp, ".bundles"),
+        state_path=bundle_state_path(cfg),
+        cache_dir=bundle_cache_dir(cfg),
         clock=clock,
     )
 

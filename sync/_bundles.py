@@ -392,6 +392,9 @@ class BundleAgent:
         except OSError as e:
             self._refused(m.version, "install_failed", f"cannot lay out the bundle: {e}")
             return "refused"
+        # durable before the chain is installed: a crash after the install cannot reopen a
+        # downgrade to a version between the old highest and this one
+        self._set(highest=max(self.state.highest, m.version))
         try:
             stages = await asyncio.to_thread(self.applier.apply, filters)
         except CannotApply as e:
@@ -403,7 +406,6 @@ class BundleAgent:
         prev = st.active_version
         now = self._now_ms()
         self._set(
-            highest=m.version,
             active_version=m.version,
             previous_version=prev,
             applied_ms=now,
