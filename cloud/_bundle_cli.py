@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from core._clock import now_ms
+from protocol._abi import abi_problems
 from protocol._bundle import (
     MAX_FILTERS_BYTES,
     MAX_MODULE_BYTES,
@@ -54,7 +55,6 @@ SIGNING_KEY_FILE_ENV = "EDGEPIPE_CLOUD_SIGNING_KEY_FILE"
 SIGNING_KEY_ENV = "EDGEPIPE_CLOUD_SIGNING_KEY"
 #: Bundles are valid from a few minutes before they are made (devices' clocks drift).
 NOT_BEFORE_SLACK_MS = 10 * 60_000
-_WASM_MAGIC = b"\0asm\x01\0\0\0"
 
 
 class SigningKeyError(CloudError):
@@ -157,8 +157,8 @@ def signing_key_command(args: argparse.Namespace, settings: Settings | None) -> 
 def read_bundle_source(filters: Path) -> tuple[str, list[tuple[ModuleEntry, bytes]]]:
     """The filters file's text and every module it names (path as written, relative to the
     file), checked as far as the cloud can without the edge's sandbox: the YAML's shape,
-    module paths (relative, below the file's directory), sizes, the Wasm header and any
-    ``sha256:`` pin.  :class:`BundleSourceError` for the first problem."""
+    module paths (relative, below the file's directory), sizes, the ABI v1 imports and
+    exports (:func:`protocol._abi.abi_problems`) and any ``sha256:`` pin.  :class:`BundleSourceError` for the first problem."""
     shown = str(filters)
     try:
         raw = filters.read_bytes()
@@ -204,9 +204,10 @@ def read_bundle_source(filters: Path) -> tuple[str, list[tuple[ModuleEntry, byte
                 raise BundleSourceError(
                     shown, f"stage {name!r}: cannot read {rel}: {e.strerror}"
                 ) from None
-            if not blob.startswith(_WASM_MAGIC):
+            problems = abi_problems(blob)
+            if problems:
                 raise BundleSourceError(
-                    shown, f"stage {name!r}: {rel} is not a WebAssembly module (version 1)"
+                    shown, f"stage {name!r}: {rel}: {'; '.join(problems)} (filters/ABI.md)"
                 )
             entry = ModuleEntry(rel, hashlib.sha256(blob).hexdigest(), len(blob))
             by_path[rel] = (entry, blob)

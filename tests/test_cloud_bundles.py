@@ -180,6 +180,13 @@ def test_a_filters_file_is_checked_before_it_is_signed(tmp_path: Path) -> None:
     }
     (tmp_path / "lib/text.wasm").write_text("not wasm")
     cases["chain:\n  - name: a\n    module: lib/text.wasm\n"] = "not a WebAssembly module"
+    import wasmtime
+
+    from tests.helpers.wasm import wat_module
+
+    wasi = '(import "wasi_snapshot_preview1" "proc_exit" (func (param i32)))'
+    (tmp_path / "lib/wasi.wasm").write_bytes(wasmtime.wat2wasm(wat_module(imports=wasi)))
+    cases["chain:\n  - name: a\n    module: lib/wasi.wasm\n"] = "not granted"
     for text, why in cases.items():
         path.write_text(text)
         with pytest.raises(BundleSourceError, match=why):
