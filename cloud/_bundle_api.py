@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 
 from core._clock import now_ms
 from protocol import _signing as signing
-from protocol._bundle import REASONS, envelope
+from protocol._bundle import DEVICE_REASONS, envelope
 
 from ._admission import DeviceRate
 from ._auth import operator_endpoint
@@ -64,14 +64,6 @@ _LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _STATUSES = ("applied", "failed", "downloading", "waiting")
 _INT_MAX = 2**63 - 1
-#: Device refusals beyond the bundle reasons (the device's own checks of the chain).
-DEVICE_REASONS = (
-    *REASONS,
-    "invalid_chain",
-    "chain_source_local",
-    "download_failed",
-    "install_failed",
-)
 
 
 class BundleGate:

@@ -42,6 +42,7 @@ from typing import Any
 from core._errors import EdgepipeError
 
 __all__ = [
+    "DEVICE_REASONS",
     "FORMAT",
     "MAX_FILTERS_BYTES",
     "MAX_MANIFEST_BYTES",
@@ -79,6 +80,15 @@ REASONS = (
     "hash_mismatch",
     "too_large",
     "malformed",
+)
+#: Every reason a device reports for not running a bundle: the bundle's own (above) and
+#: its checks of the chain and the install.
+DEVICE_REASONS = (
+    *REASONS,
+    "invalid_chain",
+    "chain_source_local",
+    "download_failed",
+    "install_failed",
 )
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_FILTERS_BYTES = 64 * 1024

@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from core._errors import SyncError
 from core._fsutil import atomic_write
 from core._metrics import METRICS
 from protocol._bundle import (
+    DEVICE_REASONS,
     BundleRefused,
     Manifest,
     check_module,
@@ -84,6 +86,7 @@ class CannotApply(Exception):
     ``install_failed``."""
 
     def __init__(self, reason: str, detail: str) -> None:
+        assert reason in DEVICE_REASONS, reason
         self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
 
@@ -155,7 +158,7 @@ def stage_health(
             row[parts[2]] = delta
         elif parts[0] in ("drops", "traps") and len(parts) == 3 and len(row[parts[0]]) < 32:
             if delta:
-                row[parts[0]][parts[2][:64]] = delta
+                row[parts[0]][_label(parts[2])] = delta
         elif parts[0] == "dead_letters" and len(parts) == 2:
             row["dead_letters"] = delta
         elif parts[0] == "breaker_open" and len(parts) == 2:
@@ -432,6 +435,11 @@ class BundleAgent:
         for k, v in changes.items():
             setattr(self.state, k, v)
         self.state.save(self.state_path)
+
+
+def _label(text: str) -> str:
+    """A drop reason or trap code as the receiver takes it: ``[A-Za-z0-9_.:-]``, 64 at most."""
+    return re.sub(r"[^A-Za-z0-9_.:-]", "_", text)[:64] or "-"
 
 
 def _int(v: Any) -> int | None:
