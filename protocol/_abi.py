@@ -68,9 +68,10 @@ class _Reader:
         self.pos += 1
         return b
 
-    def u32(self) -> int:
+    def uleb(self, max_bytes: int = 5) -> int:
+        """An unsigned LEB128 of at most ``max_bytes`` bytes (5: u32, 10: u64)."""
         result = shift = 0
-        for _ in range(5):
+        for _ in range(max_bytes):
             b = self.byte()
             result |= (b & 0x7F) << shift
             if not b & 0x80:
@@ -78,15 +79,8 @@ class _Reader:
             shift += 7
         raise _Unreadable("bad LEB128")
 
-    def u64(self) -> int:
-        result = shift = 0
-        for _ in range(10):
-            b = self.byte()
-            result |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return result
-            shift += 7
-        raise _Unreadable("bad LEB128")
+    def u32(self) -> int:
+        return self.uleb(5)
 
     def name(self) -> str:
         n = self.u32()
@@ -113,10 +107,10 @@ class _Reader:
         flags = self.byte()
         if flags > 0x07:
             raise _Unreadable("limits flags")
-        read = self.u64 if flags & 0x04 else self.u32
-        read()
+        width = 10 if flags & 0x04 else 5  # memory64: u64 limits
+        self.uleb(width)
         if flags & 0x01:
-            read()
+            self.uleb(width)
         return bool(flags & 0x04), bool(flags & 0x02) and memory
 
 
