@@ -73,14 +73,28 @@ def _clean_loc(loc: _Loc) -> _Loc:
     return tuple(p for p in loc if isinstance(p, int) or not str(p).endswith("]"))
 
 
+def _in_document(loc: _Loc, locs: dict[_Loc, tuple[int, int]]) -> _Loc:
+    """``loc`` without the parts that name no node of the document: a discriminated
+    union's tag (``rules.0.silent.for_min`` is ``rules.0.for_min`` in the YAML)."""
+    if loc in locs or (*loc, "__key__") in locs:
+        return loc
+    kept: _Loc = ()
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if (*kept, part) in locs or (*kept, part, "__key__") in locs or last:
+            kept = (*kept, part)
+    return kept
+
+
 def locate_validation_error(
     err: ValidationError, locs: dict[_Loc, tuple[int, int]], path: str
 ) -> ConfigError:
     """The first pydantic error, as a ConfigError at the closest YAML node."""
     messages = []
     for e in err.errors(include_url=False):
-        loc = _clean_loc(tuple(e["loc"]))
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        shown = _clean_loc(tuple(e["loc"]))
+        dotted = ".".join(str(p) for p in shown) or "(top level)"
+        loc = _in_document(shown, locs)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = f"unknown key {loc[-1]!r}"
