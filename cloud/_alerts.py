@@ -186,36 +186,41 @@ class AlertEngine:
 
     # -- evaluation (blocking: runs in a worker thread) ------------------------------------
     def evaluate(self, devices: set[str] | None = None) -> list[AlertRow]:
-        """Evaluate every rule (for ``devices`` only, if given), store the transitions and
-        return them (firings and resolves), in the order they were made."""
+        """Evaluate every rule (for ``devices`` only, if given), store the transitions, offer
+        them to the webhooks and return them (firings and resolves) in the order made."""
         with self._eval_lock:
-            now = self.now_ms()
-            b = self.backend
-            if devices is None:
-                rows = b.list_devices()
-            else:
-                rows = [d for d in map(b.get_device, sorted(devices)) if d is not None]
-            holds: dict[str, AlertRow] = {}
-            for d in rows:
-                holds.update(conditions_for(b, self.rules, d, now))
-            firing = {a.key: a for a in b.alerts(state="firing", limit=10_000)}
-            out: list[AlertRow] = []
-            for key, a in holds.items():
-                old = firing.get(key)
-                if old is None:
-                    if b.fire_alert(a):
-                        out.append(a)
-                elif old.summary != a.summary or old.value != a.value:
-                    b.update_alert(key, a.summary, a.value, now)
-            for key, old in firing.items():
-                if key in holds or (devices is not None and old.device not in devices):
-                    continue
-                done = b.resolve_alert(key, now)
-                if done is not None:
-                    out.append(done)
-            self.evaluations += 1
-            self.last_evaluation_ms = now
+            out = self._transitions(devices)
+            self.notify(out)
             return out
+
+    def _transitions(self, devices: set[str] | None) -> list[AlertRow]:
+        now = self.now_ms()
+        b = self.backend
+        if devices is None:
+            rows = b.list_devices()
+        else:
+            rows = [d for d in map(b.get_device, sorted(devices)) if d is not None]
+        holds: dict[str, AlertRow] = {}
+        for d in rows:
+            holds.update(conditions_for(b, self.rules, d, now))
+        firing = {a.key: a for a in b.alerts(state="firing", limit=10_000)}
+        out: list[AlertRow] = []
+        for key, a in holds.items():
+            old = firing.get(key)
+            if old is None:
+                if b.fire_alert(a):
+                    out.append(a)
+            elif old.summary != a.summary or old.value != a.value:
+                b.update_alert(key, a.summary, a.value, now)
+        for key, old in firing.items():
+            if key in holds or (devices is not None and old.device not in devices):
+                continue
+            done = b.resolve_alert(key, now)
+            if done is not None:
+                out.append(done)
+        self.evaluations += 1
+        self.last_evaluation_ms = now
+        return out
 
     def notify(self, transitions: list[AlertRow]) -> None:
         """Offer each transition to the webhooks that take it (any thread)."""
@@ -259,7 +264,7 @@ class AlertEngine:
             self._tasks.append(asyncio.create_task(s.run(), name="alert-webhook"))
         try:  # what the last run stored but could not deliver
             undelivered = await asyncio.to_thread(self.backend.undelivered_alerts)
-            self.notify(undelivered)
+            await asyncio.to_thread(self.notify, undelivered)
         except Exception as e:
             self.last_error = str(e)
             log.exception("could not read undelivered alerts")
@@ -285,8 +290,7 @@ class AlertEngine:
             else:
                 devices, self._pending = self._pending, set()
             try:
-                transitions = await asyncio.to_thread(self.evaluate, devices)
-                self.notify(transitions)
+                await asyncio.to_thread(self.evaluate, devices)
                 self.last_error = None
             except Exception as e:  # the database is away: the next round tries again
                 self.last_error = f"{type(e).__name__}: {e}"

@@ -354,3 +354,42 @@ def test_bodies_for_slack_and_pagerduty() -> None:
     }
     am = render("alertmanager", a)
     assert am["status"] == "resolved" and am["alerts"][0]["endsAt"] == "2023-11-14T22:14:20.000Z"
+
+
+# -- the alert state, on each backend ---------------------------------------------------------
+def test_alert_state_transitions_once(backend: Backend) -> None:
+    """Of many evaluations that see the same condition at once, one fires it; resolving is
+    also made once; a resolved alert fires again as a new episode, undelivered until marked."""
+    import concurrent.futures
+
+    from cloud._alert_store import AlertRow
+
+    name, _ = new_device(backend, "state")
+    key = f"r:{name}"
+
+    def row(t: int) -> AlertRow:
+        return AlertRow(key=key, rule="r", kind="silent", device=name, severity="info",
+                        state="firing", summary="s", labels={"device": name}, started_ms=t,
+                        updated_ms=t)  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        fired = list(pool.map(lambda _: backend.fire_alert(row(1000)), range(16)))
+    assert fired.count(True) == 1
+    assert [a.key for a in backend.undelivered_alerts() if a.device == name] == [key]
+    backend.alert_notified(key, "firing", 1000)
+    assert [a for a in backend.undelivered_alerts() if a.device == name] == []
+    backend.update_alert(key, "s2", 2.5, 1500)
+    (a,) = backend.alerts(state="firing", device=name)
+    assert (a.summary, a.value, a.notified) == ("s2", 2.5, "firing")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(lambda _: backend.resolve_alert(key, 2000), range(16)))
+    assert sum(d is not None for d in done) == 1
+    (a,) = backend.alerts(device=name)
+    assert (a.state, a.resolved_ms, a.notified) == ("resolved", 2000, "firing")
+    backend.alert_notified(key, "firing", 1000)  # a late ack of the firing changes nothing
+    assert backend.alerts(device=name)[0].notified == "firing"
+    assert backend.fire_alert(row(3000))  # a new episode
+    (a,) = backend.alerts(device=name)
+    assert (a.state, a.started_ms, a.resolved_ms, a.notified) == ("firing", 3000, None, None)
+    backend.alert_notified(key, "firing", 1000)  # the old episode's ack: not this one
+    assert backend.alerts(device=name)[0].notified is None
