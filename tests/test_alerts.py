@@ -393,3 +393,23 @@ def test_alert_state_transitions_once(backend: Backend) -> None:
     assert (a.state, a.started_ms, a.resolved_ms, a.notified) == ("firing", 3000, None, None)
     backend.alert_notified(key, "firing", 1000)  # the old episode's ack: not this one
     assert backend.alerts(device=name)[0].notified is None
+
+
+def test_the_documented_rules_file_is_valid(tmp_path: Path) -> None:
+    import re
+
+    from tests.helpers.edge import REPO
+
+    doc = (REPO / "docs" / "alerts.md").read_text()
+    (text,) = re.findall(r"```yaml file=alerts.yaml\n(.*?)```", doc, re.S)
+    path = tmp_path / "alerts.yaml"
+    path.write_text(text)
+    env = {"EDGEPIPE_ALERT_KEY": "k", "PAGERDUTY_ROUTING_KEY": "r"}
+    rules, secrets = load_alert_rules(path, environ=env)
+    assert [r.kind for r in rules.rules] == [
+        "store_full", "breaker_open", "session_lost", "clock_skew", "silent", "no_readings",
+    ]  # fmt: skip
+    assert [w.format for w in rules.webhooks] == ["alertmanager", "slack", "pagerduty"]
+    assert secrets == {0: (b"k", None), 1: (None, None), 2: (None, "r")}
+    # and each error the document quotes is what a receiver prints
+    assert "rules.0.silent.for_min: Input should be greater than 0" in doc
