@@ -195,7 +195,10 @@ class WebhookSender:
                     )
             self._queue.append(alert)
         if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # the receiver is stopping: it stays undelivered, in the db
+                pass
         return True
 
     def queued(self) -> int:

@@ -237,7 +237,7 @@ def test_health_rules(backend: Backend, tmp_path: Path) -> None:
     with receiver(backend, tmp_path, rules, clock) as (server, engine):
         dev = Device(server.url, name, secret)
         dev.health(sessions_lost=0, clock_skew_ms=1000, **{"breaker_open:x": 1})
-        assert engine.evaluate() == []
+        assert engine.evaluate({name}) == []
         dev.health(sessions_lost=2, clock_skew_ms=-400_000, **{"breaker_open:x": 1})
         engine.evaluate({name})  # (or the upload's own evaluation got there first)
         firing = {r["rule"]: r for r in _rows(server, state="firing", device=name)}
@@ -268,22 +268,31 @@ def test_silent_and_no_readings_by_the_injected_clock(backend: Backend, tmp_path
         now = _now_ms()
         r = dev.upload([make_batch(1, series_readings(3, start=now - 2000, metric="pm25"))])
         assert r.status_code == 200
-        assert engine.evaluate({name}) == []
+
+        # (the upload's own evaluation runs too, by the same clock: read the state after)
+        def firing() -> dict[str, dict[str, Any]]:
+            return {r["rule"]: r for r in _rows(server, state="firing", device=name)}
+
+        engine.evaluate({name})
+        assert firing() == {}
         clock.advance(11 * 60)
-        assert [a.rule for a in engine.evaluate({name})] == ["silent"]
+        engine.evaluate({name})
+        assert list(firing()) == ["silent"]
         clock.advance(5 * 60)
-        (a,) = engine.evaluate({name})
-        assert a.rule == "no-pm" and a.summary == f"{name}: no pm25 reading for 16 min"
-        assert a.labels["metric"] == "pm25"
+        engine.evaluate({name})
+        a = firing()["no-pm"]
+        assert a["summary"] == f"{name}: no pm25 reading for 16 min"
+        assert a["labels"]["metric"] == "pm25" and 15.9 <= a["value"] <= 16.0
         later = int(clock.time() * 1000)
         r = dev.upload([make_batch(2, series_readings(1, start=later, metric="pm25"))])
         assert r.status_code == 200
-        wait_for(
-            lambda: [r["rule"] for r in _rows(server, state="firing", device=name)] == ["silent"]
-        )
+        wait_for(lambda: list(firing()) == ["silent"])
         # the device uploads again: silent resolves once the receiver's clock is past it
         engine.clock = ManualClock(time.time())
-        assert [(a.rule, a.state) for a in engine.evaluate({name})] == [("silent", "resolved")]
+        engine.evaluate({name})
+        assert firing() == {}
+        (row,) = [r for r in _rows(server, device=name) if r["rule"] == "silent"]
+        assert row["state"] == "resolved"
 
 
 def test_alerts_api_needs_an_operator_and_says_when_there_are_no_rules(
@@ -413,3 +422,13 @@ def test_the_documented_rules_file_is_valid(tmp_path: Path) -> None:
     assert secrets == {0: (b"k", None), 1: (None, None), 2: (None, "r")}
     # and each error the document quotes is what a receiver prints
     assert "rules.0.silent.for_min: Input should be greater than 0" in doc
+    # the documented check of the signature accepts the receiver's, and nothing else
+    from cloud._webhook import sign
+
+    (code,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    scope: dict[str, Any] = {}
+    exec(code, scope)  # noqa: S102 - the document's own example
+    body, t = b'{"status":"firing"}', int(time.time())
+    assert scope["verified"](b"key", sign(b"key", body, t), body)
+    assert not scope["verified"](b"key", sign(b"key", body, t), body + b" ")
+    assert not scope["verified"](b"key", sign(b"key", body, t - 3600), body)

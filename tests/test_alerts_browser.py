@@ -17,6 +17,7 @@ from cloud._auth import hash_password
 from core._clock import ManualClock
 from tests.helpers.browser import headless_chromium
 from tests.helpers.cloud_client import TOKEN, LiveServer, open_test_backend
+from tests.helpers.edge import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -55,6 +56,7 @@ def test_fleet_page_shows_alerts_as_text(
                          clock=clock)  # fmt: skip
         with LiveServer(app) as server:
             engine = app.state.alerts
+            wait_for(lambda: engine.evaluations >= 1)  # the evaluation at start is done
             clock.advance(120)
             (fired,) = engine.evaluate({hostile})
             page = browser.new_page(viewport={"width": 1360, "height": 900})  # type: ignore[attr-defined]
