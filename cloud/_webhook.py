@@ -137,6 +137,12 @@ def redacted(url: str) -> str:
     return f"{p.scheme}://{p.hostname or ''}{f':{p.port}' if p.port else ''}/…"
 
 
+def _header_text(text: str) -> str:
+    """``text`` as a header value: ASCII, no control characters, at most 300 characters."""
+    ascii_ = text.encode("ascii", "backslashreplace").decode()
+    return "".join(c if " " <= c < "\x7f" else "?" for c in ascii_)[:300]
+
+
 class _Answer(Exception):
     def __init__(self, status: int, text: str, retry_after: float | None) -> None:
         self.status, self.text, self.retry_after = status, text, retry_after
@@ -257,6 +263,12 @@ class WebhookSender:
                 delay = self._retry(str(a), a.retry_after)
             except OSError as e:  # refused, unreachable, timed out, TLS
                 delay = self._retry(f"{type(e).__name__}: {e}", None)
+            except Exception as e:  # a body or URL this sender cannot send at all
+                self.refused += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("alert webhook %s cannot send %s", redacted(self.cfg.url), alert.key)
+                await loop.run_in_executor(self._pool, self.on_done, self, alert)
+                return
             else:
                 self.sent += 1
                 self.last_ok_ms = int(time.time() * 1000)
@@ -292,7 +304,7 @@ class WebhookSender:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "edgepipe-cloud",
-            "X-Edgepipe-Alert-Key": alert.key.encode("ascii", "backslashreplace").decode()[:300],
+            "X-Edgepipe-Alert-Key": _header_text(alert.key),
         }
         if self.key is not None:
             headers[SIGNATURE_HEADER] = sign(self.key, body, int(time.time()))

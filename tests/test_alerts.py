@@ -361,6 +361,9 @@ def test_bodies_for_slack_and_pagerduty() -> None:
         "event_action": "resolve",
         "dedup_key": a.key,
     }
+    from cloud._webhook import _header_text
+
+    assert _header_text("silent:a\r\nX-Injected: 1\u00e9") == "silent:a??X-Injected: 1\\xe9"
     am = render("alertmanager", a)
     assert am["status"] == "resolved" and am["alerts"][0]["endsAt"] == "2023-11-14T22:14:20.000Z"
 
