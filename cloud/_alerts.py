@@ -168,7 +168,7 @@ class AlertEngine:
         self.backend, self.rules, self.clock = backend, rules, clock
         self.senders = list(senders or [])
         for s in self.senders:
-            s.on_done = self._delivered
+            s.on_done, s.on_dropped = self._delivered, self._dropped
         self._eval_lock = threading.Lock()
         self._done_lock = threading.Lock()
         #: (key, state, started_ms) -> the senders that still have to deliver it
@@ -249,6 +249,22 @@ class AlertEngine:
             self.backend.alert_notified(a.key, a.state, a.started_ms)
         except Exception:
             log.exception("could not mark alert %s delivered", a.key)
+
+    def _dropped(self, sender: WebhookSender, a: AlertRow) -> None:
+        """A sender's full queue dropped ``a``: it stays undelivered in the database (sent
+        again at the next start) and is no longer waited for here."""
+        ident = (a.key, a.state, a.started_ms)
+        with self._done_lock:
+            left = self._waiting.get(ident)
+            if left is not None:
+                left.discard(self.senders.index(sender))
+                if not left:
+                    del self._waiting[ident]
+
+    def waiting(self) -> int:
+        """Notifications some webhook has still to deliver."""
+        with self._done_lock:
+            return len(self._waiting)
 
     # -- the schedule (on the receiver's event loop) ---------------------------------------
     def upload_arrived(self, device: str) -> None:

@@ -40,7 +40,7 @@ class ClockFlags:
         return n
 
     def stored(self, upload: Upload, flagged: int) -> None:
-        """``upload`` (marked with ``flagged`` readings) was stored: count it."""
+        """``upload`` was stored, ``flagged`` of its readings new and flagged: count them."""
         skew = upload.clock_skew_ms
         if skew is None or abs(skew) <= self.threshold_ms:
             return

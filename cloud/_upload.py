@@ -343,7 +343,7 @@ async def _receive(
         now=now,
     )
     gate.accepted += 1
-    clock_flags.stored(upload, flagged)
+    clock_flags.stored(upload, result.readings if flagged else 0)  # duplicates: not again
     return JSONResponse(
         {"acked": result.acked, "duplicates": result.duplicates},
         headers={"X-Edgepipe-Time": str(now_ms())},  # the device's clock-skew estimate

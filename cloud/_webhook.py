@@ -160,11 +160,13 @@ class WebhookSender:
         routing_key: str | None = None,
         dashboard_url: str | None = None,
         on_done: Callable[[WebhookSender, AlertRow], None] = lambda s, a: None,
+        on_dropped: Callable[[WebhookSender, AlertRow], None] = lambda s, a: None,
         uniform: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.cfg, self.key, self.routing_key = cfg, key, routing_key
         self.dashboard_url = dashboard_url
-        self.on_done = on_done
+        self.on_done = on_done  # delivered or refused: called in the sender's thread
+        self.on_dropped = on_dropped  # dropped from the full queue: called where offered
         self.rules = frozenset(cfg.rules) if cfg.rules is not None else None
         self._queue: deque[AlertRow] = deque()
         self._lock = threading.Lock()
@@ -186,6 +188,7 @@ class WebhookSender:
         oldest waiting notification is dropped (counted) to make room."""
         if not self.takes(alert):
             return False
+        lost: AlertRow | None = None
         with self._lock:
             if len(self._queue) >= self.cfg.queue:
                 lost = self._queue.popleft()
@@ -200,6 +203,8 @@ class WebhookSender:
                         self.dropped,
                     )
             self._queue.append(alert)
+        if lost is not None:
+            self.on_dropped(self, lost)
         if self._loop is not None and self._wake is not None:
             try:
                 self._loop.call_soon_threadsafe(self._wake.set)

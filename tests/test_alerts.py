@@ -198,6 +198,7 @@ def test_dead_webhook_queue_is_bounded_and_delivered_after_restart(
         s = wait_for(lambda: (w := engine.snapshot()["webhooks"][0])["dropped"] >= 6 and w)
         assert s["queued"] <= 3 + 1  # the queue's bound and the one being retried
         assert s["failures"] >= 1 and s["sent"] == 0
+        assert engine.waiting() == s["queued"]  # what was dropped is not held in memory
         t0 = time.monotonic()
         dev.health(**stages)  # uploads are not held up by the dead webhook
         assert time.monotonic() - t0 < 10
