@@ -92,6 +92,7 @@ class DeviceClient:
         status: dict[str, Any] | None = None,
         dead_letters: list[dict[str, Any]] | None = None,
         device: str | None = None,
+        health: bytes | None = None,
     ) -> bytes:
         top: dict[str, Any] = {
             "v": 1,
@@ -108,6 +109,8 @@ class DeviceClient:
         }
         if dead_letters is not None:
             top["dead_letters"] = dead_letters
+        if health is not None:  # a health block (docs/sync-protocol.md)
+            top["health"] = health
         return msgpack.packb(top, use_bin_type=True)
 
     def post_raw(
