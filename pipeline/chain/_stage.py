@@ -108,6 +108,7 @@ class WasmStage:
         base_dir: Path,
         cache: ModuleCache | None = None,
         loaded: LoadedModule | None = None,
+        checker: OutputCheck | None = None,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -130,7 +131,10 @@ class WasmStage:
         self._log_at = time.monotonic()
         self._last_log: str | None = None  # the guest's last message (shown if init refuses)
         self._store: wasmtime.Store | None = None
-        self._checker: OutputCheck | None = None
+        # the output check kernel: the chain's shared one, else the stage's own (made on
+        # first use, so a stage that is only validated never instantiates it)
+        self._own_check = checker is None
+        self._check = OutputCheck(cache) if checker is None else checker
         self.derived = 0  # series this stage created with series_derive
         self.steady_bytes = 0  # linear memory right after instantiation (and restore)
         self.broken: str | None = None  # why the stage has no instance, if it has none
@@ -255,6 +259,8 @@ class WasmStage:
     def close(self) -> None:
         self._drop_store()
         self._f_process = self._f_input = None  # type: ignore[assignment]
+        if self._own_check:
+            self._check.close()
 
     # -- calls -------------------------------------------------------------------------
     def _error(self, e: BaseException, what: str) -> FilterRuntimeError:
@@ -324,12 +330,6 @@ class WasmStage:
                 stage=self.name,
                 code="output_pointer",
             ) from None
-
-    @property
-    def _check(self) -> OutputCheck:
-        if self._checker is None:
-            self._checker = OutputCheck()
-        return self._checker
 
     def _check_series(self, raw: bytes) -> None:
         if raw:
