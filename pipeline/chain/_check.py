@@ -33,7 +33,7 @@ from ._aot import ModuleCache
 from ._engine import engine
 from ._ffi import Budget, GuestCall, GuestMemory
 
-__all__ = ["OutputCheck"]
+__all__ = ["KEYS_CHANGED", "UNKNOWN_SERIES", "OutputCheck"]
 
 REC = 24
 _PAGE = 65536
@@ -71,7 +71,7 @@ _WAT = """
         (br $next)))
     (i32.const 1))
   ;; 1 if the n output records keep the timestamp and series id of the n input records
-  (func (export "same_keys") (param $n i32) (result i32)
+  (func $same_keys (export "same_keys") (param $n i32) (result i32)
     (local $i i32) (local $o i32) (local $ie i32)
     (local.set $ie (i32.mul (local.get $n) (i32.const 24)))
     (local.set $o (local.get $ie))
@@ -90,7 +90,7 @@ _WAT = """
   ;; 0) whose timestamp is outside [2000-01-01, 2100-01-01) widened to the input's own
   ;; range, or whose value is not finite or beyond +-1e250 (unless an input value already
   ;; was: a stage is never failed for what it was given); -1 if none
-  (func (export "bad_record") (param $n_in i32) (param $n_out i32) (result i32)
+  (func $bad_record (export "bad_record") (param $n_in i32) (param $n_out i32) (result i32)
     (local $p i32) (local $ie i32) (local $e i32) (local $ts i64) (local $lo i64) (local $hi i64)
     (local $clean i32)
     (local.set $clean (i32.const 1))
@@ -153,8 +153,25 @@ _WAT = """
     (i32.div_u (i32.sub (local.get $a) (local.get $e)) (i32.const 24)))
   ;; the largest series id (unsigned) of the n records at 0; 0 when n is 0
   (func (export "max_series") (param $n i32) (result i32)
-    (local $p i32) (local $e i32) (local $m i32) (local $s i32)
-    (local.set $e (i32.mul (local.get $n) (i32.const 24)))
+    (call $max_at (i32.const 0) (local.get $n)))
+  ;; a map stage's output (n records after the n input records): -2 if a timestamp or
+  ;; series id changed, else what bad_record says
+  (func (export "check_map") (param $n i32) (result i32)
+    (if (i32.eqz (call $same_keys (local.get $n))) (then (return (i32.const -2))))
+    (call $bad_record (local.get $n) (local.get $n)))
+  ;; the output of a stage that makes records (n_out after the n_in input records): -2 if
+  ;; a series id is ns or beyond (unknown to the registry), else what bad_record says
+  (func (export "check_new") (param $n_in i32) (param $n_out i32) (param $ns i32) (result i32)
+    (if (i32.and (i32.ne (local.get $n_out) (i32.const 0))
+                 (i32.ge_u (call $max_at (i32.mul (local.get $n_in) (i32.const 24))
+                                         (local.get $n_out))
+                           (local.get $ns)))
+      (then (return (i32.const -2))))
+    (call $bad_record (local.get $n_in) (local.get $n_out)))
+  ;; the largest series id (unsigned) of the n records at byte p; 0 when n is 0
+  (func $max_at (param $p i32) (param $n i32) (result i32)
+    (local $e i32) (local $m i32) (local $s i32)
+    (local.set $e (i32.add (local.get $p) (i32.mul (local.get $n) (i32.const 24))))
     (block $done
       (loop $next
         (br_if $done (i32.ge_u (local.get $p) (local.get $e)))
@@ -173,6 +190,8 @@ _SHA256 = "edgepipe-check:" + hashlib.sha256(_WAT.encode()).hexdigest()
 #: check memory kept between batches; a batch that grew it beyond this drops the instance
 #: afterwards, so the memory returns to the system (a fresh one is made on the next call)
 KEEP_BYTES = 1024 * 1024
+#: what map_output / new_output return for a change of keys / an unknown series id
+KEYS_CHANGED, UNKNOWN_SERIES = -2, -2
 
 
 def _compiled(cache: ModuleCache | None) -> wasmtime.Module:
@@ -204,6 +223,8 @@ class OutputCheck:
         "_max",
         "_bad",
         "_split",
+        "_map",
+        "_new",
         "_base",
         "_size",
         "instances",
@@ -229,6 +250,8 @@ class OutputCheck:
         self._max = GuestCall(store, ex["max_series"], 1, False)
         self._bad = GuestCall(store, ex["bad_record"], 2, False)
         self._split = GuestCall(store, ex["split"], 2, False)
+        self._map = GuestCall(store, ex["check_map"], 1, False)
+        self._new = GuestCall(store, ex["check_new"], 3, False)
         # the module never grows its memory, so its address only changes in _reserve
         self._base, self._size = self._mem.span()
         self.instances += 1
@@ -257,7 +280,8 @@ class OutputCheck:
         """Free the instance and its memory (idempotent; the next check makes a new one)."""
         self._store = None
         self._mem = self._memory = None  # type: ignore[assignment]
-        self._subseq = self._same = self._max = self._bad = self._split = None  # type: ignore[assignment]
+        self._subseq = self._same = self._max = self._bad = None  # type: ignore[assignment]
+        self._split = self._map = self._new = None  # type: ignore[assignment]
         self._base = self._size = 0
 
     def memory_bytes(self) -> int:
@@ -293,7 +317,28 @@ class OutputCheck:
         if not out:
             return -1
         self._load(inp, out)
-        r = self._bad(len(inp) // REC, len(out) // REC)
+        return self._result(self._bad(len(inp) // REC, len(out) // REC))
+
+    def map_output(self, out: bytes, inp: bytes) -> int:
+        """A map stage's output in one call: :data:`KEYS_CHANGED` unless it keeps the
+        count, timestamps and series ids of ``inp`` in order, else :meth:`bad_record`."""
+        if len(out) != len(inp):
+            return KEYS_CHANGED
+        if out == inp or not out:
+            # its own input: nothing changed that could fail (see bad_record)
+            return -1
+        self._load(inp, out)
+        return self._result(self._map(len(inp) // REC))
+
+    def new_output(self, out: bytes, inp: bytes, known: int) -> int:
+        """The output of a stage that makes records, in one call: :data:`UNKNOWN_SERIES`
+        if a series id is ``known`` or beyond, else :meth:`bad_record`."""
+        if not out:
+            return -1
+        self._load(inp, out)
+        return self._result(self._new(len(inp) // REC, len(out) // REC, known))
+
+    def _result(self, r: int) -> int:
         self._done()
         return r if r < 0x80000000 else r - 0x100000000
 

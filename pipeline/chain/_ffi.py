@@ -6,7 +6,7 @@ call, and copies linear memory through Python objects.  A stage calls its guest 
 times per *batch*, but with 24 bytes per record the copies matter; this module offers
 the few operations a stage needs, each a single Python call over C:
 
-- :class:`GuestCall`: call one export with up to two i32 arguments, get its i32 or i64
+- :class:`GuestCall`: call one export with up to three i32 arguments, get its i32 or i64
   result (``wasmtime_func_call_unchecked``; safe because every export's signature was
   checked against the ABI when the module was loaded);
 - :class:`GuestMemory`: the host address and size of the linear memory, and bounds-checked
@@ -67,7 +67,7 @@ class HostTrap(Exception):
 
 
 class GuestCall:
-    """Calls one export of an instance in ``store``: ``call(a, b)`` with ``nparams`` (0-2)
+    """Calls one export of an instance in ``store``: ``call(a, b, c)`` with ``nparams`` (0-3)
     i32 arguments; returns the i64 result if ``i64`` else the i32 one.  Raises
     :class:`wasmtime.Trap`, :class:`wasmtime.WasmtimeError` or whatever a host function
     raised."""
@@ -88,12 +88,14 @@ class GuestCall:
         )
         self._i64 = i64
 
-    def __call__(self, a: int | None = None, b: int | None = None) -> int:
+    def __call__(self, a: int | None = None, b: int | None = None, c: int | None = None) -> int:
         vals = self._vals
         if a is not None:
             vals[0].i32 = a
             if b is not None:
                 vals[1].i32 = b
+                if c is not None:
+                    vals[2].i32 = c
         err = _func_call(*self._args)
         if err or self._trap.value:
             self._raise(err)

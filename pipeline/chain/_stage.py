@@ -40,7 +40,7 @@ from core._model import Batch, SeriesRegistry
 
 from ._abi import ABI_VERSION, flatten_config
 from ._aot import ModuleCache
-from ._check import OutputCheck
+from ._check import KEYS_CHANGED, UNKNOWN_SERIES, OutputCheck
 from ._declared import ConfigProblem
 from ._engine import TICK_S, TICKER, engine
 from ._ffi import Budget, GuestCall, GuestMemory, HostTrap
@@ -331,16 +331,6 @@ class WasmStage:
                 code="output_pointer",
             ) from None
 
-    def _check_series(self, raw: bytes) -> None:
-        if raw:
-            top = self._check.max_series(raw)
-            if top >= len(self.registry):
-                raise FilterRuntimeError(
-                    f"output refers to unknown series id {top}",
-                    stage=self.name,
-                    code="unknown_series",
-                )
-
     def process_raw(self, data: bytes, n: int) -> bytes:
         """Run ``n`` packed records through the guest; the packed output records.
 
@@ -371,33 +361,46 @@ class WasmStage:
             TICKER.exit()
         raw = self._output(r, "ep_process", n)
         kind = self.kind
-        if kind == "map":
-            if not self._check.same_keys(raw, data):
-                raise FilterRuntimeError(
-                    "a map stage must return the same records (count, series, ts) in order",
-                    stage=self.name,
-                    code="kind_violation",
-                )
-        elif kind == "filter":
-            if not self._check.is_subsequence(raw, data):
+        check = self._check
+        if kind == "filter":
+            if not check.is_subsequence(raw, data):
                 raise FilterRuntimeError(
                     "a filter stage may only drop records, not change or reorder them",
                     stage=self.name,
                     code="kind_violation",
                 )
-        else:
-            self._check_series(raw)
-        if kind != "filter":
-            bad = self._check.bad_record(raw, data)
-            if bad >= 0:
-                ts, value = _TS_VALUE.unpack_from(raw, bad * REC)
+            return raw
+        if kind == "map":
+            bad = check.map_output(raw, data)
+            if bad == KEYS_CHANGED:
                 raise FilterRuntimeError(
-                    f"output record {bad} is out of range (ts {ts}, value {value!r}): "
-                    "values must be finite, within +-1e250, and timestamps in 2000..2100",
+                    "a map stage must return the same records (count, series, ts) in order",
                     stage=self.name,
-                    code="bad_value",
+                    code="kind_violation",
                 )
+        else:
+            bad = check.new_output(raw, data, len(self.registry))
+            if bad == UNKNOWN_SERIES:
+                self._unknown_series(raw)
+        if bad >= 0:
+            self._bad_value(raw, bad)
         return raw
+
+    def _unknown_series(self, raw: bytes) -> None:
+        raise FilterRuntimeError(
+            f"output refers to unknown series id {self._check.max_series(raw)}",
+            stage=self.name,
+            code="unknown_series",
+        )
+
+    def _bad_value(self, raw: bytes, bad: int) -> None:
+        ts, value = _TS_VALUE.unpack_from(raw, bad * REC)
+        raise FilterRuntimeError(
+            f"output record {bad} is out of range (ts {ts}, value {value!r}): "
+            "values must be finite, within +-1e250, and timestamps in 2000..2100",
+            stage=self.name,
+            code="bad_value",
+        )
 
     def process(self, batch: Batch) -> Batch:
         """:meth:`process_raw` for a :class:`Batch`."""
@@ -408,7 +411,8 @@ class WasmStage:
             return b""
         r = self._call(self._f_flush, "ep_flush")
         raw = self._output(r, "ep_flush", self._max_output)
-        self._check_series(raw)
+        if raw and self._check.max_series(raw) >= len(self.registry):
+            self._unknown_series(raw)
         return raw
 
     def flush(self) -> Batch:
