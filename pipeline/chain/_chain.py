@@ -50,7 +50,7 @@ from ._engine import engine, engine_settings
 from ._module import LoadedModule, load_module
 from ._records import unpack
 from ._slot import Slot
-from ._stage import WasmStage
+from ._stage import CallTimes, WasmStage
 
 __all__ = ["Chain", "ChainResult"]
 
@@ -111,6 +111,8 @@ class Chain:
                     cfg, registry, base_dir=base_dir, cache=cache, loaded=mod, checker=check
                 )
                 slots.append(Slot(cfg, stage, clock))
+            if slots:
+                check.ready()  # the first batch does not wait for the kernel
         except BaseException:
             for slot in slots:
                 slot.stage.close()
@@ -419,6 +421,15 @@ class Chain:
         self.close()
         new._publish_gauges()  # after close() zeroed the gauges of this chain's stages
         return result
+
+    def time_calls(self) -> dict[str, CallTimes]:
+        """Measure, from now on, where each stage's time goes (its Wasm calls, the host
+        functions they call): stage name -> its running totals.  Costs a few clock reads
+        per batch, so only tools ask for it."""
+        for slot in self._slots:
+            if slot.stage.timing is None:
+                slot.stage.timing = CallTimes()
+        return {slot.name: slot.stage.timing for slot in self._slots}  # type: ignore[misc]
 
     # -- status ----------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:

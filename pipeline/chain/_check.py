@@ -256,6 +256,12 @@ class OutputCheck:
         self._base, self._size = self._mem.span()
         self.instances += 1
 
+    def ready(self) -> None:
+        """Make the instance now (a chain does when it is built, so that its first batch
+        does not pay for loading -- or, without an AOT cache, compiling -- the module)."""
+        if self._store is None:
+            self._instantiate()
+
     def _reserve(self, need: int) -> int:
         """The memory's host address, with at least ``need`` bytes."""
         if self._store is None:

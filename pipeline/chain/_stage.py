@@ -48,7 +48,7 @@ from ._host import MAX_DERIVED_SERIES, make_linker
 from ._module import LoadedModule, load_module
 from ._records import REC, unpack
 
-__all__ = ["MAX_DERIVED_SERIES", "RECYCLE_SLACK", "StageConfigError", "WasmStage"]
+__all__ = ["MAX_DERIVED_SERIES", "RECYCLE_SLACK", "CallTimes", "StageConfigError", "WasmStage"]
 
 log = logging.getLogger("edgepipe.filter")
 
@@ -63,6 +63,19 @@ _warned: set[str] = set()  # sha256 of the modules warned about
 #: beyond it (and beyond 8 record sizes per record of the batch) the instance is recycled
 _TS_VALUE = struct.Struct("<qd")  # the timestamp and value of a packed record
 RECYCLE_SLACK = 4 * 1024 * 1024
+
+
+class CallTimes:
+    """Where a stage's time goes, when it is measured (``edgepipe filter test``):
+    ``guest_s`` inside its Wasm calls (host functions included), ``host_call_s`` and
+    ``host_calls`` in the host functions it called (``series_name``, ``series_derive``,
+    ``log``)."""
+
+    __slots__ = ("guest_s", "host_call_s", "host_calls")
+
+    def __init__(self) -> None:
+        self.guest_s = self.host_call_s = 0.0
+        self.host_calls = 0
 
 
 class StageConfigError(FilterLoadError):
@@ -140,6 +153,8 @@ class WasmStage:
         self.broken: str | None = None  # why the stage has no instance, if it has none
         self._linker = self._make_linker()
         self.instances = 0
+        #: where its calls' time goes, when asked for (:meth:`Chain.time_calls`)
+        self.timing: CallTimes | None = None
         try:
             self._instantiate()
         except FilterRuntimeError as e:
@@ -282,7 +297,13 @@ class WasmStage:
             self._arm()
         TICKER.enter()
         try:
-            return fn(*args)
+            if self.timing is None:
+                return fn(*args)
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.timing.guest_s += time.perf_counter() - t
         except (wasmtime.Trap, wasmtime.WasmtimeError, HostTrap) as e:
             raise self._error(e, what) from None
         finally:
@@ -344,8 +365,13 @@ class WasmStage:
         self._arm()
         what = "ep_input"
         TICKER.enter()
+        tm = self.timing
         try:
+            if tm is not None:
+                t0 = time.perf_counter()
             ptr = self._f_input(n) & 0xFFFFFFFF
+            if tm is not None:
+                tm.guest_s += time.perf_counter() - t0
             if ptr == 0 or not self._mem.place(ptr, data):
                 size = self._mem.span()[1]
                 raise FilterRuntimeError(
@@ -354,7 +380,14 @@ class WasmStage:
                     code="alloc",
                 )
             what = "ep_process"
-            r = self._f_process(n)
+            if tm is None:
+                r = self._f_process(n)
+            else:
+                t0 = time.perf_counter()
+                try:
+                    r = self._f_process(n)
+                finally:
+                    tm.guest_s += time.perf_counter() - t0
         except (wasmtime.Trap, wasmtime.WasmtimeError, HostTrap) as e:
             raise self._error(e, what) from None
         finally:
