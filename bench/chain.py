@@ -34,12 +34,21 @@ REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "filters" / "lib"
 
 RANGES = {"CO_GT": [0, 50], "T": [-40, 60], "RH": [0, 100], "AH": [0, 5]}
+HIGH = {"CO_GT": 4.0, "T": 30.0, "NO2_GT": 150.0}
+LOW = {"T": 5.0, "RH": 15.0}
+HYST = {"T": 1.0, "CO_GT": 0.5}
 STAGES = {
     "validity": ("filter", {"range": RANGES}),
     "calibrate": ("map", {"unit": {"T": "c_to_f"}, "scale": {"CO_GT": 1.05}}),
     "ema": ("map", {"alpha": 0.3}),
     "spike": ("map", {"max_rate": 0.5}),
     "zscore": ("map", {"alpha": 0.05, "threshold": 3, "warmup": 24}),
+}
+#: library filters measured only in the per-filter table
+EXTRA = {
+    "deadband": ("filter", {"band": 5, "band.T": 1.0, "max_silence_s": 6 * 3600}),
+    "dedup": ("filter", {}),
+    "threshold": ("map", {"high": HIGH, "low": LOW, "hysteresis": HYST}),
 }
 CHAINS = {1: ["validity"], 3: ["validity", "ema", "zscore"], 5: list(STAGES)}
 SIZES = [1, 10, 100, 1000]
@@ -88,8 +97,9 @@ class PyBatch:
 
 
 class PyStages:
-    def __init__(self, registry: SeriesRegistry) -> None:
+    def __init__(self, registry: SeriesRegistry, ranges: dict | None = None) -> None:
         self.reg = registry
+        self.valid_ranges = RANGES if ranges is None else ranges
         self.metric = lambda sid: registry.key(sid).metric
         self.ranges: dict[int, tuple[float, float]] = {}
         self.cal: dict[int, tuple[float, float, float, float]] = {}
@@ -98,6 +108,11 @@ class PyStages:
         self.z: dict[int, list] = {}
         self.win: dict[int, list] = {}
         self.derived: dict[int, list[int]] = {}
+        self.band: dict[int, float] = {}
+        self.reported: dict[int, tuple[float, int]] = {}
+        self.seen: dict[int, list[int]] = {}
+        self.limits: dict[int, tuple[float, float, float]] = {}
+        self.alarm: dict[int, bool] = {}
 
     def validity(self, b: PyBatch) -> PyBatch:
         out = PyBatch()
@@ -105,7 +120,7 @@ class PyStages:
         for ts, v, sid, fl in b.rows():
             r = rng.get(sid)
             if r is None:
-                lo, hi = RANGES.get(self.metric(sid), (-math.inf, math.inf))
+                lo, hi = self.valid_ranges.get(self.metric(sid), (-math.inf, math.inf))
                 r = rng[sid] = (lo, hi)
             if math.isfinite(v) and v != -200.0 and r[0] <= v <= r[1]:
                 out.append(ts, v, sid, fl)
@@ -180,6 +195,7 @@ class PyStages:
         st = self.win
         derived = self.derived
         for ts, v, sid, fl in b.rows():
+            out.append(ts, v, sid, fl)
             start = ts - ts % 600_000
             w = st.get(sid)
             if w is not None and start > w[0]:
@@ -199,16 +215,69 @@ class PyStages:
                 w[2] = min(w[2], v)
                 w[3] = max(w[3], v)
                 w[4] += 1
-            out.append(ts, v, sid, fl)
         return out
 
     def identity(self, b: PyBatch) -> PyBatch:
         return b
 
+    def deadband(self, b: PyBatch) -> PyBatch:
+        """Report by exception: a change of at least the band, or 6 h of silence."""
+        out = PyBatch()
+        bands, last = self.band, self.reported
+        for ts, v, sid, fl in b.rows():
+            band = bands.get(sid)
+            if band is None:
+                band = bands[sid] = 1.0 if self.metric(sid) == "T" else 5.0
+            p = last.get(sid)
+            if p is None or abs(v - p[0]) >= band or ts - p[1] >= 6 * 3600 * 1000:
+                last[sid] = (v, ts)
+                out.append(ts, v, sid, fl)
+        return out
+
+    def dedup(self, b: PyBatch) -> PyBatch:
+        """Drop a (series, ts) seen among the series' last 8 timestamps."""
+        out = PyBatch()
+        seen = self.seen
+        for ts, v, sid, fl in b.rows():
+            recent = seen.get(sid)
+            if recent is None:
+                recent = seen[sid] = []
+            elif ts in recent:
+                continue
+            recent.append(ts)
+            if len(recent) > 8:
+                del recent[0]
+            out.append(ts, v, sid, fl)
+        return out
+
+    def threshold(self, b: PyBatch) -> PyBatch:
+        """The ANOMALY flag while a series is in alarm, with hysteresis."""
+        out = PyBatch()
+        limits, alarm = self.limits, self.alarm
+        for ts, v, sid, fl in b.rows():
+            lim = limits.get(sid)
+            if lim is None:
+                m = self.metric(sid)
+                lim = limits[sid] = (
+                    LOW.get(m, -math.inf),
+                    HIGH.get(m, math.inf),
+                    HYST.get(m, 0.0),
+                )
+            on = alarm.get(sid, False)
+            if v == v:
+                if not on:
+                    on = v > lim[1] or v < lim[0]
+                elif lim[0] + lim[2] <= v <= lim[1] - lim[2]:
+                    on = False
+                alarm[sid] = on
+            out.append(ts, v, sid, fl | Flags.ANOMALY if on else fl)
+        return out
+
 
 def stage_cfgs(names: list[str]) -> list[StageConfig]:
+    known = STAGES | EXTRA
     return [
-        StageConfig(name=n, module=LIB / f"{n}.wasm", kind=STAGES[n][0], config=STAGES[n][1])
+        StageConfig(name=n, module=LIB / f"{n}.wasm", kind=known[n][0], config=known[n][1])
         for n in names
     ]
 
@@ -263,13 +332,14 @@ class PyExample:
     """The example chain in Python (validity, calibrate on CO_GT, window)."""
 
     def __init__(self, reg: SeriesRegistry) -> None:
-        self.p = PyStages(reg)
+        self.p = PyStages(reg, EXAMPLE[0][2]["range"])
         self.reg = reg
         self.co: dict[int, bool] = {}
 
     def __call__(self, b: PyBatch) -> PyBatch:
         b = self.p.validity(b)
-        out = PyBatch()
+        # the stage sees the CO_GT readings; its output goes on first, then the others
+        out, rest = PyBatch(), PyBatch()
         co = self.co
         for ts, v, sid, fl in b.rows():
             hit = co.get(sid)
@@ -278,11 +348,25 @@ class PyExample:
             if hit:
                 out.append(ts, v * 1.02 - 0.05, sid, fl | Flags.CALIBRATED)
             else:
-                out.append(ts, v, sid, fl)
+                rest.append(ts, v, sid, fl)
+        for col in PyBatch.__slots__:
+            getattr(out, col).extend(getattr(rest, col))
         return self.p.window(out)
 
 
-FILTERS = ["identity", "validity", "calibrate", "ema", "spike", "zscore", "window", "example"]
+FILTERS = [
+    "identity",
+    "validity",
+    "deadband",
+    "dedup",
+    "calibrate",
+    "ema",
+    "spike",
+    "zscore",
+    "threshold",
+    "window",
+    "example",
+]
 FILTER_SIZES = [10, 100, 1000]
 
 
@@ -324,17 +408,13 @@ def filters_side_by_side(
             parts = split(data, size, records)
             py_parts = [PyBatch(p) for p in parts]
             cfgs = _filter_cfgs(name, tmp)
+            _same_output(name, cfgs, reg, tmp, parts, py_parts)
             wasm, py = [], []
             with Chain.build(cfgs, reg, base_dir=REPO, cache_dir=tmp) as ch:
                 measure(ch.process, parts[: max(1, len(parts) // 10)])  # warm up
                 for _ in range(rounds):
                     wasm.append(measure(ch.process, parts)[1])
-                    fn = (
-                        PyExample(reg)
-                        if name == "example"
-                        else getattr(PyStages(reg), "ema_" if name == "ema" else name)
-                    )
-                    py.append(measure(fn, py_parts)[1])
+                    py.append(measure(_python(name, reg), py_parts)[1])
             w, p = statistics.median(wasm), statistics.median(py)
             rows.append(
                 {
@@ -348,6 +428,34 @@ def filters_side_by_side(
             )
             print(f"{name:>10} {size:>6} {w:>10.0f} {p:>10.0f} {p / w:>6.1f}x", flush=True)
     return rows
+
+
+def _python(name: str, reg: SeriesRegistry):
+    if name == "example":
+        return PyExample(reg)
+    return getattr(PyStages(reg), "ema_" if name == "ema" else name)
+
+
+def _same_output(
+    name: str,
+    cfgs: list[StageConfig],
+    reg: SeriesRegistry,
+    tmp: Path,
+    parts: list[Batch],
+    py_parts: list[PyBatch],
+) -> None:
+    """The Python baseline is the same filter: from fresh state, both give the same
+    records on these batches (else the comparison would mean nothing)."""
+    fn = _python(name, reg)
+    want = [r for p in py_parts for r in fn(p).rows()]
+    with Chain.build(cfgs, reg, base_dir=REPO, cache_dir=tmp) as ch:
+        got = [r for p in parts for r in ch.process(p).batch.rows()]
+    if got != want:
+        diff = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+        raise SystemExit(
+            f"{name}: edgepipe and the Python baseline differ ({len(got)} / {len(want)} "
+            f"records; first at {diff}: {got[diff]} / {want[diff]})"
+        )
 
 
 def split(batch: Batch, size: int, limit: int) -> list[Batch]:

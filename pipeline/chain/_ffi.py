@@ -115,37 +115,46 @@ class GuestCall:
 
 class GuestMemory:
     """The linear memory ``memory`` of an instance in ``store``.  Its host address can
-    change whenever the guest grows it, so every operation looks it up afresh."""
+    change whenever the guest grows it, so every operation looks its size up afresh --
+    and its address only when the size changed (a memory moves only when it grows, and
+    never shrinks): one C call per operation instead of two."""
 
-    __slots__ = ("_ctx", "_ref", "memory", "_store")
+    __slots__ = ("_ctx", "_ref", "memory", "_store", "_base", "_size")
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         self._store = store
         self._ctx = _context(store)
         self.memory = memory
         self._ref = _addressof(memory._memory)
+        self._base, self._size = _mem_data(self._ctx, self._ref) or 0, -1
+
+    def _now(self) -> tuple[int, int]:
+        ctx, ref = self._ctx, self._ref
+        size = _mem_size(ctx, ref)
+        if size != self._size:
+            self._base, self._size = _mem_data(ctx, ref) or 0, size
+        return self._base, size
 
     def span(self) -> tuple[int, int]:
         """(host address, byte length) of the linear memory right now."""
-        ctx, ref = self._ctx, self._ref
-        return _mem_data(ctx, ref) or 0, _mem_size(ctx, ref)
+        return self._now()
 
     def place(self, ptr: int, data: bytes) -> bool:
         """Copy ``data`` to guest ``ptr`` if ``[ptr, ptr+len(data))`` lies in the memory;
         False (nothing written) if it does not."""
-        ctx, ref = self._ctx, self._ref
-        if ptr < 0 or ptr + len(data) > _mem_size(ctx, ref):
+        base, size = self._now()
+        if ptr < 0 or ptr + len(data) > size:
             return False
-        _memmove(_mem_data(ctx, ref) + ptr, data, len(data))
+        _memmove(base + ptr, data, len(data))
         return True
 
     def _address(self, ptr: int, length: int) -> int:
-        ctx, ref = self._ctx, self._ref
-        if ptr < 0 or ptr + length > _mem_size(ctx, ref):
+        base, size = self._now()
+        if ptr < 0 or ptr + length > size:
             raise HostTrap(
                 "out_of_bounds", f"guest range [{ptr}, {ptr + length}) is outside its memory"
             )
-        return (_mem_data(ctx, ref) or 0) + ptr
+        return base + ptr
 
     def read(self, ptr: int, length: int) -> bytes:
         """The ``length`` bytes at guest ``ptr``; :class:`HostTrap` ``out_of_bounds``."""
