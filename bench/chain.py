@@ -1,6 +1,7 @@
 """Filter chain cost: Wasm stages vs the same filters in pure Python, and cold start.
 
-    python -m bench.chain [--records N] [--json bench/results/chain.json] [--only-filters]
+    python -m bench.chain [--records N] [--rounds N] [--json bench/results/chain.json]
+                          [--only-filters | --memory]
 
 First, per library filter at batch sizes 10, 100 and 1000: CPU ns per record through
 edgepipe (one stage in a :class:`Chain`) next to the same filter in idiomatic Python on
@@ -10,7 +11,12 @@ overhead alone (an identity ``map`` stage) and the example's 3-stage chain
 cost of 1, 3 and 5 chained stages at batch sizes 1, 10, 100 and 1000 on the UCI
 air-quality data (13 metrics per hourly row, file order), next to a pure-Python
 implementation of the same math; then the cold start of one stage from the AOT cache
-vs compiling the module from its bytes.
+vs compiling the module from its bytes.  Each Python baseline is first checked to give the
+same records as edgepipe on the same batches.
+
+``--memory`` instead measures the example chain alone in fresh processes (AOT cache warm):
+RSS after building it and after 100 batches of 1000 (and of 6500: 500 messages of 13
+readings), and the peak (VmHWM), medians of 5 processes.
 """
 
 from __future__ import annotations
@@ -506,13 +512,103 @@ def _cache(cdir: Path | None):
     return ModuleCache(cdir, engine(), engine_settings())
 
 
+def _status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon and RssFile of this process, kB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def memory_child(size: int, batches: int, cache: str) -> None:
+    """In a fresh process: the example chain from a warm AOT cache, ``batches`` batches
+    of ``size`` records; prints the RSS before the build, after it and after the run."""
+    import gc
+
+    reg = SeriesRegistry()
+    data = load_data(reg)
+    parts = split(data, size, size * batches)
+    gc.collect()
+    before = _status()
+    with Chain.build(example_cfgs(), reg, base_dir=REPO, cache_dir=Path(cache)) as ch:
+        built = _status()
+        for p in parts:
+            ch.process(p)
+        ran = _status()
+    print(json.dumps({"before": before, "built": built, "ran": ran, "batches": len(parts)}))
+
+
+def memory(sizes: list[int], batches: int, repeats: int) -> list[dict]:
+    """RSS of the example chain alone, each figure the median of ``repeats`` processes."""
+    import subprocess
+    import sys
+
+    cache = tempfile.mkdtemp(prefix="edgepipe-bench-aot-")
+    code = "import sys; from bench.chain import memory_child as m; m(*map(int, sys.argv[1:3]), sys.argv[3])"
+    rows = []
+    try:
+        run = [sys.executable, "-c", code]
+        subprocess.run([*run, "10", "1", cache], check=True, cwd=REPO, capture_output=True)
+        print(
+            f"{'batch':>6} {'batches':>7} {'built MB':>9} {'after MB':>9} {'peak MB':>8} "
+            f"{'run growth MB':>14}   (example chain alone, AOT cache warm, median of {repeats})"
+        )
+        for size in sizes:
+            runs = []
+            for _ in range(repeats):
+                proc = subprocess.run(
+                    [*run, str(size), str(batches), cache],
+                    check=True,
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                )
+                runs.append(json.loads(proc.stdout))
+            med = {
+                k: statistics.median(r[where][key] for r in runs) / 1024
+                for k, where, key in (
+                    ("built_mb", "built", "VmRSS"),
+                    ("after_mb", "ran", "VmRSS"),
+                    ("peak_mb", "ran", "VmHWM"),
+                    ("growth_mb", "ran", "VmRSS"),
+                )
+            }
+            med["growth_mb"] -= med["built_mb"]
+            done = runs[0]["batches"]
+            rows.append(
+                {"batch": size, "batches": done, **{k: round(v, 2) for k, v in med.items()}}
+            )
+            print(
+                f"{size:>6} {done:>7} {med['built_mb']:>9.1f} {med['after_mb']:>9.1f} "
+                f"{med['peak_mb']:>8.1f} {med['growth_mb']:>14.1f}",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=30_000, help="records per measurement")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "chain.json")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the per-filter table")
     ap.add_argument("--only-filters", action="store_true", help="only the per-filter table")
+    ap.add_argument(
+        "--memory",
+        action="store_true",
+        help="only the RSS of the example chain alone (fresh processes, batch 1000 and 6500)",
+    )
     args = ap.parse_args(argv)
+    if args.memory:
+        rows = memory([1000, 6500], 100, 5)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"memory": rows}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return 0
 
     reg = SeriesRegistry()
     data = load_data(reg)
