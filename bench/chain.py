@@ -1,7 +1,7 @@
 """Filter chain cost: Wasm stages vs the same filters in pure Python, and cold start.
 
     python -m bench.chain [--records N] [--rounds N] [--json bench/results/chain.json]
-                          [--only-filters | --memory]
+                          [--only-filters | --memory] [--against TREE [--runs N]]
 
 First, per library filter at batch sizes 10, 100 and 1000: CPU ns per record through
 edgepipe (one stage in a :class:`Chain`) next to the same filter in idiomatic Python on
@@ -17,6 +17,11 @@ same records as edgepipe on the same batches.
 ``--memory`` instead measures the example chain alone in fresh processes (AOT cache warm):
 RSS after building it and after 100 batches of 1000 (and of 6500: 500 messages of 13
 readings), and the peak (VmHWM), medians of 5 processes.
+
+``--against TREE`` (with ``--only-filters`` or ``--memory``) runs the same harness on
+another edgepipe tree too -- ``git worktree add --detach /tmp/edgepipe-main main`` -- in
+child processes alternating with this tree's, so "before" and "after" share one run of
+the machine: ``python -m bench.chain --only-filters --against /tmp/edgepipe-main``.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from config._models import StageConfig
 from core._model import Batch, Flags, SeriesRegistry
@@ -541,53 +550,134 @@ def memory_child(size: int, batches: int, cache: str) -> None:
     print(json.dumps({"before": before, "built": built, "ran": ran, "batches": len(parts)}))
 
 
-def memory(sizes: list[int], batches: int, repeats: int) -> list[dict]:
-    """RSS of the example chain alone, each figure the median of ``repeats`` processes."""
-    import subprocess
-    import sys
+class Tree(NamedTuple):
+    """Where a child process runs this harness: ``label``, its cwd and environment."""
 
-    cache = tempfile.mkdtemp(prefix="edgepipe-bench-aot-")
-    code = "import sys; from bench.chain import memory_child as m; m(*map(int, sys.argv[1:3]), sys.argv[3])"
+    label: str
+    cwd: Path
+    env: dict[str, str]
+
+
+def trees(against: Path | None, tmp: Path) -> list[Tree]:
+    """This tree ("after") and, with ``against`` (another edgepipe tree, e.g. a ``git
+    worktree`` of main), that one first ("before"): the same harness -- a copy of this
+    file next to that tree's filters/ -- importing everything else from it."""
+    ours = Tree("after", REPO, os.environ | {"PYTHONPATH": str(REPO)})
+    if against is None:
+        return [ours]
+    d = tmp / "harness"
+    (d / "bench").mkdir(parents=True, exist_ok=True)
+    shutil.copy(__file__, d / "bench" / "chain.py")
+    (d / "bench" / "__init__.py").write_text("")
+    (d / "filters").symlink_to(against.resolve() / "filters")
+    env = os.environ | {"PYTHONPATH": f"{d}{os.pathsep}{against.resolve()}"}
+    return [Tree("before", d, env), ours]
+
+
+def _child(tree: Tree, args: list[str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=tree.cwd, env=tree.env, capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise SystemExit(f"{tree.label}: {' '.join(args)} failed:\n{proc.stderr}")
+    return proc.stdout
+
+
+def memory(sizes: list[int], batches: int, repeats: int, where: list[Tree]) -> list[dict]:
+    """RSS of the example chain alone, each figure the median of ``repeats`` processes
+    (the trees alternating process by process)."""
+    cache = Path(tempfile.mkdtemp(prefix="edgepipe-bench-aot-"))
+    code = (
+        "import sys; from bench.chain import memory_child as m; "
+        "m(*map(int, sys.argv[1:3]), sys.argv[3])"
+    )
     rows = []
     try:
-        run = [sys.executable, "-c", code]
-        subprocess.run([*run, "10", "1", cache], check=True, cwd=REPO, capture_output=True)
+        for t in where:  # fills each tree's AOT cache
+            _child(t, ["-c", code, "10", "1", str(cache / t.label)])
         print(
-            f"{'batch':>6} {'batches':>7} {'built MB':>9} {'after MB':>9} {'peak MB':>8} "
-            f"{'run growth MB':>14}   (example chain alone, AOT cache warm, median of {repeats})"
+            f"{'tree':>6} {'batch':>6} {'batches':>7} {'built MB':>9} {'after MB':>9} "
+            f"{'peak MB':>8} {'run growth MB':>14}   (example chain alone, AOT cache warm, "
+            f"median of {repeats})"
         )
         for size in sizes:
-            runs = []
+            runs: dict[str, list[dict]] = {t.label: [] for t in where}
             for _ in range(repeats):
-                proc = subprocess.run(
-                    [*run, str(size), str(batches), cache],
-                    check=True,
-                    cwd=REPO,
-                    capture_output=True,
-                    text=True,
+                for t in where:
+                    out = _child(t, ["-c", code, str(size), str(batches), str(cache / t.label)])
+                    runs[t.label].append(json.loads(out))
+            for label, got in runs.items():
+                med = {
+                    k: statistics.median(r[at][key] for r in got) / 1024
+                    for k, at, key in (
+                        ("built_mb", "built", "VmRSS"),
+                        ("after_mb", "ran", "VmRSS"),
+                        ("peak_mb", "ran", "VmHWM"),
+                    )
+                }
+                med["growth_mb"] = med["after_mb"] - med["built_mb"]
+                done = got[0]["batches"]
+                rows.append(
+                    {
+                        "tree": label,
+                        "batch": size,
+                        "batches": done,
+                        **{k: round(v, 2) for k, v in med.items()},
+                    }
                 )
-                runs.append(json.loads(proc.stdout))
-            med = {
-                k: statistics.median(r[where][key] for r in runs) / 1024
-                for k, where, key in (
-                    ("built_mb", "built", "VmRSS"),
-                    ("after_mb", "ran", "VmRSS"),
-                    ("peak_mb", "ran", "VmHWM"),
-                    ("growth_mb", "ran", "VmRSS"),
+                print(
+                    f"{label:>6} {size:>6} {done:>7} {med['built_mb']:>9.1f} "
+                    f"{med['after_mb']:>9.1f} {med['peak_mb']:>8.1f} {med['growth_mb']:>14.1f}",
+                    flush=True,
                 )
-            }
-            med["growth_mb"] -= med["built_mb"]
-            done = runs[0]["batches"]
-            rows.append(
-                {"batch": size, "batches": done, **{k: round(v, 2) for k, v in med.items()}}
-            )
-            print(
-                f"{size:>6} {done:>7} {med['built_mb']:>9.1f} {med['after_mb']:>9.1f} "
-                f"{med['peak_mb']:>8.1f} {med['growth_mb']:>14.1f}",
-                flush=True,
-            )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
+def filters_against(where: list[Tree], runs: int, rounds: int, records: int, tmp: Path):
+    """The per-filter table in child processes, the trees alternating run by run; each
+    figure the median over the runs of each run's median of ``rounds``."""
+    got: dict[str, list[list[dict]]] = {t.label: [] for t in where}
+    for i in range(runs):
+        for t in where:
+            out = tmp / f"{t.label}-{i}.json"
+            args = ["-m", "bench.chain", "--only-filters", "--rounds", str(rounds)]
+            _child(t, [*args, "--records", str(records), "--json", str(out)])
+            got[t.label].append(json.loads(out.read_text())["filters"])
+            print(f"run {i + 1} of {runs}: {t.label} done", flush=True)
+
+    def med(label: str, key: str) -> dict[tuple[str, int], float]:
+        vals: dict[tuple[str, int], list[float]] = {}
+        for run in got[label]:
+            for r in run:
+                vals.setdefault((r["filter"], r["batch"]), []).append(r[key])
+        return {k: statistics.median(v) for k, v in vals.items()}
+
+    after, py = med("after", "edgepipe_cpu_ns_per_record"), med("after", "python_cpu_ns_per_record")
+    before = med("before", "edgepipe_cpu_ns_per_record") if "before" in got else {}
+    rows = []
+    print(
+        f"{'filter':>10} {'batch':>6} {'before':>8} {'after':>8} {'python':>8} {'py/after':>9}"
+        f"   (CPU ns per record; medians over {runs} runs of {rounds} rounds)"
+    )
+    for (name, size), a in after.items():
+        b = before.get((name, size))
+        p = py[(name, size)]
+        rows.append(
+            {
+                "filter": name,
+                "batch": size,
+                "before_ns_per_record": None if b is None else round(b, 1),
+                "after_ns_per_record": round(a, 1),
+                "python_ns_per_record": round(p, 1),
+                "python_over_after": round(p / a, 2),
+                "runs": runs,
+                "rounds": rounds,
+            }
+        )
+        shown = "" if b is None else f"{b:.0f}"
+        print(f"{name:>10} {size:>6} {shown:>8} {a:>8.0f} {p:>8.0f} {p / a:>8.1f}x")
     return rows
 
 
@@ -602,13 +692,34 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the RSS of the example chain alone (fresh processes, batch 1000 and 6500)",
     )
+    ap.add_argument(
+        "--against",
+        type=Path,
+        metavar="TREE",
+        help="with --only-filters or --memory: also run this harness on another edgepipe "
+        "tree (e.g. a git worktree of main), alternating with this one",
+    )
+    ap.add_argument("--runs", type=int, default=3, help="with --against: runs of each tree")
     args = ap.parse_args(argv)
-    if args.memory:
-        rows = memory([1000, 6500], 100, 5)
+    if args.memory or (args.against and args.only_filters):
+        tmp = Path(tempfile.mkdtemp(prefix="edgepipe-bench-"))
+        try:
+            where = trees(args.against, tmp)
+            if args.memory:
+                result = {"memory": memory([1000, 6500], 100, 5, where)}
+            else:
+                result = {
+                    "against": str(args.against),
+                    "filters": filters_against(where, args.runs, args.rounds, args.records, tmp),
+                }
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"memory": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
         return 0
+    if args.against:
+        ap.error("--against goes with --only-filters or --memory")
 
     reg = SeriesRegistry()
     data = load_data(reg)
