@@ -25,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import platform
 import threading
-from ctypes import memmove as _memmove
-from ctypes import string_at as _string_at
 
 import wasmtime
 
 from ._aot import ModuleCache
 from ._ffi import GuestCall, GuestMemory
+from ._ffi import memmove as _memmove
+from ._ffi import string_at as _string_at
 
 __all__ = ["KEYS_CHANGED", "UNKNOWN_SERIES", "OutputCheck"]
 
@@ -256,13 +256,13 @@ class OutputCheck:
         self._store = store
         self._memory = ex["memory"]
         self._mem = GuestMemory(store, self._memory)
-        self._subseq = GuestCall(store, ex["subseq"], 2, False)
-        self._same = GuestCall(store, ex["same_keys"], 1, False)
-        self._max = GuestCall(store, ex["max_series"], 1, False)
-        self._bad = GuestCall(store, ex["bad_record"], 2, False)
-        self._split = GuestCall(store, ex["split"], 2, False)
-        self._map = GuestCall(store, ex["check_map"], 1, False)
-        self._new = GuestCall(store, ex["check_new"], 3, False)
+        self._subseq = GuestCall(store, ex["subseq"], 2, False, trusted=True)
+        self._same = GuestCall(store, ex["same_keys"], 1, False, trusted=True)
+        self._max = GuestCall(store, ex["max_series"], 1, False, trusted=True)
+        self._bad = GuestCall(store, ex["bad_record"], 2, False, trusted=True)
+        self._split = GuestCall(store, ex["split"], 2, False, trusted=True)
+        self._map = GuestCall(store, ex["check_map"], 1, False, trusted=True)
+        self._new = GuestCall(store, ex["check_new"], 3, False, trusted=True)
         # the module never grows its memory, so its address only changes in _reserve
         self._base, self._size = self._mem.span()
         self.instances += 1
