@@ -168,3 +168,99 @@ def test_the_check_module_is_loaded_from_the_aot_cache(tmp_path):
     assert fresh("first") == ["0", "1"]
     assert len(list(tmp_path.glob("*.cwasm"))) == 1
     assert fresh("cached") == ["1", "0"]
+
+
+# -- the kernel against plain Python references, on seeded random batches -------------
+
+_LO, _HI = 946_684_800_000, 4_102_444_799_999
+
+
+def _recs(raw: bytes) -> list[tuple[int, float, int, int]]:
+    return list(RECORD.iter_unpack(raw))
+
+
+def _ref_bad(out: bytes, inp: bytes) -> int:
+    ins = _recs(inp)
+    lo = min([_LO, *(r[0] for r in ins)])
+    hi = max([_HI, *(r[0] for r in ins)])
+    clean = all(abs(r[1]) <= 1e250 for r in ins)  # False for NaN, like f64.le
+    for i, (ts, v, _, _) in enumerate(_recs(out)):
+        if not lo <= ts <= hi or (clean and not abs(v) <= 1e250):
+            return i
+    return -1
+
+
+def _ref_map(out: bytes, inp: bytes) -> int:
+    if len(out) != len(inp):
+        return -2
+    if any((a[0], a[2]) != (b[0], b[2]) for a, b in zip(_recs(out), _recs(inp), strict=True)):
+        return -2
+    return -1 if out == inp else _ref_bad(out, inp)
+
+
+def _ref_new(out: bytes, inp: bytes, known: int) -> int:
+    if out and max(r[2] for r in _recs(out)) >= known:
+        return -2
+    return _ref_bad(out, inp) if out else -1
+
+
+def test_kernel_agrees_with_python_references_on_random_batches():
+    import math
+    import random
+
+    rng = random.Random(14)
+    check = OutputCheck()
+    specials = [math.nan, math.inf, -math.inf, 1e251, -1e300, 1e250, 0.0, -0.0]
+    for case in range(400):
+        n = rng.choice([0, 1, 2, 5, 17, 100, 1000])
+        sids = rng.randint(1, 40)
+        recs = []
+        for _ in range(n):
+            ts = _LO + rng.randint(0, 10**12)
+            if case % 2:  # half the cases give the stage timestamps out of range
+                ts = rng.choice([ts, _LO - 1, _HI + 1, 0, -(2**63)])
+            v = rng.choice(specials) if rng.random() < 0.02 else rng.uniform(-1e3, 1e3)
+            recs.append((ts, v, rng.randrange(sids), rng.randrange(16)))
+        raw = b"".join(RECORD.pack(*r) for r in recs)
+        # split: a table that may be shorter than the ids in use
+        table = bytes(rng.randrange(2) for _ in range(rng.randint(0, sids + 2)))
+        hit = [r for r in recs if r[2] < len(table) and table[r[2]]]
+        rest = [r for r in recs if not (r[2] < len(table) and table[r[2]])]
+        # (as bytes: a NaN value is not equal to itself)
+        want = tuple(b"".join(RECORD.pack(*r) for r in part) for part in (hit, rest))
+        assert check.split(raw, table) == want, case
+        # a map's output: values changed, sometimes a key or a value out of range
+        out = [list(r) for r in recs]
+        for r in out:
+            if rng.random() < 0.3:
+                r[1] = rng.choice(specials) if rng.random() < 0.05 else r[1] * 1.5
+        if out and rng.random() < 0.2:
+            rng.choice(out)[rng.choice([0, 2])] += 1
+        if out and rng.random() < 0.1:
+            rng.choice(out)[0] = rng.choice([_LO - 1, _LO, _HI, _HI + 1, -(2**63), 2**63 - 1])
+        mapped = b"".join(RECORD.pack(*r) for r in out)
+        assert check.map_output(mapped, raw) == _ref_map(mapped, raw), case
+        if out and rng.random() < 0.2:
+            mapped = mapped[: -RECORD.size]
+            assert check.map_output(mapped, raw) == -2, case
+        # a new record's series ids against the registry's size
+        known = rng.randint(0, sids + 1)
+        assert check.new_output(mapped, raw, known) == _ref_new(mapped, raw, known), case
+        # an aggregate's output with one timestamp moved to the edges of 2000..2100
+        if recs:
+            i = rng.randrange(n)
+            for ts in (_LO - 1, _LO, _HI, _HI + 1):
+                moved = list(recs)
+                moved[i] = (ts, *recs[i][1:])
+                made = b"".join(RECORD.pack(*r) for r in moved)
+                assert check.new_output(made, raw, sids) == _ref_new(made, raw, sids), case
+        # a filter's output: a subsequence, or not after a change
+        keep = [r for r in recs if rng.random() < 0.7]
+        kept = b"".join(RECORD.pack(*r) for r in keep)
+        assert check.is_subsequence(kept, raw), case
+        if keep:
+            i = rng.randrange(len(keep))
+            keep[i] = (keep[i][0], keep[i][1], keep[i][2], keep[i][3] ^ 1 << 7)
+            changed = b"".join(RECORD.pack(*r) for r in keep)
+            assert not check.is_subsequence(changed, raw), case
+    check.close()
