@@ -1,7 +1,7 @@
 """Filter chain cost: Wasm stages vs the same filters in pure Python, and cold start.
 
     python -m bench.chain [--records N] [--rounds N] [--json bench/results/chain.json]
-                          [--only-filters | --memory] [--against TREE [--runs N]]
+                          [--only-filters | --memory | --callgrind] [--against TREE [--runs N]]
 
 First, per library filter at batch sizes 10, 100 and 1000: CPU ns per record through
 edgepipe (one stage in a :class:`Chain`) next to the same filter in idiomatic Python on
@@ -18,7 +18,11 @@ same records as edgepipe on the same batches.
 RSS after building it and after 100 batches of 1000 (and of 6500: 500 messages of 13
 readings), and the peak (VmHWM), medians of 5 processes.
 
-``--against TREE`` (with ``--only-filters`` or ``--memory``) runs the same harness on
+``--callgrind`` counts the example chain's instructions per record at batch 1000 under
+``valgrind --tool=callgrind`` (40 batches minus 10, so start-up cancels out): a figure that
+does not drift with the machine's load.
+
+``--against TREE`` (with ``--only-filters``, ``--memory`` or ``--callgrind``) runs the same harness on
 another edgepipe tree too -- ``git worktree add --detach /tmp/edgepipe-main main`` -- in
 child processes alternating with this tree's, so "before" and "after" share one run of
 the machine: ``python -m bench.chain --only-filters --against /tmp/edgepipe-main``.
@@ -635,6 +639,64 @@ def memory(sizes: list[int], batches: int, repeats: int, where: list[Tree]) -> l
     return rows
 
 
+def callgrind_child(batches: int, cache: str) -> None:
+    """In a fresh process: the example chain from a warm AOT cache over ``batches``
+    batches of 1000 records (what :func:`instructions` counts under callgrind)."""
+    reg = SeriesRegistry()
+    data = load_data(reg)
+    parts = split(data, 1000, 1000 * max(1, batches))[:batches]
+    with Chain.build(example_cfgs(), reg, base_dir=REPO, cache_dir=Path(cache)) as ch:
+        for p in parts:
+            ch.process(p)
+
+
+#: the two workloads whose difference is counted (so start-up cancels out)
+CALLGRIND_BATCHES = (10, 40)
+
+
+def instructions(where: list[Tree], tmp: Path) -> list[dict]:
+    """Instructions per record of the example chain at batch 1000, counted by
+    ``valgrind --tool=callgrind``: the difference between 40 and 10 batches, over the 30,000
+    records between them -- the same number on a busy machine as on a quiet one (with
+    one compilation thread and a fixed hash seed, two runs differ by about 10,000
+    instructions of 2 billion)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+    code = (
+        "import sys; from bench.chain import callgrind_child as m; m(int(sys.argv[1]), sys.argv[2])"
+    )
+    rows = []
+    print(f"{'tree':>6} {'instructions per record':>24}   (example chain, batch 1000, callgrind)")
+    for t in where:
+        cache = tmp / f"cg-{t.label}"
+        env = t.env | {"RAYON_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+        def counted(n: int, t: Tree = t, cache: Path = cache, env: dict = env) -> int:
+            out = tmp / f"cg-{t.label}-{n}.out"
+            cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+            proc = subprocess.run(
+                [*cmd, sys.executable, "-c", code, str(n), str(cache)],
+                cwd=t.cwd,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            found = [ln for ln in proc.stderr.splitlines() if "Collected :" in ln]
+            if proc.returncode or not found:
+                raise SystemExit(f"{t.label}: callgrind failed:\n{proc.stderr[-2000:]}")
+            return int(found[-1].split(":")[-1])
+
+        # fills the AOT cache under valgrind: its emulated CPU has other features than the
+        # host's, so machine code compiled outside it is refused (and compiled again)
+        counted(1)
+        counts = [counted(n) for n in CALLGRIND_BATCHES]
+        records = (CALLGRIND_BATCHES[1] - CALLGRIND_BATCHES[0]) * 1000
+        per = (counts[1] - counts[0]) / records
+        rows.append({"tree": t.label, "instructions_per_record": round(per), "counts": counts})
+        print(f"{t.label:>6} {per:>24,.0f}", flush=True)
+    return rows
+
+
 def filters_against(where: list[Tree], runs: int, rounds: int, records: int, tmp: Path):
     """The per-filter table in child processes, the trees alternating run by run; each
     figure the median over the runs of each run's median of ``rounds``."""
@@ -693,20 +755,27 @@ def main(argv: list[str] | None = None) -> int:
         help="only the RSS of the example chain alone (fresh processes, batch 1000 and 6500)",
     )
     ap.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="only the example chain's instructions per record under valgrind's callgrind",
+    )
+    ap.add_argument(
         "--against",
         type=Path,
         metavar="TREE",
-        help="with --only-filters or --memory: also run this harness on another edgepipe "
-        "tree (e.g. a git worktree of main), alternating with this one",
+        help="with --only-filters, --memory or --callgrind: also run this harness on another "
+        "edgepipe tree (e.g. a git worktree of main), alternating with this one",
     )
     ap.add_argument("--runs", type=int, default=3, help="with --against: runs of each tree")
     args = ap.parse_args(argv)
-    if args.memory or (args.against and args.only_filters):
+    if args.memory or args.callgrind or (args.against and args.only_filters):
         tmp = Path(tempfile.mkdtemp(prefix="edgepipe-bench-"))
         try:
             where = trees(args.against, tmp)
             if args.memory:
                 result = {"memory": memory([1000, 6500], 100, 5, where)}
+            elif args.callgrind:
+                result = {"instructions": instructions(where, tmp)}
             else:
                 result = {
                     "against": str(args.against),
@@ -719,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.json}")
         return 0
     if args.against:
-        ap.error("--against goes with --only-filters or --memory")
+        ap.error("--against goes with --only-filters, --memory or --callgrind")
 
     reg = SeriesRegistry()
     data = load_data(reg)
