@@ -191,10 +191,11 @@ class Budget:
     """Fuel (``None``: unlimited) and an epoch deadline (``ticks`` from now) for every
     guest operation in ``store``; :meth:`arm` grants a fresh budget."""
 
-    __slots__ = ("_ctx", "_fuel", "_ticks", "_store")
+    __slots__ = ("_ctx", "_fuel", "_ticks")
 
     def __init__(self, store: wasmtime.Store, fuel: int | None, ticks: int) -> None:
-        self._store = store  # the context address lives as long as the store
+        # the address only: holding the store would keep a dropped instance's memory
+        # alive; its owner arms it only while it has the store
         self._ctx = _context(store)
         self._fuel = fuel if fuel is not None else _UNLIMITED_FUEL
         self._ticks = ticks
