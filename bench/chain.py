@@ -16,7 +16,8 @@ same records as edgepipe on the same batches.
 
 ``--memory`` instead measures the example chain alone in fresh processes (AOT cache warm):
 RSS after building it and after 100 batches of 1000 (and of 6500: 500 messages of 13
-readings), and the peak (VmHWM), medians of 5 processes.
+readings), and the peak (VmHWM), and how long the build and the first batch take, medians
+of 5 processes.
 
 ``--callgrind`` counts the example chain's instructions per record at batch 1000 under
 ``valgrind --tool=callgrind`` (40 batches minus 10, so start-up cancels out): a figure that
@@ -538,7 +539,8 @@ def _status() -> dict[str, int]:
 
 def memory_child(size: int, batches: int, cache: str) -> None:
     """In a fresh process: the example chain from a warm AOT cache, ``batches`` batches
-    of ``size`` records; prints the RSS before the build, after it and after the run."""
+    of ``size`` records; prints the RSS before the build, after it and after the run, and
+    how long the build and the first batch took."""
     import gc
 
     reg = SeriesRegistry()
@@ -546,12 +548,28 @@ def memory_child(size: int, batches: int, cache: str) -> None:
     parts = split(data, size, size * batches)
     gc.collect()
     before = _status()
+    t = time.perf_counter()
     with Chain.build(example_cfgs(), reg, base_dir=REPO, cache_dir=Path(cache)) as ch:
+        build_ms = (time.perf_counter() - t) * 1000
         built = _status()
-        for p in parts:
+        t = time.perf_counter()
+        ch.process(parts[0])
+        first_ms = (time.perf_counter() - t) * 1000
+        for p in parts[1:]:
             ch.process(p)
         ran = _status()
-    print(json.dumps({"before": before, "built": built, "ran": ran, "batches": len(parts)}))
+    print(
+        json.dumps(
+            {
+                "before": before,
+                "built": built,
+                "ran": ran,
+                "batches": len(parts),
+                "build_ms": build_ms,
+                "first_batch_ms": first_ms,
+            }
+        )
+    )
 
 
 class Tree(NamedTuple):
@@ -601,8 +619,8 @@ def memory(sizes: list[int], batches: int, repeats: int, where: list[Tree]) -> l
             _child(t, ["-c", code, "10", "1", str(cache / t.label)])
         print(
             f"{'tree':>6} {'batch':>6} {'batches':>7} {'built MB':>9} {'after MB':>9} "
-            f"{'peak MB':>8} {'run growth MB':>14}   (example chain alone, AOT cache warm, "
-            f"median of {repeats})"
+            f"{'peak MB':>8} {'run growth MB':>14} {'build ms':>9} {'1st batch ms':>13}"
+            f"   (example chain alone, AOT cache warm, median of {repeats})"
         )
         for size in sizes:
             runs: dict[str, list[dict]] = {t.label: [] for t in where}
@@ -620,6 +638,8 @@ def memory(sizes: list[int], batches: int, repeats: int, where: list[Tree]) -> l
                     )
                 }
                 med["growth_mb"] = med["after_mb"] - med["built_mb"]
+                med["build_ms"] = statistics.median(r["build_ms"] for r in got)
+                med["first_batch_ms"] = statistics.median(r["first_batch_ms"] for r in got)
                 done = got[0]["batches"]
                 rows.append(
                     {
@@ -631,7 +651,8 @@ def memory(sizes: list[int], batches: int, repeats: int, where: list[Tree]) -> l
                 )
                 print(
                     f"{label:>6} {size:>6} {done:>7} {med['built_mb']:>9.1f} "
-                    f"{med['after_mb']:>9.1f} {med['peak_mb']:>8.1f} {med['growth_mb']:>14.1f}",
+                    f"{med['after_mb']:>9.1f} {med['peak_mb']:>8.1f} {med['growth_mb']:>14.1f} "
+                    f"{med['build_ms']:>9.1f} {med['first_batch_ms']:>13.1f}",
                     flush=True,
                 )
     finally:
