@@ -6,14 +6,15 @@ timestamp and series id in order, and every other kind may only name series ids 
 registry knows; and every kind but ``filter`` (whose output is its own input) must keep
 values finite and within +-1e250 and timestamps within 2000..2100 (or the input's own
 range), what the edge's decoder and the receiver accept: else its output would be stored
-and then refused by the receiver for ever.  Done in Python these cost a loop per record; here they run in a tiny
-*host-owned* WebAssembly module (written below in WAT, compiled once per process) in a
-store of its own: the records are copied into its memory with one ``memmove`` each and
-checked by one call.  The module is the host's own code, so it runs in an engine of its
-own without fuel or a deadline (it is linear in the records and cannot loop).
+and then refused by the receiver for ever.  Done in Python these cost a loop per record;
+here they run in a tiny *host-owned* WebAssembly module (written below in WAT, loaded
+from the AOT cache or compiled, once per process) in a store of its own: the records are
+copied into its memory with one ``memmove`` each and checked by one call.  The module is
+the host's own code, so it runs in an engine of its own without fuel or a deadline (it is
+linear in the records and cannot loop), and is called holding the GIL.
 
 One instance serves a whole chain (every stage's checks and the ``match:`` split of the
-batch between stages), made on first use from the module in the chain's AOT cache.
+batch between stages), made when the chain is built.
 
 Memory layout of a check: the input records at 0, the output records right after them;
 of a split: the records at 0, the selected ones at ``n*24``, the others at ``2*n*24``, the
