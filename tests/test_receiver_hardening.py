@@ -7,8 +7,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import secrets
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import httpx
 import pytest
 
 from cloud import Backend, Settings, create_app, open_backend
-from cloud._auth import hash_password
+from cloud._auth import PasswordChecker, hash_password, verify_password
 from cloud._settings import DashboardSettings
 from protocol import _signing
 from tests.helpers.cloud_client import (
@@ -130,37 +132,88 @@ def test_slow_bodies_hold_no_shared_slot_and_are_cut(backend: Backend) -> None:
             c.close()
 
 
-def test_concurrent_logins_check_at_most_the_limit_and_uploads_go_on(backend: Backend) -> None:
+class _HeldVerifier:
+    """A password verifier that holds every check until the test releases it (then checks
+    for real), counting the checks that entered it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, pwhash: str | None, password: str) -> bool:
+        with self._lock:
+            self.entered += 1
+        assert self.release.wait(120), "the test never released the password checks"
+        return verify_password(pwhash, password)
+
+
+def _wrong_login(url: str, user: str, source: str) -> int:
+    """One sign-in with a wrong password from loopback address ``source``.  No form page
+    is needed: the CSRF check is a double submit (any token as both cookie and field)."""
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(base_url=url, timeout=120, transport=transport) as c:
+        token = secrets.token_hex(16)
+        c.cookies.set("ep_csrf", token)
+        r = c.post(
+            "/login",
+            data={"username": user, "password": "wrong guess", "csrf": token},
+            headers={"Origin": url},
+        )
+        return r.status_code
+
+
+@pytest.mark.parametrize("spread", [False, True], ids=["one_user", "many_users_and_addresses"])
+def test_concurrent_logins_check_at_most_the_limit_and_uploads_go_on(
+    backend: Backend, spread: bool
+) -> None:
+    """100 concurrent sign-ins: for one user from one address, the limiter lets through
+    its 5 attempts; for 100 users from 100 addresses it lets all through and the password
+    pool (1 thread, 8 waiting) takes 9 and refuses 91.  While every check is held on the
+    pool's thread, a genuine upload completes: argon2 cannot delay it."""
     dash = DashboardSettings(login_max_failures=5, login_window_s=300)
+    assert (dash.login_check_workers, dash.login_check_queue) == (1, 8)  # the defaults
     name, secret = new_device(backend)
     app = create_app(Settings(api_token=TOKEN), backend=backend, dashboard=dash)
+    held = _HeldVerifier()
+    app.state.password_checker.close()
+    app.state.password_checker = PasswordChecker(
+        dash.login_check_workers, dash.login_check_queue, verifier=held
+    )
+    admitted = 9 if spread else 5  # pool places, or the limiter's allowance
     with LiveServer(app) as server, _operator(server) as op:
-        before = _status(op)["logins"]["password_checks"]
-
-        def attempt(_: int) -> int:
-            with httpx.Client(base_url=server.url, timeout=120) as c:
-                page = c.get("/login")
-                csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-                r = c.post(
-                    "/login",
-                    data={"username": "alice", "password": "wrong guess", "csrf": csrf},
-                    headers={"Origin": server.url},
-                )
-                return r.status_code
-
         dev = DeviceClient(server.url, name, secret)
-        with concurrent.futures.ThreadPoolExecutor(50) as pool:
-            logins = [pool.submit(attempt, i) for i in range(100)]
-            wait_for(lambda: any(f.done() for f in logins), 120, "a login answered")
-            t0 = time.monotonic()
-            upload = dev.upload([make_batch(1, series_readings(3))])
-            latency = time.monotonic() - t0
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            try:
+                logins = [
+                    pool.submit(
+                        _wrong_login,
+                        server.url,
+                        f"user-{i}" if spread else "alice",
+                        f"127.0.1.{i + 1}" if spread else "127.0.0.1",
+                    )
+                    for i in range(100)
+                ]
+                # Every attempt beyond what is admitted is answered at once (429) ...
+                wait_for(
+                    lambda: sum(f.done() for f in logins) == 100 - admitted, 120, "refusals"
+                )
+                # ... while the admitted ones wait: one in the verifier, the rest queued.
+                st = _status(op)["logins"]
+                assert st["pending"] == admitted and held.entered == 1, st
+                upload = dev.upload([make_batch(1, series_readings(3))])
+                assert upload.status_code == 200, upload.text
+                assert held.entered == 1 and not any(
+                    logins[i].done() and logins[i].result() != 429 for i in range(100)
+                )
+            finally:
+                held.release.set()
             codes = [f.result() for f in logins]
-        print(f"genuine upload during 100 concurrent logins: {latency * 1000:.0f} ms")
-        assert upload.status_code == 200, upload.text
-        checks = _status(op)["logins"]["password_checks"] - before
-        assert checks <= 5
-        assert codes.count(401) == checks and codes.count(429) == 100 - checks
+        st = _status(op)["logins"]
+        assert st["password_checks"] == held.entered == admitted <= (9 if spread else 5)
+        assert codes.count(401) == admitted and codes.count(429) == 100 - admitted, codes
+        assert st["overflow"] == (91 if spread else 0) and st["pending"] == 0, st
+        assert backend.count_readings(name) == 3
         dev.close()
 
 
