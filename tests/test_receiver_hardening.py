@@ -195,9 +195,7 @@ def test_concurrent_logins_check_at_most_the_limit_and_uploads_go_on(
                     for i in range(100)
                 ]
                 # Every attempt beyond what is admitted is answered at once (429) ...
-                wait_for(
-                    lambda: sum(f.done() for f in logins) == 100 - admitted, 120, "refusals"
-                )
+                wait_for(lambda: sum(f.done() for f in logins) == 100 - admitted, 120, "refusals")
                 # ... while the admitted ones wait: one in the verifier, the rest queued.
                 st = _status(op)["logins"]
                 assert st["pending"] == admitted and held.entered == 1, st
