@@ -26,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from core._clock import SYSTEM_CLOCK, Clock
+
 from . import _health_api as health
 from . import _read_api as read
 from ._admission import DeviceRate, UploadGate
@@ -92,10 +94,12 @@ def create_app(
     backend: Backend | None = None,
     extra_routes: Sequence[BaseRoute] = (),
     dashboard: DashboardSettings | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Starlette:
     """The receiver app.  Without ``backend`` one is opened from ``settings.db`` with the
     master key from ``settings`` at startup (none configured: :class:`MasterKeyError`) and
-    closed at shutdown; a given backend is left open (the caller owns it)."""
+    closed at shutdown; a given backend is left open (the caller owns it).  ``clock``
+    (monotonic) paces the per-device upload rate."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -128,7 +132,9 @@ def create_app(
         max_inflight=settings.max_inflight_uploads,
         max_per_device=settings.max_inflight_per_device,
         max_unverified=settings.max_unverified_bodies,
-        rate=DeviceRate(settings.device_uploads_per_s, settings.device_upload_burst),
+        rate=DeviceRate(
+            settings.device_uploads_per_s, settings.device_upload_burst, clock=clock.monotonic
+        ),
     )
     token = settings.api_token.get_secret_value() if settings.api_token else None
     install(app, dashboard, token)  # operator sessions (or the API token) for the read API

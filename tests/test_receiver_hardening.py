@@ -21,6 +21,7 @@ import pytest
 from cloud import Backend, Settings, create_app, open_backend
 from cloud._auth import PasswordChecker, hash_password, verify_password
 from cloud._settings import DashboardSettings
+from core._clock import ManualClock
 from protocol import _signing
 from tests.helpers.cloud_client import (
     PATH,
@@ -213,6 +214,78 @@ def test_concurrent_logins_check_at_most_the_limit_and_uploads_go_on(
         assert st["overflow"] == (91 if spread else 0) and st["pending"] == 0, st
         assert backend.count_readings(name) == 3
         dev.close()
+
+
+def test_a_third_concurrent_upload_of_one_device_is_refused_and_others_go_on(
+    backend: Backend,
+) -> None:
+    settings = Settings(api_token=TOKEN)
+    assert settings.max_inflight_per_device == 2  # the default
+    name, secret = new_device(backend)
+    other, other_secret = new_device(backend)
+    with LiveServer(create_app(settings, backend=backend)) as server, _operator(server) as op:
+        dev = DeviceClient(server.url, name, secret)
+        # Two genuine uploads of the device, authenticated from their headers, bodies pending.
+        held = []
+        for seq in (1, 2):
+            body = encode(dev.body([make_batch(seq, series_readings(2))]), "zstd")
+            h = _signing.signed_headers_v2(
+                secret, name, PATH, body, timestamp=int(time.time()), encoding="zstd"
+            )
+            held.append((_raw_request(server.port, h | {"Content-Length": str(len(body))}), body))
+        wait_for(lambda: _status(op)["uploads"]["reading_bodies"] == 2, 60, "2 uploads held")
+        assert _status(op)["uploads"]["devices_in_flight"] == 1
+
+        third = dev.upload([make_batch(3, series_readings(2))])
+        assert third.status_code == 429, third.text
+        assert third.json()["error"] == "busy"
+        assert "already has 2 uploads in progress" in third.json()["detail"]
+        assert third.headers["Retry-After"] == str(settings.retry_after_s)
+        # Another device is not affected.
+        with DeviceClient(server.url, other, other_secret) as c:
+            assert c.upload([make_batch(1, series_readings(2))]).status_code == 200
+
+        for s, body in held:
+            s.sendall(body)
+        assert [_answer_status(s) for s, _ in held] == [200, 200]
+        # Its places are free again: the refused upload goes through when retried.
+        assert dev.upload([make_batch(3, series_readings(2))]).status_code == 200
+        assert backend.count_readings(name) == 6
+        assert _status(op)["uploads"]["refused_unauthenticated"]["busy"] == 1
+        dev.close()
+
+
+def test_a_burst_beyond_the_device_rate_is_refused_until_the_clock_moves_on(
+    backend: Backend,
+) -> None:
+    settings = Settings(api_token=TOKEN)
+    rate, burst = settings.device_uploads_per_s, settings.device_upload_burst
+    assert (rate, burst) == (20, 40)  # the defaults
+    clock = ManualClock()
+    name, secret = new_device(backend)
+    other, other_secret = new_device(backend)
+    app = create_app(settings, backend=backend, clock=clock)
+    with LiveServer(app) as server, DeviceClient(server.url, name, secret) as dev:
+        seq = iter(range(1, 1000))
+
+        def upload(c: DeviceClient = dev) -> httpx.Response:
+            return c.upload([make_batch(next(seq), series_readings(1))])
+
+        # The clock stands still: the burst passes, the next upload is refused.
+        assert [upload().status_code for _ in range(burst)] == [200] * burst
+        refused = upload()
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"] == "rate_limited"
+        assert refused.headers["Retry-After"] == "1"  # 1/20 s, rounded up to whole seconds
+        with DeviceClient(server.url, other, other_secret) as c:
+            assert upload(c).status_code == 200  # another device has its own bucket
+        # 1/20 s later: one more; then a second later: 20 more, and the 21st is refused.
+        clock.advance(1 / rate)
+        assert [upload().status_code for _ in range(2)] == [200, 429]
+        clock.advance(1.0)
+        codes = [upload().status_code for _ in range(int(rate) + 1)]
+        assert codes == [200] * int(rate) + [429]
+        assert backend.count_readings(name) == burst + 1 + int(rate)
 
 
 def test_unknown_device_and_bad_signature_get_identical_answers(backend: Backend) -> None:
