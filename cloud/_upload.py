@@ -21,7 +21,7 @@ import logging
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from core._clock import now_ms
@@ -69,7 +69,7 @@ class _Upload:
 
 
 #: Refusals that are counted but never written per request, even for a known device.
-_UNLOGGED = frozenset({"rate_limited", "busy", "overloaded"})
+_UNLOGGED = frozenset({"rate_limited", "busy", "overloaded", "disconnected"})
 
 
 async def post_batches(request: Request) -> Response:
@@ -105,6 +105,7 @@ async def post_batches(request: Request) -> Response:
             schema: {$ref: "#/components/schemas/Acks"}
       "400": {$ref: "#/components/responses/Error"}
       "401": {$ref: "#/components/responses/Error"}
+      "408": {$ref: "#/components/responses/Error"}
       "409":
         description: A batch reuses a stored seq with different content; nothing was stored.
         content:
@@ -112,6 +113,7 @@ async def post_batches(request: Request) -> Response:
             schema: {$ref: "#/components/schemas/SequenceConflict"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
+      "429": {$ref: "#/components/responses/Overloaded"}
       "500": {$ref: "#/components/responses/Error"}
       "503": {$ref: "#/components/responses/Overloaded"}
     """
@@ -171,6 +173,10 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 if size > limit:
                     raise Rejected(413, "too_large", f"body exceeds the limit of {limit} bytes")
                 chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: counted, never a traceback
+        raise Rejected(
+            400, "disconnected", "the connection closed before the body arrived"
+        ) from None
     except TimeoutError:
         raise Rejected(
             408,
