@@ -124,35 +124,46 @@ async def post_batches(request: Request) -> Response:
     try:
         return await _receive(request, settings, state.backend, gate, ctx)
     except CloudError as err:
-        exc = rejection_for(err, upload=True)
-        if exc is None:
-            raise
-        remote = request.client.host if request.client else None
-        if not ctx.authenticated and not isinstance(err, MasterKeyError | SecretUnreadable):
-            reason = "unknown_device" if isinstance(err, UnknownDevice) else exc.code
-            gate.refused_unauthenticated(reason, remote, ctx.claimed)
-            return error_response(exc)
-        if exc.code in _UNLOGGED:
-            gate.refused_unauthenticated(exc.code, remote, ctx.claimed)
-            return error_response(exc)
-        try:
-            await run_in_threadpool(
-                functools.partial(
-                    state.backend.record_rejection,
-                    ctx.device,
-                    exc.code,
-                    exc.detail,
-                    remote,
-                    now_ms(),
-                    authenticated=ctx.authenticated,
-                )
-            )
-        except Exception:  # the refusal itself must still reach the device
-            log.exception("could not record a rejection")
-        log.info("rejected upload from %s: %s %s", remote, exc.status, exc.code)
-        return error_response(exc)
+        response = await _refused(request, gate, ctx, err)
+        # Its traceback holds the decoder's frames (the decompressed body, the unpacker's
+        # buffer) in a reference cycle: cut it, so they go with the answer rather than at
+        # the next garbage collection, several refusals later.
+        err.__traceback__ = None
+        return response
     finally:
         ctx.release(gate)
+
+
+async def _refused(request: Request, gate: UploadGate, ctx: _Upload, err: CloudError) -> Response:
+    """The answer to a refused upload; only refusals of authenticated requests are
+    written to the rejection log."""
+    exc = rejection_for(err, upload=True)
+    if exc is None:
+        raise err
+    remote = request.client.host if request.client else None
+    if not ctx.authenticated and not isinstance(err, MasterKeyError | SecretUnreadable):
+        reason = "unknown_device" if isinstance(err, UnknownDevice) else exc.code
+        gate.refused_unauthenticated(reason, remote, ctx.claimed)
+        return error_response(exc)
+    if exc.code in _UNLOGGED:
+        gate.refused_unauthenticated(exc.code, remote, ctx.claimed)
+        return error_response(exc)
+    try:
+        await run_in_threadpool(
+            functools.partial(
+                request.app.state.backend.record_rejection,
+                ctx.device,
+                exc.code,
+                exc.detail,
+                remote,
+                now_ms(),
+                authenticated=ctx.authenticated,
+            )
+        )
+    except Exception:  # the refusal itself must still reach the device
+        log.exception("could not record a rejection")
+    log.info("rejected upload from %s: %s %s", remote, exc.status, exc.code)
+    return error_response(exc)
 
 
 def _header(request: Request, name: str) -> str:
