@@ -91,7 +91,7 @@ class Settings(_EnvModel):
     device_upload_burst: int = Field(40, ge=1)
     retry_after_s: int = Field(2, ge=1)
     # -- bounds of what one upload may carry or create (see docs/security.md) -------------
-    #: Decompressed bytes per byte sent, beyond the first 256 KiB (zip-bomb guard).
+    #: Decompressed bytes per byte sent, beyond the first 64 KiB (zip-bomb guard).
     max_decompression_ratio: int = Field(100, ge=2)
     #: Readings in one request, all its batches together.
     max_readings_per_request: int = Field(1_000_000, ge=1)
