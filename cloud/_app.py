@@ -114,7 +114,8 @@ def create_app(
     closed at shutdown; a given backend is left open (the caller owns it).
 
     Alerts: ``alert_rules``, else the file ``settings.alerts_file`` (read now: a bad file
-    raises a located :class:`core._errors.ConfigError`); evaluated by ``clock``'s time."""
+    raises a located :class:`core._errors.ConfigError`); evaluated by ``clock``'s time,
+    and ``clock``'s monotonic time paces the per-device upload rate."""
     settings = settings or Settings.from_env()
     secrets: dict[int, tuple[bytes | None, str | None]] = {}
     if alert_rules is None and settings.alerts_file is not None:
@@ -158,7 +159,9 @@ def create_app(
         max_inflight=settings.max_inflight_uploads,
         max_per_device=settings.max_inflight_per_device,
         max_unverified=settings.max_unverified_bodies,
-        rate=DeviceRate(settings.device_uploads_per_s, settings.device_upload_burst),
+        rate=DeviceRate(
+            settings.device_uploads_per_s, settings.device_upload_burst, clock=clock.monotonic
+        ),
     )
     token = settings.api_token.get_secret_value() if settings.api_token else None
     install(app, dashboard, token)  # operator sessions (or the API token) for the read API

@@ -91,7 +91,7 @@ class Settings(_EnvModel):
     device_upload_burst: int = Field(40, ge=1)
     retry_after_s: int = Field(2, ge=1)
     # -- bounds of what one upload may carry or create (see docs/security.md) -------------
-    #: Decompressed bytes per byte sent, beyond the first 256 KiB (zip-bomb guard).
+    #: Decompressed bytes per byte sent, beyond the first 64 KiB (zip-bomb guard).
     max_decompression_ratio: int = Field(100, ge=2)
     #: Readings in one request, all its batches together.
     max_readings_per_request: int = Field(1_000_000, ge=1)
@@ -162,8 +162,9 @@ class DashboardSettings(_EnvModel):
     secure_cookies: bool | None = None
     login_max_failures: int = Field(5, ge=1)
     login_window_s: int = Field(300, ge=1)
-    #: Threads that verify passwords (argon2), apart from the uploads' threads.
-    login_check_workers: int = Field(2, ge=1, le=16)
+    #: Threads that verify passwords (argon2, ~0.1 s of one core each), apart from the
+    #: uploads' threads; one leaves the other cores to uploads during a sign-in flood.
+    login_check_workers: int = Field(1, ge=1, le=16)
     #: Password checks that may wait for a thread; beyond, a login is answered 429.
     login_check_queue: int = Field(8, ge=0, le=1024)
 

@@ -57,6 +57,10 @@ __all__ = ["Chain", "ChainResult"]
 log = logging.getLogger("edgepipe.chain")
 
 
+#: A stage dead letter's reason is cut to this many characters.
+MAX_REASON_CHARS = 1000
+
+
 class ChainResult(NamedTuple):
     batch: Batch
     dead_letters: list[DeadLetter]
@@ -290,7 +294,9 @@ class Chain:
             DeadLetter(
                 ts=int(self._clock.time() * 1000),
                 topic="",
-                reason=reason,
+                # the code first (what dashboards group by), then the cause and the guest's
+                # backtrace when it trapped
+                reason=f"{reason}: {err.message}"[:MAX_REASON_CHARS],
                 payload=data,
                 stage=name,
             )

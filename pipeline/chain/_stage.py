@@ -99,6 +99,28 @@ def _trap_text(message: str, fallback: str) -> str:
     return first
 
 
+#: Frames of a trap's backtrace kept (innermost first); deeper ones are counted.
+MAX_FRAMES = 8
+
+
+def _backtrace(trap: wasmtime.Trap) -> tuple[str, ...]:
+    """The guest frames of ``trap``, innermost first: ``name@0xOFFSET`` (the function's
+    name from the module's name section, else ``<wasm function N>``; the offset of the
+    trapping instruction or call in the module), at most :data:`MAX_FRAMES` of them."""
+    try:
+        frames = trap.frames
+    except Exception:  # a trap without a backtrace (or one wasmtime cannot give)
+        return ()
+    out = []
+    for f in frames[:MAX_FRAMES]:
+        name = f.func_name or f"<wasm function {f.func_index}>"
+        offset = f.module_offset
+        out.append(f"{name[:64]}@" + (f"0x{offset:x}" if offset < 1 << 32 else "?"))
+    if len(frames) > MAX_FRAMES:
+        out.append(f"... {len(frames) - MAX_FRAMES} more frames")
+    return tuple(out)
+
+
 _TRAP_NAMES = {
     getattr(wasmtime.TrapCode, n): n.lower() for n in dir(wasmtime.TrapCode) if n.isupper()
 }
@@ -284,7 +306,14 @@ class WasmStage:
         if isinstance(e, wasmtime.Trap):
             code = _TRAP_NAMES.get(e.trap_code, "trap") if e.trap_code is not None else "trap"
             cause = _trap_text(e.message, code)
-            return FilterRuntimeError(f"{what}: trap ({code}): {cause}", stage=self.name, code=code)
+            frames = _backtrace(e)
+            where = f"; wasm backtrace: {' < '.join(frames)}" if frames else ""
+            return FilterRuntimeError(
+                f"{what}: trap ({code}): {cause}{where}",
+                stage=self.name,
+                code=code,
+                backtrace=frames,
+            )
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         low = str(e).lower()
         code = "out_of_fuel" if "fuel" in low else "limit" if "limit" in low else "error"

@@ -85,6 +85,12 @@ class DeviceClient:
     def close(self) -> None:
         self.http.close()
 
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def body(
         self,
         batches: Sequence[bytes],
