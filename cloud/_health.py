@@ -51,6 +51,32 @@ class Health(Protocol):
     def latest_health(self) -> dict[str, dict[str, Any]]:
         """Per device name: its newest snapshot (``{"ts", "values"}``)."""
 
+    def health_buckets(
+        self, name: str, since: int, until: int, step: int
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The last snapshot before ``since`` (or None) and the last snapshot of each
+        ``step``-wide bucket of [since, until) that has one, oldest first."""
+
+    def health_overview(self, window_since: int) -> dict[str, dict[str, Any]]:
+        """Per device name that has snapshots: ``{"newest", "first", "count", "span_ms"}``
+        -- its newest snapshot, the oldest since ``window_since`` (None if none is that
+        recent), how many are that recent and the time between the two."""
+
+    def logs(
+        self,
+        device: str | None = None,
+        *,
+        level: str | None = None,
+        text: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+        before: tuple[int, int, int] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Log records of one device or of all, newest first (by time, then device, then
+        record), at ``level`` or above, containing ``text``; a page ends ``before`` the
+        cursor ``(ts, device id, seq)`` of the last record of the previous page."""
+
 
 _LEVELS = ("WARNING", "ERROR", "CRITICAL")
 
@@ -115,9 +141,7 @@ class HealthSQL(SQLBase):
                 ),
                 (name, *args, limit),
             )
-            return [
-                {"seq": s, "ts": ts, "values": json.loads(data)} for s, ts, data in cur.fetchall()
-            ]
+            return [_snapshot(*row) for row in cur.fetchall()]
 
     def device_logs(
         self,
@@ -129,7 +153,26 @@ class HealthSQL(SQLBase):
         until: int | None = None,
         limit: int = 500,
     ) -> list[dict[str, Any]]:
+        rows = self.logs(name, level=level, text=text, since=since, until=until, limit=limit)
+        for r in rows:
+            del r["device"], r["cursor"]
+        return rows
+
+    def logs(
+        self,
+        device: str | None = None,
+        *,
+        level: str | None = None,
+        text: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+        before: tuple[int, int, int] | None = None,
+    ) -> list[dict[str, Any]]:
         where, args = self._range(since, until)
+        if device is not None:
+            where += " AND d.name = ?"
+            args.append(device)
         if level is not None and level.upper() in _LEVELS:
             levels = _LEVELS[_LEVELS.index(level.upper()) :]
             where += f" AND h.level IN ({', '.join('?' * len(levels))})"
@@ -138,18 +181,87 @@ class HealthSQL(SQLBase):
             where += " AND lower(h.msg) LIKE ? ESCAPE '\\'"
             esc = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             args.append(f"%{esc}%")
+        if before is not None:
+            where += " AND (h.ts < ? OR (h.ts = ? AND (h.device_id < ? OR (h.device_id = ? AND h.seq < ?))))"
+            ts, did, seq = before
+            args.extend((ts, ts, did, did, seq))
         limit = max(1, min(limit, QUERY_MAX))
         with self._read() as cur:
             cur.execute(
                 self._q(
-                    "SELECT h.seq, h.ts, h.last_ts, h.level, h.logger, h.msg, h.n "
-                    "FROM device_logs h JOIN devices d ON d.id = h.device_id "
-                    f"WHERE d.name = ?{where} ORDER BY h.ts DESC, h.seq DESC LIMIT ?"
+                    "SELECT d.name, h.device_id, h.seq, h.ts, h.last_ts, h.level, h.logger, "
+                    "h.msg, h.n FROM device_logs h JOIN devices d ON d.id = h.device_id "
+                    f"WHERE 1 = 1{where} ORDER BY h.ts DESC, h.device_id DESC, h.seq DESC "
+                    "LIMIT ?"
                 ),
-                (name, *args, limit),
+                (*args, limit),
             )
             keys = ("seq", "ts", "last", "level", "logger", "msg", "n")
-            return [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]
+            return [
+                {"device": name, **dict(zip(keys, rest, strict=True)),
+                 "cursor": f"{rest[1]}.{did}.{rest[0]}"}
+                for name, did, *rest in cur.fetchall()
+            ]  # fmt: skip
+
+    def health_buckets(
+        self, name: str, since: int, until: int, step: int
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        step = max(1, int(step))
+        with self._read() as cur:
+            cur.execute(self._q("SELECT id FROM devices WHERE name = ?"), (name,))
+            row = cur.fetchone()
+            if row is None:
+                return None, []
+            did = row[0]
+            cur.execute(
+                self._q(
+                    "SELECT seq, ts, data FROM device_health WHERE device_id = ? AND ts < ? "
+                    "ORDER BY ts DESC, seq DESC LIMIT 1"
+                ),
+                (did, since),
+            )
+            base = cur.fetchone()
+            # ts >= since >= 0, so (ts - since) / step is each row's bucket in both dialects
+            cur.execute(
+                self._q(
+                    "SELECT h.seq, h.ts, h.data FROM device_health h JOIN ("
+                    "SELECT max(seq) AS seq FROM device_health "
+                    "WHERE device_id = ? AND ts >= ? AND ts < ? GROUP BY (ts - ?) / ?"
+                    ") b ON b.seq = h.seq WHERE h.device_id = ? ORDER BY h.ts, h.seq"
+                ),
+                (did, since, until, since, step, did),
+            )
+            rows = [_snapshot(*r) for r in cur.fetchall()]
+        return (_snapshot(*base) if base else None), rows
+
+    def health_overview(self, window_since: int) -> dict[str, dict[str, Any]]:
+        with self._read() as cur:
+            cur.execute(
+                self._q(
+                    "SELECT d.name, x.s, x.lo, x.n, x.t0, x.t1, h.seq, h.ts, h.data FROM ("
+                    "SELECT m.device_id, m.s, min(w.seq) AS lo, count(w.seq) AS n, "
+                    "min(w.ts) AS t0, max(w.ts) AS t1 FROM ("
+                    "SELECT device_id, max(seq) AS s FROM device_health GROUP BY device_id) m "
+                    "LEFT JOIN device_health w ON w.device_id = m.device_id AND w.ts >= ? "
+                    "GROUP BY m.device_id, m.s) x "
+                    "JOIN device_health h ON h.device_id = x.device_id "
+                    "AND (h.seq = x.s OR h.seq = x.lo) "
+                    "JOIN devices d ON d.id = x.device_id"
+                ),
+                (window_since,),
+            )
+            out: dict[str, dict[str, Any]] = {}
+            for name, s, lo, n, t0, t1, seq, ts, data in cur.fetchall():
+                o = out.setdefault(
+                    name,
+                    {"newest": None, "first": None, "count": n, "span_ms": (t1 - t0) if n else 0},
+                )
+                snap = _snapshot(seq, ts, data)
+                if seq == s:
+                    o["newest"] = snap
+                if seq == lo:
+                    o["first"] = snap
+            return out
 
     def latest_health(self) -> dict[str, dict[str, Any]]:
         with self._read() as cur:
@@ -173,3 +285,7 @@ class HealthSQL(SQLBase):
             where += " AND h.ts < ?"
             args.append(until)
         return where, args
+
+
+def _snapshot(seq: int, ts: int, data: str) -> dict[str, Any]:
+    return {"seq": seq, "ts": ts, "values": json.loads(data)}

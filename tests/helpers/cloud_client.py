@@ -92,7 +92,11 @@ class DeviceClient:
         status: dict[str, Any] | None = None,
         dead_letters: list[dict[str, Any]] | None = None,
         device: str | None = None,
+        health: bytes | None = None,
+        logs: list[dict[str, Any]] | None = None,
     ) -> bytes:
+        """The upload's msgpack bytes; ``health`` a block of snapshots (as
+        ``sync._health.encode_health`` makes it), ``logs`` log records (docs/health.md)."""
         top: dict[str, Any] = {
             "v": 1,
             "device": device or self.name,
@@ -108,6 +112,10 @@ class DeviceClient:
         }
         if dead_letters is not None:
             top["dead_letters"] = dead_letters
+        if health is not None:
+            top["health"] = health
+        if logs is not None:
+            top["logs"] = logs
         return msgpack.packb(top, use_bin_type=True)
 
     def post_raw(
