@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ._sql import SQLBase
 
-__all__ = ["HEALTH_KEEP", "LOGS_KEEP", "RETENTION_MS", "Health", "HealthSQL"]
+__all__ = ["EXACT_MAX", "HEALTH_KEEP", "LOGS_KEEP", "RETENTION_MS", "Health", "HealthSQL"]
 
 #: Snapshots kept per device (a month of one a minute).
 HEALTH_KEEP = 45_000
@@ -25,6 +25,9 @@ LOGS_KEEP = 10_000
 RETENTION_MS = 31 * 86_400_000
 #: Most rows one query returns.
 QUERY_MAX = 5_000
+#: A health chart range with at most this many snapshots gets every one (counters exact
+#: across restarts); one with more, the last snapshot of each bucket.
+EXACT_MAX = 5_000
 
 
 @runtime_checkable
@@ -54,8 +57,9 @@ class Health(Protocol):
     def health_buckets(
         self, name: str, since: int, until: int, step: int
     ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-        """The last snapshot before ``since`` (or None) and the last snapshot of each
-        ``step``-wide bucket of [since, until) that has one, oldest first."""
+        """The last snapshot before ``since`` (or None) and the snapshots of [since,
+        until), oldest first: every one if there are at most :data:`EXACT_MAX`, else the
+        last of each ``step``-wide bucket."""
 
     def health_overview(self, window_since: int) -> dict[str, dict[str, Any]]:
         """Per device name that has snapshots: ``{"newest", "first", "count", "span_ms"}``
@@ -221,16 +225,30 @@ class HealthSQL(SQLBase):
                 (did, since),
             )
             base = cur.fetchone()
-            # ts >= since >= 0, so (ts - since) / step is each row's bucket in both dialects
             cur.execute(
                 self._q(
-                    "SELECT h.seq, h.ts, h.data FROM device_health h JOIN ("
-                    "SELECT max(seq) AS seq FROM device_health "
-                    "WHERE device_id = ? AND ts >= ? AND ts < ? GROUP BY (ts - ?) / ?"
-                    ") b ON b.seq = h.seq WHERE h.device_id = ? ORDER BY h.ts, h.seq"
+                    "SELECT count(*) FROM device_health WHERE device_id = ? AND ts >= ? AND ts < ?"
                 ),
-                (did, since, until, since, step, did),
+                (did, since, until),
             )
+            if cur.fetchone()[0] <= EXACT_MAX:
+                cur.execute(
+                    self._q(
+                        "SELECT seq, ts, data FROM device_health WHERE device_id = ? "
+                        "AND ts >= ? AND ts < ? ORDER BY ts, seq"
+                    ),
+                    (did, since, until),
+                )
+            else:  # ts >= since >= 0: (ts - since) / step is a row's bucket in both dialects
+                cur.execute(
+                    self._q(
+                        "SELECT h.seq, h.ts, h.data FROM device_health h JOIN ("
+                        "SELECT max(seq) AS seq FROM device_health "
+                        "WHERE device_id = ? AND ts >= ? AND ts < ? GROUP BY (ts - ?) / ?"
+                        ") b ON b.seq = h.seq WHERE h.device_id = ? ORDER BY h.ts, h.seq"
+                    ),
+                    (did, since, until, since, step, did),
+                )
             rows = [_snapshot(*r) for r in cur.fetchall()]
         return (_snapshot(*base) if base else None), rows
 

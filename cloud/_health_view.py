@@ -2,11 +2,12 @@
 range, as chart series on the same buckets as the readings charts.
 
 A range is cut like a readings chart (:func:`cloud._ui_api.chart_window`); the backend gives
-the last snapshot of each bucket (and the last one before the range, the baseline).  Gauges
-(RSS, store, skew) are that snapshot's value; counters (CPU time, link bytes, drops, dead
-letters, traps) become what they grew by since the previous snapshot -- a counter that went
-down was reset by a restart and grew by its new value -- and CPU a rate (% of one core).
-Empty buckets are ``None`` so a device's silence shows as a gap, as on the readings chart.
+the snapshots of the range (every one up to :data:`cloud._health.EXACT_MAX`, else the last
+of each bucket) and the last one before it, the baseline.  Gauges (RSS, store, skew) are a
+bucket's last value; counters (CPU time, link bytes, drops, dead letters, traps) become what
+they grew by in the bucket, snapshot to snapshot -- a counter that went down was reset by a
+restart and grew by its new value -- and CPU a rate (% of one core).  Empty buckets are
+``None`` so a device's silence shows as a gap, as on the readings chart.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ MAX_LINES = 8
 COUNTER_GROUPS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("link", "Link bytes sent", "link_bytes:", ("link",)),
     ("drops", "Readings dropped", "drops:", ("stage", "reason")),
-    ("dead_letters", "Dead letters", "dead_letters:", ("stage",)),
+    ("dead_letters", "Dead letters", "dead_letters:", ("stage", "reason")),
     ("traps", "Traps", "traps:", ("stage", "code")),
 )
 
@@ -37,22 +38,23 @@ def health_view(
     until: int,
     step: int,
 ) -> dict[str, Any]:
-    """Chart series over ``[since, until)`` in buckets of ``step`` from ``buckets`` (the last
-    snapshot of each non-empty bucket, oldest first) and ``baseline`` (the last snapshot
-    before ``since``, or None)."""
+    """Chart series over ``[since, until)`` in buckets of ``step`` from ``buckets`` (snapshots
+    of the range, oldest first: all, or the last of each bucket) and ``baseline`` (the last
+    snapshot before ``since``, or None)."""
     n = max(0, (until - since) // step)
     index = [(s["ts"] - since) // step for s in buckets]
     placed = [(i, s) for i, s in zip(index, buckets, strict=True) if 0 <= i < n]
 
     def gauge(fn: Callable[[dict[str, Any]], Any]) -> list[Any]:
         out: list[Any] = [None] * n
-        for i, s in placed:
+        for i, s in placed:  # the bucket's last value
             v = fn(s["values"])
-            out[i] = v if isinstance(v, int | float) and not isinstance(v, bool) else None
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out[i] = v
         return out
 
-    # CPU: the rate of cpu_ms between consecutive snapshots, in % of one core.
-    cpu: list[float | None] = [None] * n
+    # CPU: the rate of cpu_ms over the bucket's snapshots, in % of one core.
+    busy, spent = [0] * n, [0] * n
     prev = baseline
     for i, s in placed:
         if prev is not None:
@@ -60,8 +62,10 @@ def health_view(
             dc = counter_increase(was, s["values"].get("cpu_ms"))
             dt = s["ts"] - prev["ts"]
             if isinstance(was, int) and dc is not None and dt > 0:
-                cpu[i] = round(100 * dc / dt, 2)
+                busy[i] += dc
+                spent[i] += dt
         prev = s
+    cpu = [round(100 * b / t, 2) if t else None for b, t in zip(busy, spent, strict=True)]
 
     charts: list[dict[str, Any]] = [
         _chart("cpu", "CPU", "%", [("cpu_pct", "CPU (% of one core)", cpu)]),
@@ -150,7 +154,8 @@ def _counters(
             if k.startswith(prefix):
                 inc = counter_increase(last.get(k), v)
                 if inc is not None and (baseline is not None or j > 0):
-                    per_key.setdefault(k, [None] * n)[i] = inc
+                    col = per_key.setdefault(k, [None] * n)
+                    col[i] = (col[i] or 0) + inc
                 last[k] = v
     for col in per_key.values():  # a bucket with a snapshot and no increase: 0
         for i, _ in placed:

@@ -163,7 +163,7 @@ async def device_page(request: Request) -> Response:
   <div class="split3">
     <div><h3>Traps</h3><div class="table-wrap"><table class="grid" id="health-traps"><tbody></tbody></table></div></div>
     <div><h3>Drops</h3><div class="table-wrap"><table class="grid" id="health-drops"><tbody></tbody></table></div></div>
-    <div><h3>Dead letters by stage</h3><div class="table-wrap"><table class="grid" id="health-dead_letters"><tbody></tbody></table></div></div>
+    <div><h3>Dead letters</h3><div class="table-wrap"><table class="grid" id="health-dead_letters"><tbody></tbody></table></div></div>
   </div>
 </section>
 {_log_view(name)}

@@ -18,7 +18,7 @@ from cloud._badges import Thresholds, badges, raise_badges
 from cloud._health_view import MAX_LINES, health_view
 from cloud._settings import DashboardSettings
 from sync._health import encode_health
-from tests.helpers.cloud_client import DeviceClient
+from tests.helpers.cloud_client import health_snapshots, log_record, upload_as
 from tests.helpers.sync_env import Receiver
 
 TOKEN = "health-operator-token"
@@ -38,55 +38,14 @@ def _op(rx: Receiver) -> httpx.Client:
     return httpx.Client(base_url=rx.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
 
-def _snapshots(now: int, *, fill: float, restart_at: int = 20) -> list[tuple[int, dict[str, Any]]]:
-    """30 snapshots a minute apart ending now: CPU 1.5 % of a core, a trap every minute,
-    the store filling to ``fill`` of its quota, and a restart (counters from zero) at
-    snapshot ``restart_at``, with a new chain."""
-    out = []
-    quota = 100 << 20
-    for i in range(30):
-        k = i if i < restart_at else i - restart_at  # minutes since the process started
-        snap = {
-            "ts": now - (29 - i) * MIN,
-            "cpu_ms": 900 * k,
-            "rss_kb": 30_000 + 10 * i,
-            "store_used_b": int(quota * fill * (i + 1) / 30),
-            "store_quota_b": quota,
-            "link_bytes:wifi": 2000 * (i + 1),
-            "traps:scale:unreachable": k,
-            "drops:validity:out_of_range": 2 * k,
-            "dead_letters:scale": k,
-            "sessions_lost": 0,
-            "clock_skew_ms": 400,
-            "chain": "aaaa1111" if i < restart_at else "bbbb2222",
-        }
-        out.append((i + 1, snap))
-    return out
-
-
-def _upload(rx: Receiver, name: str, **kw: Any) -> None:
-    secret = bytes.fromhex(rx.add_device(name))
-    dev = DeviceClient(rx.url, name, secret)
-    try:
-        r = dev.upload([], **kw)
-        assert r.status_code == 200, r.text
-    finally:
-        dev.close()
-
-
-def _log(seq: int, ts: int, level: str, msg: str, n: int = 1) -> dict[str, Any]:
-    return {"seq": seq, "ts": ts, "last": ts, "level": level, "logger": "edgepipe.chain",
-            "msg": msg, "n": n}  # fmt: skip
-
-
 def test_health_panel_series_and_fleet_badges(rx: Receiver) -> None:
     now = int(time.time() * 1000)
-    _upload(rx, "gw-full", health=encode_health(_snapshots(now, fill=0.9)))
-    _upload(rx, "gw-ok", health=encode_health(_snapshots(now, fill=0.82)))  # > 0.8, < 0.85
-    skewed = _snapshots(now, fill=0.1)
+    upload_as(rx, "gw-full", health=encode_health(health_snapshots(now, fill=0.9)))
+    upload_as(rx, "gw-ok", health=encode_health(health_snapshots(now, fill=0.82)))  # > 0.8, < 0.85
+    skewed = health_snapshots(now, fill=0.1)
     for _, s in skewed:
         s["clock_skew_ms"] = -45_000
-    _upload(rx, "gw-skew", health=encode_health(skewed))
+    upload_as(rx, "gw-skew", health=encode_health(skewed))
     with _op(rx) as op:
         r = op.get("/ui/api/health", params={"device": "gw-full", "range": "1h"})
         assert r.status_code == 200, r.text
@@ -150,16 +109,17 @@ def test_health_panel_series_and_fleet_badges(rx: Receiver) -> None:
 def test_fleet_log_view_filters_and_pages(rx: Receiver) -> None:
     now = int(time.time() * 1000)
     a = [
-        _log(i + 1, now - 60_000 + i * 1000, "WARNING", f"stage scale failed ({i})")
+        log_record(i + 1, now - 60_000 + i * 1000, "WARNING", f"stage scale failed ({i})")
         for i in range(7)
     ]
-    a.append(_log(8, now - 30_500, "ERROR", "ALARM: cannot commit: disk I/O error", n=10_000))
+    a.append(log_record(8, now - 30_500, "ERROR", "ALARM: cannot commit: disk I/O error", n=10_000))
     b = [
-        _log(i + 1, now - 60_000 + i * 1000, "WARNING", f"Broker gone 100% ({i})") for i in range(3)
+        log_record(i + 1, now - 60_000 + i * 1000, "WARNING", f"Broker gone 100% ({i})")
+        for i in range(3)
     ]
-    b.append(_log(4, now - 10_000, "CRITICAL", "store is not writable_here"))
-    _upload(rx, "gw-a", logs=a)
-    _upload(rx, "gw-b", logs=b)
+    b.append(log_record(4, now - 10_000, "CRITICAL", "store is not writable_here"))
+    upload_as(rx, "gw-a", logs=a)
+    upload_as(rx, "gw-b", logs=b)
     with _op(rx) as op:
         everything = op.get("/v1/logs", params={"limit": 1000}).json()
         logs = everything["logs"]
@@ -281,3 +241,45 @@ def test_many_stages_fold_into_other() -> None:
     assert drops["series"][-1]["label"] == "3 others"
     assert drops["series"][0]["key"] == f"drops:s{MAX_LINES + 2}:bad"  # the most first
     assert len(view["totals"]["drops"]) == MAX_LINES + 3
+
+
+def test_backend_health_queries_in_both_dialects(
+    backend: Any, device: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite and PostgreSQL: the health panel's bucketed read (a range with more snapshots
+    than are read one by one), the fleet's overview and the log cursor."""
+    from cloud import _health
+
+    now = int(time.time() * 1000)
+    logs = [log_record(i + 1, now - 10_000 + (i // 2) * 1000, "WARNING", f"m{i}") for i in range(9)]
+    r = device.upload([], health=encode_health(health_snapshots(now, fill=0.5)), logs=logs)
+    assert r.status_code == 200, r.text
+    name = device.name
+    since, until, step = now - 30 * MIN, now + 1, 5 * MIN
+    base, every = backend.health_buckets(name, since, until, step)
+    assert base is None and [s["seq"] for s in every] == list(range(1, 31))
+    monkeypatch.setattr(_health, "EXACT_MAX", 5)
+    _, last = backend.health_buckets(name, since, until, step)
+    want = {}
+    for s in every:
+        want[(s["ts"] - since) // step] = s["seq"]  # the last of each bucket
+    assert [s["seq"] for s in last] == sorted(want.values())
+    base, _ = backend.health_buckets(name, now - 5 * MIN + 1, until, step)
+    assert base is not None and base["seq"] == 25
+    assert backend.health_buckets("nobody", since, until, step) == (None, [])
+
+    o = backend.health_overview(now - 10 * MIN)[name]
+    assert o["newest"]["seq"] == 30 and o["first"]["seq"] == 20
+    assert o["count"] == 11 and o["span_ms"] == 10 * MIN
+    o = backend.health_overview(now + MIN)[name]  # nothing that recent: the newest only
+    assert o["newest"]["seq"] == 30 and o["first"] is None and o["count"] == 0
+
+    pages, before = [], None
+    while True:
+        page = backend.logs(name, limit=4, before=before)
+        pages.append([x["msg"] for x in page])
+        if len(page) < 4:
+            break
+        before = tuple(int(x) for x in page[-1]["cursor"].split("."))
+    got = [m for p in pages for m in p]
+    assert got == [f"m{i}" for i in (8, 7, 6, 5, 4, 3, 2, 1, 0)]  # same ts: higher seq first

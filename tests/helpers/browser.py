@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["headless_chromium"]
+__all__ = ["add_operator", "headless_chromium", "sign_in"]
 
 ARGS = [
     "--no-sandbox",
@@ -29,3 +30,30 @@ def headless_chromium(executable: str = "/usr/bin/chromium") -> Iterator[object]
             yield b
         finally:
             b.close()
+
+
+def add_operator(rx: object, user: str, password: str) -> None:
+    """``edgepipe-cloud users add USER --password-stdin`` on a receiver's database
+    (a :class:`cloud._local.LocalReceiver`)."""
+    import subprocess
+
+    from cloud._local import cli_command
+
+    r = subprocess.run(
+        cli_command("users", "--db", rx.db, "add", user, "--password-stdin"),  # type: ignore[attr-defined]
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def sign_in(page: object, url: str, user: str, password: str) -> None:
+    """Through the login page, as an operator types it; ends on the fleet page."""
+    p: Any = page
+    p.goto(url + "/login")
+    p.fill("input[name=username]", user)
+    p.fill("input[name=password]", password)
+    p.click("button[type=submit]")
+    p.wait_for_url(url + "/")

@@ -400,7 +400,7 @@
         h.totals.traps, "No traps in this time range.");
       totalsTable("drops", [["Stage", (r) => r.stage], ["Reason", (r) => r.reason, "mono"], ["Count", (r) => num(r.n), "num"]],
         h.totals.drops, "No readings dropped in this time range.");
-      totalsTable("dead_letters", [["Stage", (r) => r.stage], ["Count", (r) => num(r.n), "num"]],
+      totalsTable("dead_letters", [["Stage", (r) => r.stage], ["Reason", (r) => r.reason, "mono"], ["Count", (r) => num(r.n), "num"]],
         h.totals.dead_letters, "No dead letters in this time range.");
       $("#health-note").textContent = h.snapshots
         ? `${num(h.snapshots)} snapshots (the last of each ${dur(h.step)}), ${stamp(h.since)} – ${stamp(h.until)}`
@@ -408,6 +408,7 @@
       $("#device-badges").replaceChildren(...badgeLinks(name, h.badges));
       Object.assign(root.dataset, {
         snapshots: String(h.snapshots),
+        span: String(h.until - h.since),
         gaps: String(found.length),
         updated: String((Number(root.dataset.updated) || 0) + 1),
       });
