@@ -155,57 +155,58 @@ _LOG_RESPONSE = """
 """
 
 
-@operator_endpoint
-async def device_logs(request: Request) -> Response:
+async def _logs(request: Request, device: str | None, *, known: bool) -> Response:
+    """A page of log records of ``device`` (None: every device); ``known``: 404 for a
+    device that is not registered."""
     backend = request.app.state.backend
-    name = request.path_params["name"]
     q = _log_query(request)
     limit = q.pop("limit")
 
     def load() -> dict[str, Any]:
-        if backend.get_device(name) is None:
-            raise UnknownDevice(name)
-        return {"device": name, **_page(backend.logs(name, limit=limit + 1, **q), limit)}
+        if known and backend.get_device(device) is None:
+            raise UnknownDevice(str(device))
+        page = _page(backend.logs(device, limit=limit + 1, **q), limit)
+        return {"device": device, **page} if known else page
 
     return JSONResponse(await run_in_threadpool(load))
+
+
+@operator_endpoint
+async def device_logs(request: Request) -> Response:
+    return await _logs(request, request.path_params["name"], known=True)
 
 
 @operator_endpoint
 async def fleet_logs(request: Request) -> Response:
-    backend = request.app.state.backend
-    device = request.query_params.get("device") or None
-    q = _log_query(request)
-    limit = q.pop("limit")
-
-    def load() -> dict[str, Any]:
-        return _page(backend.logs(device, limit=limit + 1, **q), limit)
-
-    return JSONResponse(await run_in_threadpool(load))
+    return await _logs(request, request.query_params.get("device") or None, known=False)
 
 
-device_logs.__doc__ = (
-    """A device's warning log, newest first, in bounded pages.
+def _log_doc(head: str, summary: str, operation: str, param: str, extra: str = "") -> str:
+    return (
+        f"""{head}
     ---
-    summary: Warning log of one device
-    operationId: deviceLogs
+    summary: {summary}
+    operationId: {operation}
     tags: [read]
-    security: [{operatorBearer: []}]
+    security: [{{operatorBearer: []}}]
     parameters:
-      - {$ref: "#/components/parameters/Name"}"""
-    + _LOG_PARAMS
-    + _LOG_RESPONSE
-    + """      "404": {$ref: "#/components/responses/Error"}
-"""
+      - {{$ref: "#/components/parameters/{param}"}}"""
+        + _LOG_PARAMS
+        + _LOG_RESPONSE
+        + extra
+    )
+
+
+device_logs.__doc__ = _log_doc(
+    "A device's warning log, newest first, in bounded pages.",
+    "Warning log of one device",
+    "deviceLogs",
+    "Name",
+    """      "404": {$ref: "#/components/responses/Error"}\n""",
 )
-fleet_logs.__doc__ = (
-    """The warning logs of every device (or of one), newest first, in bounded pages.
-    ---
-    summary: Warning logs of the fleet
-    operationId: fleetLogs
-    tags: [read]
-    security: [{operatorBearer: []}]
-    parameters:
-      - {$ref: "#/components/parameters/DeviceFilter"}"""
-    + _LOG_PARAMS
-    + _LOG_RESPONSE
+fleet_logs.__doc__ = _log_doc(
+    "The warning logs of every device (or of one), newest first, in bounded pages.",
+    "Warning logs of the fleet",
+    "fleetLogs",
+    "DeviceFilter",
 )

@@ -13,7 +13,6 @@ docs/screenshots/.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,13 +23,12 @@ import httpx
 import pytest
 
 from sync._health import encode_health
-from tests.helpers.browser import add_operator, headless_chromium, sign_in
+from tests.helpers.browser import CHROMIUM, add_operator, screenshot, sign_in
 from tests.helpers.cloud_client import health_snapshots, log_record, upload_as
-from tests.helpers.edge import REPO, make_config, publish, reading_msg, wait_for
+from tests.helpers.edge import make_config, publish, reading_msg, wait_for
 from tests.helpers.sync_env import Receiver
 from tests.helpers.wasm import wat_module, write_wat
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists()
     or shutil.which("mosquitto") is None
@@ -40,7 +38,6 @@ pytestmark = pytest.mark.skipif(
 
 OPERATOR, PASSWORD = "ops", "correct horse battery"
 TOKEN = "health-browser-token"
-SHOTS = REPO / "docs" / "screenshots"
 XSS = '<img src=x onerror="window.__xss = 1">stage <b>scale</b> failed'
 
 
@@ -51,18 +48,6 @@ def receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiv
     with Receiver(tmp_path) as rx:
         add_operator(rx, OPERATOR, PASSWORD)
         yield rx
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    with headless_chromium(CHROMIUM) as b:
-        yield b
-
-
-def _shot(target: Any, name: str) -> None:
-    if os.environ.get("EDGEPIPE_SCREENSHOTS"):
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        target.screenshot(path=str(SHOTS / name))
 
 
 def _rows(page: Any, sel: str = "#devlog tbody tr") -> list[dict[str, str]]:
@@ -107,6 +92,7 @@ def test_health_panel_log_view_and_badges(receiver: Receiver, browser: Any) -> N
     assert "93%" in badge.inner_text()
     assert page.locator("tr[data-device='gw-calm'] a[data-badge]").count() == 0
     page.wait_for_selector("[data-stat=attention] .value:text-is('1')")
+    screenshot(page, "fleet-badges.png")
 
     # -- the badge links to its evidence: the snapshot, its key, the store chart -------------
     badge.click()
@@ -133,13 +119,17 @@ def test_health_panel_log_view_and_badges(receiver: Receiver, browser: Any) -> N
     assert health["chain"]["current"] == "bbbb2222"
     assert page.inner_text("[data-stat=chain] .value") == "bbbb2222"
     assert page.inner_text("[data-stat=skew] .value").startswith("0.4 s")
-    assert page.inner_text("[data-stat=store] .value").startswith("93 %")
+    assert page.inner_text("[data-stat=store] .value") == "93 %"
+    assert page.text_content("[data-stat=store] .label") == "Store (of 100 MB)"
     assert page.inner_text("[data-stat=cpu] .value") == "1.5 %"
     trap = page.locator("#health-traps tr[data-key='traps:scale:unreachable']")
     assert trap.locator("td").nth(1).inner_text() == "unreachable"
     assert trap.locator("td").nth(2).inner_text() == "28"
     assert page.locator("#device-badges a[data-badge=store_full]").count() == 1
-    _shot(page.locator("#health"), "health-panel.png")
+    page.set_viewport_size({"width": 1360, "height": 2400})  # the whole panel in view
+    page.evaluate("() => window.scrollTo(0, 0)")
+    screenshot(page.locator("#health"), "health-panel.png")
+    page.set_viewport_size({"width": 1360, "height": 900})
 
     # -- the device's log view: newest first, counts, level and text filters ------------------
     page.wait_for_function("() => +document.querySelector('#device-log').dataset.rows === 4")
@@ -170,11 +160,19 @@ def test_health_panel_log_view_and_badges(receiver: Receiver, browser: Any) -> N
     assert [r["text"].split("\t")[1] for r in _rows(page)] == ["gw-calm"]
     page.fill("#log-device", "")
     page.fill("#devlog-q", "alarm")
-    page.wait_for_function("() => +document.querySelector('#device-log').dataset.rows === 1")
-    _shot(page.locator("#device-log"), "device-logs.png")
+    page.wait_for_function(
+        "() => { const d = document.querySelector('#device-log').dataset;"
+        " return d.query.includes('q=alarm') && !d.query.includes('device='); }"
+    )
+    (alarm,) = _rows(page)
+    assert "ALARM: cannot commit" in alarm["text"] and "gw-full" in alarm["text"]
     page.fill("#devlog-q", "")
-    page.wait_for_function("() => +document.querySelector('#device-log').dataset.rows === 5")
+    page.wait_for_function(
+        "() => { const d = document.querySelector('#device-log').dataset;"
+        " return !d.query.includes('q=') && +d.rows === 5; }"
+    )
     assert page.evaluate("() => window.__xss") is None
+    screenshot(page.locator("#device-log"), "device-logs.png")
 
 
 def _trapper(tmp_path: Path) -> Path:

@@ -235,7 +235,7 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
       if (before) q.set("before", before);
       return `/v1/logs?${q}`;
     }
-    function render() {
+    function render(shown) {
       const empty = text.value.trim() || level.value ? "No log records match." : "No warnings logged in this time range.";
       logTable(table, cols(), rows, empty);
       table.querySelectorAll("tbody tr").forEach((tr, i) => {
@@ -245,23 +245,32 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
       });
       more.hidden = !next;
       root.dataset.rows = String(rows.length);
-      root.dataset.query = url(null);
+      root.dataset.query = shown;
       root.dataset.updated = String((Number(root.dataset.updated) || 0) + 1);
     }
+    // Only the answer to the newest request is shown: one to a filter since changed is
+    // dropped, whatever order the answers come in.
+    let asked = 0;
     async function refresh(force) {
       if (paged && !force) return; // reading older pages: the live refresh waits
-      const page = await getJSON(url(null));
+      const mine = ++asked;
+      const u = url(null);
+      const page = await getJSON(u);
+      if (mine !== asked) return;
       rows = page.logs;
       next = page.next;
       paged = false;
-      render();
+      render(u);
     }
     more.addEventListener("click", async () => {
+      const mine = ++asked;
+      const shown = url(null);
       const page = await getJSON(url(next));
+      if (mine !== asked) return;
       rows = rows.concat(page.logs);
       next = page.next;
       paged = true;
-      render();
+      render(shown);
     });
     let t = null;
     const soon = () => { clearTimeout(t); t = setTimeout(() => refresh(true).catch((e) => setLive(false, e)), 300); };
@@ -373,7 +382,7 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
         ["Last report", h.latest ? ago(h.latest.ts, h.now) : "none in range", "", "last-report"],
         ["CPU", lastCpu == null ? "–" : `${lastCpu.toFixed(1)} %`, "", "cpu"],
         ["RSS", last.rss_kb == null ? "–" : bytes(last.rss_kb * 1024), "", "rss"],
-        ["Store", fill == null ? "–" : `${Math.round(fill * 100)} % of ${bytes(last.store_quota_b)}`, fill != null && fill > th.store_fill ? "off" : "", "store"],
+        [last.store_quota_b ? `Store (of ${bytes(last.store_quota_b)})` : "Store", fill == null ? "–" : `${Math.round(fill * 100)} %`, fill != null && fill > th.store_fill ? "off" : "", "store"],
         ["Disk free", bytes(last.disk_free_b), "", "disk"],
         ["Clock skew", skew == null && rskew == null ? "–" : `${skew == null ? "–" : (skew / 1000).toFixed(1)} s / ${rskew == null ? "–" : (rskew / 1000).toFixed(0)} s`, skewed ? "warn" : "", "skew"],
         ["MQTT", last.mqtt_connected == null ? "–" : last.mqtt_connected ? "connected" : "disconnected", last.mqtt_connected === 0 ? "off" : "", "mqtt"],

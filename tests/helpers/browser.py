@@ -4,11 +4,16 @@ closed network refuses."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-__all__ = ["add_operator", "headless_chromium", "sign_in"]
+__all__ = ["CHROMIUM", "SHOTS", "add_operator", "headless_chromium", "screenshot", "sign_in"]
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 ARGS = [
     "--no-sandbox",
@@ -21,7 +26,7 @@ ARGS = [
 
 
 @contextmanager
-def headless_chromium(executable: str = "/usr/bin/chromium") -> Iterator[object]:
+def headless_chromium(executable: str = CHROMIUM) -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -57,3 +62,12 @@ def sign_in(page: object, url: str, user: str, password: str) -> None:
     p.fill("input[name=password]", password)
     p.click("button[type=submit]")
     p.wait_for_url(url + "/")
+
+
+def screenshot(target: Any, name: str) -> None:
+    """With ``EDGEPIPE_SCREENSHOTS=1``: ``target`` (a page, whole; or one element) into
+    docs/screenshots/NAME."""
+    if os.environ.get("EDGEPIPE_SCREENSHOTS"):
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        full = {"full_page": True} if hasattr(target, "goto") else {}
+        target.screenshot(path=str(SHOTS / name), **full)
