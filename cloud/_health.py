@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol, runtime_checkable
 
-from ._sql import SQLBase
+from ._sql import SQLBase, chunks
 
 __all__ = ["EXACT_MAX", "HEALTH_KEEP", "LOGS_KEEP", "RETENTION_MS", "Health", "HealthSQL"]
 
@@ -253,45 +253,40 @@ class HealthSQL(SQLBase):
         return (_snapshot(*base) if base else None), rows
 
     def health_overview(self, window_since: int) -> dict[str, dict[str, Any]]:
+        # Index seeks per device (the newest by primary key, the look-back through
+        # (device_id, ts)), then the snapshots named by primary key: never a scan of every
+        # device's snapshots.
+        per = "FROM device_health w WHERE w.device_id = d.id AND w.ts >= ?"
         with self._read() as cur:
             cur.execute(
                 self._q(
-                    "SELECT d.name, x.s, x.lo, x.n, x.t0, x.t1, h.seq, h.ts, h.data FROM ("
-                    "SELECT m.device_id, m.s, min(w.seq) AS lo, count(w.seq) AS n, "
-                    "min(w.ts) AS t0, max(w.ts) AS t1 FROM ("
-                    "SELECT device_id, max(seq) AS s FROM device_health GROUP BY device_id) m "
-                    "LEFT JOIN device_health w ON w.device_id = m.device_id AND w.ts >= ? "
-                    "GROUP BY m.device_id, m.s) x "
-                    "JOIN device_health h ON h.device_id = x.device_id "
-                    "AND (h.seq = x.s OR h.seq = x.lo) "
-                    "JOIN devices d ON d.id = x.device_id"
+                    "SELECT d.id, d.name, "
+                    "(SELECT max(seq) FROM device_health m WHERE m.device_id = d.id), "
+                    f"(SELECT w.seq {per} ORDER BY w.ts LIMIT 1), (SELECT count(*) {per}), "
+                    f"(SELECT min(w.ts) {per}), (SELECT max(w.ts) {per}) FROM devices d"
                 ),
-                (window_since,),
+                (window_since,) * 4,
             )
-            out: dict[str, dict[str, Any]] = {}
-            for name, s, lo, n, t0, t1, seq, ts, data in cur.fetchall():
-                o = out.setdefault(
-                    name,
-                    {"newest": None, "first": None, "count": n, "span_ms": (t1 - t0) if n else 0},
+            found = [r for r in cur.fetchall() if r[2] is not None]
+            snaps: dict[tuple[int, int], dict[str, Any]] = {}
+            wanted = [(did, seq) for did, _, s, lo, *_ in found for seq in {s, lo} if seq]
+            for part in chunks(wanted, 200):
+                pairs = " OR ".join("(device_id = ? AND seq = ?)" for _ in part)
+                cur.execute(
+                    self._q(f"SELECT device_id, seq, ts, data FROM device_health WHERE {pairs}"),
+                    [x for pair in part for x in pair],
                 )
-                snap = _snapshot(seq, ts, data)
-                if seq == s:
-                    o["newest"] = snap
-                if seq == lo:
-                    o["first"] = snap
-            return out
-
-    def latest_health(self) -> dict[str, dict[str, Any]]:
-        with self._read() as cur:
-            cur.execute(
-                "SELECT d.name, h.ts, h.data FROM device_health h "
-                "JOIN devices d ON d.id = h.device_id "
-                "JOIN (SELECT device_id, max(seq) AS seq FROM device_health "
-                "GROUP BY device_id) m ON m.device_id = h.device_id AND m.seq = h.seq"
-            )
-            return {
-                name: {"ts": ts, "values": json.loads(data)} for name, ts, data in cur.fetchall()
+                for did, seq, ts, data in cur.fetchall():
+                    snaps[(did, seq)] = _snapshot(seq, ts, data)
+        return {
+            name: {
+                "newest": snaps.get((did, s)),
+                "first": snaps.get((did, lo)) if lo is not None else None,
+                "count": n,
+                "span_ms": (t1 - t0) if n else 0,
             }
+            for did, name, s, lo, n, t0, t1 in found
+        }
 
     @staticmethod
     def _range(since: int | None, until: int | None) -> tuple[str, list[Any]]:

@@ -81,8 +81,9 @@ def health_view(
         ),
     ]
     totals: dict[str, list[dict[str, Any]]] = {}
+    grown = _increases(placed, baseline, n)
     for cid, title, prefix, parts in COUNTER_GROUPS:
-        lines, rows = _counters(placed, baseline, n, prefix, parts)
+        lines, rows = _counters(grown.get(prefix, {}), n, prefix, parts)
         charts.append(_chart(cid, title, "B" if cid == "link" else "count", lines))
         totals[cid] = rows
     charts.append(
@@ -139,28 +140,43 @@ def _chart(cid: str, title: str, unit: str, lines: list[tuple[str, str, list[Any
     }
 
 
-def _counters(
-    placed: list[tuple[int, dict[str, Any]]],
-    baseline: dict[str, Any] | None,
-    n: int,
-    prefix: str,
-    parts: tuple[str, ...],
-) -> tuple[list[tuple[str, str, list[Any]]], list[dict[str, Any]]]:
-    """Per key under ``prefix``: what it grew by in each bucket, and in all."""
-    per_key: dict[str, list[Any]] = {}
+_GROUP_OF = {prefix[:-1]: prefix for _, _, prefix, _ in COUNTER_GROUPS}
+
+
+def _increases(
+    placed: list[tuple[int, dict[str, Any]]], baseline: dict[str, Any] | None, n: int
+) -> dict[str, dict[str, list[Any]]]:
+    """Per counter group (its key prefix), per key: what it grew by in each bucket (0 in a
+    bucket with a snapshot but no increase, None in one without).  One pass over the
+    snapshots."""
+    grown: dict[str, dict[str, list[Any]]] = {}
     last: dict[str, Any] = dict(baseline["values"]) if baseline else {}
     for j, (i, s) in enumerate(placed):
+        counts = baseline is not None or j > 0  # the first snapshot ever is only a start
         for k, v in s["values"].items():
-            if k.startswith(prefix):
-                inc = counter_increase(last.get(k), v)
-                if inc is not None and (baseline is not None or j > 0):
-                    col = per_key.setdefault(k, [None] * n)
-                    col[i] = (col[i] or 0) + inc
-                last[k] = v
-    for col in per_key.values():  # a bucket with a snapshot and no increase: 0
-        for i, _ in placed:
-            if col[i] is None:
-                col[i] = 0
+            group = _GROUP_OF.get(k.partition(":")[0]) if ":" in k else None
+            if group is None:
+                continue
+            inc = counter_increase(last.get(k), v)
+            last[k] = v
+            if inc is not None and counts:
+                col = grown.setdefault(group, {}).get(k)
+                if col is None:
+                    col = grown[group][k] = [None] * n
+                col[i] = (col[i] or 0) + inc
+    for keys in grown.values():
+        for col in keys.values():
+            for i, _ in placed:
+                if col[i] is None:
+                    col[i] = 0
+    return grown
+
+
+def _counters(
+    per_key: dict[str, list[Any]], n: int, prefix: str, parts: tuple[str, ...]
+) -> tuple[list[tuple[str, str, list[Any]]], list[dict[str, Any]]]:
+    """A counter group's lines (the :data:`MAX_LINES` that grew most, the rest summed) and
+    its totals in the range, most first."""
     totals = {k: sum(x for x in col if x) for k, col in per_key.items()}
     order = sorted(per_key, key=lambda k: (-totals[k], k))
     lines = [(k, k[len(prefix) :], per_key[k]) for k in order[:MAX_LINES]]
