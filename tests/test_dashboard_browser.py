@@ -23,7 +23,7 @@ import pytest
 from tests.helpers.browser import CHROMIUM, screenshot
 from tests.helpers.cloud_client import DeviceClient, make_batch
 from tests.helpers.edge import make_config, publish, reading_msg, wait_for
-from tests.helpers.sync_env import Receiver
+from tests.helpers.sync_env import Receiver, edge_sync
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists()
@@ -151,15 +151,9 @@ def test_dashboard_follows_a_real_edge_through_an_outage(
         broker,  # type: ignore[arg-type]
         keyfile,
         device={"id": DEVICE},
-        sync={
-            "enabled": True,
-            "url": rx.url,
-            "device_secret": secret,
-            "interval_s": 0.2,
-            "backoff_min_s": 0.2,
-            "backoff_max_s": 1.0,
-            "links": {"sysfs_root": str(_fake_sysfs(tmp_path / "sys", "wlan0"))},
-        },
+        sync=edge_sync(
+            rx.url, secret, links={"sysfs_root": str(_fake_sysfs(tmp_path / "sys", "wlan0"))}
+        ),
     )
     proc = edge(cfg)  # type: ignore[operator]
     proc.wait_subscribed()

@@ -26,7 +26,7 @@ from sync._health import encode_health
 from tests.helpers.browser import CHROMIUM, add_operator, screenshot, sign_in
 from tests.helpers.cloud_client import health_snapshots, log_record, upload_as
 from tests.helpers.edge import make_config, publish, reading_msg, wait_for
-from tests.helpers.sync_env import Receiver
+from tests.helpers.sync_env import Receiver, edge_sync
 from tests.helpers.wasm import wat_module, write_wat
 
 pytestmark = pytest.mark.skipif(
@@ -39,6 +39,7 @@ pytestmark = pytest.mark.skipif(
 OPERATOR, PASSWORD = "ops", "correct horse battery"
 TOKEN = "health-browser-token"
 XSS = '<img src=x onerror="window.__xss = 1">stage <b>scale</b> failed'
+XSS_STAGE = '<img src=x onerror="window.__xss = 2">'
 
 
 @pytest.fixture
@@ -74,7 +75,10 @@ def test_health_panel_log_view_and_badges(receiver: Receiver, browser: Any) -> N
         log_record(3, now - 30_000, "ERROR", "ALARM: cannot commit: database or disk is full"),
         log_record(4, now - 20_000, "WARNING", XSS),
     ]
-    upload_as(rx, "gw-full", health=encode_health(health_snapshots(now, fill=0.93)), logs=logs)
+    snaps = health_snapshots(now, fill=0.93)
+    for i, (_, snap) in enumerate(snaps):  # a stage name with markup (keys are the device's)
+        snap[f"traps:{XSS_STAGE}:oob"] = i // 10
+    upload_as(rx, "gw-full", health=encode_health(snaps), logs=logs)
     upload_as(
         rx,
         "gw-calm",
@@ -126,6 +130,11 @@ def test_health_panel_log_view_and_badges(receiver: Receiver, browser: Any) -> N
     assert trap.locator("td").nth(1).inner_text() == "unreachable"
     assert trap.locator("td").nth(2).inner_text() == "28"
     assert page.locator("#device-badges a[data-badge=store_full]").count() == 1
+    odd = page.locator(f"#health-traps tr[data-key='traps:{XSS_STAGE}:oob']")
+    assert odd.locator("td").nth(0).inner_text() == XSS_STAGE  # as text, in the table ...
+    assert f"{XSS_STAGE}:oob" in page.inner_text("[data-chart=traps]")  # ... and the legend
+    assert page.locator("#health img, #evidence img").count() == 0
+    assert page.evaluate("() => window.__xss") is None
     page.set_viewport_size({"width": 1360, "height": 2400})  # the whole panel in view
     page.evaluate("() => window.scrollTo(0, 0)")
     screenshot(page.locator("#health"), "health-panel.png")
@@ -201,14 +210,7 @@ def test_a_trapping_stage_in_health_and_logs(
                 "match": {"devices": ["bad-sensor"]},
             }
         ],
-        sync={
-            "enabled": True,
-            "url": rx.url,
-            "device_secret": secret,
-            "interval_s": 0.2,
-            "backoff_min_s": 0.2,
-            "backoff_max_s": 1.0,
-        },
+        sync=edge_sync(rx.url, secret),
     )
     proc = edge(cfg)
     proc.wait_subscribed()
