@@ -1,13 +1,15 @@
 """Storage behind one narrow interface per role, with the algorithms written once.
 
-The web app talks to a :class:`Backend`, which is the four roles together, each a small
+The web app talks to a :class:`Backend`, which is the roles together, each a small
 Protocol in its own module:
 
 * :class:`~cloud._devices.Devices` -- registered devices, their sealed secrets, the master
   key (add, list, get, secrets, re-wrap);
 * :class:`~cloud._ingest.Ingest` -- uploads, idempotent on (device, seq), and their nonces;
 * :class:`~cloud._queries.Queries` -- readings, rollups, the logs and the fleet's status;
-* :class:`~cloud._operators.Operators` -- dashboard operators and their sessions.
+* :class:`~cloud._operators.Operators` -- dashboard operators and their sessions;
+* :class:`~cloud._health.Health` -- device health snapshots and warning logs;
+* :class:`~cloud._alert_store.AlertState` -- each alert's state (firing, resolved, delivered).
 
 :class:`SQLBackend` implements every role once, in portable SQL, on top of the dialect
 hooks of :class:`~cloud._sql.SQLBase` that the two concrete backends fill in
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from ._alert_store import AlertState, AlertStateSQL
 from ._devices import Devices, DevicesSQL
 from ._health import Health, HealthSQL
 from ._ingest import Ingest, IngestResult, IngestSQL
@@ -42,7 +45,7 @@ __all__ = [
 
 
 @runtime_checkable
-class Backend(Devices, Ingest, Queries, Operators, Health, Protocol):
+class Backend(Devices, Ingest, Queries, Operators, Health, AlertState, Protocol):
     """What the receiver needs from storage: every role, plus its lifetime.  Device secrets
     are stored sealed with ``master_key``; without one the backend serves everything except
     device secrets."""
@@ -58,7 +61,9 @@ class Backend(Devices, Ingest, Queries, Operators, Health, Protocol):
     def close(self) -> None: ...
 
 
-class SQLBackend(SchemaSQL, DevicesSQL, HealthSQL, IngestSQL, QueriesSQL, OperatorsSQL):
+class SQLBackend(
+    SchemaSQL, DevicesSQL, HealthSQL, IngestSQL, QueriesSQL, OperatorsSQL, AlertStateSQL
+):
     """Every role, in SQL both dialects accept; subclasses supply the dialect hooks."""
 
     def __enter__(self) -> SQLBackend:

@@ -212,6 +212,67 @@ BASE_SCHEMA: dict[str, Any] = {
                     "remote": {"type": ["string", "null"]},
                 },
             },
+            "Alert": {
+                "type": "object",
+                "description": "One alert (docs/alerts.md): its key is rule:device[:stage].",
+                "properties": {
+                    "key": {"type": "string"},
+                    "rule": {"type": "string"},
+                    "kind": {
+                        "type": "string",
+                        "enum": [
+                            "store_full",
+                            "breaker_open",
+                            "session_lost",
+                            "clock_skew",
+                            "silent",
+                            "no_readings",
+                        ],
+                    },
+                    "device": {"type": "string"},
+                    "severity": {"type": "string", "enum": ["critical", "warning", "info"]},
+                    "state": {"type": "string", "enum": ["firing", "resolved"]},
+                    "summary": {"type": "string"},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "value": {"type": ["number", "null"]},
+                    "started_ms": {"type": "integer"},
+                    "updated_ms": {"type": "integer"},
+                    "resolved_ms": _nullable_int,
+                    "notified": {
+                        "type": ["string", "null"],
+                        "description": "The state every webhook has received.",
+                    },
+                },
+                "required": ["key", "rule", "kind", "device", "severity", "state", "summary"],
+            },
+            "AlertEngine": {
+                "type": ["object", "null"],
+                "properties": {
+                    "evaluate_every_s": {"type": "number"},
+                    "evaluations": {"type": "integer"},
+                    "last_evaluation_ms": _nullable_int,
+                    "last_error": {"type": ["string", "null"]},
+                    "rules": {"type": "array", "items": {"type": "object"}},
+                    "webhooks": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "url": {"type": "string"},
+                                "format": {"type": "string"},
+                                "queued": {"type": "integer"},
+                                "queue_max": {"type": "integer"},
+                                "sent": {"type": "integer"},
+                                "failures": {"type": "integer"},
+                                "dropped": {"type": "integer"},
+                                "refused": {"type": "integer"},
+                                "last_error": {"type": ["string", "null"]},
+                                "last_ok_ms": _nullable_int,
+                            },
+                        },
+                    },
+                },
+            },
             "DeadLetter": {
                 "type": "object",
                 "properties": {

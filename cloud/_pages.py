@@ -125,6 +125,9 @@ async def fleet_page(request: Request) -> Response:
     <th class="num">Bytes today</th><th>Link</th><th>Errors (24 h)</th></tr></thead>
     <tbody><tr><td colspan="10" class="muted">Loading…</td></tr></tbody>
   </table></div>
+</section>
+<section class="card wide" id="alerts-card"><h2>Alerts <small class="muted" id="alerts-note"></small></h2>
+  <div class="table-wrap"><table id="alerts" class="grid"><tbody><tr><td class="muted">Loading…</td></tr></tbody></table></div>
 </section>"""
     return page(request, "Fleet", body, page="fleet", session=session)
 

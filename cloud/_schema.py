@@ -11,7 +11,8 @@ __all__ = ["SCHEMA_VERSION", "SchemaSQL"]
 
 #: 1: device secrets in plaintext hex.  2: sealed with the master key (``secret_key_id``).
 #: 3: device health snapshots and warning logs (``device_health``, ``device_logs``).
-SCHEMA_VERSION = 3
+#: 4: alert state (``alerts``).
+SCHEMA_VERSION = 4
 
 
 class SchemaSQL(SQLBase):
@@ -131,6 +132,21 @@ class SchemaSQL(SQLBase):
             "CREATE INDEX IF NOT EXISTS device_logs_ts ON device_logs (device_id, ts)",
             # the fleet-wide log view: newest first across devices
             "CREATE INDEX IF NOT EXISTS device_logs_fleet ON device_logs (ts, device_id, seq)",
+            f"""CREATE TABLE IF NOT EXISTS alerts (
+                key TEXT PRIMARY KEY,
+                rule TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                device TEXT NOT NULL,
+                severity TEXT NOT NULL,
+                state TEXT NOT NULL,
+                summary TEXT NOT NULL,
+                labels TEXT NOT NULL,
+                value {dbl},
+                started_ms BIGINT NOT NULL,
+                updated_ms BIGINT NOT NULL,
+                resolved_ms BIGINT,
+                notified TEXT)""",
+            "CREATE INDEX IF NOT EXISTS alerts_updated ON alerts (updated_ms)",
         ]
 
     def initialised(self) -> bool:
@@ -158,7 +174,7 @@ class SchemaSQL(SQLBase):
             if row[0] < 2:
                 # Version 1 kept device secrets in plaintext; NULL key id marks such a row.
                 cur.execute("ALTER TABLE devices ADD COLUMN secret_key_id TEXT")
-            # Version 3 only adds the device-record tables, created above.
+            # Versions 3 and 4 only add tables (device records, alerts), created above.
             cur.execute(self._q("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
         # Databases created before the hourly rollup existed: build it once.
         cur.execute("SELECT 1 FROM readings_hourly LIMIT 1")

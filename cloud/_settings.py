@@ -104,6 +104,12 @@ class Settings(_EnvModel):
     #: Readings stamped further ahead of the receiver's clock (plus ``max_skew_s``) are
     #: refused: a device whose clock is wrong would hide its real lag.
     max_future_s: int = Field(86_400, ge=0)
+    #: Readings of an upload whose signed timestamp is further than this from the
+    #: receiver's clock are stored with the ``CLOCK_SKEW`` flag (docs/health.md).  Only
+    #: skews below ``max_skew_s`` get that far: beyond it an upload is refused as stale.
+    clock_flag_s: float = Field(60, gt=0)
+    #: The alert rules and webhooks (a YAML file, docs/alerts.md); no alerts without it.
+    alerts_file: str | None = None
     #: Bearer token for the read API (the dashboard replaces this with operator sessions).
     api_token: SecretStr | None = None
     tls_cert: str | None = None

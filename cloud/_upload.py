@@ -120,7 +120,10 @@ async def post_batches(request: Request) -> Response:
     gate: UploadGate = state.upload_gate
     ctx = _Upload()
     try:
-        return await _receive(request, settings, state.backend, gate, ctx)
+        answer = await _receive(request, settings, state.backend, gate, ctx)
+        if state.alerts is not None and ctx.device is not None:
+            state.alerts.upload_arrived(ctx.device)  # its rules are evaluated soon
+        return answer
     except CloudError as err:
         exc = rejection_for(err, upload=True)
         if exc is None:
@@ -325,6 +328,8 @@ async def _receive(
 
     upload = await run_in_threadpool(decode)
     upload.clock_skew_ms = timestamp * 1000 - now  # the signed timestamp (1 s resolution)
+    clock_flags = request.app.state.clock_flags
+    flagged = clock_flags.mark(upload)  # readings of a device whose clock is far off
     # A nonce must be remembered until its timestamp can no longer pass the skew check.
     expires = (max(timestamp * 1000, now) + 2 * settings.max_skew_s * 1000) + 1000
     # UnknownDevice if it was removed while we were decoding; SequenceConflict, NonceReplayed.
@@ -338,6 +343,7 @@ async def _receive(
         now=now,
     )
     gate.accepted += 1
+    clock_flags.stored(upload, result.readings if flagged else 0)  # duplicates: not again
     return JSONResponse(
         {"acked": result.acked, "duplicates": result.duplicates},
         headers={"X-Edgepipe-Time": str(now_ms())},  # the device's clock-skew estimate

@@ -509,6 +509,35 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
     });
   }
 
+  // -- alerts (fleet page; GET /v1/alerts, docs/alerts.md) ----------------------------------
+  const ALERT_COLS = [
+    ["State", (a) => el("span", { class: `tag ${a.state === "firing" ? `alert-${a.severity}` : "resolved"}`, text: a.state })],
+    ["Severity", (a) => a.severity],
+    ["Device", (a) => devLink(a.device)],
+    ["Alert", (a) => a.rule, "mono"],
+    ["Summary", (a) => a.summary, "wrap"],
+    ["Since", (a) => el("span", { title: stamp(a.started_ms), text: stamp(a.started_ms) })],
+    ["Resolved", (a) => (a.resolved_ms ? stamp(a.resolved_ms) : "–")],
+    ["Delivered", (a) => (a.notified === a.state ? "yes" : "pending")],
+  ];
+
+  async function refreshAlerts() {
+    const data = await getJSON("/v1/alerts?limit=50");
+    const note = $("#alerts-note");
+    const firing = data.alerts.filter((a) => a.state === "firing");
+    const rows = [...firing, ...data.alerts.filter((a) => a.state !== "firing").slice(0, 10)];
+    let empty = "No alerts.";
+    if (!data.engine) {
+      note.textContent = "no alert rules (edgepipe-cloud serve --alerts FILE)";
+      empty = "No alert rules are configured.";
+    } else {
+      const hooks = data.engine.webhooks.map((w) =>
+        `${w.url}: ${w.queued} queued${w.dropped ? `, ${w.dropped} dropped` : ""}${w.last_error && w.queued ? ` (${w.last_error})` : ""}`);
+      note.textContent = `${firing.length} firing · ${data.engine.rules.length} rules${hooks.length ? ` · ${hooks.join("; ")}` : ""}`;
+    }
+    logTable($("#alerts"), ALERT_COLS, rows, empty);
+  }
+
   // -- device ---------------------------------------------------------------------------------
   function devicePage() {
     const name = body.dataset.device;
@@ -675,7 +704,7 @@ var uPlot=function(){"use strict";const l="u-off",e="u-label",t="width",n="heigh
     $("#log-filter").addEventListener("submit", (e) => { e.preventDefault(); refresh(); });
   }
 
-  if (page === "fleet") fleetPage();
+  if (page === "fleet") { fleetPage(); if ($("#alerts")) live(refreshAlerts); }
   else if (page === "device" && body.dataset.device) devicePage();
   else if (page === "logs") logsPage();
 })();

@@ -112,7 +112,7 @@ class DeviceClient:
         }
         if dead_letters is not None:
             top["dead_letters"] = dead_letters
-        if health is not None:
+        if health is not None:  # a health block (docs/sync-protocol.md)
             top["health"] = health
         if logs is not None:
             top["logs"] = logs
