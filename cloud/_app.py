@@ -56,6 +56,7 @@ def api_routes() -> list[BaseRoute]:
         Route("/v1/devices/{name}/metrics", read.device_metrics, methods=["GET"]),
         Route("/v1/devices/{name}/health", health.device_health, methods=["GET"]),
         Route("/v1/devices/{name}/logs", health.device_logs, methods=["GET"]),
+        Route("/v1/logs", health.fleet_logs, methods=["GET"]),
         Route("/v1/readings", read.readings, methods=["GET"]),
         Route("/v1/rejections", read.rejections, methods=["GET"]),
         Route("/v1/dead-letters", read.dead_letters, methods=["GET"]),

@@ -83,6 +83,21 @@ BASE_SCHEMA: dict[str, Any] = {
                 "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
                 "required": ["error", "detail"],
             },
+            "LogRecord": {
+                "description": "One de-duplicated warning record of a device (docs/health.md).",
+                "type": "object",
+                "properties": {
+                    "device": {"type": "string"},
+                    "seq": {"type": "integer"},
+                    "ts": {"type": "integer", "description": "first occurrence, ms (device clock)"},
+                    "last": {"type": "integer", "description": "last occurrence, ms"},
+                    "level": {"type": "string", "enum": ["WARNING", "ERROR", "CRITICAL"]},
+                    "logger": {"type": "string"},
+                    "msg": {"type": "string"},
+                    "n": {"type": "integer", "description": "occurrences in this record"},
+                },
+                "required": ["device", "seq", "ts", "last", "level", "logger", "msg", "n"],
+            },
             "SequenceConflict": {
                 "allOf": [
                     {"$ref": "#/components/schemas/Error"},

@@ -130,6 +130,8 @@ class SchemaSQL(SQLBase):
                 received_ms BIGINT NOT NULL,
                 PRIMARY KEY (device_id, seq))""",
             "CREATE INDEX IF NOT EXISTS device_logs_ts ON device_logs (device_id, ts)",
+            # the fleet-wide log view: newest first across devices
+            "CREATE INDEX IF NOT EXISTS device_logs_fleet ON device_logs (ts, device_id, seq)",
             f"""CREATE TABLE IF NOT EXISTS alerts (
                 key TEXT PRIMARY KEY,
                 rule TEXT NOT NULL,

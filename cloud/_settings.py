@@ -167,6 +167,18 @@ class DashboardSettings(_EnvModel):
     login_check_workers: int = Field(1, ge=1, le=16)
     #: Password checks that may wait for a thread; beyond, a login is answered 429.
     login_check_queue: int = Field(8, ge=0, le=1024)
+    # -- fleet badges (docs/health.md): the states an operator must act on --------------
+    #: Store fill (used bytes over the quota) above which a device gets ``store_full``.
+    badge_store_fill: float = Field(0.8, gt=0, le=1)
+    #: Clock skew (device against receiver, either way) beyond which: ``clock_skew``.
+    badge_clock_skew_s: float = Field(30, gt=0)
+    #: ``silent``: nothing heard for this many times the device's usual reporting
+    #: interval (the median spacing of its health snapshots) ...
+    badge_silent_factor: float = Field(3, ge=1, le=1000)
+    #: ... and at least this long.
+    badge_silent_min_s: float = Field(120, gt=0)
+    #: The fleet's badges look back this far (``session_lost``: sessions lost increased).
+    badge_window_s: float = Field(3600, ge=60, le=31 * 86400)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DashboardSettings:
