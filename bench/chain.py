@@ -1,6 +1,7 @@
 """Filter chain cost: Wasm stages vs the same filters in pure Python, and cold start.
 
-    python -m bench.chain [--records N] [--json bench/results/chain.json] [--only-filters]
+    python -m bench.chain [--records N] [--rounds N] [--json bench/results/chain.json]
+                          [--only-filters | --memory | --callgrind] [--against TREE [--runs N]]
 
 First, per library filter at batch sizes 10, 100 and 1000: CPU ns per record through
 edgepipe (one stage in a :class:`Chain`) next to the same filter in idiomatic Python on
@@ -10,7 +11,22 @@ overhead alone (an identity ``map`` stage) and the example's 3-stage chain
 cost of 1, 3 and 5 chained stages at batch sizes 1, 10, 100 and 1000 on the UCI
 air-quality data (13 metrics per hourly row, file order), next to a pure-Python
 implementation of the same math; then the cold start of one stage from the AOT cache
-vs compiling the module from its bytes.
+vs compiling the module from its bytes.  Each Python baseline is first checked to give the
+same records as edgepipe on the same batches.
+
+``--memory`` instead measures the example chain alone in fresh processes (AOT cache warm):
+RSS after building it and after 100 batches of 1000 (and of 6500: 500 messages of 13
+readings), and the peak (VmHWM), and how long the build and the first batch take, medians
+of 5 processes.
+
+``--callgrind`` counts the example chain's instructions per record at batch 1000 under
+``valgrind --tool=callgrind`` (40 batches minus 10, so start-up cancels out): a figure that
+does not drift with the machine's load.
+
+``--against TREE`` (with ``--only-filters``, ``--memory`` or ``--callgrind``) runs the same harness on
+another edgepipe tree too -- ``git worktree add --detach /tmp/edgepipe-main main`` -- in
+child processes alternating with this tree's, so "before" and "after" share one run of
+the machine: ``python -m bench.chain --only-filters --against /tmp/edgepipe-main``.
 """
 
 from __future__ import annotations
@@ -18,12 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from config._models import StageConfig
 from core._model import Batch, Flags, SeriesRegistry
@@ -34,12 +54,21 @@ REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "filters" / "lib"
 
 RANGES = {"CO_GT": [0, 50], "T": [-40, 60], "RH": [0, 100], "AH": [0, 5]}
+HIGH = {"CO_GT": 4.0, "T": 30.0, "NO2_GT": 150.0}
+LOW = {"T": 5.0, "RH": 15.0}
+HYST = {"T": 1.0, "CO_GT": 0.5}
 STAGES = {
     "validity": ("filter", {"range": RANGES}),
     "calibrate": ("map", {"unit": {"T": "c_to_f"}, "scale": {"CO_GT": 1.05}}),
     "ema": ("map", {"alpha": 0.3}),
     "spike": ("map", {"max_rate": 0.5}),
     "zscore": ("map", {"alpha": 0.05, "threshold": 3, "warmup": 24}),
+}
+#: library filters measured only in the per-filter table
+EXTRA = {
+    "deadband": ("filter", {"band": 5, "band.T": 1.0, "max_silence_s": 6 * 3600}),
+    "dedup": ("filter", {}),
+    "threshold": ("map", {"high": HIGH, "low": LOW, "hysteresis": HYST}),
 }
 CHAINS = {1: ["validity"], 3: ["validity", "ema", "zscore"], 5: list(STAGES)}
 SIZES = [1, 10, 100, 1000]
@@ -88,8 +117,9 @@ class PyBatch:
 
 
 class PyStages:
-    def __init__(self, registry: SeriesRegistry) -> None:
+    def __init__(self, registry: SeriesRegistry, ranges: dict | None = None) -> None:
         self.reg = registry
+        self.valid_ranges = RANGES if ranges is None else ranges
         self.metric = lambda sid: registry.key(sid).metric
         self.ranges: dict[int, tuple[float, float]] = {}
         self.cal: dict[int, tuple[float, float, float, float]] = {}
@@ -98,6 +128,11 @@ class PyStages:
         self.z: dict[int, list] = {}
         self.win: dict[int, list] = {}
         self.derived: dict[int, list[int]] = {}
+        self.band: dict[int, float] = {}
+        self.reported: dict[int, tuple[float, int]] = {}
+        self.seen: dict[int, list[int]] = {}
+        self.limits: dict[int, tuple[float, float, float]] = {}
+        self.alarm: dict[int, bool] = {}
 
     def validity(self, b: PyBatch) -> PyBatch:
         out = PyBatch()
@@ -105,7 +140,7 @@ class PyStages:
         for ts, v, sid, fl in b.rows():
             r = rng.get(sid)
             if r is None:
-                lo, hi = RANGES.get(self.metric(sid), (-math.inf, math.inf))
+                lo, hi = self.valid_ranges.get(self.metric(sid), (-math.inf, math.inf))
                 r = rng[sid] = (lo, hi)
             if math.isfinite(v) and v != -200.0 and r[0] <= v <= r[1]:
                 out.append(ts, v, sid, fl)
@@ -180,6 +215,7 @@ class PyStages:
         st = self.win
         derived = self.derived
         for ts, v, sid, fl in b.rows():
+            out.append(ts, v, sid, fl)
             start = ts - ts % 600_000
             w = st.get(sid)
             if w is not None and start > w[0]:
@@ -199,16 +235,69 @@ class PyStages:
                 w[2] = min(w[2], v)
                 w[3] = max(w[3], v)
                 w[4] += 1
-            out.append(ts, v, sid, fl)
         return out
 
     def identity(self, b: PyBatch) -> PyBatch:
         return b
 
+    def deadband(self, b: PyBatch) -> PyBatch:
+        """Report by exception: a change of at least the band, or 6 h of silence."""
+        out = PyBatch()
+        bands, last = self.band, self.reported
+        for ts, v, sid, fl in b.rows():
+            band = bands.get(sid)
+            if band is None:
+                band = bands[sid] = 1.0 if self.metric(sid) == "T" else 5.0
+            p = last.get(sid)
+            if p is None or abs(v - p[0]) >= band or ts - p[1] >= 6 * 3600 * 1000:
+                last[sid] = (v, ts)
+                out.append(ts, v, sid, fl)
+        return out
+
+    def dedup(self, b: PyBatch) -> PyBatch:
+        """Drop a (series, ts) seen among the series' last 8 timestamps."""
+        out = PyBatch()
+        seen = self.seen
+        for ts, v, sid, fl in b.rows():
+            recent = seen.get(sid)
+            if recent is None:
+                recent = seen[sid] = []
+            elif ts in recent:
+                continue
+            recent.append(ts)
+            if len(recent) > 8:
+                del recent[0]
+            out.append(ts, v, sid, fl)
+        return out
+
+    def threshold(self, b: PyBatch) -> PyBatch:
+        """The ANOMALY flag while a series is in alarm, with hysteresis."""
+        out = PyBatch()
+        limits, alarm = self.limits, self.alarm
+        for ts, v, sid, fl in b.rows():
+            lim = limits.get(sid)
+            if lim is None:
+                m = self.metric(sid)
+                lim = limits[sid] = (
+                    LOW.get(m, -math.inf),
+                    HIGH.get(m, math.inf),
+                    HYST.get(m, 0.0),
+                )
+            on = alarm.get(sid, False)
+            if v == v:
+                if not on:
+                    on = v > lim[1] or v < lim[0]
+                elif lim[0] + lim[2] <= v <= lim[1] - lim[2]:
+                    on = False
+                alarm[sid] = on
+            out.append(ts, v, sid, fl | Flags.ANOMALY if on else fl)
+        return out
+
 
 def stage_cfgs(names: list[str]) -> list[StageConfig]:
+    known = STAGES | EXTRA
     return [
-        StageConfig(name=n, module=LIB / f"{n}.wasm", kind=STAGES[n][0], config=STAGES[n][1])
+        StageConfig(name=n, module=LIB / f"{n}.wasm", kind=known[n][0], config=known[n][1])
         for n in names
     ]
 
@@ -263,13 +352,14 @@ class PyExample:
     """The example chain in Python (validity, calibrate on CO_GT, window)."""
 
     def __init__(self, reg: SeriesRegistry) -> None:
-        self.p = PyStages(reg)
+        self.p = PyStages(reg, EXAMPLE[0][2]["range"])
         self.reg = reg
         self.co: dict[int, bool] = {}
 
     def __call__(self, b: PyBatch) -> PyBatch:
         b = self.p.validity(b)
-        out = PyBatch()
+        # the stage sees the CO_GT readings; its output goes on first, then the others
+        out, rest = PyBatch(), PyBatch()
         co = self.co
         for ts, v, sid, fl in b.rows():
             hit = co.get(sid)
@@ -278,11 +368,25 @@ class PyExample:
             if hit:
                 out.append(ts, v * 1.02 - 0.05, sid, fl | Flags.CALIBRATED)
             else:
-                out.append(ts, v, sid, fl)
+                rest.append(ts, v, sid, fl)
+        for col in PyBatch.__slots__:
+            getattr(out, col).extend(getattr(rest, col))
         return self.p.window(out)
 
 
-FILTERS = ["identity", "validity", "calibrate", "ema", "spike", "zscore", "window", "example"]
+FILTERS = [
+    "identity",
+    "validity",
+    "deadband",
+    "dedup",
+    "calibrate",
+    "ema",
+    "spike",
+    "zscore",
+    "threshold",
+    "window",
+    "example",
+]
 FILTER_SIZES = [10, 100, 1000]
 
 
@@ -324,17 +428,13 @@ def filters_side_by_side(
             parts = split(data, size, records)
             py_parts = [PyBatch(p) for p in parts]
             cfgs = _filter_cfgs(name, tmp)
+            _same_output(name, cfgs, reg, tmp, parts, py_parts)
             wasm, py = [], []
             with Chain.build(cfgs, reg, base_dir=REPO, cache_dir=tmp) as ch:
                 measure(ch.process, parts[: max(1, len(parts) // 10)])  # warm up
                 for _ in range(rounds):
                     wasm.append(measure(ch.process, parts)[1])
-                    fn = (
-                        PyExample(reg)
-                        if name == "example"
-                        else getattr(PyStages(reg), "ema_" if name == "ema" else name)
-                    )
-                    py.append(measure(fn, py_parts)[1])
+                    py.append(measure(_python(name, reg), py_parts)[1])
             w, p = statistics.median(wasm), statistics.median(py)
             rows.append(
                 {
@@ -348,6 +448,34 @@ def filters_side_by_side(
             )
             print(f"{name:>10} {size:>6} {w:>10.0f} {p:>10.0f} {p / w:>6.1f}x", flush=True)
     return rows
+
+
+def _python(name: str, reg: SeriesRegistry):
+    if name == "example":
+        return PyExample(reg)
+    return getattr(PyStages(reg), "ema_" if name == "ema" else name)
+
+
+def _same_output(
+    name: str,
+    cfgs: list[StageConfig],
+    reg: SeriesRegistry,
+    tmp: Path,
+    parts: list[Batch],
+    py_parts: list[PyBatch],
+) -> None:
+    """The Python baseline is the same filter: from fresh state, both give the same
+    records on these batches (else the comparison would mean nothing)."""
+    fn = _python(name, reg)
+    want = [r for p in py_parts for r in fn(p).rows()]
+    with Chain.build(cfgs, reg, base_dir=REPO, cache_dir=tmp) as ch:
+        got = [r for p in parts for r in ch.process(p).batch.rows()]
+    if got != want:
+        diff = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+        raise SystemExit(
+            f"{name}: edgepipe and the Python baseline differ ({len(got)} / {len(want)} "
+            f"records; first at {diff}: {got[diff]} / {want[diff]})"
+        )
 
 
 def split(batch: Batch, size: int, limit: int) -> list[Batch]:
@@ -398,13 +526,290 @@ def _cache(cdir: Path | None):
     return ModuleCache(cdir, engine(), engine_settings())
 
 
+def _status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon and RssFile of this process, kB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def memory_child(size: int, batches: int, cache: str) -> None:
+    """In a fresh process: the example chain from a warm AOT cache, ``batches`` batches
+    of ``size`` records; prints the RSS before the build, after it and after the run, and
+    how long the build and the first batch took."""
+    import gc
+
+    reg = SeriesRegistry()
+    data = load_data(reg)
+    parts = split(data, size, size * batches)
+    gc.collect()
+    before = _status()
+    t = time.perf_counter()
+    with Chain.build(example_cfgs(), reg, base_dir=REPO, cache_dir=Path(cache)) as ch:
+        build_ms = (time.perf_counter() - t) * 1000
+        built = _status()
+        t = time.perf_counter()
+        ch.process(parts[0])
+        first_ms = (time.perf_counter() - t) * 1000
+        for p in parts[1:]:
+            ch.process(p)
+        ran = _status()
+    print(
+        json.dumps(
+            {
+                "before": before,
+                "built": built,
+                "ran": ran,
+                "batches": len(parts),
+                "build_ms": build_ms,
+                "first_batch_ms": first_ms,
+            }
+        )
+    )
+
+
+class Tree(NamedTuple):
+    """Where a child process runs this harness: ``label``, its cwd and environment."""
+
+    label: str
+    cwd: Path
+    env: dict[str, str]
+
+
+def trees(against: Path | None, tmp: Path) -> list[Tree]:
+    """This tree ("after") and, with ``against`` (another edgepipe tree, e.g. a ``git
+    worktree`` of main), that one first ("before"): the same harness -- a copy of this
+    file next to that tree's filters/ -- importing everything else from it."""
+    ours = Tree("after", REPO, os.environ | {"PYTHONPATH": str(REPO)})
+    if against is None:
+        return [ours]
+    d = tmp / "harness"
+    (d / "bench").mkdir(parents=True, exist_ok=True)
+    shutil.copy(__file__, d / "bench" / "chain.py")
+    (d / "bench" / "__init__.py").write_text("")
+    (d / "filters").symlink_to(against.resolve() / "filters")
+    env = os.environ | {"PYTHONPATH": f"{d}{os.pathsep}{against.resolve()}"}
+    return [Tree("before", d, env), ours]
+
+
+def _child(tree: Tree, args: list[str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=tree.cwd, env=tree.env, capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise SystemExit(f"{tree.label}: {' '.join(args)} failed:\n{proc.stderr}")
+    return proc.stdout
+
+
+def memory(sizes: list[int], batches: int, repeats: int, where: list[Tree]) -> list[dict]:
+    """RSS of the example chain alone, each figure the median of ``repeats`` processes
+    (the trees alternating process by process)."""
+    cache = Path(tempfile.mkdtemp(prefix="edgepipe-bench-aot-"))
+    code = (
+        "import sys; from bench.chain import memory_child as m; "
+        "m(*map(int, sys.argv[1:3]), sys.argv[3])"
+    )
+    rows = []
+    try:
+        for t in where:  # fills each tree's AOT cache
+            _child(t, ["-c", code, "10", "1", str(cache / t.label)])
+        print(
+            f"{'tree':>6} {'batch':>6} {'batches':>7} {'built MB':>9} {'after MB':>9} "
+            f"{'peak MB':>8} {'run growth MB':>14} {'build ms':>9} {'1st batch ms':>13}"
+            f"   (example chain alone, AOT cache warm, median of {repeats})"
+        )
+        for size in sizes:
+            runs: dict[str, list[dict]] = {t.label: [] for t in where}
+            for _ in range(repeats):
+                for t in where:
+                    out = _child(t, ["-c", code, str(size), str(batches), str(cache / t.label)])
+                    runs[t.label].append(json.loads(out))
+            for label, got in runs.items():
+                med = {
+                    k: statistics.median(r[at][key] for r in got) / 1024
+                    for k, at, key in (
+                        ("built_mb", "built", "VmRSS"),
+                        ("after_mb", "ran", "VmRSS"),
+                        ("peak_mb", "ran", "VmHWM"),
+                    )
+                }
+                med["growth_mb"] = med["after_mb"] - med["built_mb"]
+                med["build_ms"] = statistics.median(r["build_ms"] for r in got)
+                med["first_batch_ms"] = statistics.median(r["first_batch_ms"] for r in got)
+                done = got[0]["batches"]
+                rows.append(
+                    {
+                        "tree": label,
+                        "batch": size,
+                        "batches": done,
+                        **{k: round(v, 2) for k, v in med.items()},
+                    }
+                )
+                print(
+                    f"{label:>6} {size:>6} {done:>7} {med['built_mb']:>9.1f} "
+                    f"{med['after_mb']:>9.1f} {med['peak_mb']:>8.1f} {med['growth_mb']:>14.1f} "
+                    f"{med['build_ms']:>9.1f} {med['first_batch_ms']:>13.1f}",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
+def callgrind_child(batches: int, cache: str) -> None:
+    """In a fresh process: the example chain from a warm AOT cache over ``batches``
+    batches of 1000 records (what :func:`instructions` counts under callgrind)."""
+    reg = SeriesRegistry()
+    data = load_data(reg)
+    parts = split(data, 1000, 1000 * max(1, batches))[:batches]
+    with Chain.build(example_cfgs(), reg, base_dir=REPO, cache_dir=Path(cache)) as ch:
+        for p in parts:
+            ch.process(p)
+
+
+#: the two workloads whose difference is counted (so start-up cancels out)
+CALLGRIND_BATCHES = (10, 40)
+
+
+def instructions(where: list[Tree], tmp: Path) -> list[dict]:
+    """Instructions per record of the example chain at batch 1000, counted by
+    ``valgrind --tool=callgrind``: the difference between 40 and 10 batches, over the 30,000
+    records between them -- the same number on a busy machine as on a quiet one (with
+    one compilation thread and a fixed hash seed, two runs differ by about 10,000
+    instructions of 2 billion)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+    code = (
+        "import sys; from bench.chain import callgrind_child as m; m(int(sys.argv[1]), sys.argv[2])"
+    )
+    rows = []
+    print(f"{'tree':>6} {'instructions per record':>24}   (example chain, batch 1000, callgrind)")
+    for t in where:
+        cache = tmp / f"cg-{t.label}"
+        env = t.env | {"RAYON_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+        def counted(n: int, t: Tree = t, cache: Path = cache, env: dict = env) -> int:
+            out = tmp / f"cg-{t.label}-{n}.out"
+            cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+            proc = subprocess.run(
+                [*cmd, sys.executable, "-c", code, str(n), str(cache)],
+                cwd=t.cwd,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            found = [ln for ln in proc.stderr.splitlines() if "Collected :" in ln]
+            if proc.returncode or not found:
+                raise SystemExit(f"{t.label}: callgrind failed:\n{proc.stderr[-2000:]}")
+            return int(found[-1].split(":")[-1])
+
+        # fills the AOT cache under valgrind: its emulated CPU has other features than the
+        # host's, so machine code compiled outside it is refused (and compiled again)
+        counted(1)
+        counts = [counted(n) for n in CALLGRIND_BATCHES]
+        records = (CALLGRIND_BATCHES[1] - CALLGRIND_BATCHES[0]) * 1000
+        per = (counts[1] - counts[0]) / records
+        rows.append({"tree": t.label, "instructions_per_record": round(per), "counts": counts})
+        print(f"{t.label:>6} {per:>24,.0f}", flush=True)
+    return rows
+
+
+def filters_against(where: list[Tree], runs: int, rounds: int, records: int, tmp: Path):
+    """The per-filter table in child processes, the trees alternating run by run; each
+    figure the median over the runs of each run's median of ``rounds``."""
+    got: dict[str, list[list[dict]]] = {t.label: [] for t in where}
+    for i in range(runs):
+        for t in where:
+            out = tmp / f"{t.label}-{i}.json"
+            args = ["-m", "bench.chain", "--only-filters", "--rounds", str(rounds)]
+            _child(t, [*args, "--records", str(records), "--json", str(out)])
+            got[t.label].append(json.loads(out.read_text())["filters"])
+            print(f"run {i + 1} of {runs}: {t.label} done", flush=True)
+
+    def med(label: str, key: str) -> dict[tuple[str, int], float]:
+        vals: dict[tuple[str, int], list[float]] = {}
+        for run in got[label]:
+            for r in run:
+                vals.setdefault((r["filter"], r["batch"]), []).append(r[key])
+        return {k: statistics.median(v) for k, v in vals.items()}
+
+    after, py = med("after", "edgepipe_cpu_ns_per_record"), med("after", "python_cpu_ns_per_record")
+    before = med("before", "edgepipe_cpu_ns_per_record") if "before" in got else {}
+    rows = []
+    print(
+        f"{'filter':>10} {'batch':>6} {'before':>8} {'after':>8} {'python':>8} {'py/after':>9}"
+        f"   (CPU ns per record; medians over {runs} runs of {rounds} rounds)"
+    )
+    for (name, size), a in after.items():
+        b = before.get((name, size))
+        p = py[(name, size)]
+        rows.append(
+            {
+                "filter": name,
+                "batch": size,
+                "before_ns_per_record": None if b is None else round(b, 1),
+                "after_ns_per_record": round(a, 1),
+                "python_ns_per_record": round(p, 1),
+                "python_over_after": round(p / a, 2),
+                "runs": runs,
+                "rounds": rounds,
+            }
+        )
+        shown = "" if b is None else f"{b:.0f}"
+        print(f"{name:>10} {size:>6} {shown:>8} {a:>8.0f} {p:>8.0f} {p / a:>8.1f}x")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=30_000, help="records per measurement")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "chain.json")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the per-filter table")
     ap.add_argument("--only-filters", action="store_true", help="only the per-filter table")
+    ap.add_argument(
+        "--memory",
+        action="store_true",
+        help="only the RSS of the example chain alone (fresh processes, batch 1000 and 6500)",
+    )
+    ap.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="only the example chain's instructions per record under valgrind's callgrind",
+    )
+    ap.add_argument(
+        "--against",
+        type=Path,
+        metavar="TREE",
+        help="with --only-filters, --memory or --callgrind: also run this harness on another "
+        "edgepipe tree (e.g. a git worktree of main), alternating with this one",
+    )
+    ap.add_argument("--runs", type=int, default=3, help="with --against: runs of each tree")
     args = ap.parse_args(argv)
+    if args.memory or args.callgrind or (args.against and args.only_filters):
+        tmp = Path(tempfile.mkdtemp(prefix="edgepipe-bench-"))
+        try:
+            where = trees(args.against, tmp)
+            if args.memory:
+                result = {"memory": memory([1000, 6500], 100, 5, where)}
+            elif args.callgrind:
+                result = {"instructions": instructions(where, tmp)}
+            else:
+                result = {
+                    "against": str(args.against),
+                    "filters": filters_against(where, args.runs, args.rounds, args.records, tmp),
+                }
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return 0
+    if args.against:
+        ap.error("--against goes with --only-filters, --memory or --callgrind")
 
     reg = SeriesRegistry()
     data = load_data(reg)

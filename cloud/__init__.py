@@ -4,8 +4,9 @@ protocol v1) and serves their data and sync status to operators.
     app = cloud.create_app(cloud.Settings(db="sqlite:///cloud.db", api_token="..."))
 
 Storage sits behind :class:`Backend` (SQLite by default, PostgreSQL for larger fleets), the
-four roles :class:`Devices`, :class:`Ingest`, :class:`Queries` and :class:`Operators`
-together.  It raises domain errors (:class:`UnknownDevice`, :class:`SequenceConflict`, ...);
+roles :class:`Devices`, :class:`Ingest`, :class:`Queries`, :class:`Operators`, device
+health and alert state together.  Alerts (docs/alerts.md) are evaluated by the app when
+``Settings.alerts_file`` names a rules file.  It raises domain errors (:class:`UnknownDevice`, :class:`SequenceConflict`, ...);
 the app answers each with its HTTP status.  Device secrets are stored sealed with the
 receiver's :class:`MasterKey`.
 """

@@ -26,12 +26,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from core._clock import SYSTEM_CLOCK, Clock
+
 from . import _bundle_api as bundle
 from . import _health_api as health
 from . import _read_api as read
 from ._admission import DeviceRate, UploadGate
+from ._alert_rules import AlertRules, load_alert_rules
+from ._alerts import build_engine
+from ._alerts_api import list_alerts
 from ._auth import PasswordChecker, operator_endpoint, require_operator
 from ._backend import Backend
+from ._clock_flag import ClockFlags
 from ._dashboard import dashboard_routes, install
 from ._http_errors import SecurityHeaders, exception_handlers, rejection_for
 from ._open import open_backend
@@ -55,10 +61,12 @@ def api_routes() -> list[BaseRoute]:
         Route("/v1/devices/{name}/logs", health.device_logs, methods=["GET"]),
         Route("/v1/devices/{name}/bundle", bundle.device_bundle, methods=["GET"]),
         Route("/v1/bundles", bundle.list_bundles, methods=["GET"]),
+        Route("/v1/logs", health.fleet_logs, methods=["GET"]),
         Route("/v1/readings", read.readings, methods=["GET"]),
         Route("/v1/rejections", read.rejections, methods=["GET"]),
         Route("/v1/dead-letters", read.dead_letters, methods=["GET"]),
         Route("/v1/receiver", receiver_status, methods=["GET"]),
+        Route("/v1/alerts", list_alerts, methods=["GET"]),
         Route("/openapi.json", read.openapi, methods=["GET"]),
     ]
 
@@ -82,12 +90,19 @@ async def receiver_status(request: Request) -> Response:
               properties:
                 uploads: {type: object}
                 logins: {type: object}
-              required: [uploads, logins]
+                clock:
+                  type: object
+                  description: Uploads and readings flagged CLOCK_SKEW (docs/health.md).
+              required: [uploads, logins, clock]
       "401": {$ref: "#/components/responses/Error"}
     """
     state = request.app.state
     return JSONResponse(
-        {"uploads": state.upload_gate.snapshot(), "logins": state.password_checker.snapshot()}
+        {
+            "uploads": state.upload_gate.snapshot(),
+            "logins": state.password_checker.snapshot(),
+            "clock": state.clock_flags.snapshot(),
+        }
     )
 
 
@@ -97,11 +112,20 @@ def create_app(
     backend: Backend | None = None,
     extra_routes: Sequence[BaseRoute] = (),
     dashboard: DashboardSettings | None = None,
+    alert_rules: AlertRules | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Starlette:
     """The receiver app.  Without ``backend`` one is opened from ``settings.db`` with the
     master key from ``settings`` at startup (none configured: :class:`MasterKeyError`) and
-    closed at shutdown; a given backend is left open (the caller owns it)."""
+    closed at shutdown; a given backend is left open (the caller owns it).
+
+    Alerts: ``alert_rules``, else the file ``settings.alerts_file`` (read now: a bad file
+    raises a located :class:`core._errors.ConfigError`); evaluated by ``clock``'s time,
+    and ``clock``'s monotonic time paces the per-device upload rate."""
     settings = settings or Settings.from_env()
+    secrets: dict[int, tuple[bytes | None, str | None]] = {}
+    if alert_rules is None and settings.alerts_file is not None:
+        alert_rules, secrets = load_alert_rules(settings.alerts_file)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -113,9 +137,15 @@ def create_app(
             app.state.backend = await run_in_threadpool(
                 functools.partial(open_backend, settings.db, master_key=master_key)
             )
+        if alert_rules is not None:
+            app.state.alerts = build_engine(app.state.backend, alert_rules, secrets, clock=clock)
+            await app.state.alerts.start()
         try:
             yield
         finally:
+            if app.state.alerts is not None:
+                await app.state.alerts.stop()
+                app.state.alerts = None
             app.state.password_checker.close()
             if owned:
                 app.state.backend.close()
@@ -129,11 +159,15 @@ def create_app(
     )
     app.state.settings = settings
     app.state.backend = backend
+    app.state.alerts = None  # the AlertEngine, while the app runs with alert rules
+    app.state.clock_flags = ClockFlags(settings.clock_flag_s)
     app.state.upload_gate = UploadGate(
         max_inflight=settings.max_inflight_uploads,
         max_per_device=settings.max_inflight_per_device,
         max_unverified=settings.max_unverified_bodies,
-        rate=DeviceRate(settings.device_uploads_per_s, settings.device_upload_burst),
+        rate=DeviceRate(
+            settings.device_uploads_per_s, settings.device_upload_burst, clock=clock.monotonic
+        ),
     )
     token = settings.api_token.get_secret_value() if settings.api_token else None
     install(app, dashboard, token)  # operator sessions (or the API token) for the read API

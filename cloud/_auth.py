@@ -11,8 +11,9 @@
 * Failed logins are rate limited per client address and per user name; beyond the limit the
   answer is 429 with ``Retry-After``.  An attempt is reserved before its password is checked,
   so the limit holds however many logins arrive at once.
-* Passwords are verified on a :class:`PasswordChecker`: a pool of its own (1-2 threads, a
-  bounded queue, overflow answered 429), so argon2 never delays uploads.
+* Passwords are verified on a :class:`PasswordChecker`: a pool of its own (one thread by
+  default, a bounded queue, overflow answered 429 before any work), so argon2 never holds a
+  thread that serves uploads and leaves the other cores to them.
 
 A device signature opens none of this: operators are identified only by the session cookie
 (or the optional API bearer token of the settings, for scripts).
@@ -177,18 +178,29 @@ class LoginLimiter:
 
 # -- password checks -----------------------------------------------------------------------------
 class PasswordChecker:
-    """argon2 verification on its own ``workers`` threads with at most ``queue`` checks
-    waiting; :meth:`verify` returns None (the caller answers 429) when both are full.
-    ``checks`` counts the verifications made, ``overflow`` the ones refused."""
+    """argon2 verification on its own ``workers`` threads (apart from the threads that
+    serve uploads) with at most ``queue`` checks waiting.  A place on the pool is taken
+    before anything of the attempt runs (the operator's hash is looked up on the pool too),
+    so an attempt refused because the pool is full cost nothing: :class:`Rejected` 429.
 
-    def __init__(self, workers: int = 2, queue: int = 8) -> None:
+    ``checks`` counts the verifications made, ``overflow`` the attempts refused; ``verifier``
+    (``verify_password`` by default) does the check itself."""
+
+    def __init__(
+        self,
+        workers: int = 1,
+        queue: int = 8,
+        *,
+        verifier: Callable[[str | None, str], bool] = verify_password,
+    ) -> None:
         self.workers, self.queue = workers, queue
+        self._verifier = verifier
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="edgepipe-password")
         self._slots = workers + queue
         self._lock = threading.Lock()
         self.checks = 0
         self.overflow = 0
-        self.pending = 0
+        self.pending = 0  # attempts holding a place (running or waiting); event loop only
 
     async def run(self, func: Callable[..., Any], *args: Any) -> Any:
         """``func(*args)`` on the pool, or raise :class:`Rejected` 429 if it is full."""
@@ -206,13 +218,18 @@ class PasswordChecker:
         finally:
             self.pending -= 1
 
-    async def verify(self, pwhash: str | None, password: str) -> bool:
-        return await self.run(self._verify, pwhash, password)
+    async def check(
+        self, lookup: Callable[[], str | None], password: str
+    ) -> tuple[bool, str | None]:
+        """(whether ``password`` matches, the hash it was checked against) for the hash
+        ``lookup()`` returns (None: no such operator, checked against a dummy hash)."""
+        return await self.run(self._check, lookup, password)
 
-    def _verify(self, pwhash: str | None, password: str) -> bool:
+    def _check(self, lookup: Callable[[], str | None], password: str) -> tuple[bool, str | None]:
+        pwhash = lookup()
         with self._lock:
             self.checks += 1
-        return verify_password(pwhash, password)
+        return self._verifier(pwhash, password), pwhash
 
     def snapshot(self) -> dict[str, int]:
         return {

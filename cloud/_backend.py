@@ -1,6 +1,6 @@
 """Storage behind one narrow interface per role, with the algorithms written once.
 
-The web app talks to a :class:`Backend`, which is the four roles together, each a small
+The web app talks to a :class:`Backend`, which is the roles together, each a small
 Protocol in its own module:
 
 * :class:`~cloud._devices.Devices` -- registered devices, their sealed secrets, the master
@@ -8,6 +8,8 @@ Protocol in its own module:
 * :class:`~cloud._ingest.Ingest` -- uploads, idempotent on (device, seq), and their nonces;
 * :class:`~cloud._queries.Queries` -- readings, rollups, the logs and the fleet's status;
 * :class:`~cloud._operators.Operators` -- dashboard operators and their sessions;
+* :class:`~cloud._health.Health` -- device health snapshots and warning logs;
+* :class:`~cloud._alert_store.AlertState` -- each alert's state (firing, resolved, delivered).
 * :class:`~cloud._bundles.Bundles` -- signed chain bundles, their modules, and the desired
   and reported bundle state of every device.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from ._alert_store import AlertState, AlertStateSQL
 from ._bundles import Bundles, BundlesSQL
 from ._devices import Devices, DevicesSQL
 from ._health import Health, HealthSQL
@@ -46,7 +49,7 @@ __all__ = [
 
 
 @runtime_checkable
-class Backend(Devices, Ingest, Queries, Operators, Health, Bundles, Protocol):
+class Backend(Devices, Ingest, Queries, Operators, Health, AlertState, Bundles, Protocol):
     """What the receiver needs from storage: every role, plus its lifetime.  Device secrets
     are stored sealed with ``master_key``; without one the backend serves everything except
     device secrets."""
@@ -62,7 +65,16 @@ class Backend(Devices, Ingest, Queries, Operators, Health, Bundles, Protocol):
     def close(self) -> None: ...
 
 
-class SQLBackend(SchemaSQL, DevicesSQL, HealthSQL, IngestSQL, QueriesSQL, OperatorsSQL, BundlesSQL):
+class SQLBackend(
+    SchemaSQL,
+    DevicesSQL,
+    HealthSQL,
+    IngestSQL,
+    QueriesSQL,
+    OperatorsSQL,
+    AlertStateSQL,
+    BundlesSQL,
+):
     """Every role, in SQL both dialects accept; subclasses supply the dialect hooks."""
 
     def __enter__(self) -> SQLBackend:

@@ -178,6 +178,9 @@ def parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     serve.add_argument("--max-body-mb", type=float, help="largest upload body (default 8)")
     serve.add_argument("--tls-cert", help="certificate chain (PEM); with --tls-key")
     serve.add_argument("--tls-key", help="its private key (PEM)")
+    serve.add_argument(
+        "--alerts", metavar="FILE", help="alert rules and webhooks (YAML, docs/alerts.md)"
+    )
     serve.add_argument("--log-level", default="info")
 
     command(

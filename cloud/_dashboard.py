@@ -3,7 +3,8 @@ page script (``cloud/static/dashboard.js``, built from ``web/``) polls for live 
 
 Pages: ``/`` (fleet overview), ``/devices/{name}`` (charts of one device), ``/logs``
 (dead letters and rejected requests), ``/login``.  JSON: ``/ui/api/fleet``,
-``/ui/api/series``, ``/ui/api/logs``.  Everything but the login page needs an operator
+``/ui/api/series``, ``/ui/api/logs``, ``/ui/api/health`` (the health panel; the log view
+reads the read API's ``/v1/logs``).  Everything but the login page needs an operator
 session (see :mod:`cloud._auth`); a device signature opens none of it.
 
 The pages and their shell are in :mod:`cloud._pages`, sign-in in :mod:`cloud._login`, the
@@ -22,7 +23,7 @@ from . import _auth as auth
 from ._login import login_page, login_submit, logout
 from ._pages import STATIC, device_page, fleet_page, logs_page
 from ._settings import DashboardSettings
-from ._ui_api import fleet_json, logs_json, series_json, series_list_json
+from ._ui_api import fleet_json, health_json, logs_json, series_json, series_list_json
 
 __all__ = ["dashboard_routes", "install"]
 
@@ -39,6 +40,7 @@ def dashboard_routes() -> list[BaseRoute]:
         Route("/ui/api/series", series_json, methods=["GET"]),
         Route("/ui/api/metrics", series_list_json, methods=["GET"]),
         Route("/ui/api/logs", logs_json, methods=["GET"]),
+        Route("/ui/api/health", health_json, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ]
 

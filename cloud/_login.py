@@ -5,6 +5,7 @@ the session it opens and logging out.  Passwords are checked on the app's
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 from urllib.parse import quote
@@ -78,9 +79,9 @@ async def login_submit(request: Request) -> Response:
     if wait is not None:
         return _too_many(request, cookie_csrf, name, wait, "Too many failed sign-ins")
     checker: auth.PasswordChecker = request.app.state.password_checker
+    lookup = functools.partial(backend.operator_hash, name) if name else _no_operator
     try:
-        pwhash = await run_in_threadpool(backend.operator_hash, name) if name else None
-        ok = await checker.verify(pwhash, password)
+        ok, pwhash = await checker.check(lookup, password)
     except Rejected as busy:  # the password pool is full: this attempt was never checked
         for key in keys:
             limiter.release(key)
@@ -116,6 +117,10 @@ async def login_submit(request: Request) -> Response:
     auth.set_cookie(request, resp, auth.SESSION_COOKIE, token, s.session_ttl_s)
     resp.delete_cookie(auth.CSRF_COOKIE, path="/")
     return resp
+
+
+def _no_operator() -> None:
+    return None
 
 
 def _too_many(

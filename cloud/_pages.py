@@ -125,6 +125,9 @@ async def fleet_page(request: Request) -> Response:
     <th class="num">Bytes today</th><th>Link</th><th>Errors (24 h)</th></tr></thead>
     <tbody><tr><td colspan="10" class="muted">Loading…</td></tr></tbody>
   </table></div>
+</section>
+<section class="card wide" id="alerts-card"><h2>Alerts <small class="muted" id="alerts-note"></small></h2>
+  <div class="table-wrap"><table id="alerts" class="grid"><tbody><tr><td class="muted">Loading…</td></tr></tbody></table></div>
 </section>"""
     return page(request, "Fleet", body, page="fleet", session=session)
 
@@ -144,17 +147,29 @@ async def device_page(request: Request) -> Response:
     )
     body = f"""
 <div class="head"><h1><a href="/" class="crumb">Fleet</a> / <span id="device-name">{_e(name)}</span></h1>
-<span class="badge" id="device-status">…</span><span class="live" id="live">live</span></div>
+<span class="badge" id="device-status">…</span><span id="device-badges" class="badges"></span><span class="live" id="live">live</span></div>
 <section class="cards" id="device-summary" aria-label="Sync status"></section>
 <section class="card wide">
   <div class="toolbar">
     <label class="select">Series <select id="series"></select></label>
-    <div class="ranges" role="group" aria-label="Time range">{ranges}</div>
+    <div class="ranges" role="group" aria-label="Time range (readings and health)">{ranges}</div>
     <button type="button" id="reset-zoom" hidden>Reset zoom</button>
   </div>
   <div id="chart" class="chart" data-points="0" data-readings="0" data-nulls="0"></div>
   <p class="muted small" id="chart-note">Drag across the chart to zoom; empty buckets (no readings received) show as gaps.</p>
 </section>
+<section class="card wide evidence" id="evidence" hidden aria-label="Badge evidence"></section>
+<section class="card wide" id="health" aria-label="Health" data-snapshots="0" data-updated="0">
+  <h2>Health <small class="muted" id="health-note">health snapshots the device reported, over the time range above</small></h2>
+  <div class="cards" id="health-summary"></div>
+  <div class="health-charts" id="health-charts"></div>
+  <div class="split3">
+    <div><h3>Traps</h3><div class="table-wrap"><table class="grid" id="health-traps"><tbody></tbody></table></div></div>
+    <div><h3>Drops</h3><div class="table-wrap"><table class="grid" id="health-drops"><tbody></tbody></table></div></div>
+    <div><h3>Dead letters</h3><div class="table-wrap"><table class="grid" id="health-dead_letters"><tbody></tbody></table></div></div>
+  </div>
+</section>
+{_log_view(name)}
 <div class="split">
 <section class="card"><h2>Dead letters</h2><div class="table-wrap"><table class="grid" id="dl"><tbody></tbody></table></div></section>
 <section class="card"><h2>Rejected requests</h2><div class="table-wrap"><table class="grid" id="rej"><tbody></tbody></table></div></section>
@@ -172,8 +187,44 @@ async def logs_page(request: Request) -> Response:
 <form class="toolbar" id="log-filter" role="search">
   <label class="select">Device <input name="device" id="log-device" value="{_e(device)}" placeholder="all devices"></label>
 </form>
+{_log_view(None)}
 <section class="card wide"><h2>Dead letters <small class="muted">reported by devices (metadata only)</small></h2>
   <div class="table-wrap"><table class="grid" id="dl"><tbody></tbody></table></div></section>
 <section class="card wide"><h2>Rejected requests <small class="muted">refused uploads, newest first</small></h2>
   <div class="table-wrap"><table class="grid" id="rej"><tbody></tbody></table></div></section>"""
     return page(request, "Logs", body, page="logs", session=session)
+
+
+#: The log view's time ranges (``all``: as far back as the receiver keeps).
+LOG_RANGES = ("15m", "1h", "6h", "24h", "7d", "30d", "all")
+
+
+def _log_view(device: str | None) -> str:
+    """The device log view: level, text and time-range filters over the records the
+    device(s) logged (``/v1/logs``), newest first, a page at a time.  Filled by the page
+    script; ``?level=&q=&since=&until=`` of the page preset it (a badge's evidence)."""
+    levels = "".join(
+        f'<option value="{v}">{label}</option>'
+        for v, label in (
+            ("", "warning and above"),
+            ("ERROR", "error and above"),
+            ("CRITICAL", "critical"),
+        )
+    )
+    ranges = "".join(
+        f'<option value="{r}"{" selected" if r == "24h" else ""}>{"all kept" if r == "all" else "last " + r}</option>'
+        for r in LOG_RANGES
+    )
+    scope = "this device" if device else "every device"
+    return f"""<section class="card wide" id="device-log" aria-label="Device logs" data-rows="0" data-updated="0">
+  <h2>Device logs <small class="muted">warnings and errors {scope} logged, newest first; repeats are one record with a count</small></h2>
+  <form class="toolbar" id="devlog-filter" role="search">
+    <label class="select">Level <select name="level" id="devlog-level">{levels}</select></label>
+    <label class="select">Search <input type="search" name="q" id="devlog-q" maxlength="200" placeholder="text in the message"></label>
+    <label class="select">Time <select name="range" id="devlog-range">{ranges}</select></label>
+    <span class="muted small" id="devlog-window" hidden></span>
+    <button type="button" id="devlog-clear-window" class="plain" hidden>Show the latest</button>
+  </form>
+  <div class="table-wrap"><table class="grid" id="devlog"><tbody><tr><td class="muted">Loading…</td></tr></tbody></table></div>
+  <p><button type="button" id="devlog-more" class="plain" hidden>Older records</button></p>
+</section>"""

@@ -11,9 +11,10 @@ __all__ = ["SCHEMA_VERSION", "SchemaSQL"]
 
 #: 1: device secrets in plaintext hex.  2: sealed with the master key (``secret_key_id``).
 #: 3: device health snapshots and warning logs (``device_health``, ``device_logs``).
-#: 4: signed chain bundles, their modules, desired and reported state per device
+#: 4: alert state (``alerts``).
+#: 5: signed chain bundles, their modules, desired and reported state per device
 #: (``bundles``, ``bundle_files``, ``bundle_modules``, ``device_bundle``, ``bundle_events``).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class SchemaSQL(SQLBase):
@@ -131,6 +132,23 @@ class SchemaSQL(SQLBase):
                 received_ms BIGINT NOT NULL,
                 PRIMARY KEY (device_id, seq))""",
             "CREATE INDEX IF NOT EXISTS device_logs_ts ON device_logs (device_id, ts)",
+            # the fleet-wide log view: newest first across devices
+            "CREATE INDEX IF NOT EXISTS device_logs_fleet ON device_logs (ts, device_id, seq)",
+            f"""CREATE TABLE IF NOT EXISTS alerts (
+                key TEXT PRIMARY KEY,
+                rule TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                device TEXT NOT NULL,
+                severity TEXT NOT NULL,
+                state TEXT NOT NULL,
+                summary TEXT NOT NULL,
+                labels TEXT NOT NULL,
+                value {dbl},
+                started_ms BIGINT NOT NULL,
+                updated_ms BIGINT NOT NULL,
+                resolved_ms BIGINT,
+                notified TEXT)""",
+            "CREATE INDEX IF NOT EXISTS alerts_updated ON alerts (updated_ms)",
             f"""CREATE TABLE IF NOT EXISTS bundle_modules (
                 sha256 TEXT PRIMARY KEY,
                 size BIGINT NOT NULL,
@@ -203,7 +221,7 @@ class SchemaSQL(SQLBase):
             if row[0] < 2:
                 # Version 1 kept device secrets in plaintext; NULL key id marks such a row.
                 cur.execute("ALTER TABLE devices ADD COLUMN secret_key_id TEXT")
-            # Versions 3 and 4 only add tables (device records, bundles), created above.
+            # Versions 3 to 5 only add tables (device records, alerts, bundles), created above.
             cur.execute(self._q("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
         # Databases created before the hourly rollup existed: build it once.
         cur.execute("SELECT 1 FROM readings_hourly LIMIT 1")

@@ -91,7 +91,7 @@ class Settings(_EnvModel):
     device_upload_burst: int = Field(40, ge=1)
     retry_after_s: int = Field(2, ge=1)
     # -- bounds of what one upload may carry or create (see docs/security.md) -------------
-    #: Decompressed bytes per byte sent, beyond the first 256 KiB (zip-bomb guard).
+    #: Decompressed bytes per byte sent, beyond the first 64 KiB (zip-bomb guard).
     max_decompression_ratio: int = Field(100, ge=2)
     #: Readings in one request, all its batches together.
     max_readings_per_request: int = Field(1_000_000, ge=1)
@@ -104,6 +104,12 @@ class Settings(_EnvModel):
     #: Readings stamped further ahead of the receiver's clock (plus ``max_skew_s``) are
     #: refused: a device whose clock is wrong would hide its real lag.
     max_future_s: int = Field(86_400, ge=0)
+    #: Readings of an upload whose signed timestamp is further than this from the
+    #: receiver's clock are stored with the ``CLOCK_SKEW`` flag (docs/health.md).  Only
+    #: skews below ``max_skew_s`` get that far: beyond it an upload is refused as stale.
+    clock_flag_s: float = Field(60, gt=0)
+    #: The alert rules and webhooks (a YAML file, docs/alerts.md); no alerts without it.
+    alerts_file: str | None = None
     #: Bearer token for the read API (the dashboard replaces this with operator sessions).
     api_token: SecretStr | None = None
     tls_cert: str | None = None
@@ -167,10 +173,23 @@ class DashboardSettings(_EnvModel):
     secure_cookies: bool | None = None
     login_max_failures: int = Field(5, ge=1)
     login_window_s: int = Field(300, ge=1)
-    #: Threads that verify passwords (argon2), apart from the uploads' threads.
-    login_check_workers: int = Field(2, ge=1, le=16)
+    #: Threads that verify passwords (argon2, ~0.1 s of one core each), apart from the
+    #: uploads' threads; one leaves the other cores to uploads during a sign-in flood.
+    login_check_workers: int = Field(1, ge=1, le=16)
     #: Password checks that may wait for a thread; beyond, a login is answered 429.
     login_check_queue: int = Field(8, ge=0, le=1024)
+    # -- fleet badges (docs/health.md): the states an operator must act on --------------
+    #: Store fill (used bytes over the quota) above which a device gets ``store_full``.
+    badge_store_fill: float = Field(0.8, gt=0, le=1)
+    #: Clock skew (device against receiver, either way) beyond which: ``clock_skew``.
+    badge_clock_skew_s: float = Field(30, gt=0)
+    #: ``silent``: nothing heard for this many times the device's usual reporting
+    #: interval (the median spacing of its health snapshots) ...
+    badge_silent_factor: float = Field(3, ge=1, le=1000)
+    #: ... and at least this long.
+    badge_silent_min_s: float = Field(120, gt=0)
+    #: The fleet's badges look back this far (``session_lost``: sessions lost increased).
+    badge_window_s: float = Field(3600, ge=60, le=31 * 86400)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DashboardSettings:

@@ -20,7 +20,9 @@ from core._clock import now_ms
 
 from ._auth import operator_endpoint
 from ._backend import ROLLUP_MS, ReadingsQuery
+from ._badges import Thresholds, badges, raise_badges
 from ._errors import Rejected, UnknownDevice
+from ._health_view import health_view
 from ._queries import MAX_TS_MS
 from ._settings import DashboardSettings
 
@@ -30,6 +32,7 @@ __all__ = [
     "chart_window",
     "fleet_json",
     "fleet_view",
+    "health_json",
     "logs_json",
     "pick_step",
     "series_json",
@@ -57,14 +60,30 @@ STEPS_MS = [
 
 
 def fleet_view(
-    devices: list[dict[str, Any]], activity: dict[str, dict[str, Any]], now: int, offline_ms: int
+    devices: list[dict[str, Any]],
+    activity: dict[str, dict[str, Any]],
+    now: int,
+    offline_ms: int,
+    health: dict[str, dict[str, Any]] | None = None,
+    thresholds: Thresholds | None = None,
 ) -> dict[str, Any]:
+    """The fleet table; with ``health`` (:meth:`Health.health_overview`) each device's
+    badges too."""
+    th = thresholds or Thresholds()
     rows = []
     for d in devices:
         rep = d.get("reported") or {}
         act = activity.get(d["name"], {})
         seen = d.get("last_seen_ms")
         newest = act.get("newest_ts")
+        h = (health or {}).get(d["name"])
+        found = []
+        if h is not None:
+            usual = h["span_ms"] / (h["count"] - 1) if h["count"] > 1 else None
+            found = raise_badges(
+                h["newest"], h["first"], now=now, thresholds=th, usual_ms=usual,
+                last_contact_ms=seen,
+            )  # fmt: skip
         rows.append(
             {
                 "name": d["name"],
@@ -83,6 +102,7 @@ def fleet_view(
                 "rejections_24h": act.get("rejections", 0),
                 "last_error": d.get("last_error"),
                 "last_error_ms": d.get("last_error_ms"),
+                "badges": found,
             }
         )
     online = sum(r["online"] for r in rows)
@@ -97,6 +117,7 @@ def fleet_view(
             "readings_today": sum(r["today"].get("readings", 0) for r in rows),
             "bytes_today": sum(r["today"].get("bytes", 0) for r in rows),
             "rejections_24h": sum(r["rejections_24h"] for r in rows),
+            "attention": sum(bool(r["badges"]) for r in rows),
         },
         "devices": rows,
     }
@@ -117,8 +138,14 @@ async def fleet_json(request: Request) -> Response:
             devices = [d]
         else:
             devices = backend.list_devices()
+        th = Thresholds.from_settings(s)
         return fleet_view(
-            devices, backend.device_activity(now - _D), now, int(s.offline_after_s * 1000)
+            devices,
+            backend.device_activity(now - _D),
+            now,
+            int(s.offline_after_s * 1000),
+            backend.health_overview(now - th.window_ms),
+            th,
         )
 
     return JSONResponse(await run_in_threadpool(load))
@@ -165,6 +192,21 @@ def _mean(parts: list[tuple[float, int]], count: int) -> float | None:
     return mean if math.isfinite(mean) else None
 
 
+def _chart_range(request: Request) -> tuple[int, int, int]:
+    """A chart's ``(since, until, step)`` from ``since`` and ``until`` or a named ``range``
+    (ending now), bucketed by :func:`chart_window`."""
+    since, until = _int(request, "since"), _int(request, "until")
+    if since is None or until is None:
+        span = RANGES_MS.get(request.query_params.get("range", "1h"))
+        if span is None:
+            raise Rejected(400, "bad_query", f"range must be one of {', '.join(RANGES_MS)}")
+        until = now_ms() + 1
+        since = max(0, until - span)
+    if since >= until:
+        raise Rejected(400, "bad_query", "since must be before until")
+    return chart_window(since, until)
+
+
 @operator_endpoint
 async def series_json(request: Request) -> Response:
     p = request.query_params
@@ -172,17 +214,7 @@ async def series_json(request: Request) -> Response:
     metric = p.get("metric")
     if not device or not metric:
         raise Rejected(400, "bad_query", "device and metric are required")
-    now = now_ms()
-    since, until = _int(request, "since"), _int(request, "until")
-    if since is None or until is None:
-        span = RANGES_MS.get(p.get("range", "1h"))
-        if span is None:
-            raise Rejected(400, "bad_query", f"range must be one of {', '.join(RANGES_MS)}")
-        until = now + 1
-        since = until - span
-    if since >= until:
-        raise Rejected(400, "bad_query", "since must be before until")
-    since, until, step = chart_window(since, until)
+    since, until, step = _chart_range(request)
     nbuckets = (until - since) // step
     q = ReadingsQuery(
         device=device,
@@ -246,5 +278,32 @@ async def logs_json(request: Request) -> Response:
             "dead_letters": backend.dead_letters(device, limit, None),
             "rejections": backend.rejections(device, limit, None),
         }
+
+    return JSONResponse(await run_in_threadpool(load))
+
+
+@operator_endpoint
+async def health_json(request: Request) -> Response:
+    """The health panel of one device over a chart range (:func:`health_view`), with the
+    badges its newest snapshots raise and the thresholds they were judged by."""
+    backend = request.app.state.backend
+    name = request.query_params.get("device")
+    if not name:
+        raise Rejected(400, "bad_query", "device is required")
+    since, until, step = _chart_range(request)
+    th = Thresholds.from_settings(request.app.state.dashboard)
+
+    def load() -> dict[str, Any]:
+        device = backend.get_device(name)
+        if device is None:
+            raise UnknownDevice(name)
+        now = now_ms()
+        baseline, buckets = backend.health_buckets(name, since, until, step)
+        view = health_view(buckets, baseline, since, until, step)
+        # the look-back's snapshots, else (silent for longer) the newest one there is
+        recent = backend.device_health(name, now - th.window_ms, None, 500)
+        recent = recent or backend.device_health(name, None, None, 1)
+        found = badges(recent, device.get("reported"), now, th, device.get("last_seen_ms"))
+        return {"device": name, "now": now, **view, "badges": found, "thresholds": th.as_dict()}
 
     return JSONResponse(await run_in_threadpool(load))

@@ -21,7 +21,7 @@ import logging
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from core._clock import now_ms
@@ -69,7 +69,7 @@ class _Upload:
 
 
 #: Refusals that are counted but never written per request, even for a known device.
-_UNLOGGED = frozenset({"rate_limited", "busy", "overloaded"})
+_UNLOGGED = frozenset({"rate_limited", "busy", "overloaded", "disconnected"})
 
 
 async def post_batches(request: Request) -> Response:
@@ -105,6 +105,7 @@ async def post_batches(request: Request) -> Response:
             schema: {$ref: "#/components/schemas/Acks"}
       "400": {$ref: "#/components/responses/Error"}
       "401": {$ref: "#/components/responses/Error"}
+      "408": {$ref: "#/components/responses/Error"}
       "409":
         description: A batch reuses a stored seq with different content; nothing was stored.
         content:
@@ -112,6 +113,7 @@ async def post_batches(request: Request) -> Response:
             schema: {$ref: "#/components/schemas/SequenceConflict"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
+      "429": {$ref: "#/components/responses/Overloaded"}
       "500": {$ref: "#/components/responses/Error"}
       "503": {$ref: "#/components/responses/Overloaded"}
     """
@@ -120,37 +122,51 @@ async def post_batches(request: Request) -> Response:
     gate: UploadGate = state.upload_gate
     ctx = _Upload()
     try:
-        return await _receive(request, settings, state.backend, gate, ctx)
+        answer = await _receive(request, settings, state.backend, gate, ctx)
+        if state.alerts is not None and ctx.device is not None:
+            state.alerts.upload_arrived(ctx.device)  # its rules are evaluated soon
+        return answer
     except CloudError as err:
-        exc = rejection_for(err, upload=True)
-        if exc is None:
-            raise
-        remote = request.client.host if request.client else None
-        if not ctx.authenticated and not isinstance(err, MasterKeyError | SecretUnreadable):
-            reason = "unknown_device" if isinstance(err, UnknownDevice) else exc.code
-            gate.refused_unauthenticated(reason, remote, ctx.claimed)
-            return error_response(exc)
-        if exc.code in _UNLOGGED:
-            gate.refused_unauthenticated(exc.code, remote, ctx.claimed)
-            return error_response(exc)
-        try:
-            await run_in_threadpool(
-                functools.partial(
-                    state.backend.record_rejection,
-                    ctx.device,
-                    exc.code,
-                    exc.detail,
-                    remote,
-                    now_ms(),
-                    authenticated=ctx.authenticated,
-                )
-            )
-        except Exception:  # the refusal itself must still reach the device
-            log.exception("could not record a rejection")
-        log.info("rejected upload from %s: %s %s", remote, exc.status, exc.code)
-        return error_response(exc)
+        response = await _refused(request, gate, ctx, err)
+        # Its traceback holds the decoder's frames (the decompressed body, the unpacker's
+        # buffer) in a reference cycle: cut it, so they go with the answer rather than at
+        # the next garbage collection, several refusals later.
+        err.__traceback__ = None
+        return response
     finally:
         ctx.release(gate)
+
+
+async def _refused(request: Request, gate: UploadGate, ctx: _Upload, err: CloudError) -> Response:
+    """The answer to a refused upload; only refusals of authenticated requests are
+    written to the rejection log."""
+    exc = rejection_for(err, upload=True)
+    if exc is None:
+        raise err
+    remote = request.client.host if request.client else None
+    if not ctx.authenticated and not isinstance(err, MasterKeyError | SecretUnreadable):
+        reason = "unknown_device" if isinstance(err, UnknownDevice) else exc.code
+        gate.refused_unauthenticated(reason, remote, ctx.claimed)
+        return error_response(exc)
+    if exc.code in _UNLOGGED:
+        gate.refused_unauthenticated(exc.code, remote, ctx.claimed)
+        return error_response(exc)
+    try:
+        await run_in_threadpool(
+            functools.partial(
+                request.app.state.backend.record_rejection,
+                ctx.device,
+                exc.code,
+                exc.detail,
+                remote,
+                now_ms(),
+                authenticated=ctx.authenticated,
+            )
+        )
+    except Exception:  # the refusal itself must still reach the device
+        log.exception("could not record a rejection")
+    log.info("rejected upload from %s: %s %s", remote, exc.status, exc.code)
+    return error_response(exc)
 
 
 def _header(request: Request, name: str) -> str:
@@ -171,6 +187,10 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 if size > limit:
                     raise Rejected(413, "too_large", f"body exceeds the limit of {limit} bytes")
                 chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: counted, never a traceback
+        raise Rejected(
+            400, "disconnected", "the connection closed before the body arrived"
+        ) from None
     except TimeoutError:
         raise Rejected(
             408,
@@ -325,6 +345,8 @@ async def _receive(
 
     upload = await run_in_threadpool(decode)
     upload.clock_skew_ms = timestamp * 1000 - now  # the signed timestamp (1 s resolution)
+    clock_flags = request.app.state.clock_flags
+    flagged = clock_flags.mark(upload)  # readings of a device whose clock is far off
     # A nonce must be remembered until its timestamp can no longer pass the skew check.
     expires = (max(timestamp * 1000, now) + 2 * settings.max_skew_s * 1000) + 1000
     # UnknownDevice if it was removed while we were decoding; SequenceConflict, NonceReplayed.
@@ -338,6 +360,7 @@ async def _receive(
         now=now,
     )
     gate.accepted += 1
+    clock_flags.stored(upload, result.readings if flagged else 0)  # duplicates: not again
     return JSONResponse(
         {"acked": result.acked, "duplicates": result.duplicates},
         headers={"X-Edgepipe-Time": str(now_ms())},  # the device's clock-skew estimate

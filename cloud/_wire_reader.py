@@ -6,6 +6,7 @@ cost.  Names are checked here too (:func:`name_problem`).
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import unicodedata
@@ -66,32 +67,44 @@ _SIZED = {  # type byte -> (kind, bytes of the big-endian length that follows)
 _KIND_NAME = {MAP: "a map", ARRAY: "an array", STR: "a string", BIN: "bin", EXT: "ext"}
 
 
+def _column_list(expect: list[int], lst: list) -> list:
+    if len(lst) != expect[0]:  # an array nested in a column
+        raise _Nested
+    return lst
+
+
+#: Bytes the unpacker copies from the body at a time.
+READ_SIZE = 16 * 1024
+
+
 class Reader:
     """A msgpack reader over ``data`` that looks at each header before reading on."""
 
     __slots__ = ("data", "up", "_expect")
 
+    # The unpacker's list hook must not refer to the reader: a reader -> unpacker -> bound
+    # method -> reader cycle would keep the body and the unpacker's buffer alive until the
+    # next garbage collection (several refused requests later).
+
     def __init__(self, data: bytes, *, max_str: int, max_bin: int, max_array: int) -> None:
         self.data = data
-        self._expect = -1
+        self._expect = expect = [-1]  # the length of the column being read, else -1
         self.up = msgpack.Unpacker(
             io.BytesIO(data),
             raw=False,
             strict_map_key=True,
             max_buffer_size=max(len(data), 1024),
+            # read in small steps: a body refused at a header is never copied whole (the
+            # buffer still grows to the largest single value read, e.g. a batch's column)
+            read_size=min(max(len(data), 1024), READ_SIZE),
             max_str_len=max_str,
             max_bin_len=max_bin,
             max_array_len=max_array,
             max_map_len=64,
             max_ext_len=0,
             object_hook=_refuse,
-            list_hook=self._list,
+            list_hook=functools.partial(_column_list, expect),
         )
-
-    def _list(self, lst: list) -> list:
-        if len(lst) != self._expect:  # an array nested in a column
-            raise _Nested
-        return lst
 
     def peek(self, where: str) -> tuple[str, int]:
         pos = self.up.tell()
@@ -174,11 +187,11 @@ class Reader:
         if got != n:
             batch, _, name = where.rpartition(".")
             raise bad(batch, f"columns differ in length ({name} {got}, the first {n})")
-        self._expect = n
+        self._expect[0] = n
         try:
             return self._read(where, self.up.unpack)
         finally:
-            self._expect = -1
+            self._expect[0] = -1
 
     def end(self, where: str) -> None:
         if self.up.tell() != len(self.data):

@@ -4,7 +4,7 @@
     edgepipe-cloud init --db sqlite:///cloud.db            # creates the database
     edgepipe-cloud serve --db sqlite:///cloud.db --host 0.0.0.0 --port 8443 \\
         --master-key-file /etc/edgepipe/cloud-master.key \\
-        [--max-body-mb 8] [--tls-cert cert.pem --tls-key key.pem]
+        [--max-body-mb 8] [--tls-cert cert.pem --tls-key key.pem] [--alerts alerts.yaml]
     edgepipe-cloud devices add NAME        # prints the device secret, once
     edgepipe-cloud devices list
     edgepipe-cloud devices remove NAME     # and everything stored for it
@@ -44,6 +44,7 @@ import sys
 
 from pydantic import ValidationError
 
+from core._errors import ConfigError
 from protocol._keys import append_key_line
 
 from ._backend import SCHEMA_VERSION, Backend
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
                 master_key_file=key_file,
+                alerts_file=args.alerts,
             )
             return _serve(settings, args.log_level)
         settings = Settings.from_env(
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(_no_database(exc, db_source(db)), EXIT_USAGE)
     except BadDatabaseURL as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except (MasterKeyError, SigningKeyError) as exc:
+    except (MasterKeyError, SigningKeyError, ConfigError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except (BundleSourceError, UnknownBundle) as exc:
         return _fail(str(exc))

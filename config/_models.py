@@ -395,6 +395,13 @@ class SyncConfig(_Model):
         4 * 1024 * 1024, ge=1024, description="uncompressed batch bytes per request"
     )
     interval_s: float = Field(2.0, gt=0, description="idle poll when nothing new was committed")
+    health_interval_s: float = Field(
+        60.0,
+        ge=1,
+        le=3600,
+        description="how often a health snapshot and the warnings collected are stored for "
+        "the cloud (docs/health.md)",
+    )
     timeout_s: float = Field(15.0, gt=0)
     backoff_min_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(300.0, gt=0)

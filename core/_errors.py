@@ -69,6 +69,20 @@ class FilterLoadError(FilterError):
 
 
 class FilterRuntimeError(FilterError):
+    """A stage failed at run time; ``backtrace`` holds the guest's wasm frames of a trap,
+    innermost first (``name@0xOFFSET``, the offset in the module), when there is one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str | None = None,
+        code: str | None = None,
+        backtrace: tuple[str, ...] = (),
+    ) -> None:
+        self.backtrace = backtrace
+        super().__init__(message, stage=stage, code=code)
+
     @property
     def trap_code(self) -> str | None:
         return self.code

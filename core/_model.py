@@ -40,6 +40,10 @@ class Flags:
     SPIKE = 1 << 1
     AGGREGATE = 1 << 2
     CALIBRATED = 1 << 3
+    #: Set by the cloud receiver on the readings of an upload whose signed timestamp was
+    #: further from its clock than ``clock_flag_s`` (docs/health.md): their times are
+    #: suspect.  Never set on the edge.
+    CLOCK_SKEW = 1 << 4
 
 
 class SeriesKey(NamedTuple):

@@ -149,6 +149,7 @@ def make_sync_worker(
         state_path=state_path,
         link=link,
         clock=clock,
+        health_every_s=sc.health_interval_s,
     )
 
 

@@ -170,7 +170,7 @@ class Pipeline:
             return ""
         out = [
             f"stage {d['name']}: circuit breaker {d['breaker'].replace('_', '-')} after "
-            f"{d['consecutive_failures']} failures ({d.get('last_code') or 'error'})"
+            f"{d['consecutive_failures']} failures ({(d.get('last_error') or 'error')[:500]})"
             for d in chain.describe()
             if d["breaker"] != "closed"
         ]

@@ -113,7 +113,7 @@ _METRIC_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 def metric_fields(metrics: Metrics = METRICS) -> dict[str, int]:
     """The pipeline's counters as snapshot fields: ``stored``, ``sessions_lost``,
     ``stage:NAME:in``, ``drops:STAGE:REASON``, ``traps:STAGE:CODE``, ``breaker_open:STAGE``,
-    ``dead_letters`` (total) and ``dead_letters:STAGE`` ..."""
+    ``dead_letters`` (total) and ``dead_letters:STAGE:REASON`` ..."""
     snap = metrics.snapshot()
     out: dict[str, int] = {}
     for name, prefix, _labels in _METRIC_FIELDS:

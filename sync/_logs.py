@@ -17,6 +17,7 @@ the logger and text arguments (stage names, trap codes, topics) stay.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -31,6 +32,13 @@ NEW_PER_MINUTE = 60
 PENDING_MAX = 256
 
 _REDACTED = "<redacted>"
+#: A %-conversion of a log message template (``%d``, ``%.2f``, ``%(name)r``, ``%%``).
+_SPEC = re.compile(r"%(\([^)]*\))?[#0\- +]*\d*(?:\.\d+)?[hlL]?([diouxXeEfFgGcrsa%])")
+
+
+def _as_text(template: str) -> str:
+    """``template`` with every conversion made ``%s``: a redacted number is text."""
+    return _SPEC.sub(lambda m: "%%" if m[2] == "%" else f"%{m[1] or ''}s", template)
 
 
 def _safe(arg: Any) -> Any:
@@ -58,6 +66,7 @@ def redacted_message(record: logging.LogRecord, *, redact: bool = True) -> str:
             args = {k: _safe(v) for k, v in args.items()}  # type: ignore[assignment]
         else:
             args = tuple(_safe(a) for a in args)
+        msg = _as_text(msg)
     try:
         return msg % args
     except (TypeError, ValueError):

@@ -50,6 +50,15 @@ def receiver(tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture
+def browser() -> Iterator[object]:
+    """Headless Chromium (``tests.helpers.browser``), one per test."""
+    from tests.helpers.browser import headless_chromium
+
+    with headless_chromium() as b:
+        yield b
+
+
+@pytest.fixture
 def edge(tmp_path: Path) -> Iterator[Callable[[Path], EdgeProcess]]:
     procs: list[EdgeProcess] = []
 

@@ -322,3 +322,23 @@ def test_reissue_signs_an_earlier_chain_as_the_next_version(
     assert m_new.filters_text == m_old.filters_text and m_new.modules == m_old.modules
     with pytest.raises(UnknownBundle):
         reissue_bundle(backend, KEY, 10**9, fleet="default", priority="normal", valid_days=1)
+
+
+def test_a_schema_4_database_gains_the_bundle_tables(tmp_path: Path) -> None:
+    import sqlite3
+
+    from cloud import open_backend
+
+    url = f"sqlite:///{tmp_path / 'cloud.db'}"
+    open_backend(url).close()
+    con = sqlite3.connect(tmp_path / "cloud.db")
+    for table in ("bundle_events", "device_bundle", "bundle_files", "bundles", "bundle_modules"):
+        con.execute(f"DROP TABLE {table}")  # what a schema-4 database is
+    con.execute("UPDATE schema_version SET version = 4")
+    con.commit()
+    con.close()
+    with open_backend(url) as b:
+        assert b.list_bundles() == [] and b.next_bundle_version() == 1
+    con = sqlite3.connect(tmp_path / "cloud.db")
+    assert con.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
+    con.close()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 import math
+import random
 
 import msgpack
 import pytest
 import zstandard
 
 from cloud import Rejected
-from cloud._wire import decode_upload, decompress
+from cloud._wire import RATIO_FREE_BYTES, WireLimits, decode_upload, decompress
 
 T0 = 1_700_000_000_000
 
@@ -87,10 +88,41 @@ def test_decompression_is_bounded(encoding: str) -> None:
     sent = {"zstd": zstandard.ZstdCompressor().compress, "gzip": gzip.compress}.get(
         encoding, bytes
     )(data)
-    assert decompress(sent, encoding, 100_000) == data
+    assert decompress(sent, encoding, 100_000, max_ratio=None) == data
     with pytest.raises(Rejected) as exc:
-        decompress(sent, encoding, 99_999)
+        decompress(sent, encoding, 99_999, max_ratio=None)
     assert exc.value.status == 413
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "gzip"])
+@pytest.mark.parametrize("declared", [True, False], ids=["size_declared", "size_not_declared"])
+def test_beyond_64_kib_a_body_decompresses_to_at_most_100_times_its_size(
+    encoding: str, declared: bool
+) -> None:
+    def sent(data: bytes) -> bytes:
+        if encoding == "gzip":
+            return gzip.compress(data)
+        return zstandard.ZstdCompressor(write_content_size=declared).compress(data)
+
+    free = b"\0" * RATIO_FREE_BYTES  # whatever its ratio
+    assert RATIO_FREE_BYTES == 64 * 1024 and len(sent(free)) * 100 < len(free)
+    assert decompress(sent(free), encoding, 1 << 20) == free
+    with pytest.raises(Rejected) as exc:
+        decompress(sent(free + b"\0"), encoding, 1 << 20)
+    assert exc.value.status == 413 and "exceed 100 times" in exc.value.detail
+    # compressible genuine data within the ratio is accepted far beyond 64 KiB
+    rng = random.Random(1)
+    data = bytes(rng.choice(b"0123") for _ in range(300_000))
+    assert RATIO_FREE_BYTES < len(data) < 100 * len(sent(data))
+    assert decompress(sent(data), encoding, 1 << 20) == data
+
+
+def test_a_zstd_body_of_several_frames_is_refused() -> None:
+    z = zstandard.ZstdCompressor()
+    body = z.compress(b"\x80") + z.compress(b"\x80")
+    with pytest.raises(Rejected) as exc:
+        decode_upload(decompress(body, "zstd", 1 << 20), "d", WireLimits())
+    assert exc.value.status == 400
 
 
 def test_truncated_and_unknown_encodings() -> None:

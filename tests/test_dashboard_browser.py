@@ -11,7 +11,6 @@ gap fills.  With ``EDGEPIPE_SCREENSHOTS=1`` the main pages are saved under docs/
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -21,12 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.browser import headless_chromium
+from tests.helpers.browser import CHROMIUM, screenshot
 from tests.helpers.cloud_client import DeviceClient, make_batch
-from tests.helpers.edge import REPO, make_config, publish, reading_msg, wait_for
-from tests.helpers.sync_env import Receiver
+from tests.helpers.edge import make_config, publish, reading_msg, wait_for
+from tests.helpers.sync_env import Receiver, edge_sync
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists()
     or shutil.which("mosquitto") is None
@@ -37,7 +35,6 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "edge-lab-01"
 OPERATOR, PASSWORD = "ops", "correct horse battery"
 OFFLINE_S = 3
-SHOTS = REPO / "docs" / "screenshots"
 CLI = [sys.executable, "-c", "import sys; from cloud.cli import main; sys.exit(main())"]
 
 
@@ -61,12 +58,6 @@ def receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiv
         yield rx
 
 
-@pytest.fixture
-def browser() -> Iterator[object]:
-    with headless_chromium(CHROMIUM) as b:
-        yield b
-
-
 def _fake_sysfs(root: Path, iface: str) -> Path:
     """A sysfs tree where ``iface`` is up: the edge reports that link kind."""
     d = root / "class" / "net" / iface
@@ -74,12 +65,6 @@ def _fake_sysfs(root: Path, iface: str) -> Path:
     (d / "operstate").write_text("up\n")
     (d / "carrier").write_text("1\n")
     return root
-
-
-def _shot(page: object, name: str) -> None:
-    if os.environ.get("EDGEPIPE_SCREENSHOTS"):
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / name), full_page=True)  # type: ignore[attr-defined]
 
 
 def _chart(page: object) -> dict:
@@ -166,15 +151,9 @@ def test_dashboard_follows_a_real_edge_through_an_outage(
         broker,  # type: ignore[arg-type]
         keyfile,
         device={"id": DEVICE},
-        sync={
-            "enabled": True,
-            "url": rx.url,
-            "device_secret": secret,
-            "interval_s": 0.2,
-            "backoff_min_s": 0.2,
-            "backoff_max_s": 1.0,
-            "links": {"sysfs_root": str(_fake_sysfs(tmp_path / "sys", "wlan0"))},
-        },
+        sync=edge_sync(
+            rx.url, secret, links={"sysfs_root": str(_fake_sysfs(tmp_path / "sys", "wlan0"))}
+        ),
     )
     proc = edge(cfg)  # type: ignore[operator]
     proc.wait_subscribed()
@@ -186,7 +165,7 @@ def test_dashboard_follows_a_real_edge_through_an_outage(
     # -- sign in: a wrong password first ----------------------------------------------------
     page.goto(rx.url + "/")
     assert page.url.startswith(rx.url + "/login")
-    _shot(page, "login.png")
+    screenshot(page, "login.png")
     page.fill("input[name=username]", OPERATOR)
     page.fill("input[name=password]", "not the password")
     with page.expect_response(lambda resp: resp.url.startswith(rx.url + "/login")) as resp:
@@ -209,7 +188,7 @@ def test_dashboard_follows_a_real_edge_through_an_outage(
     wait_for(lambda: page.inner_text(f"{row} td:nth-child(7)") == str(n1), 20, "readings today")
     assert "wifi" in page.inner_text(row)
     assert page.locator("tr[data-device='edge-dock-02'][data-online=false]").count() == 1
-    _shot(page, "fleet.png")
+    screenshot(page, "fleet.png")
 
     # -- its chart: every reading is a point ----------------------------------------------------
     page.click(f"{row} a")
@@ -245,7 +224,7 @@ def test_dashboard_follows_a_real_edge_through_an_outage(
         chart["avg"][(int(t * 1000) - chart["since"]) // chart["step"]] is None for t in during
     )
     assert int(page.get_attribute("#chart", "data-nulls") or 0) > 0
-    _shot(page, "device-offline.png")
+    screenshot(page, "device-offline.png")
 
     # -- back: the queued backlog arrives and fills the gap; new readings follow ----------------
     proc2 = edge(cfg)  # type: ignore[operator]
@@ -275,13 +254,13 @@ def test_dashboard_follows_a_real_edge_through_an_outage(
     page.wait_for_function(
         f"() => +document.querySelector('#chart').dataset.until - +document.querySelector('#chart').dataset.since >= {15 * 60_000}"
     )
-    _shot(page, "device.png")
+    screenshot(page, "device.png")
 
     # -- logs: the refused upload and the reported dead letters --------------------------------
     page.click("nav a[href='/logs']")
     page.wait_for_selector("#rej tbody tr td:has-text('sequence_conflict')")
     page.wait_for_selector("#dl tbody tr td:has-text('sentinel')")
-    _shot(page, "logs.png")
+    screenshot(page, "logs.png")
 
     # phone-sized fleet view (responsive layout)
     phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)  # type: ignore[attr-defined]
@@ -289,7 +268,7 @@ def test_dashboard_follows_a_real_edge_through_an_outage(
     phone.goto(rx.url + "/")
     phone.wait_for_selector(f"{row}")
     assert phone.evaluate("() => document.documentElement.scrollWidth") <= 390 + 1
-    _shot(phone, "fleet-phone.png")
+    screenshot(phone, "fleet-phone.png")
 
     # -- sign out ends the session -------------------------------------------------------------
     page.click("button:has-text('Log out')")

@@ -21,22 +21,19 @@ import sys
 import termios
 import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.browser import headless_chromium
-from tests.helpers.edge import REPO, wait_for
+from tests.helpers.browser import CHROMIUM, screenshot
+from tests.helpers.edge import wait_for
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists()
     or shutil.which("mosquitto") is None
     and not Path("/usr/sbin/mosquitto").exists(),
     reason="needs /usr/bin/chromium and mosquitto (CI installs them with apt)",
 )
-SHOTS = REPO / "docs" / "screenshots"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 DEVICES = ["aq-01", "aq-02", "aq-03"]
 
@@ -171,12 +168,6 @@ def _identity_errors(samples: list[tuple[str, dict[str, float]]]) -> list[str]:
     return bad
 
 
-@pytest.fixture
-def browser() -> Iterator[object]:
-    with headless_chromium(CHROMIUM) as b:
-        yield b
-
-
 def _run_printed(cmd: str, cwd: Path) -> str:
     """A command exactly as the demo printed it, with this interpreter as ``edgepipe``."""
     words = shlex.split(cmd.split("|")[0].split("#")[0])
@@ -234,9 +225,7 @@ def test_first_contact_demo_to_dashboard(tmp_path: Path, browser: object) -> Non
         for dev in DEVICES:
             page.wait_for_selector(f"tr[data-device='{dev}'][data-online=true]")
         assert page.locator("tr[data-device]").count() == 3
-        if os.environ.get("EDGEPIPE_SCREENSHOTS"):
-            SHOTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SHOTS / "demo-fleet.png"), full_page=True)
+        screenshot(page, "demo-fleet.png")
 
         # -- each device: its own chart, and it is live (more readings at the next refresh) ---
         for dev in DEVICES:

@@ -173,3 +173,46 @@ def test_a_failing_init_is_refused_at_load_with_its_code(tmp_path, name):
     with pytest.raises(FilterLoadError) as ei:
         build([stage("i", mod, "filter_map", {"x": 1}, fuel=100_000)], SeriesRegistry())
     assert ei.value.code == hostile.AT_LOAD[name][1]
+
+
+# -- trap messages: the trap code and the guest's backtrace, wherever the failure shows ----------
+def _deep_trap(tmp_path, entry: str):
+    mod = write_wat(
+        tmp_path,
+        f"deep_{entry}",
+        hostile.module(extra=hostile.TWO_DEEP, **{entry: hostile.DEEP_ENTRY[entry]}),
+    )
+    return stage("deep", mod, "filter_map", {"x": 1}, on_error="dead_letter", breaker_failures=1)
+
+
+@pytest.mark.parametrize("entry", sorted(hostile.DEEP_ENTRY))
+def test_a_trap_keeps_its_code_and_the_guests_backtrace(tmp_path, caplog, entry):
+    reg = SeriesRegistry()
+    st = _deep_trap(tmp_path, entry)
+    if entry == "init":  # refused at load, with the cause and where
+        with pytest.raises(FilterLoadError) as ei:
+            build([st], reg)
+        assert ei.value.code == "unreachable"
+        hostile.assert_trap_text(str(ei.value), entry)
+        return
+    with build([st], reg) as chain:
+        if entry == "restore":
+            chain.restore({"deep": b"12345678"})
+            dead = []
+        elif entry == "flush":
+            dead = chain.flush().dead_letters
+        else:
+            dead = chain.process(mixed(reg, 0)).dead_letters
+        d = chain.describe()[0]
+        # describe() (what /readyz says of a tripped stage) and the log line
+        assert d["last_code"] == "unreachable" and d["breaker"] == "open"
+        assert d["last_error"].startswith("unreachable: ")
+        hostile.assert_trap_text(d["last_error"], entry)
+        hostile.assert_trap_text(caplog.text, entry)
+        # the dead letter (process, and snapshot which fails the batch)
+        if entry in ("process", "snapshot"):
+            (dl,) = dead
+            assert dl.reason.startswith("stage deep: trap: unreachable: ")
+            hostile.assert_trap_text(dl.reason, entry)
+        # metric labels carry the code only (bounded cardinality), never the text
+        assert METRICS.value("edgepipe_stage_failing", stage="deep", code="unreachable") == 1

@@ -12,7 +12,7 @@ from tests.helpers import hostile
 from tests.helpers.edge import make_config, publish, reading_msg
 from tests.helpers.mqtt import drain
 from tests.helpers.store import dead_letters, stored
-from tests.helpers.wasm import LIB
+from tests.helpers.wasm import LIB, write_wat
 
 CASES = [
     ("process_trap", "stop"),
@@ -78,3 +78,40 @@ def test_hostile_stage_in_a_real_edge(tmp_path, broker, keyfile, edge, name, pol
         if d.stage == "hostile":
             evil |= set(Batch.unpack(d.payload).ts)
     assert evil == {1_700_000_000_000 + i * 1000 for i in range(100)}  # none lost
+
+
+def test_a_trapping_stage_says_its_code_and_backtrace_everywhere(tmp_path, broker, keyfile, edge):
+    """A stage whose ep_process traps two calls deep, in a real edge: the log, the dead
+    letter's reason and ``/readyz`` carry the trap code and the guest's backtrace (function
+    names, module offsets); the metric labels carry the code only."""
+    wat = hostile.module(extra=hostile.TWO_DEEP, process=hostile.DEEP_ENTRY["process"])
+    cfg = make_config(
+        tmp_path,
+        broker,
+        keyfile,
+        chain=[
+            {
+                "name": "deep",
+                "module": str(write_wat(tmp_path, "deep", wat)),
+                "kind": "filter_map",
+                "on_error": "dead_letter",
+                "match": {"devices": ["evil"]},
+                "limits": {"breaker_failures": 1, "breaker_cooldown_s": 3600},
+            },
+        ],
+    )
+    proc = edge(cfg)
+    proc.wait_subscribed()
+    publish(broker, _msgs(0, 5))
+    drain(broker, proc, 10_000)
+    proc.wait_metric("edgepipe_stage_breaker_open", 1, stage="deep")
+    status, why = proc.readyz()  # type: ignore[misc]
+    assert status == 503 and "stage deep: circuit breaker open after 1 failures" in why, why
+    hostile.assert_trap_text(why, "process")
+    hostile.assert_trap_text(proc.output(), "process")
+    assert proc.metric("edgepipe_stage_failing", stage="deep", code="unreachable") == 1
+    assert proc.metric("edgepipe_dead_letters_total", stage="deep", reason="unreachable") >= 1
+    assert proc.terminate() == 0
+    reasons = [d.reason for d in dead_letters(tmp_path / "store.db", keyfile) if d.stage == "deep"]
+    assert reasons and all(r.startswith("stage deep: trap: unreachable: ") for r in reasons)
+    hostile.assert_trap_text(reasons[0], "process")

@@ -7,8 +7,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import secrets
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +19,9 @@ import httpx
 import pytest
 
 from cloud import Backend, Settings, create_app, open_backend
-from cloud._auth import hash_password
+from cloud._auth import PasswordChecker, hash_password, verify_password
 from cloud._settings import DashboardSettings
+from core._clock import ManualClock
 from protocol import _signing
 from tests.helpers.cloud_client import (
     PATH,
@@ -78,90 +81,159 @@ def _answer_status(s: socket.socket) -> int:
     return int(m.group(1))
 
 
-def _slow_headers(name: str, *, version: int, length: int = 1000) -> dict[str, str]:
-    """What an adversary can send for a known device name without its secret."""
-    h = {
-        "Content-Type": _signing.CONTENT_TYPE,
-        "Content-Encoding": "identity",
-        "Content-Length": str(length),
-        "X-Edgepipe-Device": name,
-        "X-Edgepipe-Timestamp": str(int(time.time())),
-        "X-Edgepipe-Nonce": _signing.new_nonce(),
-        "X-Edgepipe-Signature": f"v{version}=" + "ab" * 32,
-    }
-    if version == 2:
-        h["X-Edgepipe-Content-SHA256"] = "cd" * 32
-    return h
+class _HeldVerifier:
+    """A password verifier that holds every check until the test releases it (then checks
+    for real), counting the checks that entered it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, pwhash: str | None, password: str) -> bool:
+        with self._lock:
+            self.entered += 1
+        assert self.release.wait(120), "the test never released the password checks"
+        return verify_password(pwhash, password)
 
 
-def test_slow_bodies_hold_no_shared_slot_and_are_cut(backend: Backend) -> None:
-    settings = Settings(api_token=TOKEN, body_timeout_s=8, max_unverified_bodies=64)
-    victim, victim_secret = new_device(backend)
-    others = [new_device(backend) for _ in range(3)]
-    with LiveServer(create_app(settings, backend=backend)) as server, _operator(server) as op:
-        # v1-style headers can only be checked once the body is in: 50 are held, reading.
-        slow = [
-            _raw_request(server.port, _slow_headers(victim, version=1), b"x") for _ in range(50)
-        ]
-        wait_for(lambda: _status(op)["uploads"]["unverified_bodies"] == 50, 60, "50 bodies held")
-        assert _status(op)["uploads"]["inflight"] == 0  # none of them holds a processing slot
-        # v2-style forged headers are refused from the headers alone, before any body byte.
-        forged = [_raw_request(server.port, _slow_headers(victim, version=2)) for _ in range(20)]
-        assert [_answer_status(s) for s in forged] == [401] * 20
-
-        # Genuine uploads, of the victim itself and of other devices, all get through.
-        clients = [DeviceClient(server.url, victim, victim_secret)]
-        clients += [DeviceClient(server.url, n, s) for n, s in others]
-        codes = []
-        for seq in range(1, 7):
-            for c in clients:
-                codes.append(c.upload([make_batch(seq, series_readings(2))]).status_code)
-        assert codes == [200] * 24
-        assert _status(op)["uploads"]["unverified_bodies"] == 50  # still held meanwhile
-
-        # The deadline cuts every slow body with 408 and frees its place.
-        assert [_answer_status(s) for s in slow] == [408] * 50
-        st = _status(op)["uploads"]
-        assert st["unverified_bodies"] == 0 and st["reading_bodies"] == 0
-        assert st["refused_unauthenticated"]["timeout"] == 50
-        assert st["refused_unauthenticated"]["bad_signature"] == 20
-        assert op.get("/v1/rejections", params={"device": victim}).json()["rejections"] == []
-        for c in clients:
-            c.close()
+def _wrong_login(url: str, user: str, source: str) -> int:
+    """One sign-in with a wrong password from loopback address ``source``.  No form page
+    is needed: the CSRF check is a double submit (any token as both cookie and field)."""
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(base_url=url, timeout=120, transport=transport) as c:
+        token = secrets.token_hex(16)
+        c.cookies.set("ep_csrf", token)
+        r = c.post(
+            "/login",
+            data={"username": user, "password": "wrong guess", "csrf": token},
+            headers={"Origin": url},
+        )
+        return r.status_code
 
 
-def test_concurrent_logins_check_at_most_the_limit_and_uploads_go_on(backend: Backend) -> None:
+@pytest.mark.parametrize("spread", [False, True], ids=["one_user", "many_users_and_addresses"])
+def test_concurrent_logins_check_at_most_the_limit_and_uploads_go_on(
+    backend: Backend, spread: bool
+) -> None:
+    """100 concurrent sign-ins: for one user from one address, the limiter lets through
+    its 5 attempts; for 100 users from 100 addresses it lets all through and the password
+    pool (1 thread, 8 waiting) takes 9 and refuses 91.  While every check is held on the
+    pool's thread, a genuine upload completes: argon2 cannot delay it."""
     dash = DashboardSettings(login_max_failures=5, login_window_s=300)
+    assert (dash.login_check_workers, dash.login_check_queue) == (1, 8)  # the defaults
     name, secret = new_device(backend)
     app = create_app(Settings(api_token=TOKEN), backend=backend, dashboard=dash)
+    held = _HeldVerifier()
+    app.state.password_checker.close()
+    app.state.password_checker = PasswordChecker(
+        dash.login_check_workers, dash.login_check_queue, verifier=held
+    )
+    admitted = 9 if spread else 5  # pool places, or the limiter's allowance
     with LiveServer(app) as server, _operator(server) as op:
-        before = _status(op)["logins"]["password_checks"]
-
-        def attempt(_: int) -> int:
-            with httpx.Client(base_url=server.url, timeout=120) as c:
-                page = c.get("/login")
-                csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-                r = c.post(
-                    "/login",
-                    data={"username": "alice", "password": "wrong guess", "csrf": csrf},
-                    headers={"Origin": server.url},
-                )
-                return r.status_code
-
         dev = DeviceClient(server.url, name, secret)
-        with concurrent.futures.ThreadPoolExecutor(50) as pool:
-            logins = [pool.submit(attempt, i) for i in range(100)]
-            wait_for(lambda: any(f.done() for f in logins), 120, "a login answered")
-            t0 = time.monotonic()
-            upload = dev.upload([make_batch(1, series_readings(3))])
-            latency = time.monotonic() - t0
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            try:
+                logins = [
+                    pool.submit(
+                        _wrong_login,
+                        server.url,
+                        f"user-{i}" if spread else "alice",
+                        f"127.0.1.{i + 1}" if spread else "127.0.0.1",
+                    )
+                    for i in range(100)
+                ]
+                # Every attempt beyond what is admitted is answered at once (429) ...
+                wait_for(lambda: sum(f.done() for f in logins) == 100 - admitted, 120, "refusals")
+                # ... while the admitted ones wait: one in the verifier, the rest queued.
+                st = _status(op)["logins"]
+                assert st["pending"] == admitted and held.entered == 1, st
+                upload = dev.upload([make_batch(1, series_readings(3))])
+                assert upload.status_code == 200, upload.text
+                assert held.entered == 1 and not any(
+                    logins[i].done() and logins[i].result() != 429 for i in range(100)
+                )
+            finally:
+                held.release.set()
             codes = [f.result() for f in logins]
-        print(f"genuine upload during 100 concurrent logins: {latency * 1000:.0f} ms")
-        assert upload.status_code == 200, upload.text
-        checks = _status(op)["logins"]["password_checks"] - before
-        assert checks <= 5
-        assert codes.count(401) == checks and codes.count(429) == 100 - checks
+        st = _status(op)["logins"]
+        assert st["password_checks"] == held.entered == admitted <= (9 if spread else 5)
+        assert codes.count(401) == admitted and codes.count(429) == 100 - admitted, codes
+        assert st["overflow"] == (91 if spread else 0) and st["pending"] == 0, st
+        assert backend.count_readings(name) == 3
         dev.close()
+
+
+def test_a_third_concurrent_upload_of_one_device_is_refused_and_others_go_on(
+    backend: Backend,
+) -> None:
+    settings = Settings(api_token=TOKEN)
+    assert settings.max_inflight_per_device == 2  # the default
+    name, secret = new_device(backend)
+    other, other_secret = new_device(backend)
+    with LiveServer(create_app(settings, backend=backend)) as server, _operator(server) as op:
+        dev = DeviceClient(server.url, name, secret)
+        # Two genuine uploads of the device, authenticated from their headers, bodies pending.
+        held = []
+        for seq in (1, 2):
+            body = encode(dev.body([make_batch(seq, series_readings(2))]), "zstd")
+            h = _signing.signed_headers_v2(
+                secret, name, PATH, body, timestamp=int(time.time()), encoding="zstd"
+            )
+            held.append((_raw_request(server.port, h | {"Content-Length": str(len(body))}), body))
+        wait_for(lambda: _status(op)["uploads"]["reading_bodies"] == 2, 60, "2 uploads held")
+        assert _status(op)["uploads"]["devices_in_flight"] == 1
+
+        third = dev.upload([make_batch(3, series_readings(2))])
+        assert third.status_code == 429, third.text
+        assert third.json()["error"] == "busy"
+        assert "already has 2 uploads in progress" in third.json()["detail"]
+        assert third.headers["Retry-After"] == str(settings.retry_after_s)
+        # Another device is not affected.
+        with DeviceClient(server.url, other, other_secret) as c:
+            assert c.upload([make_batch(1, series_readings(2))]).status_code == 200
+
+        for s, body in held:
+            s.sendall(body)
+        assert [_answer_status(s) for s, _ in held] == [200, 200]
+        # Its places are free again: the refused upload goes through when retried.
+        assert dev.upload([make_batch(3, series_readings(2))]).status_code == 200
+        assert backend.count_readings(name) == 6
+        assert _status(op)["uploads"]["refused_unauthenticated"]["busy"] == 1
+        dev.close()
+
+
+def test_a_burst_beyond_the_device_rate_is_refused_until_the_clock_moves_on(
+    backend: Backend,
+) -> None:
+    settings = Settings(api_token=TOKEN)
+    rate, burst = settings.device_uploads_per_s, settings.device_upload_burst
+    assert (rate, burst) == (20, 40)  # the defaults
+    clock = ManualClock()
+    name, secret = new_device(backend)
+    other, other_secret = new_device(backend)
+    app = create_app(settings, backend=backend, clock=clock)
+    with LiveServer(app) as server, DeviceClient(server.url, name, secret) as dev:
+        seq = iter(range(1, 1000))
+
+        def upload(c: DeviceClient = dev) -> httpx.Response:
+            return c.upload([make_batch(next(seq), series_readings(1))])
+
+        # The clock stands still: the burst passes, the next upload is refused.
+        assert [upload().status_code for _ in range(burst)] == [200] * burst
+        refused = upload()
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"] == "rate_limited"
+        assert refused.headers["Retry-After"] == "1"  # 1/20 s, rounded up to whole seconds
+        with DeviceClient(server.url, other, other_secret) as c:
+            assert upload(c).status_code == 200  # another device has its own bucket
+        # 1/20 s later: one more; then a second later: 20 more, and the 21st is refused.
+        clock.advance(1 / rate)
+        assert [upload().status_code for _ in range(2)] == [200, 429]
+        clock.advance(1.0)
+        codes = [upload().status_code for _ in range(int(rate) + 1)]
+        assert codes == [200] * int(rate) + [429]
+        assert backend.count_readings(name) == burst + 1 + int(rate)
 
 
 def test_unknown_device_and_bad_signature_get_identical_answers(backend: Backend) -> None:

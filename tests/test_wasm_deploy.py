@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -229,10 +230,42 @@ def test_filter_build_and_test_cli(tmp_path, capsys):
     cap = capsys.readouterr()
     assert [json.loads(x)["value"] for x in cap.out.splitlines()] == [1.5, 7]
     assert "4 in, 2 out" in cap.err and "ns/record" in cap.err
+    assert _SUMMARY.fullmatch(cap.err)
 
     sample.write_text('{"device": "d", "metric": "T", "ts": 1}\n')
     assert main(["filter", "test", str(tmp_path / "pos.wasm"), "-i", str(sample)]) == 2
     assert f"{sample}:1" in capsys.readouterr().err
+
+
+_SUMMARY = re.compile(
+    r"# (\d+) in, (\d+) out, 0 dead letters; (\d+) batches; load [\d.]+ ms; [\d.]+ us/batch, "
+    r"(\d+) ns/record; sha256 [0-9a-f]{16}\n"
+    r"# ns/record: guest (\d+), host calls (\d+) \((\d+) calls?\), host (\d+)\n$"
+)
+
+
+def test_filter_test_reports_guest_host_calls_and_host_time(tmp_path, capsys):
+    """The summary splits the cost: the module's own code, the host functions it called
+    (window derives 4 series per input series, once per instance), and the host."""
+    t0 = 1_699_999_800_000  # a window boundary
+    sample = tmp_path / "s.jsonl"
+    sample.write_text(
+        "\n".join(
+            json.dumps({"device": "d", "metric": m, "ts": t0 + i * 60_000, "value": i})
+            for i in range(300)
+            for m in ("T", "RH")
+        )
+    )
+    args = ["filter", "test", str(LIB / "window.wasm"), "-i", str(sample), "--kind", "aggregate"]
+    rc = main([*args, "--config", "window_s=600", "--batch", "100", "--repeat", "2", "-q"])
+    assert rc == 0
+    m = _SUMMARY.fullmatch(capsys.readouterr().err)
+    assert m, "summary not in the expected shape"
+    n_in, n_out, batches, total, guest, calls_ns, calls, host = map(int, m.groups())
+    assert (n_in, batches) == (600, 12)
+    assert n_out == 2 * (300 // 10) * 4  # 10-minute windows of 2 series, 4 stats each
+    assert calls == 2 * 2 * 4  # 2 instances (--repeat 2) x 2 series x 4 derived series
+    assert abs(guest + calls_ns + host - total) <= 2  # the parts add up (each rounded)
 
 
 def test_filter_build_zig(tmp_path, capsys):

@@ -103,7 +103,7 @@ def test_hostile_stage_is_contained_and_next_stage_works(tmp_path, reg, name):
         assert len(res.batch) == 0
         [dl] = res.dead_letters
         assert dl.stage == "hostile" and dl.topic == ""
-        assert dl.reason == f"stage hostile: trap: {code}"
+        assert dl.reason.startswith(f"stage hostile: trap: {code}: ")
         assert Batch.unpack(dl.payload).value == b.value  # nothing lost
         assert chain.stopped is None
         desc = {d["name"]: d for d in chain.describe()}
@@ -142,7 +142,7 @@ def test_trap_in_some_batches_only(tmp_path, reg):
     with build(tmp_path, [stage("flaky", mod, "filter_map")], reg) as chain:
         assert len(chain.process(sample(2)).batch) == 2
         res = chain.process(sample(3))
-        assert res.dead_letters[0].reason == "stage flaky: trap: unreachable"
+        assert res.dead_letters[0].reason.startswith("stage flaky: trap: unreachable: ")
         assert chain.process(sample(4)).batch.value == sample(4).value
 
 
@@ -159,7 +159,7 @@ def test_on_error_stop_quarantines_after_bounded_attempts(tmp_path, reg):
         res = chain.process(b)
         assert len(res.batch) == 0
         [dl] = res.dead_letters
-        assert dl.reason == "stage t: quarantined after 4 attempts: unreachable"
+        assert dl.reason.startswith("stage t: quarantined after 4 attempts: unreachable: ")
         assert Batch.unpack(dl.payload).value == b.value  # nothing lost
         assert chain.stopped is None
         d = chain.describe()[0]
@@ -189,7 +189,7 @@ def test_circuit_breaker_trips_and_recovers(tmp_path, reg):
         assert METRICS.value("edgepipe_stage_breaker_open", stage="neg") == 1
         # while open, even a good batch takes the on_error path without calling the guest
         res = chain.process(sample())
-        assert res.dead_letters[0].reason == "stage neg: trap: breaker_open"
+        assert res.dead_letters[0].reason.startswith("stage neg: trap: breaker_open: ")
         assert chain.describe()[0]["instances"] == 4
         clock.advance(29.9)
         assert chain.describe()[0]["breaker"] == "open"
@@ -210,7 +210,9 @@ def test_stateful_stage_restored_after_trap(tmp_path, reg):
     with build(tmp_path, [st], reg) as chain:
         outs = [chain.process(b).batch.value[0] for b in small[:3]]
         res = chain.process(big)
-        assert res.dead_letters and res.dead_letters[0].reason == "stage ema: trap: out_of_fuel"
+        assert res.dead_letters and res.dead_letters[0].reason.startswith(
+            "stage ema: trap: out_of_fuel: "
+        )
         outs += [chain.process(b).batch.value[0] for b in small[3:]]
     ema, want = None, []
     for b in small:
@@ -322,7 +324,7 @@ def test_map_must_keep_records(tmp_path, reg):
     mod = write_wat(tmp_path, "short", wat_module(body))
     with build(tmp_path, [stage("short", mod, "map")], reg) as chain:
         res = chain.process(sample())
-        assert res.dead_letters[0].reason == "stage short: trap: kind_violation"
+        assert res.dead_letters[0].reason.startswith("stage short: trap: kind_violation: ")
 
 
 def test_epoch_ticker_parks_when_idle(tmp_path, reg):
@@ -340,7 +342,9 @@ def test_epoch_ticker_parks_when_idle(tmp_path, reg):
     mod = write_wat(tmp_path, "spin", wat_module("(loop $l (br $l)) (unreachable)"))
     with build(tmp_path, [stage("spin", mod, "filter", fuel=None, timeout_ms=10)], reg) as chain:
         before = TICKER.ticks
-        assert chain.process(sample()).dead_letters[0].reason == "stage spin: trap: timeout"
+        assert (
+            chain.process(sample()).dead_letters[0].reason.startswith("stage spin: trap: timeout: ")
+        )
         assert TICKER.ticks > before
 
 
@@ -388,12 +392,16 @@ def test_host_imports(tmp_path, reg, caplog):
     mod = write_wat(tmp_path, "bad", wat_module(body, extra=extra, imports=HOST_IMPORTS))
     with build(tmp_path, [stage("bad", mod, "filter_map")], reg) as chain:
         res = chain.process(sample())
-        assert res.dead_letters[0].reason == "stage bad: trap: unknown_series"
+        assert res.dead_letters[0].reason.startswith("stage bad: trap: unknown_series: ")
         # a name buffer outside guest memory traps too
     body = f"(drop (call $name (i32.const 0) (i32.const 0) (i32.const 0x7ffffff0) (i32.const 16))) {IDENTITY}"
     mod = write_wat(tmp_path, "oob", wat_module(body, imports=HOST_IMPORTS))
     with build(tmp_path, [stage("oob", mod, "filter_map")], reg) as chain:
-        assert chain.process(sample()).dead_letters[0].reason == "stage oob: trap: out_of_bounds"
+        assert (
+            chain.process(sample())
+            .dead_letters[0]
+            .reason.startswith("stage oob: trap: out_of_bounds: ")
+        )
 
 
 @pytest.mark.parametrize(

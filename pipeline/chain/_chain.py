@@ -45,15 +45,20 @@ from core._model import RECORD, Batch, DeadLetter, SeriesRegistry
 
 from . import _chain_metrics as metric
 from ._aot import ModuleCache
+from ._check import OutputCheck
 from ._engine import engine, engine_settings
 from ._module import LoadedModule, load_module
 from ._records import unpack
 from ._slot import Slot
-from ._stage import WasmStage
+from ._stage import CallTimes, WasmStage
 
 __all__ = ["Chain", "ChainResult"]
 
 log = logging.getLogger("edgepipe.chain")
+
+
+#: A stage dead letter's reason is cut to this many characters.
+MAX_REASON_CHARS = 1000
 
 
 class ChainResult(NamedTuple):
@@ -65,9 +70,14 @@ class Chain:
     """An ordered list of Wasm stages (see the module docstring)."""
 
     def __init__(
-        self, slots: list[Slot], registry: SeriesRegistry, clock: Clock = SYSTEM_CLOCK
+        self,
+        slots: list[Slot],
+        registry: SeriesRegistry,
+        clock: Clock = SYSTEM_CLOCK,
+        check: OutputCheck | None = None,
     ) -> None:
         self._slots = slots
+        self._check = OutputCheck() if check is None else check
         self._clock = clock
         self.registry = registry
         self.stopped: str | None = None
@@ -92,6 +102,7 @@ class Chain:
         ``clock`` times the circuit breakers' cooldowns.
         """
         cache = ModuleCache(cache_dir, engine(), engine_settings())
+        check = OutputCheck(cache)  # one check kernel for every stage and split
         slots: list[Slot] = []
         seen: set[str] = set()
         try:
@@ -100,13 +111,17 @@ class Chain:
                     raise FilterLoadError("stage name is used twice", stage=cfg.name, code="name")
                 seen.add(cfg.name)
                 mod = (loaded or {}).get(cfg.name)
-                stage = WasmStage(cfg, registry, base_dir=base_dir, cache=cache, loaded=mod)
+                stage = WasmStage(
+                    cfg, registry, base_dir=base_dir, cache=cache, loaded=mod, checker=check
+                )
                 slots.append(Slot(cfg, stage, clock))
+            if slots:
+                check.ready()  # the first batch does not wait for the kernel
         except BaseException:
             for slot in slots:
                 slot.stage.close()
             raise
-        return cls(slots, registry, clock)
+        return cls(slots, registry, clock, check)
 
     # -- running -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -138,13 +153,11 @@ class Chain:
         """One stage, honouring its ``match:``; None when the chain stopped."""
         if slot.match_all:
             return self._run(slot, data, dead)
-        sub, rest = slot.split(unpack(data), self.registry)
-        if not len(sub):
+        sub, rest = self._check.split(data, slot.selection(self.registry))
+        if not sub:
             return data
-        if rest is None:
-            return self._run(slot, data, dead)
-        out = self._run(slot, sub.pack(), dead)
-        return None if out is None else out + rest.pack()
+        out = self._run(slot, sub, dead)
+        return out + rest if out is not None and rest else out
 
     def _run(self, slot: Slot, data: bytes, dead: list[DeadLetter]) -> bytes | None:
         name = slot.name
@@ -281,7 +294,9 @@ class Chain:
             DeadLetter(
                 ts=int(self._clock.time() * 1000),
                 topic="",
-                reason=reason,
+                # the code first (what dashboards group by), then the cause and the guest's
+                # backtrace when it trapped
+                reason=f"{reason}: {err.message}"[:MAX_REASON_CHARS],
                 payload=data,
                 stage=name,
             )
@@ -413,6 +428,15 @@ class Chain:
         new._publish_gauges()  # after close() zeroed the gauges of this chain's stages
         return result
 
+    def time_calls(self) -> dict[str, CallTimes]:
+        """Measure, from now on, where each stage's time goes (its Wasm calls, the host
+        functions they call): stage name -> its running totals.  Costs a few clock reads
+        per batch, so only tools ask for it."""
+        for slot in self._slots:
+            if slot.stage.timing is None:
+                slot.stage.timing = CallTimes()
+        return {slot.name: slot.stage.timing for slot in self._slots}  # type: ignore[misc]
+
     # -- status ----------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
         now = self._clock.monotonic()
@@ -447,6 +471,7 @@ class Chain:
         if self._closed:
             return
         self._closed = True
+        self._check.close()
         for slot in self._slots:
             slot.stage.close()
             # a closed chain's stages are neither tripped nor failing (a deploy replaced

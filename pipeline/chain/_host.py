@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import wasmtime
 
@@ -90,9 +91,27 @@ def make_linker(stage: WasmStage) -> wasmtime.Linker:
         lvl = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING}.get(level, logging.ERROR)
         log.log(lvl, "stage %s: %s", stage.name, text)
 
-    linker.define_func("edgepipe", "series_name", wasmtime.FuncType([i32] * 4, [i32]), series_name)
+    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, its calls counted and timed while the stage is measured."""
+
+        def call(*args: int) -> Any:
+            tm = stage.timing
+            if tm is None:
+                return fn(*args)
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                tm.host_call_s += time.perf_counter() - t
+                tm.host_calls += 1
+
+        return call
+
     linker.define_func(
-        "edgepipe", "series_derive", wasmtime.FuncType([i32] * 3, [i32]), series_derive
+        "edgepipe", "series_name", wasmtime.FuncType([i32] * 4, [i32]), timed(series_name)
     )
-    linker.define_func("edgepipe", "log", wasmtime.FuncType([i32] * 3, []), guest_log)
+    linker.define_func(
+        "edgepipe", "series_derive", wasmtime.FuncType([i32] * 3, [i32]), timed(series_derive)
+    )
+    linker.define_func("edgepipe", "log", wasmtime.FuncType([i32] * 3, []), timed(guest_log))
     return linker

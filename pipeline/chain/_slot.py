@@ -1,5 +1,6 @@
 """A stage in the chain and what the chain keeps about it: its circuit breaker (on an
-injected clock), its ``match:`` selection, its last good state and failure counts."""
+injected clock), its ``match:`` selection (a table by series id, applied to a batch by
+the check kernel, :meth:`._check.OutputCheck.split`), its last good state and failure counts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import fnmatch
 
 from config._models import StageConfig
 from core._clock import Clock
-from core._model import Batch, SeriesRegistry
+from core._model import SeriesRegistry
 
 from ._stage import WasmStage
 
@@ -60,36 +61,31 @@ class Slot:
         self.devices = m.devices
         self.metrics = m.metrics
         self.match_all = m.devices is None and m.metrics is None
-        self._matches: dict[int, bool] = {}
+        self._table = b""  # see selection()
         self.last_error: str | None = None
         self.last_code: str | None = None  # the code of the last failure, while failing
         self.batches = self.failures = 0
         self.quarantined = self.state_dropped = self.recycles = 0
         self.attempts = cfg.limits.stop_attempts if cfg.on_error == "stop" else 1
 
-    def matches(self, sid: int, registry: SeriesRegistry) -> bool:
-        hit = self._matches.get(sid)
-        if hit is None:
-            key = registry.key(sid)
-            hit = (
-                self.devices is None
-                or any(fnmatch.fnmatchcase(key.device, p) for p in self.devices)
-            ) and (
-                self.metrics is None
-                or any(fnmatch.fnmatchcase(key.metric, p) for p in self.metrics)
-            )
-            self._matches[sid] = hit
-        return hit
-
-    def split(self, batch: Batch, registry: SeriesRegistry) -> tuple[Batch, Batch | None]:
-        if self.match_all:
-            return batch, None
-        hits = [self.matches(s, registry) for s in batch.series]
-        if all(hits):
-            return batch, None
-        if not any(hits):
-            return Batch(), batch
-        return (
-            batch.take(i for i, h in enumerate(hits) if h),
-            batch.take(i for i, h in enumerate(hits) if not h),
-        )
+    def selection(self, registry: SeriesRegistry) -> bytes:
+        """The stage's ``match:`` as a table indexed by series id (1: the stage sees that
+        series' records), covering every series ``registry`` knows: each series is
+        matched against the patterns once, when it first appears."""
+        table = self._table
+        if len(table) < len(registry):
+            grown = bytearray(table)
+            for sid in range(len(table), len(registry)):
+                key = registry.key(sid)
+                grown.append(
+                    (
+                        self.devices is None
+                        or any(fnmatch.fnmatchcase(key.device, p) for p in self.devices)
+                    )
+                    and (
+                        self.metrics is None
+                        or any(fnmatch.fnmatchcase(key.metric, p) for p in self.metrics)
+                    )
+                )
+            table = self._table = bytes(grown)
+        return table

@@ -40,7 +40,7 @@ from core._model import Batch, SeriesRegistry
 
 from ._abi import ABI_VERSION, flatten_config
 from ._aot import ModuleCache
-from ._check import OutputCheck
+from ._check import KEYS_CHANGED, UNKNOWN_SERIES, OutputCheck
 from ._declared import ConfigProblem
 from ._engine import TICK_S, TICKER, engine
 from ._ffi import Budget, GuestCall, GuestMemory, HostTrap
@@ -48,7 +48,7 @@ from ._host import MAX_DERIVED_SERIES, make_linker
 from ._module import LoadedModule, load_module
 from ._records import REC, unpack
 
-__all__ = ["MAX_DERIVED_SERIES", "RECYCLE_SLACK", "StageConfigError", "WasmStage"]
+__all__ = ["MAX_DERIVED_SERIES", "RECYCLE_SLACK", "CallTimes", "StageConfigError", "WasmStage"]
 
 log = logging.getLogger("edgepipe.filter")
 
@@ -63,6 +63,19 @@ _warned: set[str] = set()  # sha256 of the modules warned about
 #: beyond it (and beyond 8 record sizes per record of the batch) the instance is recycled
 _TS_VALUE = struct.Struct("<qd")  # the timestamp and value of a packed record
 RECYCLE_SLACK = 4 * 1024 * 1024
+
+
+class CallTimes:
+    """Where a stage's time goes, when it is measured (``edgepipe filter test``):
+    ``guest_s`` inside its Wasm calls (host functions included), ``host_call_s`` and
+    ``host_calls`` in the host functions it called (``series_name``, ``series_derive``,
+    ``log``)."""
+
+    __slots__ = ("guest_s", "host_call_s", "host_calls")
+
+    def __init__(self) -> None:
+        self.guest_s = self.host_call_s = 0.0
+        self.host_calls = 0
 
 
 class StageConfigError(FilterLoadError):
@@ -84,6 +97,28 @@ def _trap_text(message: str, fallback: str) -> str:
         return text.removeprefix("wasm trap: ") or fallback
     first = head.strip().splitlines()[0] if head.strip() else fallback
     return first
+
+
+#: Frames of a trap's backtrace kept (innermost first); deeper ones are counted.
+MAX_FRAMES = 8
+
+
+def _backtrace(trap: wasmtime.Trap) -> tuple[str, ...]:
+    """The guest frames of ``trap``, innermost first: ``name@0xOFFSET`` (the function's
+    name from the module's name section, else ``<wasm function N>``; the offset of the
+    trapping instruction or call in the module), at most :data:`MAX_FRAMES` of them."""
+    try:
+        frames = trap.frames
+    except Exception:  # a trap without a backtrace (or one wasmtime cannot give)
+        return ()
+    out = []
+    for f in frames[:MAX_FRAMES]:
+        name = f.func_name or f"<wasm function {f.func_index}>"
+        offset = f.module_offset
+        out.append(f"{name[:64]}@" + (f"0x{offset:x}" if offset < 1 << 32 else "?"))
+    if len(frames) > MAX_FRAMES:
+        out.append(f"... {len(frames) - MAX_FRAMES} more frames")
+    return tuple(out)
 
 
 _TRAP_NAMES = {
@@ -108,6 +143,7 @@ class WasmStage:
         base_dir: Path,
         cache: ModuleCache | None = None,
         loaded: LoadedModule | None = None,
+        checker: OutputCheck | None = None,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -130,12 +166,17 @@ class WasmStage:
         self._log_at = time.monotonic()
         self._last_log: str | None = None  # the guest's last message (shown if init refuses)
         self._store: wasmtime.Store | None = None
-        self._checker: OutputCheck | None = None
+        # the output check kernel: the chain's shared one, else the stage's own (made on
+        # first use, so a stage that is only validated never instantiates it)
+        self._own_check = checker is None
+        self._check = OutputCheck(cache) if checker is None else checker
         self.derived = 0  # series this stage created with series_derive
         self.steady_bytes = 0  # linear memory right after instantiation (and restore)
         self.broken: str | None = None  # why the stage has no instance, if it has none
         self._linker = self._make_linker()
         self.instances = 0
+        #: where its calls' time goes, when asked for (:meth:`Chain.time_calls`)
+        self.timing: CallTimes | None = None
         try:
             self._instantiate()
         except FilterRuntimeError as e:
@@ -255,6 +296,8 @@ class WasmStage:
     def close(self) -> None:
         self._drop_store()
         self._f_process = self._f_input = None  # type: ignore[assignment]
+        if self._own_check:
+            self._check.close()
 
     # -- calls -------------------------------------------------------------------------
     def _error(self, e: BaseException, what: str) -> FilterRuntimeError:
@@ -263,7 +306,14 @@ class WasmStage:
         if isinstance(e, wasmtime.Trap):
             code = _TRAP_NAMES.get(e.trap_code, "trap") if e.trap_code is not None else "trap"
             cause = _trap_text(e.message, code)
-            return FilterRuntimeError(f"{what}: trap ({code}): {cause}", stage=self.name, code=code)
+            frames = _backtrace(e)
+            where = f"; wasm backtrace: {' < '.join(frames)}" if frames else ""
+            return FilterRuntimeError(
+                f"{what}: trap ({code}): {cause}{where}",
+                stage=self.name,
+                code=code,
+                backtrace=frames,
+            )
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         low = str(e).lower()
         code = "out_of_fuel" if "fuel" in low else "limit" if "limit" in low else "error"
@@ -276,7 +326,13 @@ class WasmStage:
             self._arm()
         TICKER.enter()
         try:
-            return fn(*args)
+            if self.timing is None:
+                return fn(*args)
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.timing.guest_s += time.perf_counter() - t
         except (wasmtime.Trap, wasmtime.WasmtimeError, HostTrap) as e:
             raise self._error(e, what) from None
         finally:
@@ -325,22 +381,6 @@ class WasmStage:
                 code="output_pointer",
             ) from None
 
-    @property
-    def _check(self) -> OutputCheck:
-        if self._checker is None:
-            self._checker = OutputCheck()
-        return self._checker
-
-    def _check_series(self, raw: bytes) -> None:
-        if raw:
-            top = self._check.max_series(raw)
-            if top >= len(self.registry):
-                raise FilterRuntimeError(
-                    f"output refers to unknown series id {top}",
-                    stage=self.name,
-                    code="unknown_series",
-                )
-
     def process_raw(self, data: bytes, n: int) -> bytes:
         """Run ``n`` packed records through the guest; the packed output records.
 
@@ -354,8 +394,13 @@ class WasmStage:
         self._arm()
         what = "ep_input"
         TICKER.enter()
+        tm = self.timing
         try:
+            if tm is not None:
+                t0 = time.perf_counter()
             ptr = self._f_input(n) & 0xFFFFFFFF
+            if tm is not None:
+                tm.guest_s += time.perf_counter() - t0
             if ptr == 0 or not self._mem.place(ptr, data):
                 size = self._mem.span()[1]
                 raise FilterRuntimeError(
@@ -364,40 +409,60 @@ class WasmStage:
                     code="alloc",
                 )
             what = "ep_process"
-            r = self._f_process(n)
+            if tm is None:
+                r = self._f_process(n)
+            else:
+                t0 = time.perf_counter()
+                try:
+                    r = self._f_process(n)
+                finally:
+                    tm.guest_s += time.perf_counter() - t0
         except (wasmtime.Trap, wasmtime.WasmtimeError, HostTrap) as e:
             raise self._error(e, what) from None
         finally:
             TICKER.exit()
         raw = self._output(r, "ep_process", n)
         kind = self.kind
-        if kind == "map":
-            if not self._check.same_keys(raw, data):
-                raise FilterRuntimeError(
-                    "a map stage must return the same records (count, series, ts) in order",
-                    stage=self.name,
-                    code="kind_violation",
-                )
-        elif kind == "filter":
-            if not self._check.is_subsequence(raw, data):
+        check = self._check
+        if kind == "filter":
+            if not check.is_subsequence(raw, data):
                 raise FilterRuntimeError(
                     "a filter stage may only drop records, not change or reorder them",
                     stage=self.name,
                     code="kind_violation",
                 )
-        else:
-            self._check_series(raw)
-        if kind != "filter":
-            bad = self._check.bad_record(raw, data)
-            if bad >= 0:
-                ts, value = _TS_VALUE.unpack_from(raw, bad * REC)
+            return raw
+        if kind == "map":
+            bad = check.map_output(raw, data)
+            if bad == KEYS_CHANGED:
                 raise FilterRuntimeError(
-                    f"output record {bad} is out of range (ts {ts}, value {value!r}): "
-                    "values must be finite, within +-1e250, and timestamps in 2000..2100",
+                    "a map stage must return the same records (count, series, ts) in order",
                     stage=self.name,
-                    code="bad_value",
+                    code="kind_violation",
                 )
+        else:
+            bad = check.new_output(raw, data, len(self.registry))
+            if bad == UNKNOWN_SERIES:
+                self._unknown_series(raw)
+        if bad >= 0:
+            self._bad_value(raw, bad)
         return raw
+
+    def _unknown_series(self, raw: bytes) -> None:
+        raise FilterRuntimeError(
+            f"output refers to unknown series id {self._check.max_series(raw)}",
+            stage=self.name,
+            code="unknown_series",
+        )
+
+    def _bad_value(self, raw: bytes, bad: int) -> None:
+        ts, value = _TS_VALUE.unpack_from(raw, bad * REC)
+        raise FilterRuntimeError(
+            f"output record {bad} is out of range (ts {ts}, value {value!r}): "
+            "values must be finite, within +-1e250, and timestamps in 2000..2100",
+            stage=self.name,
+            code="bad_value",
+        )
 
     def process(self, batch: Batch) -> Batch:
         """:meth:`process_raw` for a :class:`Batch`."""
@@ -408,7 +473,8 @@ class WasmStage:
             return b""
         r = self._call(self._f_flush, "ep_flush")
         raw = self._output(r, "ep_flush", self._max_output)
-        self._check_series(raw)
+        if raw and self._check.max_series(raw) >= len(self.registry):
+            self._unknown_series(raw)
         return raw
 
     def flush(self) -> Batch:

@@ -340,6 +340,29 @@ def _parse_config(items: list[str]) -> dict:
     return cfg
 
 
+def _summary(
+    n: int, n_out: int, n_dead: int, times: list, calls: list, load_ms: float, desc: dict
+) -> str:
+    """The cost summary of ``filter test``: the whole, then where it goes -- guest (the
+    module's own Wasm code), host calls (the edgepipe functions it imported) and host
+    (records into and out of the sandbox, the output checks, the chain around them)."""
+    total = sum(t for t, _ in times)
+    n_in = sum(k for _, k in times)
+    batches = sum(1 for _, k in times if k)
+    window = sum(c.guest_s for c in calls)  # inside the Wasm calls, host calls included
+    host_calls = sum(c.host_call_s for c in calls)
+    per = 1e9 / max(1, n_in)
+    k = sum(c.host_calls for c in calls)
+    return (
+        f"# {n} in, {n_out} out, {n_dead} dead letters; {batches} batches; load "
+        f"{load_ms:.2f} ms; {total / max(1, batches) * 1e6:.1f} us/batch, "
+        f"{total * per:.0f} ns/record; sha256 {desc['sha256'][:16]}\n"
+        f"# ns/record: guest {(window - host_calls) * per:.0f}, host calls "
+        f"{host_calls * per:.0f} ({k} call{'' if k == 1 else 's'}), host "
+        f"{max(0.0, total - window) * per:.0f}"
+    )
+
+
 def _test(args: argparse.Namespace) -> int:
     import json
     import time
@@ -373,12 +396,13 @@ def _test(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     chain = Chain.build([stage], reg, base_dir=Path.cwd(), cache_dir=None)
     load_ms = (time.perf_counter() - t0) * 1000
-    out, dead, times = Batch(), [], []
+    out, dead, times, calls = Batch(), [], [], []
     with chain:
         for rep in range(max(1, args.repeat)):
             if rep:
                 chain.close()
                 chain = Chain.build([stage], reg, base_dir=Path.cwd(), cache_dir=None)
+            calls.append(chain.time_calls()["test"])
             out, dead = Batch(), []
             for i in range(0, len(batch), size):
                 part = batch.take(range(i, min(i + size, len(batch))))
@@ -387,7 +411,9 @@ def _test(args: argparse.Namespace) -> int:
                 times.append((time.perf_counter() - t, len(part)))
                 out.extend(res.batch)
                 dead += res.dead_letters
+            t = time.perf_counter()
             flushed = chain.flush()
+            times.append((time.perf_counter() - t, 0))
             out.extend(flushed.batch)
             dead += flushed.dead_letters
         desc = chain.describe()[0]
@@ -401,13 +427,5 @@ def _test(args: argparse.Namespace) -> int:
             )
     for d in dead:
         print(f"dead letter: {d.reason} ({len(d.payload) // 24} readings)", file=sys.stderr)
-    total = sum(t for t, _ in times)
-    n_in = sum(n for _, n in times)
-    print(
-        f"# {len(batch)} in, {len(out)} out, {len(dead)} dead letters; "
-        f"{len(times)} batches; load {load_ms:.2f} ms; "
-        f"{total / max(1, len(times)) * 1e6:.1f} us/batch, "
-        f"{total / max(1, n_in) * 1e9:.0f} ns/record; sha256 {desc['sha256'][:16]}",
-        file=sys.stderr,
-    )
+    print(_summary(len(batch), len(out), len(dead), times, calls, load_ms, desc), file=sys.stderr)
     return 1 if dead else 0

@@ -85,6 +85,12 @@ class DeviceClient:
     def close(self) -> None:
         self.http.close()
 
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def body(
         self,
         batches: Sequence[bytes],
@@ -92,7 +98,11 @@ class DeviceClient:
         status: dict[str, Any] | None = None,
         dead_letters: list[dict[str, Any]] | None = None,
         device: str | None = None,
+        health: bytes | None = None,
+        logs: list[dict[str, Any]] | None = None,
     ) -> bytes:
+        """The upload's msgpack bytes; ``health`` a block of snapshots (as
+        ``sync._health.encode_health`` makes it), ``logs`` log records (docs/health.md)."""
         top: dict[str, Any] = {
             "v": 1,
             "device": device or self.name,
@@ -108,6 +118,10 @@ class DeviceClient:
         }
         if dead_letters is not None:
             top["dead_letters"] = dead_letters
+        if health is not None:  # a health block (docs/sync-protocol.md)
+            top["health"] = health
+        if logs is not None:
+            top["logs"] = logs
         return msgpack.packb(top, use_bin_type=True)
 
     def post_raw(
@@ -245,3 +259,49 @@ def last_rejection(operator: httpx.Client, device: str | None = None) -> dict:
     params = {"limit": 1} | ({"device": device} if device else {})
     rows = operator.get("/v1/rejections", params=params).json()["rejections"]
     return rows[0]
+
+
+# -- device health (docs/health.md) -----------------------------------------------------
+def health_snapshots(
+    now: int, *, fill: float, restart_at: int = 20
+) -> list[tuple[int, dict[str, Any]]]:
+    """30 snapshots a minute apart ending now: CPU 1.5 % of a core, a trap every minute,
+    the store filling to ``fill`` of its quota, and a restart (counters from zero) at
+    snapshot ``restart_at``, with a new chain."""
+    out = []
+    quota = 100 << 20
+    for i in range(30):
+        k = i if i < restart_at else i - restart_at  # minutes since the process started
+        snap = {
+            "ts": now - (29 - i) * 60_000,
+            "cpu_ms": 900 * k,
+            "rss_kb": 30_000 + 10 * i,
+            "store_used_b": int(quota * fill * (i + 1) / 30),
+            "store_quota_b": quota,
+            "link_bytes:wifi": 2000 * (i + 1),
+            "traps:scale:unreachable": k,
+            "drops:validity:out_of_range": 2 * k,
+            "dead_letters:scale:unreachable": k,
+            "sessions_lost": 0,
+            "clock_skew_ms": 400,
+            "chain": "aaaa1111" if i < restart_at else "bbbb2222",
+        }
+        out.append((i + 1, snap))
+    return out
+
+
+def upload_as(rx: Any, name: str, **kw: Any) -> None:
+    """Register ``name`` on a receiver (:class:`cloud._local.LocalReceiver`) and upload
+    ``kw`` (``health``, ``logs``, ``status`` ...) as it, with no readings."""
+    secret = bytes.fromhex(rx.add_device(name))
+    dev = DeviceClient(rx.url, name, secret)
+    try:
+        r = dev.upload([], **kw)
+        assert r.status_code == 200, r.text
+    finally:
+        dev.close()
+
+
+def log_record(seq: int, ts: int, level: str, msg: str, n: int = 1) -> dict[str, Any]:
+    return {"seq": seq, "ts": ts, "last": ts, "level": level, "logger": "edgepipe.chain",
+            "msg": msg, "n": n}  # fmt: skip

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,28 @@ def huge_module(path: Path, body_bytes: int = 1 << 20) -> Path:
     )
     path.write_bytes(wasm)
     return path
+
+
+# -- a trap two calls deep, and what its messages must say -------------------------------------
+#: ``$inner`` traps; ``$middle`` calls it; the entry point calls ``$middle``: two calls deep.
+TWO_DEEP = "(func $inner (result i32) (unreachable)) (func $middle (result i32) (call $inner))"
+#: inner < middle < the (unnamed) entry point: function names and module offsets
+BACKTRACE = (
+    r"wasm backtrace: inner@0x[0-9a-f]+ < middle@0x[0-9a-f]+ < <wasm function \d+>@0x[0-9a-f]+"
+)
+#: entry point -> a body that traps two calls deep
+DEEP_ENTRY = {
+    "init": "(call $middle)",
+    "process": "(drop (call $middle)) " + IDENTITY,
+    "snapshot": "(i64.extend_i32_u (call $middle))",
+    "restore": "(call $middle)",
+    "flush": "(i64.extend_i32_u (call $middle))",
+}
+
+
+def assert_trap_text(text: str, entry: str) -> None:
+    """``text`` says that ``ep_ENTRY`` trapped, why (the trap code's message) and where."""
+    assert re.search(
+        rf"ep_{entry}: trap \(unreachable\): wasm `unreachable` instruction executed; {BACKTRACE}",
+        text,
+    ), text

@@ -175,6 +175,20 @@ def sync_cfg(url: str, secret: str, **kw: Any) -> SyncConfig:
     return SyncConfig.model_validate(d)
 
 
+def edge_sync(url: str, secret: str, **kw: Any) -> dict[str, Any]:
+    """The ``sync`` section of a pipeline.yaml (``tests.helpers.edge.make_config``) for an
+    edge that uploads to ``url`` at once and retries fast."""
+    return {
+        "enabled": True,
+        "url": url,
+        "device_secret": secret,
+        "interval_s": 0.2,
+        "backoff_min_s": 0.2,
+        "backoff_max_s": 1.0,
+        **kw,
+    }
+
+
 def write_pipeline(tmp: Path, url: str, secret: str, device: str = "edge-1", **sync: Any) -> Path:
     (tmp / "device.secret").write_text(secret + "\n")
     (tmp / "device.secret").chmod(0o600)
