@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute, Route
 
 from core._clock import SYSTEM_CLOCK, Clock
 
+from . import _bundle_api as bundle
 from . import _health_api as health
 from . import _read_api as read
 from ._admission import DeviceRate, UploadGate
@@ -51,11 +52,15 @@ def api_routes() -> list[BaseRoute]:
     return [
         Route("/v1/ping", read.ping, methods=["GET"]),
         Route("/v1/batches", post_batches, methods=["POST"]),
+        Route("/v1/bundle", bundle.check_in, methods=["POST"]),
+        Route("/v1/modules/{sha256}", bundle.get_module, methods=["GET"]),
         Route("/v1/devices", read.list_devices, methods=["GET"]),
         Route("/v1/devices/{name}", read.get_device, methods=["GET"]),
         Route("/v1/devices/{name}/metrics", read.device_metrics, methods=["GET"]),
         Route("/v1/devices/{name}/health", health.device_health, methods=["GET"]),
         Route("/v1/devices/{name}/logs", health.device_logs, methods=["GET"]),
+        Route("/v1/devices/{name}/bundle", bundle.device_bundle, methods=["GET"]),
+        Route("/v1/bundles", bundle.list_bundles, methods=["GET"]),
         Route("/v1/logs", health.fleet_logs, methods=["GET"]),
         Route("/v1/readings", read.readings, methods=["GET"]),
         Route("/v1/rejections", read.rejections, methods=["GET"]),

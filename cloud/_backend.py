@@ -10,6 +10,8 @@ Protocol in its own module:
 * :class:`~cloud._operators.Operators` -- dashboard operators and their sessions;
 * :class:`~cloud._health.Health` -- device health snapshots and warning logs;
 * :class:`~cloud._alert_store.AlertState` -- each alert's state (firing, resolved, delivered).
+* :class:`~cloud._bundles.Bundles` -- signed chain bundles, their modules, and the desired
+  and reported bundle state of every device.
 
 :class:`SQLBackend` implements every role once, in portable SQL, on top of the dialect
 hooks of :class:`~cloud._sql.SQLBase` that the two concrete backends fill in
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from ._alert_store import AlertState, AlertStateSQL
+from ._bundles import Bundles, BundlesSQL
 from ._devices import Devices, DevicesSQL
 from ._health import Health, HealthSQL
 from ._ingest import Ingest, IngestResult, IngestSQL
@@ -32,6 +35,7 @@ from ._sql import ROLLUP_MS
 
 __all__ = [
     "ROLLUP_MS",
+    "Bundles",
     "SCHEMA_VERSION",
     "Backend",
     "Devices",
@@ -45,7 +49,7 @@ __all__ = [
 
 
 @runtime_checkable
-class Backend(Devices, Ingest, Queries, Operators, Health, AlertState, Protocol):
+class Backend(Devices, Ingest, Queries, Operators, Health, AlertState, Bundles, Protocol):
     """What the receiver needs from storage: every role, plus its lifetime.  Device secrets
     are stored sealed with ``master_key``; without one the backend serves everything except
     device secrets."""
@@ -62,7 +66,14 @@ class Backend(Devices, Ingest, Queries, Operators, Health, AlertState, Protocol)
 
 
 class SQLBackend(
-    SchemaSQL, DevicesSQL, HealthSQL, IngestSQL, QueriesSQL, OperatorsSQL, AlertStateSQL
+    SchemaSQL,
+    DevicesSQL,
+    HealthSQL,
+    IngestSQL,
+    QueriesSQL,
+    OperatorsSQL,
+    AlertStateSQL,
+    BundlesSQL,
 ):
     """Every role, in SQL both dialects accept; subclasses supply the dialect hooks."""
 

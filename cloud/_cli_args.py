@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._bundle_cli import add_desire_parser, add_parsers
 from ._settings import ENV_PREFIX, Settings
 from ._url import redacted_url
 
@@ -204,6 +205,7 @@ def parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         "list devices and their sync status (JSON lines)",
         exits(db_cmd, _NO_DB),
     )
+    add_desire_parser(dsub, command, exits, db_cmd, _NO_DB)
     rm = command(
         dsub,
         "remove",
@@ -235,6 +237,8 @@ def parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         exits(f"no operator of that name; {db_cmd}", _NO_DB),
     )
     urm.add_argument("name")
+
+    add_parsers(sub, command, exits, db_cmd, _NO_DB)
 
     mkey = command(
         sub,

@@ -12,12 +12,14 @@ __all__ = ["SCHEMA_VERSION", "SchemaSQL"]
 #: 1: device secrets in plaintext hex.  2: sealed with the master key (``secret_key_id``).
 #: 3: device health snapshots and warning logs (``device_health``, ``device_logs``).
 #: 4: alert state (``alerts``).
-SCHEMA_VERSION = 4
+#: 5: signed chain bundles, their modules, desired and reported state per device
+#: (``bundles``, ``bundle_files``, ``bundle_modules``, ``device_bundle``, ``bundle_events``).
+SCHEMA_VERSION = 5
 
 
 class SchemaSQL(SQLBase):
     def _ddl(self) -> list[str]:
-        pk, dbl = self.AUTO_PK, self.DOUBLE
+        pk, dbl, blob = self.AUTO_PK, self.DOUBLE, self.BYTES
         return [
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
             f"""CREATE TABLE IF NOT EXISTS devices (
@@ -147,6 +149,51 @@ class SchemaSQL(SQLBase):
                 resolved_ms BIGINT,
                 notified TEXT)""",
             "CREATE INDEX IF NOT EXISTS alerts_updated ON alerts (updated_ms)",
+            f"""CREATE TABLE IF NOT EXISTS bundle_modules (
+                sha256 TEXT PRIMARY KEY,
+                size BIGINT NOT NULL,
+                data {blob} NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS bundles (
+                version BIGINT PRIMARY KEY,
+                fleet TEXT NOT NULL,
+                priority TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                not_before BIGINT NOT NULL,
+                not_after BIGINT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                filters_sha256 TEXT NOT NULL,
+                total_bytes BIGINT NOT NULL,
+                manifest TEXT NOT NULL,
+                signature TEXT NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS bundle_files (
+                version BIGINT NOT NULL REFERENCES bundles(version) ON DELETE CASCADE,
+                path TEXT NOT NULL,
+                sha256 TEXT NOT NULL REFERENCES bundle_modules(sha256),
+                PRIMARY KEY (version, path))""",
+            "CREATE INDEX IF NOT EXISTS bundle_files_sha ON bundle_files (sha256, version)",
+            """CREATE TABLE IF NOT EXISTS device_bundle (
+                device_id BIGINT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+                desired_version BIGINT REFERENCES bundles(version),
+                desired_reason TEXT,
+                desired_ms BIGINT,
+                active_version BIGINT,
+                previous_version BIGINT,
+                applied_ms BIGINT,
+                status TEXT,
+                status_version BIGINT,
+                status_reason TEXT,
+                status_detail TEXT,
+                reported_ms BIGINT,
+                health TEXT)""",
+            f"""CREATE TABLE IF NOT EXISTS bundle_events (
+                id {pk},
+                device_id BIGINT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                ts_ms BIGINT NOT NULL,
+                kind TEXT NOT NULL,
+                version BIGINT,
+                reason TEXT,
+                detail TEXT)""",
+            "CREATE INDEX IF NOT EXISTS bundle_events_device ON bundle_events (device_id, id)",
         ]
 
     def initialised(self) -> bool:
@@ -174,7 +221,7 @@ class SchemaSQL(SQLBase):
             if row[0] < 2:
                 # Version 1 kept device secrets in plaintext; NULL key id marks such a row.
                 cur.execute("ALTER TABLE devices ADD COLUMN secret_key_id TEXT")
-            # Versions 3 and 4 only add tables (device records, alerts), created above.
+            # Versions 3 to 5 only add tables (device records, alerts, bundles), created above.
             cur.execute(self._q("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
         # Databases created before the hourly rollup existed: build it once.
         cur.execute("SELECT 1 FROM readings_hourly LIMIT 1")

@@ -119,6 +119,13 @@ class Settings(_EnvModel):
     master_key_file: str | None = None
     #: Or the master key lines themselves (``EDGEPIPE_CLOUD_MASTER_KEY``).
     master_key: SecretStr | None = None
+    #: File (mode 0600) with the fleet's Ed25519 signing key lines (the last signs new
+    #: bundles); ``edgepipe-cloud signing-key generate --out FILE`` makes one.
+    signing_key_file: str | None = None
+    #: Or the signing key lines themselves (``EDGEPIPE_CLOUD_SIGNING_KEY``).
+    signing_key: SecretStr | None = None
+    #: The fleet id every bundle of this receiver names (devices check it).
+    fleet: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -130,6 +137,8 @@ class Settings(_EnvModel):
     def _one_master_key(self) -> Settings:
         if self.master_key_file is not None and self.master_key is not None:
             raise ValueError("give master_key_file or master_key, not both")
+        if self.signing_key_file is not None and self.signing_key is not None:
+            raise ValueError("give signing_key_file or signing_key, not both")
         return self
 
     @classmethod
@@ -146,6 +155,8 @@ class Settings(_EnvModel):
             # A key named on the command line replaces one from the environment.
             values.pop("master_key_file", None)
             values.pop("master_key", None)
+        if "signing_key_file" in given:
+            values.pop("signing_key", None)
         values.update(given)
         return cls(**values)
 

@@ -45,6 +45,7 @@ class SQLBase:
 
     AUTO_PK = "INTEGER PRIMARY KEY"
     DOUBLE = "REAL"
+    BYTES = "BLOB"
     LOCK_ROW = ""  # "FOR UPDATE" where row locks exist
     #: One row when the table named by the parameter exists (in the current schema).
     TABLE_EXISTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"

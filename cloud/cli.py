@@ -13,6 +13,13 @@
     edgepipe-cloud users list | remove NAME
     edgepipe-cloud master-key rotate       # new key line in the file, re-seal every secret
     edgepipe-cloud master-key rotate --keep-key   # re-seal with the key's last line as is
+    edgepipe-cloud signing-key generate --out /etc/edgepipe/fleet-signing.key   # 0600
+    edgepipe-cloud signing-key list | rotate   # public key lines; a new signing key line
+    edgepipe-cloud bundle create filters.yaml [--priority urgent]   # sign the next version
+    edgepipe-cloud bundle create --from 3        # bundle 3's chain again, as the next version
+    edgepipe-cloud bundle list
+    edgepipe-cloud devices desire NAME VERSION   # what the device should run
+    edgepipe-cloud devices bundles               # desired and reported bundle per device
 
 The global options ``--db`` and ``--master-key-file`` go before or after any command
 (:mod:`cloud._cli_args`).  The database is ``--db``, else ``EDGEPIPE_CLOUD_DB``, else
@@ -41,6 +48,15 @@ from core._errors import ConfigError
 from protocol._keys import append_key_line
 
 from ._backend import SCHEMA_VERSION, Backend
+from ._bundle_cli import (
+    BundleSourceError,
+    SigningKeyError,
+    bundle_command,
+    bundles_listing,
+    desire_command,
+    signing_key_command,
+)
+from ._bundles import UnknownBundle
 from ._cli_args import DB_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Source, db_source, parser
 from ._errors import BadDatabaseURL, CloudError, DeviceExists, NoDatabase, OperatorExists
 from ._open import open_backend
@@ -144,6 +160,12 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
             if not backend.remove_device(args.name):
                 return _fail(f"no device named {args.name!r}")
             print(f"device {args.name!r} removed", file=sys.stderr)
+        elif args.action == "desire":
+            if args.version != "none" and not args.version.isdigit():
+                return _fail("VERSION is a bundle version number or 'none'", EXIT_USAGE)
+            return desire_command(args, backend)
+        elif args.action == "bundles":
+            return bundles_listing(backend)
     return 0
 
 
@@ -250,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "master-key" and args.action == "generate":
             return _master_key(args, None)
+        if args.command == "signing-key" and args.action == "generate":
+            return signing_key_command(args, None)
         if args.command == "serve":
             settings = Settings.from_env(
                 db=db,
@@ -262,7 +286,18 @@ def main(argv: list[str] | None = None) -> int:
                 alerts_file=args.alerts,
             )
             return _serve(settings, args.log_level)
-        settings = Settings.from_env(db=db, master_key_file=key_file)
+        settings = Settings.from_env(
+            db=db,
+            master_key_file=key_file,
+            signing_key_file=getattr(args, "signing_key_file", None),
+        )
+        if args.command == "signing-key":
+            return signing_key_command(args, settings)
+        if args.command == "bundle":
+            if args.action == "create" and (args.filters is None) == (args.from_version is None):
+                return _fail("give FILTERS.yaml or --from VERSION (one of them)", EXIT_USAGE)
+            with _open(settings) as backend:
+                return bundle_command(args, settings, backend)
         if args.command == "init":
             return _init(settings)
         if args.command == "master-key":
@@ -279,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(_no_database(exc, db_source(db)), EXIT_USAGE)
     except BadDatabaseURL as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except (MasterKeyError, ConfigError) as exc:
+    except (MasterKeyError, SigningKeyError, ConfigError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except (BundleSourceError, UnknownBundle) as exc:
+        return _fail(str(exc))
     except (CloudError, OSError) as exc:
         return _fail(str(exc))
 

@@ -26,6 +26,7 @@ __all__ = [
     "StageConfig",
     "StoreConfig",
     "SubscriptionConfig",
+    "SyncBundlesConfig",
     "SyncConfig",
     "SyncLinksConfig",
     "SyncMeteredConfig",
@@ -329,6 +330,60 @@ class SyncMeteredConfig(_Model):
         return v
 
 
+def _public_key_lines(lines: list[str]) -> list[str]:
+    from protocol._bundle import PublicKey
+
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(PublicKey.parse(line).line)
+        except ValueError as e:
+            raise ValueError(f"key {i + 1}: {e}") from None
+    return out
+
+
+class SyncBundlesConfig(_Model):
+    """Signed chain bundles pulled from the receiver (docs/rollout.md).  Off until at least
+    one trusted key is given."""
+
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="the fleet's public signing keys ('<key id> <base64url>', as "
+        "`edgepipe-cloud signing-key list` prints them); a bundle signed by any other key "
+        "is refused",
+    )
+    retired_keys: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="keys no longer trusted: a bundle signed by one is refused (retired_key) "
+        "even if it is also in trusted_keys",
+    )
+    fleet: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="the fleet id bundles must name (the receiver's EDGEPIPE_CLOUD_FLEET)",
+    )
+    chain_source: Literal["cloud", "local"] = Field(
+        "cloud",
+        description="cloud: an applied bundle's chain (kept beside the store, on the writable "
+        "volume) replaces the chain_file's; local: chain_file (e.g. a ConfigMap) wins and "
+        "bundles are refused (chain_source_local)",
+    )
+    check_every_s: float = Field(
+        60.0, ge=1, description="how often the sync worker asks for its desired bundle"
+    )
+
+    @field_validator("trusted_keys", "retired_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        return _public_key_lines(v)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.trusted_keys)
+
+
 class SyncConfig(_Model):
     enabled: bool = True
     url: str = Field("http://127.0.0.1:8750", description="base URL of the cloud receiver")
@@ -355,6 +410,7 @@ class SyncConfig(_Model):
     state_file: Path | None = Field(
         None, description="sync status file (default: next to the store, <store>.sync.json)"
     )
+    bundles: SyncBundlesConfig = SyncBundlesConfig()
 
 
 class MetricsConfig(_Model):

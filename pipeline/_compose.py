@@ -25,18 +25,23 @@ from ._parts import FilterChain, NoChain, Parts
 from ._runtime import Pipeline, chain_load_errors
 
 if TYPE_CHECKING:
-    from sync import BatchSource, SyncWorker
+    from sync import BatchSource, BundleAgent, SyncWorker
 
     from .chain import ChainSpec, ChainWatcher
 
 __all__ = [
+    "ChainDeployer",
+    "bundle_agent",
     "build_pipeline",
+    "bundle_cache_dir",
+    "bundle_state_path",
     "cache_dir",
     "chain",
     "chain_spec",
     "chain_target",
     "keyring",
     "make_sync_worker",
+    "pulled_chain_target",
     "open_store",
     "store_path",
     "sync_state_path",
@@ -179,10 +184,39 @@ def chain_target(cfg: PipelineConfig) -> Path:
     return cfg.resolve(cfg.chain_file)
 
 
+def pulled_chain_target(cfg: PipelineConfig) -> Path:
+    """Where an applied bundle's chain is installed: beside the store, on the writable
+    volume (``<store>.chain/filters.yaml``, with the deployer's history and modules)."""
+    return _beside(store_path(cfg), ".chain") / "filters.yaml"
+
+
+def bundle_state_path(cfg: PipelineConfig) -> Path:
+    """The bundle agent's state (the highest version applied, what runs): beside the store."""
+    return _beside(store_path(cfg), ".bundle.json")
+
+
+def bundle_cache_dir(cfg: PipelineConfig) -> Path:
+    """The bundle agent's content-addressed module cache and staging: beside the store."""
+    return _beside(store_path(cfg), ".bundles")
+
+
+def _uses_pulled_chain(cfg: PipelineConfig) -> bool:
+    b = cfg.sync.bundles
+    return (
+        cfg.sync.enabled
+        and b.enabled
+        and b.chain_source == "cloud"
+        and cfg.chain_file is not None
+        and pulled_chain_target(cfg).exists()
+    )
+
+
 def chain(
     cfg: PipelineConfig, store: Store, *, clock: Clock = SYSTEM_CLOCK
 ) -> tuple[FilterChain | None, ChainWatcher | None]:
-    """The chain from ``chain:`` or ``chain_file:``, and the watcher of a chain file.
+    """The chain from ``chain:`` or ``chain_file:``, and the watcher of a chain file.  With
+    ``sync.bundles.chain_source: cloud`` an applied bundle's chain, once there is one,
+    replaces the chain file's (docs/rollout.md).
 
     The chain is None while a chain file is broken: the process then runs but is not ready
     and does not consume (the broker holds the messages) until a fixed file appears."""
@@ -194,8 +228,9 @@ def chain(
     cache = cache_dir(cfg)
     built: FilterChain | None = None
     spec: ChainSpec | None = None
+    pulled = pulled_chain_target(cfg) if _uses_pulled_chain(cfg) else None
     try:
-        spec = chain_spec(cfg)
+        spec = chain_spec(cfg, pulled)
         built = Chain.build(
             spec.stages, store.registry, base_dir=spec.base_dir, cache_dir=cache, clock=clock
         )
@@ -210,7 +245,7 @@ def chain(
             why,
         )
         chain_load_errors.inc()
-        spec = ChainSpec([], cfg.base_dir, cfg.resolve(cfg.chain_file), None)
+        spec = ChainSpec([], cfg.base_dir, pulled or cfg.resolve(cfg.chain_file), None)
     watcher = None
     if spec.path is not None:
         watcher = ChainWatcher(spec, store.registry, cache_dir=cache)
@@ -255,7 +290,73 @@ async def build_pipeline(cfg: PipelineConfig, *, clock: Clock = SYSTEM_CLOCK) ->
     )
     if worker is not None:
         device_records(worker, store, pipeline, clock=clock)
+        if cfg.sync.bundles.enabled:
+            worker.bundles = bundle_agent(cfg, worker, watcher, clock=clock)
     return pipeline
+
+
+class ChainDeployer:
+    """The bundle agent's applier (``sync.BundleApplier``): ``edgepipe deploy`` of a
+    verified bundle's filters file to the pulled chain file, then the running chain's
+    watcher moved onto that file if it watched the local one."""
+
+    def __init__(self, cfg: PipelineConfig, watcher: ChainWatcher | None) -> None:
+        self.source = cfg.sync.bundles.chain_source
+        self.has_chain_file = cfg.chain_file is not None
+        self.target = pulled_chain_target(cfg)
+        self.cache = cache_dir(cfg)
+        self.watcher = watcher
+
+    def refusal(self) -> Exception | None:
+        from sync import CannotApply
+
+        if self.source == "local":
+            return CannotApply(
+                "chain_source_local",
+                "sync.bundles.chain_source is local: this device runs its chain_file "
+                "(e.g. a ConfigMap) and takes no chain from the cloud",
+            )
+        if not self.has_chain_file or self.watcher is None:
+            return CannotApply(
+                "install_failed",
+                "pipeline.yaml has no chain_file: give one (the chain runs from it until the "
+                "first bundle) so that the running chain can be swapped",
+            )
+        return None
+
+    def apply(self, filters: Path) -> list[str]:
+        from sync import CannotApply
+
+        from .chain._deploy import deploy
+
+        try:
+            done = deploy(self.target, filters, cache_dir=self.cache)
+        except ConfigError as e:
+            raise CannotApply(
+                "invalid_chain", str(e).replace(str(filters.parent) + "/", "")
+            ) from None
+        except OSError as e:
+            raise CannotApply("install_failed", f"cannot install the chain: {e}") from None
+        if self.watcher is not None and self.watcher.path != self.target:
+            self.watcher.retarget(self.target)
+        return [st["name"] for st in done["stages"]]
+
+
+def bundle_agent(
+    cfg: PipelineConfig, worker: SyncWorker, watcher: ChainWatcher | None, *, clock: Clock
+) -> BundleAgent:
+    """The signed-bundle agent of ``cfg.sync.bundles`` on ``worker``'s transport; its state
+    and module cache live beside the store."""
+    from sync import BundleAgent
+
+    return BundleAgent(
+        cfg.sync.bundles,
+        transport=worker.transport,
+        applier=ChainDeployer(cfg, watcher),  # type: ignore[arg-type]
+        state_path=bundle_state_path(cfg),
+        cache_dir=bundle_cache_dir(cfg),
+        clock=clock,
+    )
 
 
 def device_records(

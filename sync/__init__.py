@@ -12,6 +12,9 @@ from core._lazy import lazy_names
 
 __all__ = [
     "BatchSource",
+    "BundleAgent",
+    "BundleApplier",
+    "CannotApply",
     "HealthSampler",
     "LinkMonitor",
     "LogCollector",
@@ -24,6 +27,9 @@ __all__ = [
 
 _WHERE = {
     "BatchSource": "._worker",
+    "BundleAgent": "._bundles",
+    "BundleApplier": "._bundles",
+    "CannotApply": "._bundles",
     "SyncWorker": "._worker",
     "LinkMonitor": "._link",
     "HealthSampler": "._health",

@@ -69,20 +69,7 @@ class Transport:
 
     def post_batches(self, body: bytes, encoding: str, link: str) -> dict[str, Any]:
         path = self.prefix + PATH_BATCHES
-
-        def headers() -> dict[str, str]:
-            h = signed_headers_v2(
-                self._secret,
-                self.device_id,
-                path,
-                body,
-                timestamp=int(self._clock()),
-                encoding=encoding,
-                link=link,
-            )
-            h["Content-Length"] = str(len(body))
-            return h
-
+        headers = self._signer("POST", path, body, link, encoding=encoding)
         status, resp, data = self._request("POST", path, body, headers)
         if status == 200:
             try:
@@ -105,8 +92,50 @@ class Transport:
             retry_after=retry_after,
         )
 
+    def signed(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        link: str,
+        *,
+        limit: int,
+        content_type: str = "application/json",
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """A v2-signed request to ``prefix + path`` (the bundle check-in and module
+        downloads); -> (status, body, headers).  At most ``limit + 1`` bytes of the body are
+        read (the caller refuses a longer one; the connection is then dropped)."""
+        full = self.prefix + path
+        headers = self._signer(method, full, body, link, content_type=content_type)
+        status, resp, data = self._request(method, full, body, headers, limit=limit)
+        if len(data) > limit or status >= 500 or status == 429:
+            self.close()
+        return status, data, {k.lower(): v for k, v in resp.getheaders()}
+
+    def _signer(
+        self, method: str, path: str, body: bytes, link: str, **kw: str
+    ) -> Callable[[], dict[str, str]]:
+        """The headers of one signed attempt, made afresh per attempt (new timestamp and
+        nonce); ``kw``: ``encoding``, ``content_type``."""
+
+        def headers() -> dict[str, str]:
+            h = signed_headers_v2(
+                self._secret,
+                self.device_id,
+                path,
+                body,
+                timestamp=int(self._clock()),
+                link=link,
+                method=method,
+                **kw,  # type: ignore[arg-type]
+            )
+            h["Content-Length"] = str(len(body))
+            return h
+
+        return headers
+
     def _request(
-        self, method: str, path: str, body: bytes | None, headers: Any
+        self, method: str, path: str, body: bytes | None, headers: Any, *, limit: int | None = None
     ) -> tuple[int, http.client.HTTPResponse, bytes]:
         for attempt in (0, 1):
             conn = self._connection()
@@ -114,7 +143,7 @@ class Transport:
                 h = headers() if callable(headers) else headers
                 conn.request(method, path, body=body, headers=h)
                 resp = conn.getresponse()
-                data = resp.read()
+                data = resp.read() if limit is None else resp.read(limit + 1)
             except ssl.SSLCertVerificationError as e:
                 self.close()
                 ca = self.ca_file or "the system CA store"

@@ -33,6 +33,7 @@ from core._errors import SyncError
 from core._metrics import METRICS
 from core._model import DeadLetter, SeriesRegistry
 
+from ._bundles import BundleAgent
 from ._health import HealthSampler, encode_health
 from ._link import Link, LinkMonitor
 from ._logs import LogCollector
@@ -138,6 +139,8 @@ class SyncWorker:
         self.health_every_s = health_every_s
         #: the receiver's clock minus ours (ms), from the last upload's exchange
         self.clock_skew_ms: int | None = None
+        #: signed chain bundles (docs/rollout.md); set by the composition root
+        self.bundles: BundleAgent | None = None
 
     def _now_ms(self) -> int:
         return int(self._clock.time() * 1000)
@@ -218,6 +221,8 @@ class SyncWorker:
             )
             await self._sleep(stop, 3600, on_data=False)
             return
+        if self.bundles is not None and self.bundles.due():
+            await self.check_bundle(link)
         try:
             sent = await self.sync_once(link)
         except SyncError as e:
@@ -375,6 +380,19 @@ class SyncWorker:
                 self._cursors[cls] = max(self._cursors.get(cls, 0), seq)
         self._record_success(link, n, stats, [sb.seq for sb in ok])
         return n
+
+    async def check_bundle(self, link: Link | None = None) -> None:
+        """Ask for the desired bundle and apply it if it is new and valid; never raises (a
+        failed check-in is logged and tried again at the next ``check_every_s``)."""
+        if self.bundles is None:
+            return
+        link = link or self.link()
+        try:
+            n = await self.bundles.check(link, self._budget_left(link))
+        except SyncError as e:
+            log.warning("bundle check-in failed: %s", e)
+            return
+        self._count_bytes(link, n)
 
     def close(self) -> None:
         self.transport.close()

@@ -384,6 +384,28 @@ def test_pipeline_yaml_loads_and_matches_the_pod(
     assert Path(chain_file).name in find(docs, "ConfigMap", "edgepipe-chain")["data"]
 
 
+def test_pulled_bundles_live_on_the_writable_store_volume(
+    overlay: tuple[str, list[Doc]],
+) -> None:
+    """A chain pulled from the cloud (docs/rollout.md), its modules, the bundle state and
+    the module cache are beside the store: on the store volume, writable, not on the
+    read-only root or in the ConfigMap."""
+    from pipeline._compose import bundle_cache_dir, bundle_state_path, pulled_chain_target
+
+    _, docs = overlay
+    text = configmap_file(docs, "edgepipe-pipeline", "pipeline.yaml")
+    cfg = load_config("/etc/edgepipe/pipeline.yaml", text=text)
+    c = container(workload(docs, "edgepipe"), "edgepipe")
+    for path in (
+        pulled_chain_target(cfg),
+        pulled_chain_target(cfg).parent / ".edgepipe" / "modules",
+        bundle_state_path(cfg),
+        bundle_cache_dir(cfg) / "modules",
+    ):
+        m = _mount_of(c, str(path))
+        assert m["name"] == "store" and not m.get("readOnly"), path
+
+
 def test_chain_file_in_configmap_loads(tmp_path: Path) -> None:
     docs = render(K3S / "overlays" / "device")
     chain = tmp_path / "chain" / "filters.yaml"

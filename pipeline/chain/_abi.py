@@ -6,31 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from protocol._abi import ABI_VERSION, IMPORTS, OPTIONAL_EXPORTS, REQUIRED_EXPORTS
+
 __all__ = ["ABI_VERSION", "IMPORTS", "OPTIONAL_EXPORTS", "REQUIRED_EXPORTS", "flatten_config"]
 
-ABI_VERSION = 1
-
-Signature = tuple[tuple[str, ...], tuple[str, ...]]
-
-# name -> (params, results) in wasm value types
-REQUIRED_EXPORTS: dict[str, Signature] = {
-    "ep_abi_version": ((), ("i32",)),
-    "ep_input": (("i32",), ("i32",)),
-    "ep_process": (("i32",), ("i64",)),
-}
-OPTIONAL_EXPORTS: dict[str, Signature] = {
-    "ep_alloc": (("i32",), ("i32",)),
-    "ep_init": (("i32", "i32"), ("i32",)),
-    "ep_flush": ((), ("i64",)),
-    "ep_snapshot": ((), ("i64",)),
-    "ep_restore": (("i32", "i32"), ("i32",)),
-}
-#: the host functions of module ``edgepipe``; nothing else (no WASI) is granted
-IMPORTS: dict[str, Signature] = {
-    "series_name": (("i32", "i32", "i32", "i32"), ("i32",)),
-    "series_derive": (("i32", "i32", "i32"), ("i32",)),
-    "log": (("i32", "i32", "i32"), ()),
-}
+# The tables are shared with the cloud, which checks a module's imports and exports before it
+# signs a bundle naming it (protocol._abi); the full check with wasmtime is in ._module.
 
 
 def flatten_config(config: Mapping[str, Any]) -> str:

@@ -243,6 +243,13 @@ class ChainWatcher:
         self._result: tuple[ChainSpec, dict[str, LoadedModule]] | BaseException | None = None
         self._job_sig: Any = None
 
+    def retarget(self, path: Path) -> None:
+        """Watch ``path`` from now on (a pulled bundle's chain file replacing a local one);
+        the next poll loads it, between batches like any change."""
+        self.path = path
+        self._sig = ()
+        self._next_check = 0.0
+
     def _signature(self, spec: ChainSpec | None) -> tuple[Any, ...]:
         sig: list[Any] = [_stat_sig(self.path)]
         if spec is not None:
