@@ -58,6 +58,7 @@ _subscribes = METRICS.counter(
     "edgepipe_mqtt_subscribes_total", "subscriptions the broker acknowledged (one per connect)"
 )
 
+_tuple_new = tuple.__new__
 _READS_PER_WAKE = 64  # TLS: records decrypted but not yet read
 
 
@@ -351,16 +352,20 @@ class MQTTClient:
     def _on_publish(self, topic: str, payload: bytes, qos: int, mid: int, dup: bool) -> None:
         # per message: keep this lean (arrival time is taken once per socket read)
         pending = self._pending
+        # tuple.__new__ straight: a NamedTuple's own __new__ is one more Python frame
         pending.append(
-            Message(
-                topic,
-                payload,
-                qos,
-                mid,
-                dup,
-                self._now_ms,
-                self.generation,
-                dup or self._in_window,
+            _tuple_new(
+                Message,
+                (
+                    topic,
+                    payload,
+                    qos,
+                    mid,
+                    dup,
+                    self._now_ms,
+                    self.generation,
+                    dup or self._in_window,
+                ),
             )
         )
         if len(pending) >= self.max_pending:

@@ -136,13 +136,17 @@ class PahoClient(paho.Client):
             start = pos
             cmd = buf[pos]
             pos += 1
-            try:
-                length, pos = _varint(buf, pos)  # the remaining length
-            except IndexError:
-                pos = start  # the length itself is incomplete
-                break
-            except ValueError:
-                return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_PROTOCOL)
+            length = buf[pos] if pos < n else 0x80
+            if length < 0x80:  # a remaining length of one byte (< 128): inline
+                pos += 1
+            else:
+                try:
+                    length, pos = _varint(buf, pos)  # the remaining length
+                except IndexError:
+                    pos = start  # the length itself is incomplete
+                    break
+                except ValueError:
+                    return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_PROTOCOL)
             end = pos + length
             if end > n:
                 pos = start
@@ -157,9 +161,12 @@ class PahoClient(paho.Client):
                 if qos:
                     mid = (buf[pos] << 8) | buf[pos + 1]
                     pos += 2
-                if v5:  # skip the properties
-                    plen, pos = _varint(buf, pos)
-                    pos += plen
+                if v5:  # skip the properties (usually none: one 0 byte)
+                    if buf[pos]:
+                        plen, pos = _varint(buf, pos)
+                        pos += plen
+                    else:
+                        pos += 1
                 fast(topic.decode("utf-8", "replace"), buf[pos:end], qos, mid, bool(cmd & 0x08))
             else:
                 rc = self._handle_other(cmd, buf[pos:end])
