@@ -191,8 +191,13 @@ class Decoder:
         """Identities of the messages that may have been delivered before: DUP flag set or
         received in the redelivery window after a (re)connect.  (The identities of the
         whole batch are kept for the :meth:`decode` call that follows.)"""
-        identity = self.identity
-        keys = [identity(m) if m.qos else b"" for m in msgs]
+        key, b2 = self._key, _blake2b  # identity() inline: one call less per message
+        keys = [
+            b2(b"%s\0%s" % (m.topic.encode(), m.payload), digest_size=16, key=key).digest()
+            if m.qos
+            else b""
+            for m in msgs
+        ]
         self._keys_for = (msgs, keys)
         out = [k for m, k in zip(msgs, keys, strict=True) if m.maybe_seen and m.qos]
         if out:  # a batch after a connect or with redeliveries: counting costs a pass
