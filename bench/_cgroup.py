@@ -7,8 +7,9 @@ page cache it uses (shared libraries' pages, the store's file pages) to the grou
 reclaims the group's page cache when the limit is reached, and OOM-kills when nothing is
 left to reclaim.  Each trial runs ``edgepipe run`` in a fresh cgroup of its own, under the
 cgroup this process is in (cgroup v1 ``memory.limit_in_bytes``, or v2 ``memory.max``),
-draining the same backlog as the unlimited runs (bench/_drain.py) on a fresh broker;
-a trial passes at >= 90 % of the unlimited median, and the limit is bisected to 1 MiB.
+draining the same backlog (bench/_drain.py) on a fresh broker, each next to an unlimited
+run; a trial passes at >= 90 % of the unlimited median of the same trial, and the limit
+is bisected to 1 MiB.
 Needs root (or a delegated cgroup).
 """
 
@@ -104,40 +105,49 @@ def bisect_limit(
     config: Callable[[Path, Mosquitto, str], Path],
     lo_mb: int = 16,
 ) -> dict[str, Any]:
-    """The unlimited drain rate (median of ``rounds``), then bisect the limit in MiB between
-    ``lo_mb`` (checked to fail) and twice the unlimited peak RSS (checked to pass); each
-    trial is the median of ``rounds`` drains under that limit (a drain whose process is
-    OOM-killed counts as rate 0)."""
+    """Bisect the limit in MiB between ``lo_mb`` (checked to fail) and twice the unlimited
+    peak RSS (checked to pass).  Each trial is ``rounds`` pairs of drains, one unlimited and
+    one under the limit, back to back (so a change in the machine's load hits both); it
+    passes if the median limited rate is >= 90 % of the median unlimited rate of the same
+    trial (a drain whose process is OOM-killed counts as rate 0)."""
     version, parent = _own_group()
-    base = [_drain_once(d, f"free-{i}", n, procs, config, None) for i in range(rounds)]
-    free_rate = statistics.median(m["msg_per_s"] for m in base)
-    peak = statistics.median(m["peak_rss_mb"] for m in base)
+    first = [_drain_once(d, f"free-{i}", n, procs, config, None) for i in range(rounds)]
+    peak = statistics.median(m["peak_rss_mb"] for m in first)
     trials: list[dict[str, Any]] = []
 
     def passes(limit_mb: int) -> bool:
-        rates, errors, ooms = [], [], 0
+        free, rates, errors, ooms = [], [], [], 0
         for i in range(rounds):
-            cg = MemoryCgroup(f"edgepipe-bench-{os.getpid()}-{limit_mb}-{i}", limit_mb << 20)
+            tag = f"{limit_mb}-{i}"
+            free.append(_drain_once(d, f"free{tag}", n, procs, config, None)["msg_per_s"])
+            cg = MemoryCgroup(f"edgepipe-bench-{os.getpid()}-{tag}", limit_mb << 20)
             try:
-                rates.append(_drain_once(d, f"cg{limit_mb}-{i}", n, procs, config, cg)["msg_per_s"])
+                rates.append(_drain_once(d, f"cg{tag}", n, procs, config, cg)["msg_per_s"])
             except RuntimeError as e:
                 rates.append(0.0)
                 errors.append(str(e))
             finally:
                 ooms += cg.oom_kills()
                 cg.remove()
-        rate = statistics.median(rates)
+        rate, free_rate = statistics.median(rates), statistics.median(free)
         trials.append(
             {
                 "limit_mb": limit_mb,
                 "msg_per_s": rate,
+                "unlimited_msg_per_s": free_rate,
                 "fraction": rate / free_rate,
                 "rates": rates,
+                "unlimited_rates": free,
                 "oom_kills": ooms,
                 "error": "; ".join(errors)[:200] or ("OOM-killed" if ooms else ""),
             }
         )
-        print(f"  limit {limit_mb} MiB: {rate:,.0f} msg/s ({rate / free_rate:.0%})", flush=True)
+        oom = f", OOM kills: {ooms}" if ooms else ""
+        print(
+            f"  limit {limit_mb} MiB: {rate:,.0f} msg/s against {free_rate:,.0f} unlimited "
+            f"({rate / free_rate:.0%}){oom}",
+            flush=True,
+        )
         return rate >= THRESHOLD * free_rate
 
     hi = max(lo_mb + 1, int(2 * peak) + 1)
@@ -156,9 +166,8 @@ def bisect_limit(
         "cgroup": f"{version} under {parent}",
         "rounds": rounds,
         "threshold": THRESHOLD,
-        "unlimited_msg_per_s": free_rate,
+        "unlimited_msg_per_s": statistics.median(r for t in trials for r in t["unlimited_rates"]),
         "unlimited_peak_rss_mb": peak,
-        "unlimited_runs": base,
         "min_limit_mb": hi,
         "trials": sorted(trials, key=lambda t: t["limit_mb"]),
         "load_average": os.getloadavg(),

@@ -534,14 +534,17 @@ def _print_drain(r: dict[str, Any]) -> None:
 def _print_cgroup(r: dict[str, Any]) -> None:
     print(
         f"\nedgepipe under a hard memory limit ({r['cgroup']}), drain of {r['messages']:,} "
-        f"messages, unlimited {r['unlimited_msg_per_s']:,.0f} msg/s (median of {r['rounds']})"
+        f"messages, each trial {r['rounds']} pairs of an unlimited and a limited run"
     )
     for t in r["trials"]:
         rate = f"{t['msg_per_s']:,.0f} msg/s" if t["msg_per_s"] else t["error"]
-        print(f"  limit {t['limit_mb']:>6.1f} MB: {rate} ({t['fraction']:.0%})")
+        print(
+            f"  limit {t['limit_mb']:>4} MiB: {rate} against {t['unlimited_msg_per_s']:,.0f} "
+            f"unlimited ({t['fraction']:.0%}){' ' + t['error'] if t['error'] else ''}"
+        )
     print(
         f"smallest limit sustaining >= {r['threshold']:.0%} of the unlimited rate: "
-        f"{r['min_limit_mb']:.0f} MB (peak RSS unlimited {r['unlimited_peak_rss_mb']:.1f} MB)"
+        f"{r['min_limit_mb']} MiB (peak RSS unlimited {r['unlimited_peak_rss_mb']:.1f} MB)"
     )
 
 
