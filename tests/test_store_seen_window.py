@@ -64,9 +64,10 @@ def test_seen_lookups_are_exact_with_the_filter(tmp_path, keyfile):
         strangers = [os.urandom(16) for _ in range(2000)]
         assert await store.seen(strangers) == set()
         assert await store.seen(before + after + strangers[:5]) == set(before + after)
-        # a key sharing every probed bit with a stored one (it differs only past bit 110):
-        # the filter cannot rule it out, the table answers
-        twin = before[0][:14] + bytes(b ^ 0xFF for b in before[0][14:])
+        # a key sharing every probed bit with a stored one (it differs only in the top byte
+        # of each 32-bit word, above the probes' 23 bits): the filter cannot rule it out,
+        # the table answers
+        twin = bytes(b ^ 0xFF if i % 4 == 3 else b for i, b in enumerate(before[0]))
         assert store._seen_filter.candidates(None, {twin}) == {twin}
         assert await store.seen([twin, before[0]]) == {before[0]}
 
