@@ -107,16 +107,43 @@ def _config(
     if not key.exists():
         key.write_text(generate_key_line() + "\n")
         key.chmod(0o600)
+    broker_cfg: dict[str, Any] = {**({"tls": {"ca_file": str(tls.ca)}} if tls else {})}
+    return write_config(
+        d,
+        broker,
+        client,
+        key,
+        _chain() if chain else [],
+        qos=qos,
+        broker_extra=broker_cfg,
+        batch=batch,
+    )
+
+
+def write_config(
+    d: Path,
+    broker: Mosquitto,
+    client: str,
+    key: Path,
+    chain: list[dict[str, Any]],
+    *,
+    qos: int = 1,
+    broker_extra: dict[str, Any] | None = None,
+    batch: dict[str, int] | None = None,
+) -> Path:
+    """``d/<client>.yaml``: session ``client`` on ``broker``, ``bench/{device}/{metric}`` at
+    ``qos``, ``chain``, an encrypted store ``d/<client>.db`` under ``key``, no sync, no
+    metrics listener (also bench.instructions' config for another checkout)."""
     cfg = {
         "device": {"id": "bench"},
         "broker": {
             "host": broker.host,
             "port": broker.port,
             "client_id": client,
-            **({"tls": {"ca_file": str(tls.ca)}} if tls else {}),
+            **(broker_extra or {}),
         },
         "subscriptions": [{"topic": "bench/{device}/{metric}", "qos": qos}],
-        "chain": _chain() if chain else [],
+        "chain": chain,
         **({"batch": batch} if batch else {}),
         "store": {"path": str(d / f"{client}.db"), "key": {"file": str(key)}},
         "sync": {"enabled": False},

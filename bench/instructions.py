@@ -46,6 +46,7 @@ import yaml
 from devtools._mosquitto import Mosquitto
 
 from . import _drain
+from .e2e import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -68,24 +69,9 @@ def _config(tree: Path, work: Path, broker: Mosquitto, client: str, window: floa
             check=True,
             stdout=subprocess.DEVNULL,
         )
-    cfg = {
-        "device": {"id": "bench"},
-        "broker": {
-            "host": broker.host,
-            "port": broker.port,
-            "client_id": client,
-            "redelivery_window_s": window,
-        },
-        "subscriptions": [{"topic": "bench/{device}/{metric}", "qos": 1}],
-        "chain": chain,
-        "store": {"path": str(work / f"{client}.db"), "key": {"file": str(key)}},
-        "sync": {"enabled": False},
-        "metrics": {"listen": None},
-        "log_level": "warning",
-    }
-    p = work / f"{client}.yaml"
-    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return p
+    return write_config(
+        work, broker, client, key, chain, broker_extra={"redelivery_window_s": window}
+    )
 
 
 def _env(tree: Path, trace: Path | None = None) -> dict[str, str]:
