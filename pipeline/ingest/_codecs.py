@@ -32,7 +32,7 @@ from core._errors import DecodeError
 
 from ._names import check_tag
 
-__all__ = ["TopicTemplate", "decode_payload", "parse_timestamp"]
+__all__ = ["TopicTemplate", "decode_payload", "object_rows", "parse_timestamp", "simple_json"]
 
 # Readings must fall between 2000-01-01 and 2100-01-01 (milliseconds).
 _TS_MIN = 946_684_800_000
@@ -227,6 +227,48 @@ def _object_rows(
         found = True
     if not found:
         raise DecodeError("object has no numeric metric fields")
+
+
+def object_rows(
+    obj: dict[str, Any], metric: str | None, arrival: int, sub: SubscriptionConfig
+) -> list[Row]:
+    """The readings of a JSON or MessagePack object, as :func:`decode_payload` gives them."""
+    out: list[Row] = []
+    _object_rows(obj, metric, arrival, sub, out)
+    return out
+
+
+def simple_json(payload: bytes, ts_field: str, arrival: int) -> tuple[int, float] | Any:
+    """The common payload in one call: a JSON object with a float ``"value"`` and float
+    epoch seconds under ``ts_field``, and no ``device``, ``metric`` or ``tags`` of its own
+    -> ``(ts_ms, value)``, exactly what :func:`decode_payload` makes of it with the topic's
+    device and metric (for a subscription of format json or auto, timestamps from the
+    payload).  Another JSON object -> the dict (for :func:`object_rows`); anything else
+    (not one JSON object, not UTF-8) -> None, and :func:`decode_payload` says why."""
+    try:
+        text = payload.decode()
+        data, end = _json_scan(text, 0)
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        return None
+    if type(data) is not dict:
+        return None
+    value = data.get("value")
+    t = data.get(ts_field)
+    if (
+        type(value) is float
+        and -_MAX_ABS <= value <= _MAX_ABS
+        and type(t) is float
+        and 1e8 < t < 1e11
+        and "device" not in data
+        and "metric" not in data
+        and "tags" not in data
+    ):
+        ts = round(t * 1000)
+        if _TS_MIN <= ts < _TS_MAX and ts <= arrival + _AHEAD_MS:
+            return ts, value
+    return data
 
 
 def _structured_rows(

@@ -24,7 +24,7 @@ from core._errors import DecodeError
 from core._metrics import METRICS
 from core._model import Batch, DeadLetter, SeriesRegistry
 
-from ._codecs import TopicTemplate, decode_payload
+from ._codecs import TopicTemplate, decode_payload, object_rows, simple_json
 from ._message import Message
 from ._names import check_names
 
@@ -48,6 +48,9 @@ _checked = METRICS.counter(
 )
 
 
+#: (subscription, device and metric from the topic, the timestamp field when the
+#: subscription's payloads may take simple_json's one-call path, else None)
+_Route = tuple[SubscriptionConfig, str | None, str | None, str | None]
 _NO_ROUTE = object()  # a topic not looked up yet (None: looked up, matches nothing)
 _SERIES_CACHE_MAX = 100_000
 
@@ -74,7 +77,7 @@ class Decoder:
         self.max_payload = max_payload
         self._key = identity_key[:64]
         self._keys_for: tuple[list[Message], list[bytes]] | None = None
-        self._routes: dict[str, tuple[SubscriptionConfig, str | None, str | None] | None] = {}
+        self._routes: dict[str, _Route | None] = {}
         #: (device, metric) -> series id of untagged series whose names passed check_names
         self._series: dict[tuple[str, str], int] = {}
 
@@ -87,7 +90,7 @@ class Decoder:
             b"%s\0%s" % (m.topic.encode(), m.payload), digest_size=16, key=self._key
         ).digest()
 
-    def _route(self, topic: str) -> tuple[SubscriptionConfig, str | None, str | None] | None:
+    def _route(self, topic: str) -> _Route | None:
         try:
             return self._routes[topic]
         except KeyError:
@@ -96,7 +99,14 @@ class Decoder:
         for tmpl, sub in self.subs:
             hit = tmpl.match(topic)
             if hit is not None:
-                found = (sub, hit[0], hit[1])
+                device, metric = hit[0], hit[1] or sub.metric
+                simple = (
+                    sub.format in ("json", "auto")
+                    and sub.timestamp == "payload"
+                    and bool(device)
+                    and bool(metric)
+                )
+                found = (sub, hit[0], hit[1], sub.timestamp_field if simple else None)
                 break
         if len(self._routes) > 100_000:
             self._routes.clear()
@@ -142,8 +152,24 @@ class Decoder:
                     route = route_of(m.topic)
                 if route is None:
                     raise DecodeError("topic matches no subscription template")
-                sub, t_device, t_metric = route
-                rows = decode_payload(payload, sub, t_metric or sub.metric, m.arrival_ms)
+                sub, t_device, t_metric, ts_field = route
+                metric = t_metric or sub.metric
+                if ts_field is not None and payload[:1] == b"{":
+                    got = simple_json(payload, ts_field, m.arrival_ms)
+                    if type(got) is tuple:  # one reading, device and metric from the topic
+                        sid = series.get((t_device, metric))
+                        if sid is None:
+                            sid = self._new_series(t_device, metric)  # type: ignore[arg-type]
+                        add_ts(got[0])
+                        add_val(got[1])
+                        add_sid(sid)
+                        continue
+                    if got is not None:
+                        rows = object_rows(got, metric, m.arrival_ms, sub)
+                    else:
+                        rows = decode_payload(payload, sub, metric, m.arrival_ms)
+                else:
+                    rows = decode_payload(payload, sub, metric, m.arrival_ms)
                 for device, metric, ts, value, tags in rows:
                     dev = device or t_device or sub.device
                     if tags is None:
