@@ -2,6 +2,8 @@
 
     python -m bench.e2e [--messages 40000] [--quick]
     python -m bench.e2e --tls [--repeats 3]
+    python -m bench.e2e --drain [--messages 100000] [--rounds 3]
+    python -m bench.e2e --cgroup [--messages 50000]
 
 In one run, on a private mosquitto on loopback:
 
@@ -21,6 +23,16 @@ bare subscriber, over plain TCP and over TLS (publishers, subscriber and edgepip
 the broker's TLS listener; server certificate from a throw-away CA, bench/_pki.py), the
 four measurements of each QoS interleaved and repeated, medians reported; and edgepipe's
 peak RSS on each transport.  Writes bench/results/e2e-tls.json.
+
+``--drain`` measures the backlog drain (bench/_drain.py): a broker holding the same N
+QoS 1 JSON messages for two persistent sessions, drained by ``mosquitto_sub -q 1`` (a C
+client that only receives) and by edgepipe (3 Wasm stages, AES-GCM, ``synchronous=FULL``),
+in alternating order, a fresh broker per round; medians.  Writes
+bench/results/e2e-drain.json.
+
+``--cgroup`` bisects the smallest hard memory limit (a memory cgroup, as the kubelet sets
+one) under which edgepipe still drains at >= 90 % of its unlimited rate
+(bench/_cgroup.py).  Writes bench/results/e2e-cgroup.json.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import yaml
 
 from devtools._mosquitto import Mosquitto, free_port
 
+from . import _drain
 from ._load import run_publishers, start_publishers
 from ._pki import ThrowAwayCA
 
@@ -94,16 +107,43 @@ def _config(
     if not key.exists():
         key.write_text(generate_key_line() + "\n")
         key.chmod(0o600)
+    broker_cfg: dict[str, Any] = {**({"tls": {"ca_file": str(tls.ca)}} if tls else {})}
+    return write_config(
+        d,
+        broker,
+        client,
+        key,
+        _chain() if chain else [],
+        qos=qos,
+        broker_extra=broker_cfg,
+        batch=batch,
+    )
+
+
+def write_config(
+    d: Path,
+    broker: Mosquitto,
+    client: str,
+    key: Path,
+    chain: list[dict[str, Any]],
+    *,
+    qos: int = 1,
+    broker_extra: dict[str, Any] | None = None,
+    batch: dict[str, int] | None = None,
+) -> Path:
+    """``d/<client>.yaml``: session ``client`` on ``broker``, ``bench/{device}/{metric}`` at
+    ``qos``, ``chain``, an encrypted store ``d/<client>.db`` under ``key``, no sync, no
+    metrics listener (also bench.instructions' config for another checkout)."""
     cfg = {
         "device": {"id": "bench"},
         "broker": {
             "host": broker.host,
             "port": broker.port,
             "client_id": client,
-            **({"tls": {"ca_file": str(tls.ca)}} if tls else {}),
+            **(broker_extra or {}),
         },
         "subscriptions": [{"topic": "bench/{device}/{metric}", "qos": qos}],
-        "chain": _chain() if chain else [],
+        "chain": chain,
         **({"batch": batch} if batch else {}),
         "store": {"path": str(d / f"{client}.db"), "key": {"file": str(key)}},
         "sync": {"enabled": False},
@@ -366,17 +406,31 @@ def _idle_rss(broker: Mosquitto, d: Path, runs: int) -> dict[str, dict[str, floa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--messages", type=int, default=40_000, help="messages per throughput run")
+    ap.add_argument(
+        "--messages",
+        type=int,
+        help="messages per throughput run (default 40,000; --drain 100,000; --cgroup 50,000)",
+    )
     ap.add_argument("--publishers", type=int, default=2, help="publisher processes")
     ap.add_argument("--quick", action="store_true", help="small runs (a smoke test)")
     ap.add_argument(
         "--tls", action="store_true", help="throughput over TLS against plain TCP (only that)"
     )
     ap.add_argument("--repeats", type=int, default=3, help="with --tls: runs of each measurement")
+    ap.add_argument(
+        "--drain", action="store_true", help="backlog drain next to mosquitto_sub (only that)"
+    )
+    ap.add_argument(
+        "--cgroup", action="store_true", help="the smallest memory limit for 90 %% of the rate"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="with --drain/--cgroup: rounds")
     ap.add_argument("--out", type=Path, help="the JSON (default bench/results/e2e[-tls].json)")
     args = ap.parse_args(argv)
-    out = args.out or RESULTS / ("e2e-tls.json" if args.tls else "e2e.json")
-    n = 3000 if args.quick else args.messages
+    mode = "tls" if args.tls else "drain" if args.drain else "cgroup" if args.cgroup else ""
+    out = args.out or RESULTS / (f"e2e-{mode}.json" if mode else "e2e.json")
+    n = args.messages or (100_000 if args.drain else 50_000 if args.cgroup else 40_000)
+    if args.quick:
+        n = 3000
     lat_s = 3 if args.quick else 10
     cold_runs = 2 if args.quick else 5
     res: dict[str, Any] = {
@@ -391,6 +445,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.tls:
             res.update(_tls_comparison(d, n, args.publishers, 1 if args.quick else args.repeats))
             _print_tls(res)
+        elif args.drain:
+            res.update(_drain_comparison(d, n, args.publishers, args.rounds))
+            _print_drain(res)
+        elif args.cgroup:
+            from ._cgroup import bisect_limit
+
+            res.update(bisect_limit(d, n, args.publishers, args.rounds, _drain_config))
+            _print_cgroup(res)
         else:
             for qos in (1, 0):
                 with _broker(d, f"bare{qos}") as b:
@@ -427,6 +489,90 @@ def _tls_comparison(d: Path, n: int, procs: int, repeats: int) -> dict[str, Any]
                     runs.setdefault(f"edge_{key}", []).append(m)
     median = {k: {f: statistics.median(m[f] for m in ms) for f in ms[0]} for k, ms in runs.items()}
     return {"repeats": repeats, "median": median, "runs": runs}
+
+
+def _drain_config(d: Path, broker: Mosquitto, client: str) -> Path:
+    """edgepipe's config for a drain: the example chain, AES-GCM, FULL, session ``client``."""
+    return _config(d, broker, 1, True, client)
+
+
+def _drain_comparison(d: Path, n: int, procs: int, rounds: int) -> dict[str, Any]:
+    """Each round a fresh broker holds the same ``n`` messages for a mosquitto_sub session
+    and an edgepipe session; the two drain one after the other, the order alternating."""
+    runs: dict[str, list[dict[str, float]]] = {"mosquitto_sub": [], "edgepipe": []}
+    for r in range(rounds):
+        with _broker(d, f"drain-{r}") as b:
+            sub_id, edge_id = f"drain-sub-{r}", f"drain-edge-{r}"
+            _drain.prequeue(b, [sub_id, edge_id], n, procs)
+            order = ("mosquitto_sub", "edgepipe") if r % 2 == 0 else ("edgepipe", "mosquitto_sub")
+            for who in order:
+                if who == "mosquitto_sub":
+                    m = _drain.drain_mosquitto_sub(b, sub_id, n)
+                    # mosquitto_sub exits on its n-th message, sometimes before its last
+                    # PUBACKs are written: counted, and its time is still exec -> exit
+                    m["unacked_at_exit"] = _drain.queue_left(b, sub_id)
+                else:
+                    cfg = _drain_config(d, b, edge_id)
+                    m = _drain.drain_edgepipe(cfg, d / f"trace-drain-{r}.jsonl", n)
+                    left = _drain.queue_left(b, edge_id)
+                    if left:
+                        raise RuntimeError(f"round {r}: edgepipe left {left} messages unacked")
+                runs[who].append(m)
+    median = {k: {f: statistics.median(m[f] for m in ms) for f in ms[0]} for k, ms in runs.items()}
+    ratios = [
+        e["msg_per_s"] / s["msg_per_s"]
+        for e, s in zip(runs["edgepipe"], runs["mosquitto_sub"], strict=True)
+    ]
+    return {
+        "rounds": rounds,
+        "median": median,
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
+        "runs": runs,
+        "load_average": os.getloadavg(),
+    }
+
+
+def _print_drain(r: dict[str, Any]) -> None:
+    m = r["median"]
+    s, e = m["mosquitto_sub"], m["edgepipe"]
+    print(
+        f"\nbacklog drain, {r['messages']:,} QoS 1 messages queued for a persistent session, "
+        f"{r['cpu_count']} CPUs, median of {r['rounds']} rounds (load {r['load_average'][0]:.1f})"
+    )
+    print(f"{'':44}{'seconds':>9}{'msg/s':>10}{'CPU us/msg':>12}")
+    print(
+        f"{'mosquitto_sub -q 1 (exec -> exit)':44}{s['seconds']:>9.2f}{s['msg_per_s']:>10,.0f}"
+        f"{s['cpu_us_per_msg']:>12.1f}"
+    )
+    print(
+        f"{'edgepipe run (exec -> last ack)':44}{e['seconds']:>9.2f}{e['msg_per_s']:>10,.0f}"
+        f"{e['cpu_us_per_msg']:>12.1f}"
+    )
+    print(
+        f"edgepipe against mosquitto_sub: {r['ratio_median']:.2f}x (per round "
+        + ", ".join(f"{x:.2f}" for x in r["ratios"])
+        + f"); edgepipe from its first commit to its last {e['steady_msg_per_s']:,.0f} msg/s, "
+        f"start-up to first commit {e['start_to_first_commit_s'] * 1000:.0f} ms, "
+        f"{e['batches']:.0f} batches, peak RSS {e['peak_rss_mb']:.1f} MB"
+    )
+
+
+def _print_cgroup(r: dict[str, Any]) -> None:
+    print(
+        f"\nedgepipe under a hard memory limit ({r['cgroup']}), drain of {r['messages']:,} "
+        f"messages, each trial {r['rounds']} pairs of an unlimited and a limited run"
+    )
+    for t in r["trials"]:
+        rate = f"{t['msg_per_s']:,.0f} msg/s" if t["msg_per_s"] else t["error"]
+        print(
+            f"  limit {t['limit_mb']:>4} MiB: {rate} against {t['unlimited_msg_per_s']:,.0f} "
+            f"unlimited ({t['fraction']:.0%}){' ' + t['error'] if t['error'] else ''}"
+        )
+    print(
+        f"smallest limit sustaining >= {r['threshold']:.0%} of the unlimited rate: "
+        f"{r['min_limit_mb']} MiB (peak RSS unlimited {r['unlimited_peak_rss_mb']:.1f} MB)"
+    )
 
 
 def _print(r: dict[str, Any]) -> None:

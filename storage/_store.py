@@ -39,6 +39,7 @@ from ._metrics import committed, key_seals, per_reading, stored, written
 from ._queries import StoredBatch
 from ._quota import ON_FULL, disk_bytes, make_room, reclaim
 from ._schema import SCHEMA_VERSION, meta, migrate, stored_version
+from ._seenfilter import SeenFilter
 from ._writer import Writer, configure
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoredBatch"]
@@ -87,6 +88,7 @@ class Store:
         self._seen_rows: collections.deque[tuple[int, float]] = collections.deque()
         self._opened_at = time.monotonic()
         self._first_seen_row: int | None = None
+        self._seen_filter = SeenFilter()
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -143,10 +145,17 @@ class Store:
     async def seen(self, keys: list[bytes]) -> set[bytes]:
         """Which of these message identities are already committed (those of the last
         :attr:`SEEN_KEEP` commits and :attr:`SEEN_WINDOW_S` seconds are kept).  Only
-        messages that may be redeliveries are looked up, so this scan is rare."""
+        messages that may be redeliveries are looked up, and a Bloom filter of the stored
+        identities (``_seenfilter``) rules out almost every one that is not stored, so the
+        table is read only for the few it cannot rule out."""
         if not keys:
             return set()
-        return await self._run(q.seen, set(keys))
+        return await self._run(self._seen_sync, set(keys))
+
+    def _seen_sync(self, con: sqlite3.Connection, want: set[bytes]) -> set[bytes]:
+        # the filter rules out almost every identity that is not stored (_seenfilter)
+        maybe = self._seen_filter.candidates(con, want)
+        return q.seen(con, maybe) if maybe else set()
 
     async def commit(
         self,
@@ -228,6 +237,8 @@ class Store:
         except BaseException:
             uses.abort(con)
             raise
+        if keys:
+            self._seen_filter.committed(keys)
         if evicted:
             reclaim(con)
         key_seals.set(n_uses)

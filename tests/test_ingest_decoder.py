@@ -98,3 +98,56 @@ def test_a_message_without_readings_is_a_dead_letter_not_silence():
     out = _decoder().decode([Message("s/d1/temp", only_strings, 1, 1, False, 0, 1)])
     assert len(out.batch) == 0
     assert [d.reason for d in out.dead_letters] == ["SenML pack has no numeric values"]
+
+
+_ARRIVAL = 1_764_590_000_000
+_SIMPLE_SHAPES = st.fixed_dictionaries(
+    {
+        "value": st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.floats(min_value=-1e251, max_value=1e251),
+            st.integers(-(10**20), 10**20),
+            st.sampled_from([None, "1.5", True]),
+        ),
+        "ts": st.one_of(
+            st.floats(min_value=9e8, max_value=4.2e9),  # around 2000..2100 in seconds
+            st.floats(min_value=_ARRIVAL / 1000, max_value=_ARRIVAL / 1000 + 2 * 86_400),
+            st.floats(min_value=1e8, max_value=1e13),
+            st.integers(0, 5 * 10**12),
+            st.sampled_from([None, "2025-12-01T12:00:00Z", float("nan")]),
+        ),
+    },
+    optional={
+        "seq": st.integers(),
+        "device": st.sampled_from(["other", "", 5]),
+        "metric": st.sampled_from(["m2", ""]),
+        "tags": st.sampled_from([{"a": "b"}, None, 3]),
+        "v": st.floats(allow_nan=False),
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_SIMPLE_SHAPES, st.sampled_from(["", " ", "\n", " x"]))
+def test_the_one_call_path_decodes_as_the_general_one(obj, tail):
+    """Payloads of (or close to) the common shape {"value": float, "ts": float}: the
+    decoder's one-call path (simple_json) gives what decode_payload gives -- the same
+    readings, or a dead letter with the same reason."""
+    from core._errors import DecodeError
+    from pipeline.ingest._codecs import decode_payload
+
+    payload = (json.dumps(obj) + tail).encode()
+    sub = SUBS[0]
+    reg = SeriesRegistry()
+    try:
+        want = [
+            (ts, value, reg.intern(dev or "d1", metric, tags))
+            for dev, metric, ts, value, tags in decode_payload(payload, sub, "temp", _ARRIVAL)
+        ]
+        reason = None
+    except DecodeError as e:
+        want, reason = [], e.reason
+    dec = Decoder(SUBS, reg, device_id="t", max_payload=1000, identity_key=b"k")
+    got = dec.decode([Message("s/d1/temp", payload, 1, 1, False, _ARRIVAL, 1)])
+    assert list(zip(got.batch.ts, got.batch.value, got.batch.series, strict=True)) == want
+    assert [d.reason for d in got.dead_letters] == ([reason] if reason else [])

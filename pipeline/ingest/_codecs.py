@@ -19,6 +19,7 @@ message with its raw bytes, counts the reason and still acknowledges it.
 from __future__ import annotations
 
 import json
+import json.scanner
 import math
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from core._errors import DecodeError
 
 from ._names import check_tag
 
-__all__ = ["TopicTemplate", "decode_payload", "parse_timestamp"]
+__all__ = ["TopicTemplate", "decode_payload", "object_rows", "parse_timestamp", "simple_json"]
 
 # Readings must fall between 2000-01-01 and 2100-01-01 (milliseconds).
 _TS_MIN = 946_684_800_000
@@ -41,6 +42,9 @@ _AHEAD_MS = 86_400_000
 #: Largest magnitude of a value (the cloud receiver's bound: no aggregate can overflow).
 _MAX_ABS = 1e250
 _json_decode = json.JSONDecoder().decode
+#: the C scanner behind ``JSONDecoder.decode``, called straight (decode would add two
+#: Python frames and a regex match per payload); errors are reported by ``_json_decode``
+_json_scan = json.scanner.make_scanner(json.JSONDecoder())
 _RESERVED = frozenset({"ts", "time", "timestamp", "t", "seq", "id", "device", "tags", "value", "v"})
 
 # (device or None, metric or None, ts_ms, value, tags or None)
@@ -101,6 +105,10 @@ class TopicTemplate:
 
 def parse_timestamp(v: Any) -> int:
     """Epoch seconds, epoch milliseconds or ISO 8601 -> milliseconds since the epoch."""
+    if type(v) is float and -1e15 < v < 1e15:  # the common case: finite, not a bool
+        ms = int(v) if v >= 1e11 or v <= -1e11 else int(round(v * 1000))
+        if _TS_MIN <= ms < _TS_MAX:
+            return ms
     if isinstance(v, bool):
         raise DecodeError("timestamp is a boolean")
     if isinstance(v, int | float):
@@ -123,6 +131,8 @@ def parse_timestamp(v: Any) -> int:
 
 
 def _number(v: Any, what: str) -> float:
+    if type(v) is float and -_MAX_ABS <= v <= _MAX_ABS:  # finite and in range (not NaN)
+        return v
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise DecodeError(f"{what} is not a number ({type(v).__name__})")
     try:
@@ -169,36 +179,96 @@ def _object_rows(
     metric: str | None,
     arrival: int,
     sub: SubscriptionConfig,
-) -> Iterator[Row]:
+    out: list[Row],
+) -> None:
+    """Append the readings of one object to ``out`` (per payload: no generator, and the
+    common float timestamp and value checked inline)."""
     ts_field = sub.timestamp_field
     raw_ts = obj.get(ts_field)
     if raw_ts is None:
         raw_ts = obj.get("timestamp", obj.get("time"))
     if raw_ts is not None and sub.timestamp == "payload":
-        ts = _not_ahead(parse_timestamp(raw_ts), arrival)
+        # parse_timestamp's common case inline: epoch seconds as a float
+        if type(raw_ts) is float and 1e8 < raw_ts < 1e11:
+            ts = round(raw_ts * 1000)
+            if not _TS_MIN <= ts < _TS_MAX:
+                ts = parse_timestamp(raw_ts)
+        else:
+            ts = parse_timestamp(raw_ts)
+        if ts > arrival + _AHEAD_MS:
+            _not_ahead(ts, arrival)
     else:
         ts = _arrival(arrival)
     device = obj.get("device")
-    if device is not None and not isinstance(device, str):
+    if device is not None and type(device) is not str:
         raise DecodeError("device must be a string")
-    tags = _tags(obj.get("tags"))
+    tags = obj.get("tags")
+    if tags is not None:
+        tags = _tags(tags)
     if "value" in obj or "v" in obj:
         value = obj["value"] if "value" in obj else obj["v"]
         m = obj.get("metric", metric)
         if not isinstance(m, str) or not m:
             raise DecodeError("no metric: neither the topic nor the payload names one")
-        yield device, m, ts, _number(value, "value"), tags
+        if not (type(value) is float and -_MAX_ABS <= value <= _MAX_ABS):
+            value = _number(value, "value")
+        out.append((device, m, ts, value, tags))
         return
     found = False
+    id_field = sub.id_field
     for key, value in obj.items():
-        if key in _RESERVED or key == ts_field or key == "metric" or key == sub.id_field:
+        if key in _RESERVED or key == ts_field or key == "metric" or key == id_field:
             continue
         if not key:
             raise DecodeError("a metric field has an empty name")
-        yield device, str(key), ts, _number(value, f"field {key!r}"), tags
+        if not (type(value) is float and -_MAX_ABS <= value <= _MAX_ABS):
+            value = _number(value, f"field {key!r}")
+        out.append((device, str(key), ts, value, tags))
         found = True
     if not found:
         raise DecodeError("object has no numeric metric fields")
+
+
+def object_rows(
+    obj: dict[str, Any], metric: str | None, arrival: int, sub: SubscriptionConfig
+) -> list[Row]:
+    """The readings of a JSON or MessagePack object, as :func:`decode_payload` gives them."""
+    out: list[Row] = []
+    _object_rows(obj, metric, arrival, sub, out)
+    return out
+
+
+def simple_json(payload: bytes, ts_field: str, arrival: int) -> tuple[int, float] | Any:
+    """The common payload in one call: a JSON object with a float ``"value"`` and float
+    epoch seconds under ``ts_field``, and no ``device``, ``metric`` or ``tags`` of its own
+    -> ``(ts_ms, value)``, exactly what :func:`decode_payload` makes of it with the topic's
+    device and metric (for a subscription of format json or auto, timestamps from the
+    payload).  Another JSON object -> the dict (for :func:`object_rows`); anything else
+    (not one JSON object, not UTF-8) -> None, and :func:`decode_payload` says why."""
+    try:
+        text = payload.decode()
+        data, end = _json_scan(text, 0)
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        return None
+    if type(data) is not dict:
+        return None
+    value = data.get("value")
+    t = data.get(ts_field)
+    if (
+        type(value) is float
+        and -_MAX_ABS <= value <= _MAX_ABS
+        and type(t) is float
+        and 1e8 < t < 1e11
+        and "device" not in data
+        and "metric" not in data
+        and "tags" not in data
+    ):
+        ts = round(t * 1000)
+        if _TS_MIN <= ts < _TS_MAX and ts <= arrival + _AHEAD_MS:
+            return ts, value
+    return data
 
 
 def _structured_rows(
@@ -206,9 +276,10 @@ def _structured_rows(
     metric: str | None,
     arrival: int,
     sub: SubscriptionConfig,
-) -> Iterator[Row]:
-    if isinstance(data, dict):
-        yield from _object_rows(data, metric, arrival, sub)
+) -> list[Row]:
+    out: list[Row] = []
+    if type(data) is dict:
+        _object_rows(data, metric, arrival, sub, out)
     elif isinstance(data, list):
         if not data:
             raise DecodeError("empty list")
@@ -217,13 +288,16 @@ def _structured_rows(
         for item in data:
             if not isinstance(item, dict):
                 raise DecodeError("a list must hold objects")
-            yield from _object_rows(item, metric, arrival, sub)
+            _object_rows(item, metric, arrival, sub, out)
+    elif isinstance(data, dict):  # a dict subclass (never from json or msgpack)
+        _object_rows(data, metric, arrival, sub, out)
     elif isinstance(data, int | float) and not isinstance(data, bool):
         if metric is None:
             raise DecodeError("no metric: neither the topic nor the payload names one")
-        yield None, metric, _arrival(arrival), _number(data, "value"), None
+        out.append((None, metric, _arrival(arrival), _number(data, "value"), None))
     else:
         raise DecodeError(f"payload is a {type(data).__name__}, expected an object")
+    return out
 
 
 def _senml_rows(data: Any, arrival: int) -> Iterator[Row]:
@@ -283,8 +357,17 @@ def decode_payload(
     """All readings in one payload, or DecodeError."""
     fmt = sub.format
     if fmt == "auto":
-        fmt = _sniff(payload)
+        fmt = "json" if payload[:1] == b"{" else _sniff(payload)
     try:
+        if fmt == "json":
+            data = _json(payload)
+            if type(data) is dict:  # the common case, one call less
+                out: list[Row] = []
+                _object_rows(data, metric, arrival, sub, out)
+                return out
+            if sub.format == "auto" and type(data) is list and _looks_senml(data):
+                return _senml_list(data, arrival)
+            return _structured_rows(data, metric, arrival, sub)
         if fmt == "number":
             try:
                 value = float(payload)
@@ -294,28 +377,44 @@ def decode_payload(
             if metric is None:
                 raise DecodeError("no metric: neither the topic nor the payload names one")
             return [(None, metric, _arrival(arrival), value, None)]
-        if fmt in ("json", "senml"):
-            try:
-                # bytes.decode + a bound decoder: json.loads would sniff the encoding first
-                data = _json_decode(payload.decode())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise DecodeError(f"invalid JSON: {e}") from None
-            if fmt == "senml" or (sub.format == "auto" and _looks_senml(data)):
-                rows = list(_senml_rows(data, arrival))
-                if not rows:
-                    raise DecodeError("SenML pack has no numeric values")
-                return rows
-            return list(_structured_rows(data, metric, arrival, sub))
+        if fmt == "senml":
+            return _senml_list(_json(payload), arrival)
         if fmt == "msgpack":
             try:
                 # unpackb bounds every container by the input length already
                 data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
             except Exception as e:
                 raise DecodeError(f"invalid MessagePack: {type(e).__name__}: {e}"[:120]) from None
-            return list(_structured_rows(data, metric, arrival, sub))
+            return _structured_rows(data, metric, arrival, sub)
     except RecursionError:
         raise DecodeError("payload nests too deeply") from None
     raise DecodeError(f"unknown format {fmt!r}")  # pragma: no cover
+
+
+def _json(payload: bytes) -> Any:
+    """The JSON value of ``payload`` (UTF-8; whitespace around it allowed), or DecodeError
+    with json's own message."""
+    try:
+        # bytes.decode, not json.loads, which would sniff the encoding first
+        text = payload.decode()
+        if text and text[0] not in " \t\n\r":
+            try:
+                data, end = _json_scan(text, 0)
+            except StopIteration:
+                pass  # _json_decode raises the error with its message
+            else:
+                if end == len(text) or text[end:].strip(" \t\n\r") == "":
+                    return data
+        return _json_decode(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DecodeError(f"invalid JSON: {e}") from None
+
+
+def _senml_list(data: Any, arrival: int) -> list[Row]:
+    rows = list(_senml_rows(data, arrival))
+    if not rows:
+        raise DecodeError("SenML pack has no numeric values")
+    return rows
 
 
 _MSGPACK_HEADS = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}  # maps and arrays

@@ -24,7 +24,7 @@ from core._errors import DecodeError
 from core._metrics import METRICS
 from core._model import Batch, DeadLetter, SeriesRegistry
 
-from ._codecs import TopicTemplate, decode_payload
+from ._codecs import TopicTemplate, decode_payload, object_rows, simple_json
 from ._message import Message
 from ._names import check_names
 
@@ -46,6 +46,13 @@ _checked = METRICS.counter(
     "(dup) or arrival in the redelivery window after a connect (window)",
     ["reason"],
 )
+
+
+#: (subscription, device and metric from the topic, the timestamp field when the
+#: subscription's payloads may take simple_json's one-call path, else None)
+_Route = tuple[SubscriptionConfig, str | None, str | None, str | None]
+_NO_ROUTE = object()  # a topic not looked up yet (None: looked up, matches nothing)
+_SERIES_CACHE_MAX = 100_000
 
 
 class Decoded(NamedTuple):
@@ -70,7 +77,9 @@ class Decoder:
         self.max_payload = max_payload
         self._key = identity_key[:64]
         self._keys_for: tuple[list[Message], list[bytes]] | None = None
-        self._routes: dict[str, tuple[SubscriptionConfig, str | None, str | None] | None] = {}
+        self._routes: dict[str, _Route | None] = {}
+        #: (device, metric) -> series id of untagged series whose names passed check_names
+        self._series: dict[tuple[str, str], int] = {}
 
     @property
     def topic_filters(self) -> list[tuple[str, int]]:
@@ -81,7 +90,7 @@ class Decoder:
             b"%s\0%s" % (m.topic.encode(), m.payload), digest_size=16, key=self._key
         ).digest()
 
-    def _route(self, topic: str) -> tuple[SubscriptionConfig, str | None, str | None] | None:
+    def _route(self, topic: str) -> _Route | None:
         try:
             return self._routes[topic]
         except KeyError:
@@ -90,7 +99,14 @@ class Decoder:
         for tmpl, sub in self.subs:
             hit = tmpl.match(topic)
             if hit is not None:
-                found = (sub, hit[0], hit[1])
+                device, metric = hit[0], hit[1] or sub.metric
+                simple = (
+                    sub.format in ("json", "auto")
+                    and sub.timestamp == "payload"
+                    and bool(device)
+                    and bool(metric)
+                )
+                found = (sub, hit[0], hit[1], sub.timestamp_field if simple else None)
                 break
         if len(self._routes) > 100_000:
             self._routes.clear()
@@ -105,43 +121,66 @@ class Decoder:
         """Decode ``msgs``; messages whose identity is in ``skip`` are already stored."""
         dead: list[DeadLetter] = []
         keys: list[bytes] = []
-        intern = self.registry.intern
         # typed columns (no Python object kept per reading), packed once at the end
         ts_l, val_l, sid_l = array("q"), array("d"), array("I")
+        add_ts, add_val, add_sid = ts_l.append, val_l.append, sid_l.append
         identity = self.identity
         cached = self._keys_for
         self._keys_for = None
         known = cached[1] if cached is not None and cached[0] is msgs else None
+        routes, route_of = self._routes, self._route
+        series = self._series
+        max_payload = self.max_payload
         n_qos1 = 0
         for i, m in enumerate(msgs):
             if m.qos:
                 n_qos1 += 1
                 key = known[i] if known is not None else identity(m)
-                if key in skip:
+                if skip and key in skip:
                     _dupes.inc()
                     continue
                 keys.append(key)
             mark = len(sid_l)
             try:
-                if len(m.payload) > self.max_payload:
+                payload = m.payload
+                if len(payload) > max_payload:
                     raise DecodeError(
-                        f"payload of {len(m.payload)} bytes exceeds max_payload_bytes "
-                        f"({self.max_payload})"
+                        f"payload of {len(payload)} bytes exceeds max_payload_bytes ({max_payload})"
                     )
-                route = self._route(m.topic)
+                route = routes.get(m.topic, _NO_ROUTE)
+                if route is _NO_ROUTE:
+                    route = route_of(m.topic)
                 if route is None:
                     raise DecodeError("topic matches no subscription template")
-                sub, t_device, t_metric = route
-                rows = decode_payload(m.payload, sub, t_metric or sub.metric, m.arrival_ms)
+                sub, t_device, t_metric, ts_field = route
+                metric = t_metric or sub.metric
+                if ts_field is not None and payload[:1] == b"{":
+                    got = simple_json(payload, ts_field, m.arrival_ms)
+                    if type(got) is tuple:  # one reading, device and metric from the topic
+                        sid = series.get((t_device, metric))
+                        if sid is None:
+                            sid = self._new_series(t_device, metric)  # type: ignore[arg-type]
+                        add_ts(got[0])
+                        add_val(got[1])
+                        add_sid(sid)
+                        continue
+                    if got is not None:
+                        rows = object_rows(got, metric, m.arrival_ms, sub)
+                    else:
+                        rows = decode_payload(payload, sub, metric, m.arrival_ms)
+                else:
+                    rows = decode_payload(payload, sub, metric, m.arrival_ms)
                 for device, metric, ts, value, tags in rows:
                     dev = device or t_device or sub.device
-                    if dev is None:
-                        raise DecodeError("no device: neither the topic nor the payload names one")
-                    check_names(dev, metric)  # type: ignore[arg-type]
-                    sid = intern(dev, metric, tags)  # type: ignore[arg-type]
-                    ts_l.append(ts)
-                    val_l.append(value)
-                    sid_l.append(sid)
+                    if tags is None:
+                        sid = series.get((dev, metric))
+                        if sid is None:
+                            sid = self._new_series(dev, metric)
+                    else:
+                        sid = self._tagged_series(dev, metric, tags)
+                    add_ts(ts)
+                    add_val(value)
+                    add_sid(sid)
             except DecodeError as e:
                 # drop whatever this message appended before the error
                 del ts_l[mark:], val_l[mark:], sid_l[mark:]
@@ -156,12 +195,35 @@ class Decoder:
             _received.inc(len(msgs) - n_qos1, "0")
         return Decoded(batch, dead, keys)
 
+    def _new_series(self, device: str | None, metric: str) -> int:
+        """The id of the untagged series (device, metric), after checking both names;
+        remembered (bounded), so the next reading of the series costs one lookup."""
+        if device is None:
+            raise DecodeError("no device: neither the topic nor the payload names one")
+        check_names(device, metric)
+        sid = self.registry.intern(device, metric)
+        if len(self._series) >= _SERIES_CACHE_MAX:
+            self._series.clear()
+        self._series[(device, metric)] = sid
+        return sid
+
+    def _tagged_series(self, device: str | None, metric: str, tags: dict[str, str]) -> int:
+        if device is None:
+            raise DecodeError("no device: neither the topic nor the payload names one")
+        check_names(device, metric)
+        return self.registry.intern(device, metric, tags)
+
     def dup_identities(self, msgs: list[Message]) -> list[bytes]:
         """Identities of the messages that may have been delivered before: DUP flag set or
         received in the redelivery window after a (re)connect.  (The identities of the
         whole batch are kept for the :meth:`decode` call that follows.)"""
-        identity = self.identity
-        keys = [identity(m) if m.qos else b"" for m in msgs]
+        key, b2 = self._key, _blake2b  # identity() inline: one call less per message
+        keys = [
+            b2(b"%s\0%s" % (m.topic.encode(), m.payload), digest_size=16, key=key).digest()
+            if m.qos
+            else b""
+            for m in msgs
+        ]
         self._keys_for = (msgs, keys)
         out = [k for m, k in zip(msgs, keys, strict=True) if m.maybe_seen and m.qos]
         if out:  # a batch after a connect or with redeliveries: counting costs a pass

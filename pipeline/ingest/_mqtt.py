@@ -58,6 +58,7 @@ _subscribes = METRICS.counter(
     "edgepipe_mqtt_subscribes_total", "subscriptions the broker acknowledged (one per connect)"
 )
 
+_tuple_new = tuple.__new__
 _READS_PER_WAKE = 64  # TLS: records decrypted but not yet read
 
 
@@ -128,7 +129,7 @@ class MQTTClient:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
-        c.fast_publish = self._on_publish
+        c.fast_publish = self._on_publishes
         c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._in_loop(self._socket_opened)
         c.on_socket_close = self._in_loop(self._socket_closed)
@@ -349,19 +350,18 @@ class MQTTClient:
         self._on_publish(msg.topic, msg.payload, msg.qos, msg.mid, bool(msg.dup))
 
     def _on_publish(self, topic: str, payload: bytes, qos: int, mid: int, dup: bool) -> None:
-        # per message: keep this lean (arrival time is taken once per socket read)
+        self._on_publishes([(topic, payload, qos, mid, dup)])
+
+    def _on_publishes(self, pubs: list[tuple[str, bytes, int, int, bool]]) -> None:
+        # per message: keep this lean (arrival time is taken once per socket read);
+        # tuple.__new__ straight: a NamedTuple's own __new__ is one more Python frame
+        now, gen, window = self._now_ms, self.generation, self._in_window
         pending = self._pending
-        pending.append(
-            Message(
-                topic,
-                payload,
-                qos,
-                mid,
-                dup,
-                self._now_ms,
-                self.generation,
-                dup or self._in_window,
-            )
+        pending.extend(
+            [
+                _tuple_new(Message, (topic, payload, qos, mid, dup, now, gen, dup or window))
+                for topic, payload, qos, mid, dup in pubs
+            ]
         )
         if len(pending) >= self.max_pending:
             self._pause()

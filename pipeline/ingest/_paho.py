@@ -7,8 +7,9 @@ The small API :class:`pipeline.ingest._mqtt.MQTTClient` builds on:
   persistent session, manual acks, TLS, credentials, Last Will); :func:`set_credentials`
   re-reads the password before a reconnect; :func:`connect_properties` are the MQTT 5
   CONNECT properties;
-- :meth:`PahoClient.read_burst` -- read the socket once and hand every QoS 0/1 PUBLISH to
-  :attr:`PahoClient.fast_publish`, every other packet to paho's own handlers;
+- :meth:`PahoClient.read_burst` -- read the socket once and hand every run of QoS 0/1
+  PUBLISH packets to :attr:`PahoClient.fast_publish` as one list, every other packet to
+  paho's own handlers;
   :meth:`PahoClient.reset_buffer` forgets a partial packet when a new socket opens;
 - :meth:`PahoClient.send_pubacks` -- the PUBACKs of a batch in one write;
 - :meth:`PahoClient.keepalive` -- paho's ``loop_misc``, counting unread bytes in the
@@ -101,8 +102,9 @@ class PahoClient(paho.Client):
     edgepipe never sets Topic Alias Maximum, so no PUBLISH needs its properties.
     """
 
-    #: ``fn(topic, payload, qos, mid, dup)`` for QoS 0/1 PUBLISH packets
-    fast_publish: Callable[[str, bytes, int, int, bool], None] | None = None
+    #: ``fn([(topic, payload, qos, mid, dup), ...])`` for each run of QoS 0/1 PUBLISH
+    #: packets in a read (called before any other packet after them is handled)
+    fast_publish: Callable[[list[tuple[str, bytes, int, int, bool]]], None] | None = None
     _rest: bytes = b""  # the start of a packet whose remainder has not arrived yet
 
     def reset_buffer(self) -> None:
@@ -131,18 +133,26 @@ class PahoClient(paho.Client):
         n = len(buf)
         pos = 0
         fast = self.fast_publish
+        pubs: list[tuple[str, bytes, int, int, bool]] = []  # handed over once per run
+        add = pubs.append
         v5 = self._protocol == paho.MQTTv5
         while pos < n:
             start = pos
             cmd = buf[pos]
             pos += 1
-            try:
-                length, pos = _varint(buf, pos)  # the remaining length
-            except IndexError:
-                pos = start  # the length itself is incomplete
-                break
-            except ValueError:
-                return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_PROTOCOL)
+            length = buf[pos] if pos < n else 0x80
+            if length < 0x80:  # a remaining length of one byte (< 128): inline
+                pos += 1
+            else:
+                try:
+                    length, pos = _varint(buf, pos)  # the remaining length
+                except IndexError:
+                    pos = start  # the length itself is incomplete
+                    break
+                except ValueError:
+                    if pubs:
+                        fast(pubs)  # type: ignore[misc]
+                    return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_PROTOCOL)
             end = pos + length
             if end > n:
                 pos = start
@@ -157,11 +167,18 @@ class PahoClient(paho.Client):
                 if qos:
                     mid = (buf[pos] << 8) | buf[pos + 1]
                     pos += 2
-                if v5:  # skip the properties
-                    plen, pos = _varint(buf, pos)
-                    pos += plen
-                fast(topic.decode("utf-8", "replace"), buf[pos:end], qos, mid, bool(cmd & 0x08))
+                if v5:  # skip the properties (usually none: one 0 byte)
+                    if buf[pos]:
+                        plen, pos = _varint(buf, pos)
+                        pos += plen
+                    else:
+                        pos += 1
+                add((topic.decode("utf-8", "replace"), buf[pos:end], qos, mid, bool(cmd & 0x08)))
             else:
+                if pubs:  # the PUBLISHes before this packet go first: a CONNACK after
+                    fast(pubs)  # type: ignore[misc]  # them starts a new generation
+                    pubs = []
+                    add = pubs.append
                 rc = self._handle_other(cmd, buf[pos:end])
                 if rc:
                     self._rest = b""
@@ -170,6 +187,8 @@ class PahoClient(paho.Client):
                     self._rest = b""
                     return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
             pos = end
+        if pubs:
+            fast(pubs)  # type: ignore[misc]
         self._rest = buf[pos:] if pos < n else b""
         if lost:  # after handling the packets that came before the end
             return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
