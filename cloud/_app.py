@@ -26,9 +26,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from core._clock import SYSTEM_CLOCK, Clock
+
 from . import _bundle_api as bundle
 from . import _health_api as health
 from . import _read_api as read
+from . import _rollout_api as rollout
 from ._admission import DeviceRate, UploadGate
 from ._auth import PasswordChecker, operator_endpoint, require_operator
 from ._backend import Backend
@@ -57,6 +60,7 @@ def api_routes() -> list[BaseRoute]:
         Route("/v1/rejections", read.rejections, methods=["GET"]),
         Route("/v1/dead-letters", read.dead_letters, methods=["GET"]),
         Route("/v1/receiver", receiver_status, methods=["GET"]),
+        *rollout.routes(),
         Route("/openapi.json", read.openapi, methods=["GET"]),
     ]
 
@@ -95,10 +99,12 @@ def create_app(
     backend: Backend | None = None,
     extra_routes: Sequence[BaseRoute] = (),
     dashboard: DashboardSettings | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Starlette:
     """The receiver app.  Without ``backend`` one is opened from ``settings.db`` with the
     master key from ``settings`` at startup (none configured: :class:`MasterKeyError`) and
-    closed at shutdown; a given backend is left open (the caller owns it)."""
+    closed at shutdown; a given backend is left open (the caller owns it).  Rollouts are
+    evaluated by ``clock``'s time (:mod:`cloud._rollout`)."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -111,9 +117,12 @@ def create_app(
             app.state.backend = await run_in_threadpool(
                 functools.partial(open_backend, settings.db, master_key=master_key)
             )
+        app.state.rollouts = rollout.engine(app.state.backend, settings, clock)
+        await app.state.rollouts.start()
         try:
             yield
         finally:
+            await app.state.rollouts.stop()
             app.state.password_checker.close()
             if owned:
                 app.state.backend.close()
@@ -127,6 +136,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.backend = backend
+    app.state.rollouts = None  # the RolloutEngine, while the app runs
     app.state.upload_gate = UploadGate(
         max_inflight=settings.max_inflight_uploads,
         max_per_device=settings.max_inflight_per_device,

@@ -237,6 +237,32 @@ def create_bundle(
     text, modules = read_bundle_source(filters)
     now = now_ms() if now is None else now
     new = sum(backend.put_module(e.sha256, blob) for e, blob in modules)
+    summary = sign_and_store(
+        backend,
+        key,
+        text,
+        [e for e, _ in modules],
+        fleet=fleet,
+        priority=priority,
+        valid_days=valid_days,
+        now=now,
+    )
+    return {**summary, "new_modules": new}
+
+
+def sign_and_store(
+    backend: Backend,
+    key: SigningKey,
+    text: str,
+    modules: list[ModuleEntry],
+    *,
+    fleet: str,
+    priority: str,
+    valid_days: float,
+    now: int,
+) -> dict[str, Any]:
+    """Sign the chain ``text`` with its (stored) ``modules`` as the next bundle version and
+    store it; -> its summary."""
     for _ in range(10):  # another `bundle create` may take the version meanwhile
         manifest = Manifest(
             fleet=fleet,
@@ -248,7 +274,7 @@ def create_bundle(
             key_id=key.id,
             filters_text=text,
             filters_sha256=hashlib.sha256(text.encode()).hexdigest(),
-            modules=tuple(e for e, _ in modules),
+            modules=tuple(modules),
         )
         data = encode_manifest(manifest)
         try:
@@ -261,7 +287,6 @@ def create_bundle(
             "key_id": key.id,
             "fleet": fleet,
             "modules": len(modules),
-            "new_modules": new,
             "total_bytes": manifest.total_bytes,
             "not_after": manifest.not_after,
         }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._bundle_cli import add_desire_parser, add_parsers
+from ._rollout_cli import add_label_parsers, add_rollout_parser
 from ._settings import ENV_PREFIX, Settings
 from ._url import redacted_url
 
@@ -179,6 +180,12 @@ def parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="certificate chain (PEM); with --tls-key")
     serve.add_argument("--tls-key", help="its private key (PEM)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--signing-key-file",
+        metavar="FILE",
+        help="the fleet's signing key file (mode 0600): rollouts sign their rollback bundles "
+        "with its last line; else $EDGEPIPE_CLOUD_SIGNING_KEY_FILE",
+    )
 
     command(
         sub,
@@ -196,6 +203,7 @@ def parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         exits(f"a device of that name exists; {db_cmd}", ", an invalid name" + _NO_DB + _KEY),
     )
     add.add_argument("name")
+    add_label_parsers(dsub, add, command, exits, db_cmd, _NO_DB)
     command(
         dsub,
         "list",
@@ -236,6 +244,7 @@ def parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     urm.add_argument("name")
 
     add_parsers(sub, command, exits, db_cmd, _NO_DB)
+    add_rollout_parser(sub, command, exits, db_cmd, _NO_DB)
 
     mkey = command(
         sub,

@@ -117,9 +117,16 @@ async def fleet_json(request: Request) -> Response:
             devices = [d]
         else:
             devices = backend.list_devices()
-        return fleet_view(
+        view = fleet_view(
             devices, backend.device_activity(now - _D), now, int(s.offline_after_s * 1000)
         )
+        bundles = {b["device"]: b for b in backend.bundle_states()}
+        for row in view["devices"]:
+            b = bundles.get(row["name"]) or {}
+            row["bundle"] = {
+                k: b.get(k) for k in ("active_version", "desired_version", "in_sync", "status")
+            }
+        return view
 
     return JSONResponse(await run_in_threadpool(load))
 
