@@ -253,6 +253,9 @@ class RolloutEngine:
             targets = failures if spec["policy"] == "device" else ro["devices"]
             for d in targets:
                 self._roll_back(ro, d, d["reason"] if d in failures else f"policy all: {reason}")
+            for d in ro["devices"]:
+                if d["state"] == "pending":
+                    self._set(ro, d, state="skipped", reason="the rollout halted before its wave")
         elif failures:  # halted already: roll these back too
             for d in failures:
                 self._roll_back(ro, d, d["reason"])
