@@ -13,7 +13,7 @@ import pytest
 
 from cloud import Backend
 from cloud._rollout import RolloutEngine, health_rates, parse_duration, plan_waves
-from cloud._rollout_store import BadLabel, RolloutConflict
+from cloud._rollout_store import RolloutConflict
 from core._clock import ManualClock
 from protocol import _bundle
 from tests.helpers.cloud_client import new_device
@@ -102,25 +102,6 @@ def test_waves_plans_and_durations() -> None:
         parse_duration("soon")
     r = health_rates(_health(200, drops=20, traps={"unreachable": 2}))
     assert r["in"] == 200 and r["drop_rate"] == 0.1 and r["traps"] == {"validity": ["unreachable"]}
-
-
-def test_labels_are_bounded_and_listed(backend: Backend) -> None:
-    name, _ = new_device(backend)
-    assert backend.set_labels(name, {"site": "north", "ring": "beta"}) == {
-        "ring": "beta",
-        "site": "north",
-    }
-    assert backend.set_labels(name, {"ring": "ga"}, ["site"]) == {"ring": "ga"}
-    assert backend.device_labels()[name] == {"ring": "ga"}
-    assert name in backend.devices_labelled("ring", "ga")
-    for bad in ({"": "x"}, {"k": ""}, {"k": "a b"}, {"k" * 64: "v"}, {"k": "<script>"}):
-        with pytest.raises(BadLabel):
-            backend.set_labels(name, bad)
-    with pytest.raises(BadLabel, match="at most 32"):
-        backend.set_labels(name, {f"k{i}": "v" for i in range(40)})
-    assert backend.device_labels()[name] == {"ring": "ga"}  # nothing of it was written
-    assert backend.remove_device(name)
-    assert name not in backend.device_labels()
 
 
 def test_a_good_bundle_goes_canary_then_waves_after_each_soak(backend: Backend, tmp_path: Path) -> None:
