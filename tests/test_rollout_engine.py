@@ -104,7 +104,9 @@ def test_waves_plans_and_durations() -> None:
     assert r["in"] == 200 and r["drop_rate"] == 0.1 and r["traps"] == {"validity": ["unreachable"]}
 
 
-def test_a_good_bundle_goes_canary_then_waves_after_each_soak(backend: Backend, tmp_path: Path) -> None:
+def test_a_good_bundle_goes_canary_then_waves_after_each_soak(
+    backend: Backend, tmp_path: Path
+) -> None:
     g = Group(backend, tmp_path, 4, "good")
     v = make_bundle(backend, tmp_path / "v", tag="good-v")["version"]
     rid = g.start(v, "good")
@@ -123,7 +125,11 @@ def test_a_good_bundle_goes_canary_then_waves_after_each_soak(backend: Backend, 
     g.engine = RolloutEngine(backend, signing_keys=lambda: [KEY], clock=g.clock)
     g.engine.evaluate()
     st = g.states(rid)
-    assert st[canary] == "healthy" and [st[n] for n in rest] == ["downloading", "downloading", "pending"]
+    assert st[canary] == "healthy" and [st[n] for n in rest] == [
+        "downloading",
+        "downloading",
+        "pending",
+    ]
     for n in rest[:2]:
         _runs(backend, n, v, g.clock, n_in=300)
     g.engine.evaluate()

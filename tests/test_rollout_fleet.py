@@ -81,7 +81,9 @@ def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     f.receiver.extra += ["--signing-key-file", str(f.signing_key)]
     for name in NAMES:
         f.add_device(name)
-        r = f.cli("devices", "label", name, "site=lab", f"ring={'canary' if name == NAMES[0] else 'ga'}")
+        r = f.cli(
+            "devices", "label", name, "site=lab", f"ring={'canary' if name == NAMES[0] else 'ga'}"
+        )
         assert r.returncode == 0, r.stderr
     with f.receiver:
         yield f
@@ -175,9 +177,7 @@ def test_a_good_bundle_reaches_every_device_in_canary_and_two_waves_losing_nothi
         # overlapping groups are refused while it runs
         r2 = fleet.cli("rollout", "start", str(good), "--group", "ring=canary")
         assert r2.returncode == 1 and f"rollout {rid} is still active" in r2.stderr
-        wait_for(
-            lambda: _status(fleet, rid)["current_wave"] == 2, 120, "the last wave started"
-        )
+        wait_for(lambda: _status(fleet, rid)["current_wave"] == 2, 120, "the last wave started")
         st = _status(fleet, rid)
         states = {d["device"]: d["state"] for d in st["devices"]}
         assert states == {"dev-a": "healthy", "dev-b": "healthy", "dev-c": "healthy",
