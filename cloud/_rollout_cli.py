@@ -166,7 +166,7 @@ def print_status(ro: dict[str, Any], events: list[dict[str, Any]], out: Any = sy
         print(f"  {'canary' if i == 0 else f'wave {i}'}:", file=out)
         for d in (d for d in ro["devices"] if d["wave"] == i):
             reason = f"  {d['reason']}" if d["reason"] else ""
-            print(f"    {d['device']:<20} {d['state']:<13}{reason}", file=out)
+            print(f"    {d['device']:<20} {d['state']:<13}{reason}".rstrip(), file=out)
     print("  timeline:", file=out)
     for e in events:
         who = f" {e['device']}" if e["device"] else ""

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from cloud import Backend, open_backend
+from cloud._schema import SCHEMA_VERSION
 from tests.helpers.cloud_client import (
     DeviceClient,
     LiveServer,
@@ -206,7 +207,7 @@ def test_plaintext_secrets_are_sealed_on_first_start_with_a_key(db_url: str) -> 
         rows = _devices_rows(b)
         assert {r[2] for r in rows} == {key.active_id}
         assert all(b.get_device_secret(n) == s for n, s in devices)
-        assert _sql(b, "SELECT version FROM schema_version") == [(3,)]
+        assert _sql(b, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
     with open_backend(db_url, master_key=key) as b:  # again: nothing left to do
         assert _devices_rows(b) == rows
     for _, secret in devices:
