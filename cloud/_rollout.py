@@ -251,8 +251,10 @@ class RolloutEngine:
             ro.update(state="halted", reason=reason)
             self._event(ro, "halted", reason)
             targets = failures if spec["policy"] == "device" else ro["devices"]
+            # devices still on their way to the bundle do not get it (nor does a later wave)
+            targets = targets + [d for d in ro["devices"] if d["state"] == "downloading"]
             for d in targets:
-                self._roll_back(ro, d, d["reason"] if d in failures else f"policy all: {reason}")
+                self._roll_back(ro, d, d["reason"] if d in failures else f"halted: {reason}")
             for d in ro["devices"]:
                 if d["state"] == "pending":
                     self._set(ro, d, state="skipped", reason="the rollout halted before its wave")

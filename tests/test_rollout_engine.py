@@ -201,16 +201,18 @@ def test_a_drop_rate_above_the_margin_fails_the_gate_and_policy_all_rolls_back_e
 def test_a_refused_bundle_fails_the_gate_and_the_device_keeps_its_chain(
     backend: Backend, tmp_path: Path
 ) -> None:
-    g = Group(backend, tmp_path, 2, "refuse")
+    g = Group(backend, tmp_path, 3, "refuse")
     v = make_bundle(backend, tmp_path / "v", tag="refuse-v")["version"]
-    rid = g.start(v, "refuse")
+    rid = g.start(v, "refuse", canary="2")
     _report(backend, g.names[0], g.clock, active_version=g.base, status="failed", version=v,
             reason="invalid_chain", detail="filters.yaml: stage validity: unknown key")  # fmt: skip
     g.engine.evaluate()
     ro = backend.rollout(rid)
     assert ro["state"] == "rolled_back" and "invalid_chain" in ro["reason"]
-    assert ro["devices"][0]["state"] == "failed"
-    assert backend.bundle_state(g.names[0])["desired_version"] == g.base
+    assert [d["state"] for d in ro["devices"]] == ["failed", "skipped", "skipped"]
+    # the other canary had not applied it yet: it does not get it any more
+    assert "halted before it applied" in ro["devices"][1]["reason"]
+    assert [backend.bundle_state(n)["desired_version"] for n in g.names] == [g.base] * 3
 
 
 def test_overlapping_rollouts_are_refused_and_pause_resume_abort(
