@@ -284,5 +284,13 @@ def test_rollouts_the_cli_refuses(tmp_path: Path, fleet: Fleet) -> None:
     assert r.returncode == 1 and "duration" in r.stderr
     r = fleet.cli("devices", "label", "dev-a", "bad key=x")
     assert r.returncode == 1 and "label" in r.stderr
+    # labels at `devices add`; a bad one adds nothing
+    r = fleet.cli("devices", "add", "dev-x", "--label", "site=lab", "--label", "ring=<b>")
+    assert r.returncode == 1 and "the value must be" in r.stderr
+    r = fleet.cli("devices", "add", "dev-x", "--label", "site=lab", "--label", "ring=late")
+    assert r.returncode == 0, r.stderr
+    listed = [json.loads(line) for line in fleet.cli("devices", "list").stdout.splitlines()]
+    assert {d["name"]: d["labels"] for d in listed}["dev-x"] == {"ring": "late", "site": "lab"}
+    assert {d["name"]: d["labels"] for d in listed}["dev-a"] == {"ring": "canary", "site": "lab"}
     with fleet.backend() as b:
         assert b.list_rollouts() == []
