@@ -30,12 +30,13 @@ from protocol._bundle import (
     ModuleEntry,
     SigningKey,
     check_path,
+    decode_manifest,
     encode_manifest,
 )
 from protocol._keys import append_key_line, read_key_file, write_new_key_file
 
 from ._backend import Backend
-from ._bundles import BundleVersionTaken
+from ._bundles import BundleVersionTaken, UnknownBundle
 from ._errors import CloudError
 from ._settings import Settings
 
@@ -235,34 +236,65 @@ def create_bundle(
 ) -> dict[str, Any]:
     """Read, check, sign and store a bundle with the next version; -> its summary."""
     text, modules = read_bundle_source(filters)
-    now = now_ms() if now is None else now
     new = sum(backend.put_module(e.sha256, blob) for e, blob in modules)
-    summary = sign_and_store(
+    return _sign_and_store(
         backend,
         key,
         text,
         [e for e, _ in modules],
+        new,
         fleet=fleet,
         priority=priority,
         valid_days=valid_days,
         now=now,
     )
-    return {**summary, "new_modules": new}
 
 
-def sign_and_store(
+def reissue_bundle(
     backend: Backend,
     key: SigningKey,
-    text: str,
-    modules: list[ModuleEntry],
+    version: int,
     *,
     fleet: str,
     priority: str,
     valid_days: float,
-    now: int,
+    now: int | None = None,
 ) -> dict[str, Any]:
-    """Sign the chain ``text`` with its (stored) ``modules`` as the next bundle version and
-    store it; -> its summary."""
+    """The chain of stored bundle ``version`` (its filters text and modules, unchanged)
+    signed again as the next version: how a fleet goes back to an earlier chain, since a
+    device never applies a version lower than one it has applied."""
+    old = backend.get_bundle(version)
+    if old is None:
+        raise UnknownBundle(version)
+    m = decode_manifest(old["manifest"])
+    return _sign_and_store(
+        backend,
+        key,
+        m.filters_text,
+        list(m.modules),
+        0,
+        fleet=fleet,
+        priority=priority,
+        valid_days=valid_days,
+        now=now,
+        extra={"from_version": version},
+    )
+
+
+def _sign_and_store(
+    backend: Backend,
+    key: SigningKey,
+    text: str,
+    modules: list[ModuleEntry],
+    new: int,
+    *,
+    fleet: str,
+    priority: str,
+    valid_days: float,
+    now: int | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    now = now_ms() if now is None else now
     for _ in range(10):  # another `bundle create` may take the version meanwhile
         manifest = Manifest(
             fleet=fleet,
@@ -287,8 +319,10 @@ def sign_and_store(
             "key_id": key.id,
             "fleet": fleet,
             "modules": len(modules),
+            "new_modules": new,
             "total_bytes": manifest.total_bytes,
             "not_after": manifest.not_after,
+            **(extra or {}),
         }
     raise CloudError("could not take a bundle version (too many concurrent bundle creates)")
 

@@ -180,12 +180,6 @@ def parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="certificate chain (PEM); with --tls-key")
     serve.add_argument("--tls-key", help="its private key (PEM)")
     serve.add_argument("--log-level", default="info")
-    serve.add_argument(
-        "--signing-key-file",
-        metavar="FILE",
-        help="the fleet's signing key file (mode 0600): rollouts sign their rollback bundles "
-        "with its last line; else $EDGEPIPE_CLOUD_SIGNING_KEY_FILE",
-    )
 
     command(
         sub,

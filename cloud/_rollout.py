@@ -21,14 +21,14 @@ The next wave starts when every device of the current one is healthy.  A failure
 rollout and rolls back the failing device (``policy: device``) or every device that got the
 bundle (``policy: all``).  Devices refuse a version lower than one they applied, so a
 rollback is a **new bundle version with the previous bundle's chain** (its filters text and
-its modules, stored already), signed by the receiver with the fleet's active signing key,
-urgent (it may use a metered link); one such bundle per previous version and rollout.
+its modules, stored already).  The receiver holds no signing key, so ``rollout start``
+signs these (one per bundle the group's devices run, urgent, above the rollout's version)
+and stores them with the rollout; the engine only makes them desired.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
@@ -37,7 +37,6 @@ from collections.abc import Callable
 from typing import Any
 
 from core._clock import SYSTEM_CLOCK, Clock
-from protocol._bundle import ModuleEntry, SigningKey
 
 from ._rollout_store import ACTIVE_STATES, UnknownRollout
 
@@ -63,7 +62,8 @@ DEFAULT_SPEC: dict[str, Any] = {
 }
 #: How far back health snapshots give a device's rates before the change.
 BASELINE_WINDOW_MS = 3_600_000
-ROLLBACK_VALID_DAYS = 90.0
+#: How long the rollback bundles ``rollout start`` signs stay valid.
+ROLLBACK_VALID_DAYS = 30.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
@@ -153,20 +153,10 @@ def _snapshot_rates(snaps: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 class RolloutEngine:
-    """Evaluates the stored rollouts; ``signing_keys`` gives the fleet's keys (the last
-    signs rollback bundles) or raises, ``fleet`` is the fleet id bundles name."""
+    """Evaluates the stored rollouts of ``backend`` by ``clock``'s time."""
 
-    def __init__(
-        self,
-        backend: Any,
-        *,
-        signing_keys: Callable[[], list[SigningKey]] | None = None,
-        fleet: str = "default",
-        clock: Clock = SYSTEM_CLOCK,
-        every_s: float = 5.0,
-    ) -> None:
+    def __init__(self, backend: Any, *, clock: Clock = SYSTEM_CLOCK, every_s: float = 5.0) -> None:
         self.backend, self.clock, self.every_s = backend, clock, every_s
-        self.signing_keys, self.fleet = signing_keys, fleet
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._wake: asyncio.Event | None = None
@@ -387,7 +377,7 @@ class RolloutEngine:
             return
         try:
             rb = self._rollback_bundle(ro, prev)
-        except Exception as e:  # no signing key, a database error: recorded, retried on resume
+        except Exception as e:  # none signed for it, a database error: recorded
             self._set(ro, d, reason=f"{why}; cannot make the rollback bundle: {e}")
             self._event(ro, "rollback_impossible", str(e), d["device"])
             return
@@ -400,38 +390,18 @@ class RolloutEngine:
         )
 
     def _rollback_bundle(self, ro: dict[str, Any], prev: int) -> int:
-        """A bundle with the chain of bundle ``prev``, newer than every version: made once
-        per rollout and previous version (the rollout's devices share it)."""
-        for d in ro["devices"]:
-            if d["previous_version"] == prev and d["rollback_version"] is not None:
-                return int(d["rollback_version"])
-        if self.signing_keys is None:
+        """The rollback bundle for devices that ran bundle ``prev``: signed by ``rollout
+        start`` (the receiver holds no signing key), stored with the rollout's spec."""
+        rb = (ro["spec"].get("rollbacks") or {}).get(str(prev))
+        if rb is None:
             raise RuntimeError(
-                "the receiver has no signing key (serve --signing-key-file or "
-                "EDGEPIPE_CLOUD_SIGNING_KEY_FILE)"
+                f"no rollback bundle was signed for bundle {prev} when the rollout started "
+                f"(the device ran another bundle then): sign one with 'edgepipe-cloud bundle "
+                f"create --from {prev}' and desire it"
             )
-        from ._bundle_cli import sign_and_store
-
-        old = self.backend.get_bundle(prev)
-        if old is None:
-            raise RuntimeError(f"bundle {prev} is no longer stored")
-        obj = json.loads(old["manifest"])
-        modules = [ModuleEntry(m["path"], m["sha256"], m["size"]) for m in obj["modules"]]
-        made = sign_and_store(
-            self.backend,
-            self.signing_keys()[-1],
-            obj["filters"]["text"],
-            modules,
-            fleet=self.fleet,
-            priority="urgent",
-            valid_days=ROLLBACK_VALID_DAYS,
-            now=self.now_ms(),
-        )
-        self._event(
-            ro, "rollback_bundle", f"bundle {made['version']} signed with {made['key_id']}: "
-            f"the chain of bundle {prev}, urgent",
-        )  # fmt: skip
-        return int(made["version"])
+        if self.backend.get_bundle(int(rb)) is None:
+            raise RuntimeError(f"rollback bundle {rb} is no longer stored")
+        return int(rb)
 
     # -- operator actions (blocking) ----------------------------------------------------------
     def act(self, rollout_id: int, action: str, who: str) -> dict[str, Any]:

@@ -31,21 +31,8 @@ CSRF_HEADER = "x-edgepipe-csrf"
 
 
 def engine(backend: Any, settings: Settings, clock: Clock) -> RolloutEngine:
-    """The app's rollout engine; it signs rollback bundles with the settings' signing key."""
-    keys = None
-    if settings.signing_key_file or settings.signing_key is not None:
-        from ._bundle_cli import load_signing_keys
-
-        def keys() -> list[Any]:
-            return load_signing_keys(settings)[0]
-
-    return RolloutEngine(
-        backend,
-        signing_keys=keys,
-        fleet=settings.fleet,
-        clock=clock,
-        every_s=settings.rollout_evaluate_s,
-    )
+    """The app's rollout engine."""
+    return RolloutEngine(backend, clock=clock, every_s=settings.rollout_evaluate_s)
 
 
 def _engine(request: Request) -> RolloutEngine:

@@ -26,7 +26,13 @@ from protocol._bundle import BundleRefused, verify
 
 from ._backend import Backend
 from ._errors import CloudError
-from ._rollout import DEFAULT_SPEC, RolloutEngine, parse_duration, plan_waves
+from ._rollout import (
+    DEFAULT_SPEC,
+    ROLLBACK_VALID_DAYS,
+    RolloutEngine,
+    parse_duration,
+    plan_waves,
+)
 from ._rollout_store import BadLabel, RolloutConflict, UnknownRollout, parse_label
 from ._settings import Settings
 
@@ -70,7 +76,9 @@ def check_labels(labels: list[str]) -> None:
 
 
 # -- rollout ----------------------------------------------------------------------------------
-def _signed_bundle(backend: Backend, settings: Settings, version: int) -> None:
+def _signed_bundle(backend: Backend, settings: Settings, version: int) -> Any:
+    """The signing key rollback bundles are signed with, once the bundle ``version`` is
+    stored and signed by one of the fleet's keys (:class:`RolloutRefused` otherwise)."""
     from ._bundle_cli import load_signing_keys
 
     bundle = backend.get_bundle(version)
@@ -92,6 +100,36 @@ def _signed_bundle(backend: Backend, settings: Settings, version: int) -> None:
             f"bundle {version} is not signed by a signing key of this fleet ({source}): "
             f"{e.reason}: {e.detail}"
         ) from None
+    return keys[-1]
+
+
+def _sign_rollbacks(
+    backend: Backend, settings: Settings, key: Any, rid: int, devices: list[str]
+) -> dict[str, int]:
+    """For each bundle the devices run now, its chain signed again as a new (urgent)
+    version: what the receiver desires for a device whose gate fails (it holds no signing
+    key itself).  -> {previous version: rollback version}."""
+    from ._bundle_cli import reissue_bundle
+
+    running = sorted(
+        {
+            st["active_version"]
+            for st in map(backend.bundle_state, devices)
+            if st and st["active_version"]
+        }
+    )
+    out = {}
+    for prev in running:
+        made = reissue_bundle(
+            backend, key, prev, fleet=settings.fleet, priority="urgent",
+            valid_days=ROLLBACK_VALID_DAYS,
+        )  # fmt: skip
+        out[str(prev)] = int(made["version"])
+        backend.rollout_event(
+            rid, "rollback_bundle", f"bundle {made['version']} signed with {made['key_id']}: "
+            f"the chain of bundle {prev}, urgent, for a rollback", now=now_ms(),
+        )  # fmt: skip
+    return out
 
 
 def start(args: argparse.Namespace, settings: Settings, backend: Backend) -> int:
@@ -119,10 +157,18 @@ def start(args: argparse.Namespace, settings: Settings, backend: Backend) -> int
         raise RolloutRefused(
             f"no device has label {key}={value} ('edgepipe-cloud devices label NAME {key}={value}')"
         )
-    _signed_bundle(backend, settings, args.bundle)
+    signing_key = _signed_bundle(backend, settings, args.bundle)
     rid = backend.create_rollout(args.bundle, (key, value), spec, waves, now=now_ms())
+    try:
+        spec["rollbacks"] = _sign_rollbacks(backend, settings, signing_key, rid, devices)
+    except BaseException:
+        backend.update_rollout(rid, now=now_ms(), state="aborted", reason="start failed")
+        raise
+    backend.update_rollout(rid, now=now_ms(), spec=spec)
     _engine(settings, backend).evaluate({devices[0]})  # the canary wave
-    print(json.dumps({"rollout": rid, "waves": waves}, sort_keys=True))
+    print(
+        json.dumps({"rollout": rid, "rollbacks": spec["rollbacks"], "waves": waves}, sort_keys=True)
+    )
     print(
         f"rollout {rid} started: bundle {args.bundle} to {len(devices)} device(s) with "
         f"{key}={value}, canary {', '.join(waves[0])}; the receiver carries it on "

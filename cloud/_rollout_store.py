@@ -153,7 +153,7 @@ _DEVICE_FIELDS = (
     "applied_ms",
     "rollback_version",
 )
-_ROLLOUT_FIELDS = ("state", "reason", "current_wave")
+_ROLLOUT_FIELDS = ("state", "reason", "current_wave", "spec")
 
 
 @runtime_checkable
@@ -398,6 +398,8 @@ class RolloutsSQL(SQLBase):
         return rows
 
     def update_rollout(self, rollout_id: int, *, now: int, **fields: Any) -> None:
+        if "spec" in fields:
+            fields["spec"] = json.dumps(fields["spec"], sort_keys=True)
         self._update("rollouts", "id = ?", (rollout_id,), _ROLLOUT_FIELDS, fields, now, rollout_id)
 
     def update_rollout_device(

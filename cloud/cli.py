@@ -294,7 +294,6 @@ def main(argv: list[str] | None = None) -> int:
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
                 master_key_file=key_file,
-                signing_key_file=args.signing_key_file,
             )
             return _serve(settings, args.log_level)
         settings = Settings.from_env(

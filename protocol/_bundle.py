@@ -57,6 +57,7 @@ __all__ = [
     "SigningKey",
     "check_module",
     "check_path",
+    "decode_manifest",
     "encode_manifest",
     "envelope",
     "key_id",
@@ -402,6 +403,12 @@ def _parse(data: bytes) -> Manifest:
         filters["sha256"],
         tuple(entries),
     )
+
+
+def decode_manifest(data: bytes) -> Manifest:
+    """Canonical manifest bytes -> :class:`Manifest` *without* checking any signature (the
+    cloud re-reading what it signed); ``ValueError`` for anything malformed."""
+    return _parse(data)
 
 
 def _no_float(s: str) -> Any:

@@ -32,7 +32,6 @@ def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     monkeypatch.setenv("EDGEPIPE_CLOUD_ROLLOUT_EVALUATE_S", "0.3")
     monkeypatch.setenv("EDGEPIPE_CLOUD_REFRESH_S", "0.3")
     f = Fleet(tmp_path / "cloud")
-    f.receiver.extra += ["--signing-key-file", str(f.signing_key)]
     for name in ["a-1", "a-2", "b-1", "b-2", "b-3"]:
         f.add_device(name)
         r = f.cli("devices", "label", name, f"group={name[0]}")

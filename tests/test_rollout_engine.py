@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cloud import Backend
+from cloud._bundle_cli import reissue_bundle
 from cloud._rollout import RolloutEngine, health_rates, parse_duration, plan_waves
 from cloud._rollout_store import RolloutConflict
 from core._clock import ManualClock
@@ -63,9 +64,7 @@ class Group:
             self.names.append(name)
         self.names.sort()
         self.clock = ManualClock(start=__import__("time").time())
-        self.engine = RolloutEngine(
-            backend, signing_keys=lambda: [KEY], fleet="default", clock=self.clock
-        )
+        self.engine = RolloutEngine(backend, clock=self.clock)
         self.base = make_bundle(backend, tmp / "base", tag=f"base-{label}")["version"]
         for name in self.names:  # every device runs the base bundle, dropping 1 %
             backend.set_desired(name, self.base, "test", now=self.now)
@@ -75,8 +74,15 @@ class Group:
     def now(self) -> int:
         return int(self.clock.time() * 1000)
 
-    def start(self, version: int, label: str, **spec: Any) -> int:
+    def start(self, version: int, label: str, *, rollback: bool = True, **spec: Any) -> int:
+        """What ``rollout start`` stores: the plan, and a rollback bundle of the base chain
+        signed as a version above ``version``."""
         full = {"canary": "1", "wave": "50%", "soak_ms": 60_000, "policy": "device"}
+        if rollback:
+            made = reissue_bundle(
+                self.b, KEY, self.base, fleet="default", priority="urgent", valid_days=1
+            )
+            full["rollbacks"] = {str(self.base): made["version"]}
         full |= {"max_drop_increase": 0.05, "max_dead_letter_increase": 0.01, "min_readings": 0}
         full |= spec
         waves = plan_waves(self.names, full["canary"], full["wave"])
@@ -122,7 +128,7 @@ def test_a_good_bundle_goes_canary_then_waves_after_each_soak(
     assert g.states(rid)[canary] == "applied"  # soaking
     g.clock.advance(2)
     # a restarted receiver carries on from the database
-    g.engine = RolloutEngine(backend, signing_keys=lambda: [KEY], clock=g.clock)
+    g.engine = RolloutEngine(backend, clock=g.clock)
     g.engine.evaluate()
     st = g.states(rid)
     assert st[canary] == "healthy" and [st[n] for n in rest] == [
@@ -244,3 +250,17 @@ def test_overlapping_rollouts_are_refused_and_pause_resume_abort(
     assert other > rid
     kinds = [e["kind"] for e in backend.rollout_events(rid)]
     assert {"pause", "resume", "abort"} <= set(kinds)
+
+
+def test_without_a_rollback_bundle_the_failure_says_how_to_roll_back_by_hand(
+    backend: Backend, tmp_path: Path
+) -> None:
+    g = Group(backend, tmp_path, 2, "norb")
+    v = make_bundle(backend, tmp_path / "v", tag="norb-v")["version"]
+    rid = g.start(v, "norb", rollback=False)
+    _runs(backend, g.names[0], v, g.clock, n_in=10, traps={"unreachable": 1})
+    g.engine.evaluate()
+    ro = backend.rollout(rid)
+    assert ro["state"] == "rolled_back" and ro["devices"][0]["state"] == "failed"
+    assert f"bundle create --from {g.base}" in ro["devices"][0]["reason"]
+    assert "rollback_impossible" in [e["kind"] for e in backend.rollout_events(rid)]

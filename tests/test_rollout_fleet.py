@@ -78,7 +78,6 @@ class Device:
 def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     monkeypatch.setenv("EDGEPIPE_CLOUD_ROLLOUT_EVALUATE_S", "0.5")
     f = Fleet(tmp_path / "cloud")
-    f.receiver.extra += ["--signing-key-file", str(f.signing_key)]
     for name in NAMES:
         f.add_device(name)
         r = f.cli(
