@@ -31,6 +31,7 @@ from core._clock import SYSTEM_CLOCK, Clock
 from . import _bundle_api as bundle
 from . import _health_api as health
 from . import _read_api as read
+from . import _rollout_api as rollout
 from ._admission import DeviceRate, UploadGate
 from ._alert_rules import AlertRules, load_alert_rules
 from ._alerts import build_engine
@@ -67,6 +68,7 @@ def api_routes() -> list[BaseRoute]:
         Route("/v1/dead-letters", read.dead_letters, methods=["GET"]),
         Route("/v1/receiver", receiver_status, methods=["GET"]),
         Route("/v1/alerts", list_alerts, methods=["GET"]),
+        *rollout.routes(),
         Route("/openapi.json", read.openapi, methods=["GET"]),
     ]
 
@@ -120,8 +122,9 @@ def create_app(
     closed at shutdown; a given backend is left open (the caller owns it).
 
     Alerts: ``alert_rules``, else the file ``settings.alerts_file`` (read now: a bad file
-    raises a located :class:`core._errors.ConfigError`); evaluated by ``clock``'s time,
-    and ``clock``'s monotonic time paces the per-device upload rate."""
+    raises a located :class:`core._errors.ConfigError`).  Alerts and rollouts
+    (:mod:`cloud._rollout`) are evaluated by ``clock``'s time, and ``clock``'s monotonic
+    time paces the per-device upload rate."""
     settings = settings or Settings.from_env()
     secrets: dict[int, tuple[bytes | None, str | None]] = {}
     if alert_rules is None and settings.alerts_file is not None:
@@ -140,9 +143,12 @@ def create_app(
         if alert_rules is not None:
             app.state.alerts = build_engine(app.state.backend, alert_rules, secrets, clock=clock)
             await app.state.alerts.start()
+        app.state.rollouts = rollout.engine(app.state.backend, settings, clock)
+        await app.state.rollouts.start()
         try:
             yield
         finally:
+            await app.state.rollouts.stop()
             if app.state.alerts is not None:
                 await app.state.alerts.stop()
                 app.state.alerts = None
@@ -160,6 +166,7 @@ def create_app(
     app.state.settings = settings
     app.state.backend = backend
     app.state.alerts = None  # the AlertEngine, while the app runs with alert rules
+    app.state.rollouts = None  # the RolloutEngine, while the app runs
     app.state.clock_flags = ClockFlags(settings.clock_flag_s)
     app.state.upload_gate = UploadGate(
         max_inflight=settings.max_inflight_uploads,

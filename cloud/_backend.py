@@ -11,7 +11,8 @@ Protocol in its own module:
 * :class:`~cloud._health.Health` -- device health snapshots and warning logs;
 * :class:`~cloud._alert_store.AlertState` -- each alert's state (firing, resolved, delivered).
 * :class:`~cloud._bundles.Bundles` -- signed chain bundles, their modules, and the desired
-  and reported bundle state of every device.
+  and reported bundle state of every device;
+* :class:`~cloud._rollout_store.Rollouts` -- device labels and staged rollouts.
 
 :class:`SQLBackend` implements every role once, in portable SQL, on top of the dialect
 hooks of :class:`~cloud._sql.SQLBase` that the two concrete backends fill in
@@ -30,6 +31,7 @@ from ._health import Health, HealthSQL
 from ._ingest import Ingest, IngestResult, IngestSQL
 from ._operators import Operators, OperatorsSQL
 from ._queries import Queries, QueriesSQL, ReadingsQuery
+from ._rollout_store import Rollouts, RolloutsSQL
 from ._schema import SCHEMA_VERSION, SchemaSQL
 from ._sql import ROLLUP_MS
 
@@ -49,7 +51,7 @@ __all__ = [
 
 
 @runtime_checkable
-class Backend(Devices, Ingest, Queries, Operators, Health, AlertState, Bundles, Protocol):
+class Backend(Devices, Ingest, Queries, Operators, Health, AlertState, Bundles, Rollouts, Protocol):
     """What the receiver needs from storage: every role, plus its lifetime.  Device secrets
     are stored sealed with ``master_key``; without one the backend serves everything except
     device secrets."""
@@ -74,6 +76,7 @@ class SQLBackend(
     OperatorsSQL,
     AlertStateSQL,
     BundlesSQL,
+    RolloutsSQL,
 ):
     """Every role, in SQL both dialects accept; subclasses supply the dialect hooks."""
 

@@ -331,6 +331,9 @@ async def check_in(request: Request) -> Response:
         await run_in_threadpool(
             functools.partial(backend.report_bundle_state, device, report, now=now)
         )
+        rollouts = getattr(request.app.state, "rollouts", None)
+        if rollouts is not None:
+            rollouts.device_reported(device)
         bundle = await run_in_threadpool(backend.desired_bundle, device)
         desired = None
         if bundle is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._bundle_cli import add_desire_parser, add_parsers
+from ._rollout_cli import add_label_parsers, add_rollout_parser
 from ._settings import ENV_PREFIX, Settings
 from ._url import redacted_url
 
@@ -199,6 +200,7 @@ def parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         exits(f"a device of that name exists; {db_cmd}", ", an invalid name" + _NO_DB + _KEY),
     )
     add.add_argument("name")
+    add_label_parsers(dsub, add, command, exits, db_cmd, _NO_DB)
     command(
         dsub,
         "list",
@@ -239,6 +241,7 @@ def parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     urm.add_argument("name")
 
     add_parsers(sub, command, exits, db_cmd, _NO_DB)
+    add_rollout_parser(sub, command, exits, db_cmd, _NO_DB)
 
     mkey = command(
         sub,

@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 from . import _auth as auth
 from ._login import login_page, login_submit, logout
 from ._pages import STATIC, device_page, fleet_page, logs_page
+from ._rollout_api import page_routes as rollout_pages
 from ._settings import DashboardSettings
 from ._ui_api import fleet_json, health_json, logs_json, series_json, series_list_json
 
@@ -41,6 +42,7 @@ def dashboard_routes() -> list[BaseRoute]:
         Route("/ui/api/metrics", series_list_json, methods=["GET"]),
         Route("/ui/api/logs", logs_json, methods=["GET"]),
         Route("/ui/api/health", health_json, methods=["GET"]),
+        *rollout_pages(),
         Mount("/static", app=StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ]
 

@@ -19,7 +19,15 @@ from . import _auth as auth
 from ._settings import DashboardSettings
 from ._ui_api import RANGES_MS
 
-__all__ = ["STATIC", "device_page", "fleet_page", "logs_page", "page", "safe_next"]
+__all__ = [
+    "STATIC",
+    "device_page",
+    "fleet_page",
+    "login_redirect",
+    "logs_page",
+    "page",
+    "safe_next",
+]
 
 STATIC = Path(__file__).with_name("static")
 
@@ -69,7 +77,8 @@ def page(
     data_attrs = " ".join(f'data-{k}="{_e(v)}"' for k, v in attrs.items())
     nav = ""
     if session is not None:
-        links = [("fleet", "/", "Fleet"), ("logs", "/logs", "Logs")]
+        links = [("fleet", "/", "Fleet"), ("rollouts", "/rollouts", "Rollouts")]
+        links.append(("logs", "/logs", "Logs"))
         nav = (
             '<nav class="nav">'
             + "".join(
@@ -104,6 +113,9 @@ def _login_redirect(request: Request) -> RedirectResponse:
     return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
 
 
+login_redirect = _login_redirect
+
+
 def safe_next(value: str | None) -> str:
     if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
         return value
@@ -122,8 +134,8 @@ async def fleet_page(request: Request) -> Response:
   <div class="table-wrap"><table id="fleet" class="grid">
     <thead><tr><th>Device</th><th>Status</th><th>Last seen</th><th>Last sync</th>
     <th class="num">Backlog</th><th class="num">Sync lag</th><th class="num">Readings today</th>
-    <th class="num">Bytes today</th><th>Link</th><th>Errors (24 h)</th></tr></thead>
-    <tbody><tr><td colspan="10" class="muted">Loading…</td></tr></tbody>
+    <th class="num">Bytes today</th><th>Link</th><th>Errors (24 h)</th><th>Bundle</th></tr></thead>
+    <tbody><tr><td colspan="11" class="muted">Loading…</td></tr></tbody>
   </table></div>
 </section>
 <section class="card wide" id="alerts-card"><h2>Alerts <small class="muted" id="alerts-note"></small></h2>

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import CloudError
+from ._rollout_store import rollout_ddl
 from ._sql import ROLLUP_MS, SQLBase
 
 __all__ = ["SCHEMA_VERSION", "SchemaSQL"]
@@ -14,7 +15,9 @@ __all__ = ["SCHEMA_VERSION", "SchemaSQL"]
 #: 4: alert state (``alerts``).
 #: 5: signed chain bundles, their modules, desired and reported state per device
 #: (``bundles``, ``bundle_files``, ``bundle_modules``, ``device_bundle``, ``bundle_events``).
-SCHEMA_VERSION = 5
+#: 6: device labels and rollouts (``device_labels``, ``rollouts``, ``rollout_devices``,
+#: ``rollout_events``; :mod:`cloud._rollout_store`).
+SCHEMA_VERSION = 6
 
 
 class SchemaSQL(SQLBase):
@@ -194,6 +197,7 @@ class SchemaSQL(SQLBase):
                 reason TEXT,
                 detail TEXT)""",
             "CREATE INDEX IF NOT EXISTS bundle_events_device ON bundle_events (device_id, id)",
+            *rollout_ddl(pk),
         ]
 
     def initialised(self) -> bool:
@@ -221,7 +225,8 @@ class SchemaSQL(SQLBase):
             if row[0] < 2:
                 # Version 1 kept device secrets in plaintext; NULL key id marks such a row.
                 cur.execute("ALTER TABLE devices ADD COLUMN secret_key_id TEXT")
-            # Versions 3 to 5 only add tables (device records, alerts, bundles), created above.
+            # Versions 3 to 6 only add tables (device records, alerts, bundles, rollouts),
+            # created above.
             cur.execute(self._q("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
         # Databases created before the hourly rollup existed: build it once.
         cur.execute("SELECT 1 FROM readings_hourly LIMIT 1")

@@ -124,6 +124,8 @@ class Settings(_EnvModel):
     signing_key_file: str | None = None
     #: Or the signing key lines themselves (``EDGEPIPE_CLOUD_SIGNING_KEY``).
     signing_key: SecretStr | None = None
+    #: How often active rollouts are evaluated (also at every check-in of their devices).
+    rollout_evaluate_s: float = Field(5, gt=0, le=3600)
     #: The fleet id every bundle of this receiver names (devices check it).
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -139,7 +139,7 @@ async def fleet_json(request: Request) -> Response:
         else:
             devices = backend.list_devices()
         th = Thresholds.from_settings(s)
-        return fleet_view(
+        view = fleet_view(
             devices,
             backend.device_activity(now - _D),
             now,
@@ -147,6 +147,13 @@ async def fleet_json(request: Request) -> Response:
             backend.health_overview(now - th.window_ms),
             th,
         )
+        bundles = {b["device"]: b for b in backend.bundle_states()}
+        for row in view["devices"]:
+            b = bundles.get(row["name"]) or {}
+            row["bundle"] = {
+                k: b.get(k) for k in ("active_version", "desired_version", "in_sync", "status")
+            }
+        return view
 
     return JSONResponse(await run_in_threadpool(load))
 

@@ -20,6 +20,11 @@
     edgepipe-cloud bundle list
     edgepipe-cloud devices desire NAME VERSION   # what the device should run
     edgepipe-cloud devices bundles               # desired and reported bundle per device
+    edgepipe-cloud devices add NAME --label site=north   # labels pick rollout groups
+    edgepipe-cloud devices label NAME ring=beta [--remove site]
+    edgepipe-cloud rollout start VERSION --group site=north [--canary 1] [--wave 25%] \\
+        [--soak 30m] [--policy device|all]
+    edgepipe-cloud rollout status [ID] | list | pause ID | resume ID | abort ID
 
 The global options ``--db`` and ``--master-key-file`` go before or after any command
 (:mod:`cloud._cli_args`).  The database is ``--db``, else ``EDGEPIPE_CLOUD_DB``, else
@@ -60,6 +65,8 @@ from ._bundles import UnknownBundle
 from ._cli_args import DB_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Source, db_source, parser
 from ._errors import BadDatabaseURL, CloudError, DeviceExists, NoDatabase, OperatorExists
 from ._open import open_backend
+from ._rollout_cli import ERRORS as ROLLOUT_ERRORS
+from ._rollout_cli import add_labels, check_labels, label_command, rollout_command
 from ._secrets import (
     MasterKey,
     MasterKeyError,
@@ -140,6 +147,7 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
             return bad
         if MasterKey.from_settings(settings) is None:
             raise no_master_key()
+        check_labels(args.label)
     with _open(settings) as backend:
         if args.action == "add":
             secret = os.urandom(32)
@@ -147,6 +155,7 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
                 backend.add_device(args.name, secret)
             except DeviceExists as exc:
                 return _fail(str(exc))
+            add_labels(backend, args.name, args.label)
             print(secret.hex())
             print(
                 f"device {args.name!r} added; the secret above is shown only once: "
@@ -154,7 +163,9 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
         elif args.action == "list":
+            labels = backend.device_labels()
             for device in backend.list_devices():
+                device["labels"] = labels.get(device["name"], {})
                 print(json.dumps(device, sort_keys=True))
         elif args.action == "remove":
             if not backend.remove_device(args.name):
@@ -166,6 +177,8 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
             return desire_command(args, backend)
         elif args.action == "bundles":
             return bundles_listing(backend)
+        elif args.action == "label":
+            return label_command(args, backend)
     return 0
 
 
@@ -298,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                 return _fail("give FILTERS.yaml or --from VERSION (one of them)", EXIT_USAGE)
             with _open(settings) as backend:
                 return bundle_command(args, settings, backend)
+        if args.command == "rollout":
+            with _open(settings) as backend:
+                return rollout_command(args, settings, backend)
         if args.command == "init":
             return _init(settings)
         if args.command == "master-key":
@@ -316,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except (MasterKeyError, SigningKeyError, ConfigError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except ROLLOUT_ERRORS as exc:
+        return _fail(str(exc))
     except (BundleSourceError, UnknownBundle) as exc:
         return _fail(str(exc))
     except (CloudError, OSError) as exc:

@@ -460,3 +460,24 @@ def test_the_edge_workers_encoding_is_accepted(
         "/v1/readings", params={"device": device.name, "source": "sensor-a", "since": 0}
     ).json()["rows"]
     assert len(rows) == 25 and rows[0]["tags"] == {"room": "x"} and rows[0]["value"] == 21.0
+
+
+def test_device_labels_are_bounded_and_listed(backend: Backend) -> None:
+    from cloud._rollout_store import BadLabel
+
+    name, _ = new_device(backend)
+    assert backend.set_labels(name, {"site": "north", "ring": "beta"}) == {
+        "ring": "beta",
+        "site": "north",
+    }
+    assert backend.set_labels(name, {"ring": "ga"}, ["site"]) == {"ring": "ga"}
+    assert backend.device_labels()[name] == {"ring": "ga"}
+    assert name in backend.devices_labelled("ring", "ga")
+    for bad in ({"": "x"}, {"k": ""}, {"k": "a b"}, {"k" * 64: "v"}, {"k": "<script>"}):
+        with pytest.raises(BadLabel):
+            backend.set_labels(name, bad)
+    with pytest.raises(BadLabel, match="at most 32"):
+        backend.set_labels(name, {f"k{i}": "v" for i in range(40)})
+    assert backend.device_labels()[name] == {"ring": "ga"}  # nothing of it was written
+    assert backend.remove_device(name)
+    assert name not in backend.device_labels()

@@ -1,5 +1,5 @@
 // Builds the dashboard's static assets into ../cloud/static (committed):
-//   dashboard.js  = uPlot (node_modules/uplot/dist/uPlot.iife.min.js) + src/app.js
+//   dashboard.js  = uPlot (node_modules/uplot/dist/uPlot.iife.min.js) + src/app.js + src/rollout.js
 //   dashboard.css = uPlot's stylesheet + src/app.css
 // No network, no bundler: plain concatenation, deterministic output.  Run: npm run build
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -17,6 +17,7 @@ const js = [
   `/* edgepipe dashboard. Includes uPlot ${version} (MIT, see LICENSE.uplot.txt). */`,
   read(join(uplot, "dist", "uPlot.iife.min.js")).trim(),
   read(join(here, "src", "app.js")).trim(),
+  read(join(here, "src", "rollout.js")).trim(),
   "",
 ].join("\n");
 const css = [

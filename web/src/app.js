@@ -482,7 +482,20 @@
       el("td", { class: "num", text: num(d.today.readings || 0) }),
       el("td", { class: "num", text: bytes(d.today.bytes || 0) }),
       el("td", null, d.link ? el("span", { class: `tag link-${d.link}`, text: d.link }) : "–"),
-      el("td", { class: "errors" }, rej, err));
+      el("td", { class: "errors" }, rej, err),
+      el("td", { class: "bundle" }, bundleCell(d.bundle || {})));
+  }
+
+  // The active bundle version, and whether it is the one the device should run.
+  function bundleCell(b) {
+    if (b.active_version == null && b.desired_version == null) return el("span", { class: "muted", text: "local chain" });
+    const active = b.active_version == null ? "local chain" : `v${b.active_version}`;
+    if (b.in_sync) return el("span", { class: "tag ok", "data-in-sync": "true", text: active });
+    return el("span", {
+      class: "tag warn", "data-in-sync": "false",
+      title: b.status ? `last attempt: ${b.status}` : null,
+      text: `${active} → v${b.desired_version}`,
+    });
   }
 
   function fleetPage() {
@@ -501,7 +514,7 @@
       ]);
       const rows = f.devices.length
         ? f.devices.map((d) => fleetRow(d, f.now))
-        : [el("tr", null, el("td", { colspan: 10, class: "muted", text: "No devices yet: add one with `edgepipe-cloud devices add NAME`." }))];
+        : [el("tr", null, el("td", { colspan: 11, class: "muted", text: "No devices yet: add one with `edgepipe-cloud devices add NAME`." }))];
       $("#fleet tbody").replaceChildren(...rows);
     });
   }
@@ -700,6 +713,9 @@
     input.addEventListener("input", () => { clearTimeout(t); t = setTimeout(refresh, 300); });
     $("#log-filter").addEventListener("submit", (e) => { e.preventDefault(); refresh(); });
   }
+
+  // for the other page scripts of the bundle (rollout.js)
+  window.edgepipeUI = { $, el, live, getJSON, stamp, ago, dur, num, devLink, logTable };
 
   if (page === "fleet") { fleetPage(); if ($("#alerts")) live(refreshAlerts); }
   else if (page === "device" && body.dataset.device) devicePage();
