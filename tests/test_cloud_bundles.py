@@ -328,17 +328,20 @@ def test_a_schema_4_database_gains_the_bundle_tables(tmp_path: Path) -> None:
     import sqlite3
 
     from cloud import open_backend
+    from cloud._schema import SCHEMA_VERSION
 
     url = f"sqlite:///{tmp_path / 'cloud.db'}"
     open_backend(url).close()
     con = sqlite3.connect(tmp_path / "cloud.db")
     for table in ("bundle_events", "device_bundle", "bundle_files", "bundles", "bundle_modules"):
         con.execute(f"DROP TABLE {table}")  # what a schema-4 database is
+    for table in ("rollout_events", "rollout_devices", "rollouts", "device_labels"):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
     con.execute("UPDATE schema_version SET version = 4")
     con.commit()
     con.close()
     with open_backend(url) as b:
         assert b.list_bundles() == [] and b.next_bundle_version() == 1
     con = sqlite3.connect(tmp_path / "cloud.db")
-    assert con.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
+    assert con.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     con.close()
