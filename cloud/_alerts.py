@@ -31,6 +31,7 @@ from ._alert_rules import (
     StoreFullRule,
 )
 from ._alert_store import AlertRow, AlertState
+from ._schedule import EvaluationSchedule
 from ._webhook import WebhookSender
 
 __all__ = ["AlertEngine", "build_engine", "conditions_for"]
@@ -173,13 +174,16 @@ class AlertEngine:
         self._done_lock = threading.Lock()
         #: (key, state, started_ms) -> the senders that still have to deliver it
         self._waiting: dict[tuple[str, str, int], set[int]] = {}
-        self._pending: set[str] = set()
-        self._wake: asyncio.Event | None = None
+        self._schedule = EvaluationSchedule(self.evaluate, rules.evaluate_every_s, "alert")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.evaluations = 0
         self.last_evaluation_ms: int | None = None
-        self.last_error: str | None = None
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last evaluation (or the start's delivery of old firings) failed."""
+        return self._schedule.last_error
 
     def now_ms(self) -> int:
         return int(self.clock.time() * 1000)
@@ -269,50 +273,22 @@ class AlertEngine:
     # -- the schedule (on the receiver's event loop) ---------------------------------------
     def upload_arrived(self, device: str) -> None:
         """An upload from ``device`` was stored: evaluate its rules soon.  Never blocks."""
-        self._pending.add(device)
-        if self._wake is not None:
-            self._wake.set()
+        self._schedule.mark(device)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         for s in self.senders:
             self._tasks.append(asyncio.create_task(s.run(), name="alert-webhook"))
         try:  # what the last run stored but could not deliver
             undelivered = await asyncio.to_thread(self.backend.undelivered_alerts)
             await asyncio.to_thread(self.notify, undelivered)
         except Exception as e:
-            self.last_error = str(e)
+            self._schedule.last_error = str(e)
             log.exception("could not read undelivered alerts")
-        self._tasks.append(asyncio.create_task(self._schedule(), name="alert-evaluator"))
-
-    async def _schedule(self) -> None:
-        every = self.rules.evaluate_every_s
-        loop = asyncio.get_running_loop()
-        assert self._wake is not None
-        next_full = loop.time()
-        while True:
-            wait = next_full - loop.time()
-            if wait > 0 and not self._pending:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                except TimeoutError:
-                    pass
-            self._wake.clear()
-            devices: set[str] | None
-            if loop.time() >= next_full:
-                devices, next_full = None, loop.time() + every
-                self._pending.clear()
-            else:
-                devices, self._pending = self._pending, set()
-            try:
-                await asyncio.to_thread(self.evaluate, devices)
-                self.last_error = None
-            except Exception as e:  # the database is away: the next round tries again
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("alert evaluation failed: %s", self.last_error)
+        self._schedule.start()
 
     async def stop(self) -> None:
+        await self._schedule.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -28,7 +28,6 @@ and stores them with the rollout; the engine only makes them desired.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
@@ -39,6 +38,7 @@ from typing import Any
 from core._clock import SYSTEM_CLOCK, Clock
 
 from ._rollout_store import ACTIVE_STATES, UnknownRollout
+from ._schedule import EvaluationSchedule
 
 __all__ = [
     "DEFAULT_SPEC",
@@ -158,11 +158,13 @@ class RolloutEngine:
     def __init__(self, backend: Any, *, clock: Clock = SYSTEM_CLOCK, every_s: float = 5.0) -> None:
         self.backend, self.clock, self.every_s = backend, clock, every_s
         self._lock = threading.Lock()
-        self._pending: set[str] = set()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._schedule = EvaluationSchedule(self.evaluate, every_s, "rollout")
         self.evaluations = 0
-        self.last_error: str | None = None
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last scheduled evaluation failed (None: it did not)."""
+        return self._schedule.last_error
 
     def now_ms(self) -> int:
         return int(self.clock.time() * 1000)
@@ -449,41 +451,10 @@ class RolloutEngine:
     # -- the schedule (on the receiver's event loop) ------------------------------------------
     def device_reported(self, device: str) -> None:
         """A check-in of ``device`` was stored: step its rollouts soon.  Never blocks."""
-        self._pending.add(device)
-        if self._wake is not None:
-            self._wake.set()
+        self._schedule.mark(device)
 
     async def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._schedule(), name="rollout-evaluator")
-
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._wake is not None
-        next_full = loop.time()
-        while True:
-            wait = next_full - loop.time()
-            if wait > 0 and not self._pending:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                except TimeoutError:
-                    pass
-            self._wake.clear()
-            devices: set[str] | None
-            if loop.time() >= next_full:
-                devices, next_full = None, loop.time() + self.every_s
-                self._pending.clear()
-            else:
-                devices, self._pending = self._pending, set()
-            try:
-                await asyncio.to_thread(self.evaluate, devices)
-                self.last_error = None
-            except Exception as e:  # the database is away: the next round tries again
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("rollout evaluation failed: %s", self.last_error)
+        self._schedule.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._schedule.stop()
