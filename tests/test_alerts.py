@@ -170,6 +170,8 @@ def test_webhook_answering_500_is_retried(backend: Backend, tmp_path: Path) -> N
             assert [p["status"] for p in hook.posts] == [500, 503, 200]
             assert len({p["raw"] for p in hook.posts}) == 1  # the same notification
             assert body["alerts"][0]["labels"]["stage"] == "scale"
+            # the webhook records the POST before its answer reaches the sender
+            wait_for(lambda: engine.snapshot()["webhooks"][0]["sent"] == 1)
             stats = engine.snapshot()["webhooks"][0]
             assert stats["failures"] == 2 and stats["sent"] == 1 and stats["dropped"] == 0
             assert "503" in stats["last_error"]
