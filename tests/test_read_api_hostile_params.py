@@ -4,8 +4,12 @@ loopback) over each backend (SQLite file, PostgreSQL schema): each is refused wi
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
+
+from protocol import _signing
 
 #: Every operator GET route that takes a device name or free text, with its other
 #: required parameters.
@@ -59,3 +63,27 @@ def test_digits_that_are_not_ascii_are_a_400(
 ) -> None:
     r = operator.get(path, params=params)
     assert r.status_code == 400, (path, params, r.text)
+
+
+def test_every_read_route_needs_an_operator(server, device) -> None:
+    """Anonymous, a wrong token, and a device's own signed headers: 401 on every GET route
+    of the read API and the dashboard's JSON (new routes included as they are added)."""
+    from cloud._app import api_routes
+    from cloud._dashboard import dashboard_routes
+
+    open_routes = {"/v1/ping", "/openapi.json"}
+    paths = [
+        r.path.replace("{name}", device.name)
+        for r in [*api_routes(), *dashboard_routes()]
+        if getattr(r, "methods", None) and "GET" in r.methods
+        and r.path.startswith(("/v1/", "/ui/api/")) and r.path not in open_routes
+    ]  # fmt: skip
+    assert "/v1/logs" in paths and "/ui/api/health" in paths and "/v1/alerts" in paths
+    for path in paths:
+        # the device's own valid signature, for this very request
+        signed = _signing.signed_headers_v2(
+            device.secret, device.name, path, b"", timestamp=int(time.time()), method="GET"
+        )
+        for headers in ({}, {"Authorization": "Bearer not-the-token"}, signed):
+            r = httpx.get(server.url + path, params={"device": device.name}, headers=headers)
+            assert r.status_code == 401, (path, headers, r.status_code)
