@@ -61,19 +61,32 @@ def raw_webhook(answer: bytes, *, byte_every_s: float | None = None) -> Iterator
         srv.close()
 
 
-@contextmanager
-def running(sender: WebhookSender) -> Iterator[None]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    task = asyncio.run_coroutine_threadsafe(sender.run(), loop)
-    try:
-        yield
-    finally:
-        task.cancel()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        sender.close()
+def failing_twice(answer: bytes, *, timeout_s: float = 5, byte_every_s: float | None = None):
+    """A sender to a webhook answering ``answer`` (see :func:`raw_webhook`), after it has
+    offered one alert and failed two attempts at it (then stopped)."""
+    with raw_webhook(answer, byte_every_s=byte_every_s) as url:
+        cfg = Webhook(url=url, timeout_s=timeout_s, retry_min_s=0.05, retry_max_s=0.1)
+        sender = WebhookSender(cfg, uniform=lambda a, b: a)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        asyncio.run_coroutine_threadsafe(sender.run(), loop)
+        try:
+            sender.offer(ALERT)
+            wait_for(lambda: sender.failures >= 2, 30, "two failed attempts")
+        finally:
+
+            async def stop() -> None:
+                run = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in run:
+                    t.cancel()
+                await asyncio.gather(*run, return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            sender.close()
+    return sender
 
 
 def test_an_answer_dribbled_byte_by_byte_ends_at_the_timeout() -> None:
@@ -81,34 +94,18 @@ def test_an_answer_dribbled_byte_by_byte_ends_at_the_timeout() -> None:
     # attempt ends it; before, the sender's one thread waited on it for hours (the status
     # line alone may be 64 KiB) and no later alert was delivered
     head = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 60_000 + b"\r\nContent-Length: 0\r\n\r\n"
-    with raw_webhook(head, byte_every_s=0.05) as url:
-        cfg = Webhook(url=url, timeout_s=1, retry_min_s=0.05, retry_max_s=0.1)
-        sender = WebhookSender(cfg, uniform=lambda a, b: a)
-        with running(sender):
-            sender.offer(ALERT)
-            wait_for(lambda: sender.failures >= 2, 30, "the dribbled attempts to end")
-            assert sender.sent == 0 and sender.refused == 0
-            assert "timed out" in (sender.last_error or ""), sender.last_error
+    sender = failing_twice(head, timeout_s=1, byte_every_s=0.05)
+    assert sender.sent == 0 and sender.refused == 0
+    assert "timed out" in (sender.last_error or ""), sender.last_error
 
 
 def test_a_retry_after_that_is_not_an_ascii_number_is_a_retry() -> None:
     # "²".isdigit() is true but float("²") fails: the notification was refused for good
-    answer = b"HTTP/1.1 503 Busy\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n"
-    with raw_webhook(answer) as url:
-        cfg = Webhook(url=url, timeout_s=5, retry_min_s=0.05, retry_max_s=0.1)
-        sender = WebhookSender(cfg, uniform=lambda a, b: a)
-        with running(sender):
-            sender.offer(ALERT)
-            wait_for(lambda: sender.failures >= 2, 30, "retries")
-            assert sender.refused == 0 and "503" in (sender.last_error or "")
+    sender = failing_twice(b"HTTP/1.1 503 Busy\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n")
+    assert sender.refused == 0 and "503" in (sender.last_error or "")
 
 
 def test_a_huge_answer_is_read_no_further_than_its_first_bytes() -> None:
-    answer = b"HTTP/1.1 500 Oops\r\nContent-Length: 100000000\r\n\r\n" + b"E" * (1 << 20)
-    with raw_webhook(answer) as url:
-        cfg = Webhook(url=url, timeout_s=5, retry_min_s=0.05, retry_max_s=0.1)
-        sender = WebhookSender(cfg, uniform=lambda a, b: a)
-        with running(sender):
-            sender.offer(ALERT)
-            wait_for(lambda: sender.failures >= 2, 30, "retries")
-            assert len(sender.last_error or "") < 300 and "500" in sender.last_error
+    body = b"E" * (1 << 20)
+    sender = failing_twice(b"HTTP/1.1 500 Oops\r\nContent-Length: 100000000\r\n\r\n" + body)
+    assert len(sender.last_error or "") < 300 and "500" in (sender.last_error or "")
