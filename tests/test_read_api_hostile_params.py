@@ -87,3 +87,17 @@ def test_every_read_route_needs_an_operator(server, device) -> None:
         for headers in ({}, {"Authorization": "Bearer not-the-token"}, signed):
             r = httpx.get(server.url + path, params={"device": device.name}, headers=headers)
             assert r.status_code == 401, (path, headers, r.status_code)
+
+
+def test_log_search_ignores_case_beyond_ascii_on_both_backends(operator, device) -> None:
+    # SQLite's lower() folds ASCII only: "échec" did not find "ÉCHEC" there (PostgreSQL did)
+    from tests.helpers.cloud_client import log_record
+
+    now = int(time.time() * 1000)
+    msgs = ["ÉCHEC du capteur", "Über-Temperatur: 91 °C", "ΣΦΑΛΜΑ αισθητήρα"]
+    logs = [log_record(i + 1, now - 1000 + i, "ERROR", m) for i, m in enumerate(msgs)]
+    assert device.upload([], logs=logs).status_code == 200
+    for q, want in (("échec", msgs[0]), ("ÜBER", msgs[1]), ("σφαλμα", msgs[2]), ("°c", msgs[1])):
+        r = operator.get("/v1/logs", params={"device": device.name, "q": q})
+        assert r.status_code == 200, r.text
+        assert [x["msg"] for x in r.json()["logs"]] == [want], (q, r.json())
