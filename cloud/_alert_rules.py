@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -122,6 +123,15 @@ class Webhook(_Model):
     def _http(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        if any(c <= " " or c == "\x7f" for c in v):
+            raise ValueError("must not contain spaces or control characters")
+        u = urlsplit(v)
+        try:
+            u.port  # noqa: B018 - urlsplit checks the port only when it is read
+        except ValueError as e:
+            raise ValueError(f"has a bad port: {e}") from None
+        if not u.hostname:
+            raise ValueError("names no host")
         return v
 
     @model_validator(mode="after")

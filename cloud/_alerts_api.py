@@ -48,7 +48,7 @@ async def list_alerts(request: Request) -> Response:
     if state not in _STATES:
         raise Rejected(400, "bad_query", "state must be firing, resolved or all")
     raw = p.get("limit") or "200"
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4) or not 1 <= int(raw) <= 1000:
         raise Rejected(400, "bad_query", "limit must be an integer between 1 and 1000")
     device = p.get("device") or None
     backend = request.app.state.backend

@@ -40,7 +40,7 @@ from ._auth import PasswordChecker, operator_endpoint, require_operator
 from ._backend import Backend
 from ._clock_flag import ClockFlags
 from ._dashboard import dashboard_routes, install
-from ._http_errors import SecurityHeaders, exception_handlers, rejection_for
+from ._http_errors import RefuseNul, SecurityHeaders, exception_handlers, rejection_for
 from ._open import open_backend
 from ._secrets import MasterKey, no_master_key
 from ._settings import DashboardSettings, Settings
@@ -161,7 +161,7 @@ def create_app(
         routes=[*api_routes(), *dashboard_routes(), *extra_routes],
         lifespan=lifespan,
         exception_handlers=exception_handlers(),  # type: ignore[arg-type]
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[Middleware(SecurityHeaders), Middleware(RefuseNul)],
     )
     app.state.settings = settings
     app.state.backend = backend

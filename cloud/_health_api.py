@@ -113,7 +113,7 @@ def _log_query(request: Request) -> dict[str, Any]:
     raw = p.get("before")
     if raw:
         parts = raw.split(".")
-        if len(parts) != 3 or not all(x.isdigit() and len(x) <= 16 for x in parts):
+        if len(parts) != 3 or not all(x.isascii() and x.isdigit() and len(x) <= 16 for x in parts):
             raise Rejected(400, "bad_request", "before must be a cursor from a previous page")
         ts, did, seq = (int(x) for x in parts)
         before = (ts, did, seq)

@@ -10,7 +10,9 @@ signature.
 
 :class:`SecurityHeaders` adds ``Cache-Control: no-store`` and ``X-Content-Type-Options:
 nosniff`` to every response of the app (API answers carry operator data and must not be kept
-by caches; no answer may be sniffed into another type).
+by caches; no answer may be sniffed into another type); :class:`RefuseNul` answers a URL
+with a NUL character 400 before any endpoint sees it (PostgreSQL refuses such text: it was
+an internal error on every route that passes a parameter to the database).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ._errors import (
     UnknownDevice,
 )
 
-__all__ = ["SecurityHeaders", "error_response", "exception_handlers", "rejection_for"]
+__all__ = ["RefuseNul", "SecurityHeaders", "error_response", "exception_handlers", "rejection_for"]
 
 log = logging.getLogger("edgepipe.cloud")
 
@@ -132,3 +134,21 @@ class SecurityHeaders:
 
 
 _SET = frozenset({b"x-content-type-options", b"cache-control"})
+
+
+class RefuseNul:
+    """ASGI middleware: a request whose path or query string carries a NUL character
+    (``%00``) is answered ``400 bad_request`` -- no name, text or cursor of this API holds
+    one."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b"")
+        ):
+            refused = Rejected(400, "bad_request", "the URL contains a NUL character (%00)")
+            await error_response(refused)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -107,7 +107,7 @@ class Settings(_EnvModel):
     #: Readings of an upload whose signed timestamp is further than this from the
     #: receiver's clock are stored with the ``CLOCK_SKEW`` flag (docs/health.md).  Only
     #: skews below ``max_skew_s`` get that far: beyond it an upload is refused as stale.
-    clock_flag_s: float = Field(60, gt=0)
+    clock_flag_s: float = Field(60, gt=0, allow_inf_nan=False)
     #: The alert rules and webhooks (a YAML file, docs/alerts.md); no alerts without it.
     alerts_file: str | None = None
     #: Bearer token for the read API (the dashboard replaces this with operator sessions).
@@ -133,6 +133,15 @@ class Settings(_EnvModel):
     def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    @model_validator(mode="after")
+    def _clock_flag_below_skew(self) -> Settings:
+        if self.clock_flag_s >= self.max_skew_s:
+            raise ValueError(
+                f"clock_flag_s ({self.clock_flag_s:g}) must be less than max_skew_s "
+                f"({self.max_skew_s}): an upload skewed further is refused, never flagged"
+            )
         return self
 
     @model_validator(mode="after")

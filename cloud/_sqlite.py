@@ -70,6 +70,9 @@ class SQLiteBackend(SQLBackend):
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # SQLite's own lower() folds ASCII only; the log search is case-insensitive in every
+        # script, as on PostgreSQL.  No index or stored value depends on lower().
+        conn.create_function("lower", 1, _lower, deterministic=True)
         with self._conns_lock:
             self._conns.append(conn)
         return conn
@@ -122,3 +125,7 @@ def _create_private(path: str) -> None:
         os.fchmod(fd, 0o600)  # whatever the umask
     finally:
         os.close(fd)
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value

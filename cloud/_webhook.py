@@ -6,19 +6,22 @@ a webhook that hangs or refuses holds neither the event loop nor the threads tha
 uploads.  While it is down, notifications wait in the queue (at most ``queue`` of them;
 beyond, the oldest waiting one is dropped and counted) and the one in flight is retried
 after an exponential backoff with jitter (``retry_min_s`` .. ``retry_max_s``, or the
-webhook's ``Retry-After`` when longer).  A 2xx answer delivers it; a 4xx other than 408
+webhook's ``Retry-After`` when longer).  An attempt ends after ``timeout_s`` in all (connect,
+send, answer), however slowly the webhook trickles its answer.  A 2xx answer delivers it; a 4xx other than 408
 and 429 refuses it for good (counted, logged: the webhook will not take that body).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import http.client
 import json
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -321,18 +324,42 @@ class WebhookSender:
             )  # fmt: skip
         else:
             conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=self.cfg.timeout_s)
+        # ``timeout`` bounds each socket operation; the attempt as a whole ends at the same
+        # deadline (an answer dribbled a byte at a time would hold the thread for hours).
+        expired = threading.Event()
+
+        def cut() -> None:
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        deadline = threading.Timer(self.cfg.timeout_s, cut)
+        deadline.daemon = True
+        deadline.start()
         try:
             path = (u.path or "/") + (f"?{u.query}" if u.query else "")
             conn.request("POST", path, body=body, headers=headers)
             r = conn.getresponse()
             text = r.read(_ANSWER_MAX).decode("utf-8", "replace")
+            if expired.is_set():  # what was read ends where the deadline cut it
+                raise OSError("cut at the deadline")
             if not 200 <= r.status < 300:
                 ra = r.getheader("Retry-After")
-                retry_after = float(ra) if ra and ra.strip().isdigit() else None
+                ra = (ra or "").strip()
+                retry_after = float(ra) if ra.isascii() and ra.isdigit() else None
                 raise _Answer(r.status, text, retry_after)
-        except http.client.HTTPException as e:  # a malformed answer: no answer
-            raise OSError(f"bad answer: {e}") from None
+        except (http.client.HTTPException, OSError) as e:
+            if expired.is_set():
+                raise TimeoutError(
+                    f"timed out: no complete answer within {self.cfg.timeout_s:g} s"
+                ) from None
+            if isinstance(e, OSError):
+                raise
+            raise OSError(f"bad answer: {e}") from None  # a malformed answer: no answer
         finally:
+            deadline.cancel()
             conn.close()
 
     def close(self) -> None:

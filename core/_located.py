@@ -49,7 +49,15 @@ def load_yaml_located(text: str, path: str) -> tuple[Any, dict[_Loc, tuple[int, 
             return out
         if isinstance(node, yaml.SequenceNode):
             return [walk(item, (*at, i)) for i, item in enumerate(node.value)]
-        return constructor.construct_object(node, deep=True)
+        try:
+            return constructor.construct_object(node, deep=True)
+        except ValueError as e:  # e.g. an integer beyond Python's 4300-digit limit
+            raise ConfigError(
+                f"invalid value: {str(e).split(';')[0]}",
+                path=path,
+                line=node.start_mark.line + 1,
+                col=node.start_mark.column + 1,
+            ) from None
 
     try:
         return walk(root, ()), locs

@@ -170,6 +170,8 @@ def test_webhook_answering_500_is_retried(backend: Backend, tmp_path: Path) -> N
             assert [p["status"] for p in hook.posts] == [500, 503, 200]
             assert len({p["raw"] for p in hook.posts}) == 1  # the same notification
             assert body["alerts"][0]["labels"]["stage"] == "scale"
+            # the webhook records the POST before its answer reaches the sender
+            wait_for(lambda: engine.snapshot()["webhooks"][0]["sent"] == 1)
             stats = engine.snapshot()["webhooks"][0]
             assert stats["failures"] == 2 and stats["sent"] == 1 and stats["dropped"] == 0
             assert "503" in stats["last_error"]
@@ -318,6 +320,14 @@ def test_alerts_api_needs_an_operator_and_says_when_there_are_no_rules(
          "$EP_TEST_UNSET_KEY is not set"),
         ("webhooks:\n  - url: https://x.example/\n    format: pagerduty\n", ":2:", "routing_key_env"),
         ("- 1\n", ":1:1:", "must be a mapping"),
+        # loaded, then every notification, the webhook's log lines and GET /v1/alerts
+        # (its counters show the URL) raised ValueError "Port out of range"
+        ("webhooks:\n  - url: http://x.example:99999/\n", ":2:", "port"),
+        ("webhooks:\n  - url: \"http://x.example/a\\r\\nX-Injected: 1\"\n", ":2:", "control"),
+        ("webhooks:\n  - url: http://x example/\n", ":2:", "spaces"),
+        ("webhooks:\n  - url: http:///path\n", ":2:", "host"),
+        # a 5000-digit number: ValueError and a traceback (int's digit limit), not located
+        ("evaluate_every_s: 1" + "0" * 5000 + "\n", ":1:19:", "digits"),
     ],
 )  # fmt: skip
 def test_rules_file_errors_are_located(tmp_path: Path, text: str, where: str, message: str) -> None:

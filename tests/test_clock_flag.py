@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from cloud import Backend, Settings, create_app
 from core._clock import ManualClock
 from core._model import Flags
 from sync._health import encode_health
+from tests.helpers.cloud_cli import cli, key_file
 from tests.helpers.cloud_client import (
     TOKEN,
     DeviceClient,
@@ -78,3 +80,24 @@ def test_readings_of_a_skewed_upload_are_flagged(backend: Backend, tmp_path: Pat
         assert alert["rule"] == "skew" and 899 <= alert["value"] <= 905
         assert "clock off by +9" in alert["summary"]  # receiver minus device: +900 s
         dev.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        # was: OverflowError and a traceback at startup (exit 1)
+        ({"EDGEPIPE_CLOUD_CLOCK_FLAG_S": "inf"}, "clock_flag_s"),
+        # was: accepted, and no upload was ever flagged (beyond max_skew_s it is refused)
+        (
+            {"EDGEPIPE_CLOUD_CLOCK_FLAG_S": "600", "EDGEPIPE_CLOUD_MAX_SKEW_S": "300"},
+            "clock_flag_s (600) must be less than max_skew_s (300)",
+        ),
+    ],
+)
+def test_a_clock_flag_that_can_never_flag_is_a_usage_error(
+    tmp_path: Path, env: dict[str, str], says: str
+) -> None:
+    env = {"EDGEPIPE_CLOUD_MASTER_KEY_FILE": str(key_file(tmp_path)), **env}
+    r = cli("serve", "--db", f"sqlite:///{tmp_path / 'c.db'}", "--port", "0", env=env)
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr

@@ -216,3 +216,37 @@ def test_a_trap_keeps_its_code_and_the_guests_backtrace(tmp_path, caplog, entry)
             hostile.assert_trap_text(dl.reason, entry)
         # metric labels carry the code only (bounded cardinality), never the text
         assert METRICS.value("edgepipe_stage_failing", stage="deep", code="unreachable") == 1
+
+
+#: Function names a hostile module's name section may carry: a fake "Caused by:" with a
+#: huge tail (which took the place of the trap's real cause), a new log line, terminal
+#: escapes and bidi controls (which reorder what an operator reads).
+HOSTILE_NAMES = {
+    8: "inner\nCaused by:\n" + "X" * 200_000 + "\x1b[31m\u202e",
+    9: "mid\r\n2026-01-01 00:00:00 CRITICAL forged log line\u2067",
+}
+
+
+def test_hostile_function_names_reach_no_message_raw_or_unbounded(tmp_path, caplog):
+    mod = write_wat(
+        tmp_path,
+        "named",
+        hostile.module(extra=hostile.TWO_DEEP, **{"process": hostile.DEEP_ENTRY["process"]}),
+    )
+    hostile.renamed(mod, HOSTILE_NAMES)
+    st = stage("named", mod, "filter_map", {"x": 1}, on_error="dead_letter", breaker_failures=1)
+    reg = SeriesRegistry()
+    with build([st], reg) as chain:
+        (dl,) = chain.process(mixed(reg, 0)).dead_letters
+        d = chain.describe()[0]
+    (logged,) = [r.getMessage() for r in caplog.records if "(unreachable)" in r.getMessage()]
+    for text in (d["last_error"], dl.reason, logged):
+        # the trap's own cause, not the text the module chose
+        assert (
+            "trap (unreachable): wasm `unreachable` instruction executed; wasm backtrace: " in text
+        )
+        assert not any(c in text for c in "\r\n\x1b\u202e\u2067"), repr(text[:300])
+        assert "XXXX" in text and len(text) < 2000, len(text)
+    # each name is shown escaped and cut short: the operator sees what it was
+    assert "inner\\nCaused by:\\nXXX" in d["last_error"]
+    assert "mid\\r\\n2026-01-01" in d["last_error"]

@@ -340,3 +340,13 @@ def test_run_logs_a_broken_chain_file_located(tmp_path, keyfile, edge):
     line = next(ln for ln in proc.output().splitlines() if "cannot be loaded" in ln)
     assert where in line and "missing.wasm: cannot read module" in line, line
     assert proc.terminate() == 0
+
+
+def test_a_number_beyond_the_digit_limit_is_a_located_error(tmp_path, capsys):
+    # int() refuses more than 4300 digits: that was a ValueError traceback, exit 1
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text("version: 1\nbatch_size: 1" + "0" * 5000 + "\n")
+    assert main(["validate", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:2:13: invalid value: Exceeds the limit (4300 digits)" in err, err[:300]
+    assert "Traceback" not in err and "set_int_max_str_digits" not in err

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import struct
 import time
 from pathlib import Path
@@ -87,16 +88,34 @@ class StageConfigError(FilterLoadError):
         super().__init__("; ".join(map(str, problems)), stage=stage, code="bad_config")
 
 
+#: What a trap's text may not carry as it is (the guest's own function names are in it):
+#: control characters (a new log line, terminal escapes), bidi controls (which reorder what
+#: an operator reads) and lone surrogates.
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+#: Most characters of a trap's cause kept.
+MAX_CAUSE_CHARS = 300
+
+
+def _shown(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, its unsafe characters escaped (``\\n``,
+    ``\\u202e``): one line, read as it is."""
+    cut = text[:limit] + ("…" if len(text) > limit else "")
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), cut)
+
+
 def _trap_text(message: str, fallback: str) -> str:
-    """A trap's cause (wasmtime puts it after the backtrace, under "Caused by:")."""
+    """A trap's cause (wasmtime puts it after the backtrace, under the last "Caused by:":
+    a function name of the backtrace may say "Caused by:" too)."""
     if not message:
         return fallback
-    head, sep, cause = message.partition("Caused by:")
+    _, sep, cause = message.rpartition("Caused by:")
     if sep:
         text = " ".join(ln.strip() for ln in cause.strip().splitlines() if ln.strip())
-        return text.removeprefix("wasm trap: ") or fallback
-    first = head.strip().splitlines()[0] if head.strip() else fallback
-    return first
+        return _shown(text.removeprefix("wasm trap: "), MAX_CAUSE_CHARS) or fallback
+    first = cause.strip().splitlines()[0] if cause.strip() else fallback
+    return _shown(first, MAX_CAUSE_CHARS)
 
 
 #: Frames of a trap's backtrace kept (innermost first); deeper ones are counted.
@@ -105,7 +124,8 @@ MAX_FRAMES = 8
 
 def _backtrace(trap: wasmtime.Trap) -> tuple[str, ...]:
     """The guest frames of ``trap``, innermost first: ``name@0xOFFSET`` (the function's
-    name from the module's name section, else ``<wasm function N>``; the offset of the
+    name from the module's name section, cut and escaped as :func:`_shown` does, else
+    ``<wasm function N>``; the offset of the
     trapping instruction or call in the module), at most :data:`MAX_FRAMES` of them."""
     try:
         frames = trap.frames
@@ -115,7 +135,7 @@ def _backtrace(trap: wasmtime.Trap) -> tuple[str, ...]:
     for f in frames[:MAX_FRAMES]:
         name = f.func_name or f"<wasm function {f.func_index}>"
         offset = f.module_offset
-        out.append(f"{name[:64]}@" + (f"0x{offset:x}" if offset < 1 << 32 else "?"))
+        out.append(f"{_shown(name, 64)}@" + (f"0x{offset:x}" if offset < 1 << 32 else "?"))
     if len(frames) > MAX_FRAMES:
         out.append(f"... {len(frames) - MAX_FRAMES} more frames")
     return tuple(out)

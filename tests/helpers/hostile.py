@@ -117,21 +117,33 @@ def write(tmp_path: Path, name: str) -> Path:
     return write_wat(tmp_path, name, wat(name))
 
 
+def leb(n: int) -> bytes:
+    """``n`` as unsigned LEB128."""
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def section(sid: int, body: bytes) -> bytes:
+    return bytes([sid]) + leb(len(body)) + body
+
+
+def renamed(path: Path, names: dict[int, str]) -> Path:
+    """``path`` with a (second, later: the one wasmtime reads) name section naming the
+    functions of ``names`` (index -> any text the guest's author chose)."""
+    sub = leb(len(names)) + b"".join(
+        leb(i) + leb(len(n.encode())) + n.encode() for i, n in sorted(names.items())
+    )
+    path.write_bytes(path.read_bytes() + section(0, leb(4) + b"name" + section(1, sub)))
+    return path
+
+
 def huge_module(path: Path, body_bytes: int = 1 << 20) -> Path:
     """A valid module whose one function body is ``body_bytes`` long (i32.const 1; drop
     repeated): what makes Cranelift's memory balloon when it is compiled."""
-
-    def leb(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            b, n = n & 0x7F, n >> 7
-            out.append(b | 0x80 if n else b)
-            if not n:
-                return bytes(out)
-
-    def section(sid: int, body: bytes) -> bytes:
-        return bytes([sid]) + leb(len(body)) + body
-
     code = b"\x00" + b"\x41\x01\x1a" * (body_bytes // 3) + b"\x41\x00\x0b"
     wasm = (
         b"\0asm\x01\0\0\0"
@@ -145,6 +157,7 @@ def huge_module(path: Path, body_bytes: int = 1 << 20) -> Path:
 
 # -- a trap two calls deep, and what its messages must say -------------------------------------
 #: ``$inner`` traps; ``$middle`` calls it; the entry point calls ``$middle``: two calls deep.
+#: In :func:`module` they are functions 8 and 9.
 TWO_DEEP = "(func $inner (result i32) (unreachable)) (func $middle (result i32) (call $inner))"
 #: inner < middle < the (unnamed) entry point: function names and module offsets
 BACKTRACE = (
