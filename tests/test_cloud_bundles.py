@@ -15,37 +15,12 @@ import pytest
 
 from cloud import Backend
 from cloud._bundle_api import parse_report
-from cloud._bundle_cli import BundleSourceError, create_bundle, read_bundle_source
+from cloud._bundle_cli import BundleSourceError, read_bundle_source
 from cloud._bundles import BundleVersionTaken, UnknownBundle
 from cloud._errors import UnknownDevice
 from protocol import _bundle, _signing
+from tests.helpers.bundles import KEY, filters_dir, make_bundle
 from tests.helpers.cloud_client import LiveServer, new_device
-
-REPO = Path(__file__).resolve().parents[1]
-KEY = _bundle.SigningKey.generate()
-
-
-def filters_dir(tmp: Path, modules: tuple[str, ...] = ("validity",), tag: str = "") -> Path:
-    lib = tmp / "lib"
-    lib.mkdir(parents=True, exist_ok=True)
-    stages = []
-    for m in modules:
-        (lib / f"{m}.wasm").write_bytes((REPO / "filters/lib" / f"{m}.wasm").read_bytes())
-        stages.append(f"  - name: {m}\n    module: lib/{m}.wasm\n    kind: filter\n")
-    path = tmp / "filters.yaml"
-    path.write_text(f"# {tag}\nversion: 1\nchain:\n" + "".join(stages))
-    return path
-
-
-def make_bundle(backend: Backend, tmp: Path, **kw: object) -> dict:
-    return create_bundle(
-        backend,
-        KEY,
-        filters_dir(tmp, **kw),  # type: ignore[arg-type]
-        fleet="default",
-        priority="normal",
-        valid_days=1,
-    )
 
 
 def signed(

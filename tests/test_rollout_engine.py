@@ -17,8 +17,8 @@ from cloud._rollout import RolloutEngine, health_rates, parse_duration, plan_wav
 from cloud._rollout_store import RolloutConflict
 from core._clock import ManualClock
 from protocol import _bundle
+from tests.helpers.bundles import KEY, make_bundle
 from tests.helpers.cloud_client import new_device
-from tests.test_cloud_bundles import KEY, make_bundle
 
 
 def _health(n_in: int, drops: int = 0, traps: dict[str, int] | None = None) -> dict[str, Any]:
