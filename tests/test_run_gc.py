@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 
-def test_start_objects_frozen_and_start_garbage_collected() -> None:
+def test_start_objects_frozen_later_garbage_collected() -> None:
     # in a fresh interpreter: gc.freeze is process-wide
     code = textwrap.dedent(
         """
@@ -17,18 +17,19 @@ def test_start_objects_frozen_and_start_garbage_collected() -> None:
         class Node:
             pass
 
+        kept = [Node() for _ in range(100)]
+        assert gc.get_freeze_count() == 0
+        _freeze_start_objects()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000, frozen
+        assert not any(any(k is o for o in gc.get_objects()) for k in kept[:3])
+        # what the readings allocate later is still collected, and only that is traversed
         a, b = Node(), Node()
         a.other, b.other = b, a
         garbage = weakref.ref(a)
         del a, b
-        kept = [Node() for _ in range(100)]
-        assert gc.get_freeze_count() == 0
-        _freeze_start_objects()
-        assert garbage() is None, "the start's reference cycles are collected first"
-        frozen = gc.get_freeze_count()
-        assert frozen > 1000, frozen
-        assert not any(gc.is_tracked(k) and k in gc.get_objects() for k in kept[:3])
-        gc.collect()
+        assert gc.collect() >= 2
+        assert garbage() is None
         assert gc.get_freeze_count() == frozen, "a collection leaves the frozen objects"
         print("ok")
         """
