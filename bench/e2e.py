@@ -334,15 +334,10 @@ def _warm_aot_cache(d: Path) -> float:
 
 
 def _cold_start(broker: Mosquitto, d: Path, runs: int) -> dict[str, float]:
-    import compileall
-
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    # as installed (pip compiles the bytecode; the Containerfile does): without it, and with
-    # PYTHONDONTWRITEBYTECODE set, each start would compile edgepipe's sources again
-    for pkg in ("pipeline", "storage", "sync"):
-        compileall.compile_dir(REPO / pkg, quiet=1)
+    _drain.compile_bytecode()  # as installed
 
     seen: dict[str, float] = {}
     obs = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-obs")

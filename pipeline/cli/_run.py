@@ -55,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
             from pipeline.chain._deploy import locate_stage_error
 
             raise locate_stage_error(e, chain_spec(cfg)) from None
+        _freeze_start_objects()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pipeline.stop)
@@ -63,3 +64,15 @@ def _run(args: argparse.Namespace) -> int:
         return await pipeline.run()
 
     return asyncio.run(main())
+
+
+def _freeze_start_objects() -> None:
+    """Keep what the start built out of the cyclic collector's way: move every object
+    alive now (modules, functions, the config, the chain) to the permanent generation
+    (``gc.freeze``), so the collections that the readings' allocations trigger no longer
+    traverse them (under callgrind the traversal was ~8 % of the instructions per message
+    of a drain).  No collection first: a full one costs 13-15 ms of start-up here and finds
+    a few dozen unreachable objects, which stay frozen."""
+    import gc
+
+    gc.freeze()
