@@ -199,3 +199,83 @@ def test_any_byte_flip_is_refused(tail: bytes, pos: int) -> None:
 
 
 _KEY = b.SigningKey.generate()
+
+
+def local_manifest(key: b.SigningKey, **over: object) -> b.Manifest:
+    fields: dict = dict(
+        fleet="acme",
+        version=5,
+        priority="urgent",
+        not_before=NOW - 1000,
+        not_after=NOW + 86_400_000,
+        created=NOW - 2000,
+        key_id=key.id,
+    )
+    fields.update(over)
+    return b.Manifest.local(**fields)
+
+
+def test_a_local_bundle_has_chain_local_and_no_filters_or_modules(key: b.SigningKey) -> None:
+    data = b.encode_manifest(local_manifest(key))
+    obj = json.loads(data)
+    assert obj["chain"] == "local" and "filters" not in obj and "modules" not in obj
+    assert set(obj) == {"format", "fleet", "version", "priority", "not_before", "not_after",
+                        "created", "key_id", "chain"}  # fmt: skip
+    assert data == json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    sig = key.sign(data)
+    data2, sig2, kid = b.open_envelope(json.loads(json.dumps(b.envelope(data, sig, key.id))))
+    m = b.verify(data2, sig2, kid, trusted={key.id: key.public}, now_ms=NOW, applied_version=4)
+    assert m.is_local and m == local_manifest(key) and m.total_bytes == 0 and not m.modules
+    assert b.decode_manifest(data) == m
+    assert not manifest(key=key).is_local
+    # non-canonical bytes of the same manifest are refused, as for any bundle
+    loose = json.dumps(obj, sort_keys=True, indent=1).encode()
+    assert refusal(loose, key.sign(loose), key.id, trusted={key.id: key.public}, now_ms=NOW) == (
+        "malformed"
+    )
+
+
+def test_a_local_bundle_is_verified_like_any_other(key: b.SigningKey) -> None:
+    data = b.encode_manifest(local_manifest(key))
+    sig = key.sign(data)
+    trusted = {key.id: key.public}
+    other = b.SigningKey.generate()
+    assert refusal(data, other.sign(data), key.id, trusted=trusted, now_ms=NOW) == "bad_signature"
+    assert refusal(data, sig, key.id, trusted={}, now_ms=NOW) == "unknown_key"
+    assert refusal(data, sig, key.id, trusted=trusted, retired=[key.id], now_ms=NOW) == (
+        "retired_key"
+    )
+    assert refusal(data, sig, key.id, trusted=trusted, now_ms=NOW, fleet="other") == "malformed"
+    assert refusal(data, sig, key.id, trusted=trusted, now_ms=NOW - 5000) == "not_yet_valid"
+    assert refusal(data, sig, key.id, trusted=trusted, now_ms=NOW + 86_400_000) == "expired"
+    assert refusal(data, sig, key.id, trusted=trusted, now_ms=NOW, applied_version=5) == (
+        "downgrade"
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda o: o.update(chain="bundle"),
+        lambda o: o.update(chain="LOCAL"),
+        lambda o: o.update(chain=None),
+        lambda o: o.update(filters={"sha256": hashlib.sha256(b"").hexdigest(), "text": ""}),
+        lambda o: o.update(modules=[]),
+        lambda o: o.pop("key_id"),
+        lambda o: o.update(extra=1),
+    ],
+)
+def test_malformed_local_manifests_are_refused(key: b.SigningKey, mutate) -> None:  # type: ignore[no-untyped-def]
+    obj = local_manifest(key).to_obj()
+    mutate(obj)
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    assert refusal(data, key.sign(data), key.id, trusted={key.id: key.public}, now_ms=NOW) == (
+        "malformed"
+    )
+
+
+def test_encode_refuses_a_local_bundle_with_a_chain(key: b.SigningKey) -> None:
+    with pytest.raises(ValueError, match="no filters"):
+        b.encode_manifest(manifest(key=key, chain="local"))
+    with pytest.raises(ValueError, match="chain must be"):
+        b.encode_manifest(manifest(key=key, chain="remote"))
