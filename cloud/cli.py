@@ -359,10 +359,10 @@ def _no_database(exc: NoDatabase, source: Source) -> str:
     )
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _sources(args: argparse.Namespace) -> int:
     """How many of ``bundle create``'s chain sources are given (exactly one must be)."""
     return sum(v is not None for v in (args.filters, args.from_version, args.local or None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
