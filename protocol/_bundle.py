@@ -198,23 +198,7 @@ class Manifest:
         return sum(m.size for m in self.modules)
 
     def to_obj(self) -> dict[str, Any]:
-        if self.is_local:
-            if self.filters_text or self.filters_sha256 or self.modules:
-                raise ValueError("a local bundle carries no filters and no modules")
-            return {
-                "format": FORMAT,
-                "fleet": self.fleet,
-                "version": self.version,
-                "priority": self.priority,
-                "not_before": self.not_before,
-                "not_after": self.not_after,
-                "created": self.created,
-                "key_id": self.key_id,
-                "chain": CHAIN_LOCAL,
-            }
-        if self.chain != "bundle":
-            raise ValueError(f"chain must be 'bundle' or {CHAIN_LOCAL!r}, not {self.chain!r}")
-        return {
+        obj: dict[str, Any] = {
             "format": FORMAT,
             "fleet": self.fleet,
             "version": self.version,
@@ -223,6 +207,14 @@ class Manifest:
             "not_after": self.not_after,
             "created": self.created,
             "key_id": self.key_id,
+        }
+        if self.is_local:
+            if self.filters_text or self.filters_sha256 or self.modules:
+                raise ValueError("a local bundle carries no filters and no modules")
+            return obj | {"chain": CHAIN_LOCAL}
+        if self.chain != "bundle":
+            raise ValueError(f"chain must be 'bundle' or {CHAIN_LOCAL!r}, not {self.chain!r}")
+        return obj | {
             "filters": {"sha256": self.filters_sha256, "text": self.filters_text},
             "modules": [{"path": m.path, "sha256": m.sha256, "size": m.size} for m in self.modules],
         }

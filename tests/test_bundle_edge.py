@@ -262,6 +262,15 @@ def test_chain_source_local_refuses_bundles(
     )
     assert st["active_version"] is None
     assert not (tmp_path / "edge" / "store.db.chain").exists()
+    # a local bundle: it runs its local chain already, so applying it is a no-op success
+    r = fleet.cli("bundle", "create", "--local")
+    assert r.returncode == 0, r.stderr
+    local = int(json.loads(r.stdout)["version"])
+    fleet.desire(DEVICE, local)
+    st = _wait_state(fleet, "local bundle: no-op", active_version=local, status="applied")
+    assert "chain_source is local" in st["status_detail"] and st["chain"] == "local"
+    assert not (tmp_path / "edge" / "store.db.chain").exists()
+    assert proc.metric("edgepipe_chain_reloads_total", result="ok") == 0
     assert proc.terminate() == 0
 
 
@@ -341,20 +350,4 @@ def test_a_local_bundle_takes_the_device_back_to_its_configured_chain_for_good(
     assert c["readings"] == c["distinct"] == len(values)
     st = fleet.state(DEVICE)
     assert st["active_version"] == local and st["chain"] == "local"
-    assert proc.terminate() == 0
-
-
-def test_chain_source_local_takes_a_local_bundle_as_a_no_op(
-    tmp_path: Path, broker: Any, keyfile: Path, edge: Any, fleet: Fleet
-) -> None:
-    _edge_dir(tmp_path)
-    proc, _ = _start(edge, tmp_path, broker, keyfile, fleet, chain_source="local")
-    r = fleet.cli("bundle", "create", "--local")
-    assert r.returncode == 0, r.stderr
-    local = int(json.loads(r.stdout)["version"])
-    fleet.desire(DEVICE, local)
-    st = _wait_state(fleet, "local bundle: no-op", active_version=local, status="applied")
-    assert "chain_source is local" in st["status_detail"] and st["chain"] == "local"
-    assert not (tmp_path / "edge" / "store.db.chain").exists()
-    assert proc.metric("edgepipe_chain_reloads_total", result="ok") == 0
     assert proc.terminate() == 0

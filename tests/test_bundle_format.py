@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -202,17 +203,9 @@ _KEY = b.SigningKey.generate()
 
 
 def local_manifest(key: b.SigningKey, **over: object) -> b.Manifest:
-    fields: dict = dict(
-        fleet="acme",
-        version=5,
-        priority="urgent",
-        not_before=NOW - 1000,
-        not_after=NOW + 86_400_000,
-        created=NOW - 2000,
-        key_id=key.id,
-    )
-    fields.update(over)
-    return b.Manifest.local(**fields)
+    """:func:`manifest`'s fields, as a local bundle (no filters, no modules)."""
+    m = manifest(key=key, version=5, priority="urgent", **over)
+    return dataclasses.replace(m, filters_text="", filters_sha256="", modules=(), chain="local")
 
 
 def test_a_local_bundle_has_chain_local_and_no_filters_or_modules(key: b.SigningKey) -> None:
@@ -279,3 +272,11 @@ def test_encode_refuses_a_local_bundle_with_a_chain(key: b.SigningKey) -> None:
         b.encode_manifest(manifest(key=key, chain="local"))
     with pytest.raises(ValueError, match="chain must be"):
         b.encode_manifest(manifest(key=key, chain="remote"))
+
+
+def test_manifest_local_is_the_local_form_of_a_manifest(key: b.SigningKey) -> None:
+    m = local_manifest(key)
+    made = b.Manifest.local(fleet=m.fleet, version=m.version, priority=m.priority,
+                            not_before=m.not_before, not_after=m.not_after, created=m.created,
+                            key_id=m.key_id)  # fmt: skip
+    assert made == m and made.is_local
