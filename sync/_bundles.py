@@ -223,7 +223,6 @@ class BundleAgent:
         st = self.state
         out: dict[str, Any] = {
             "active_version": st.active_version,
-            "chain": st.chain,
             "previous_version": st.previous_version,
             "applied_ms": st.applied_ms,
             "status": st.status,
@@ -231,6 +230,8 @@ class BundleAgent:
             "reason": st.reason,
             "detail": st.detail[:500] if st.detail else None,
         }
+        if st.chain == "local":  # only then (a receiver before local bundles refuses the field)
+            out["chain"] = "local"
         if st.stages:
             same_process = st.baseline_pid == os.getpid()
             baseline = st.baseline if same_process else {}
