@@ -124,11 +124,13 @@ def parse_report(data: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError("the body must be a JSON object")
     known = {"active_version", "previous_version", "applied_ms", "status", "version"}
-    known |= {"reason", "detail", "health"}
+    known |= {"reason", "detail", "health", "chain"}
     if set(obj) - known:
         raise ValueError(f"unknown fields: {sorted(set(obj) - known)[:5]}")
     out: dict[str, Any] = {k: _opt_int(obj, k) for k in ("active_version", "previous_version")}
     out["applied_ms"] = _opt_int(obj, "applied_ms")
+    if obj.get("chain") not in (None, "bundle", "local"):
+        raise ValueError("chain must be 'bundle', 'local' or null")
     out["version"] = _opt_int(obj, "version")
     status = obj.get("status")
     if status is not None and status not in _STATUSES:

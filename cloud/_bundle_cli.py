@@ -251,6 +251,30 @@ def create_bundle(
     )
 
 
+def create_local_bundle(
+    backend: Backend,
+    key: SigningKey,
+    *,
+    fleet: str,
+    priority: str,
+    valid_days: float,
+    now: int | None = None,
+) -> dict[str, Any]:
+    """Sign and store a *local bundle* with the next version: no chain of its own, it sends
+    a device back to the chain its own config names (its ``chain_file``)."""
+    return _sign_and_store(
+        backend,
+        key,
+        None,
+        [],
+        0,
+        fleet=fleet,
+        priority=priority,
+        valid_days=valid_days,
+        now=now,
+    )
+
+
 def reissue_bundle(
     backend: Backend,
     key: SigningKey,
@@ -271,7 +295,7 @@ def reissue_bundle(
     return _sign_and_store(
         backend,
         key,
-        m.filters_text,
+        None if m.is_local else m.filters_text,
         list(m.modules),
         0,
         fleet=fleet,
@@ -285,7 +309,7 @@ def reissue_bundle(
 def _sign_and_store(
     backend: Backend,
     key: SigningKey,
-    text: str,
+    text: str | None,
     modules: list[ModuleEntry],
     new: int,
     *,
@@ -295,20 +319,27 @@ def _sign_and_store(
     now: int | None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``text`` None: a local bundle."""
     now = now_ms() if now is None else now
     for _ in range(10):  # another `bundle create` may take the version meanwhile
-        manifest = Manifest(
-            fleet=fleet,
-            version=backend.next_bundle_version(),
-            priority=priority,
-            not_before=now - NOT_BEFORE_SLACK_MS,
-            not_after=now + int(valid_days * 86_400_000),
-            created=now,
-            key_id=key.id,
-            filters_text=text,
-            filters_sha256=hashlib.sha256(text.encode()).hexdigest(),
-            modules=tuple(modules),
-        )
+        common: dict[str, Any] = {
+            "fleet": fleet,
+            "version": backend.next_bundle_version(),
+            "priority": priority,
+            "not_before": now - NOT_BEFORE_SLACK_MS,
+            "not_after": now + int(valid_days * 86_400_000),
+            "created": now,
+            "key_id": key.id,
+        }
+        if text is None:
+            manifest = Manifest.local(**common)
+        else:
+            manifest = Manifest(
+                **common,
+                filters_text=text,
+                filters_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                modules=tuple(modules),
+            )
         data = encode_manifest(manifest)
         try:
             backend.add_bundle(manifest, data, key.sign(data), now=now)
@@ -319,6 +350,7 @@ def _sign_and_store(
             "priority": priority,
             "key_id": key.id,
             "fleet": fleet,
+            "chain": manifest.chain,
             "modules": len(modules),
             "new_modules": new,
             "total_bytes": manifest.total_bytes,
@@ -343,6 +375,8 @@ def bundle_command(args: argparse.Namespace, settings: Settings, backend: Backen
     opts = {"fleet": settings.fleet, "priority": args.priority, "valid_days": args.valid_days}
     if args.from_version is not None:
         summary = reissue_bundle(backend, key, args.from_version, **opts)
+    elif args.local:
+        summary = create_local_bundle(backend, key, **opts)
     else:
         summary = create_bundle(backend, key, Path(args.filters), **opts)
     print(json.dumps(summary, sort_keys=True))
@@ -408,6 +442,12 @@ def add_parsers(sub: Any, command: Any, exits: Any, db_cmd: str, no_db: str) -> 
         metavar="VERSION",
         help="instead of a filters file: sign the chain of stored bundle VERSION again as the "
         "next version (going back to an earlier chain; devices never apply a lower version)",
+    )
+    create.add_argument(
+        "--local",
+        action="store_true",
+        help="instead of a filters file: a local bundle, which sends a device back to the "
+        "chain its own pipeline.yaml names (chain_file); rolls back a device that ran no bundle",
     )
     create.add_argument(
         "--priority",

@@ -106,8 +106,10 @@ class Bundles(Protocol):
 _STATE_COLS = (
     "d.name, s.desired_version, s.desired_reason, s.desired_ms, s.active_version, "
     "s.previous_version, s.applied_ms, s.status, s.status_version, s.status_reason, "
-    "s.status_detail, s.reported_ms, s.health"
+    "s.status_detail, s.reported_ms, s.health, ab.filters_sha256"
 )
+#: ``bundles.filters_sha256`` of a local bundle (which has no filters text).
+LOCAL_FILTERS = "local"
 
 
 def _state_row(r: Any) -> dict[str, Any]:
@@ -126,6 +128,8 @@ def _state_row(r: Any) -> dict[str, Any]:
         "reported_ms": r[11],
         "health": json.loads(r[12]) if r[12] else None,
         "in_sync": r[1] is None or r[1] == r[4],
+        # what the active version runs: its own chain, or the device's configured one
+        "chain": None if r[4] is None else "local" if r[13] == LOCAL_FILTERS else "bundle",
     }
 
 
@@ -178,7 +182,7 @@ class BundlesSQL(SQLBase):
                     manifest.not_before,
                     manifest.not_after,
                     now,
-                    manifest.filters_sha256,
+                    LOCAL_FILTERS if manifest.is_local else manifest.filters_sha256,
                     manifest.total_bytes,
                     manifest_bytes.decode("ascii"),
                     signature.hex(),
@@ -384,7 +388,8 @@ class BundlesSQL(SQLBase):
             cur.execute(
                 self._q(
                     f"SELECT {_STATE_COLS} FROM devices d LEFT JOIN device_bundle s "
-                    f"ON s.device_id = d.id {where} ORDER BY d.name"
+                    "ON s.device_id = d.id LEFT JOIN bundles ab ON ab.version = s.active_version "
+                    f"{where} ORDER BY d.name"
                 ),
                 args,
             )

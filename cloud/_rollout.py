@@ -22,8 +22,9 @@ rollout and rolls back the failing device (``policy: device``) or every device t
 bundle (``policy: all``).  Devices refuse a version lower than one they applied, so a
 rollback is a **new bundle version with the previous bundle's chain** (its filters text and
 its modules, stored already).  The receiver holds no signing key, so ``rollout start``
-signs these (one per bundle the group's devices run, urgent, above the rollout's version)
-and stores them with the rollout; the engine only makes them desired.
+signs these (one per bundle the group's devices run, urgent, above the rollout's version,
+and a *local bundle* for the devices that ran no bundle: it sends them back to the chain
+their own config names) and stores them with the rollout; the engine only makes them desired.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ BASELINE_WINDOW_MS = 3_600_000
 ROLLBACK_VALID_DAYS = 30.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _chain_of(prev: int | None) -> str:
+    """What a rollback returns a device to, in words."""
+    return "its local chain" if prev is None else f"the chain of bundle {prev}"
 
 
 def parse_duration(text: str) -> int:
@@ -228,8 +234,8 @@ class RolloutEngine:
                 if rb is not None and st.get("active_version") == rb:
                     self._set(ro, d, state="rolled_back")
                     self._event(
-                        ro, "rolled_back", f"runs bundle {rb} (the chain of bundle "
-                        f"{d['previous_version']}) again: {d['reason']}", d["device"],
+                        ro, "rolled_back", f"runs bundle {rb} ({_chain_of(d['previous_version'])})"
+                        f" again: {d['reason']}", d["device"],
                     )  # fmt: skip
                 elif st.get("status") == "failed" and st.get("status_version") == rb:
                     why = f"refused rollback bundle {rb}: {st.get('status_reason')}"
@@ -370,31 +376,27 @@ class RolloutEngine:
                 self._set(ro, d, state="skipped", reason=f"halted before it applied: {why}")
             return
         prev = d["previous_version"]
-        if prev is None:
-            self._set(
-                ro, d, state="failed", reason=f"{why}; no previous bundle to return to (it ran "
-                "its local chain before): deploy one with 'edgepipe-cloud devices desire'",
-            )  # fmt: skip
-            self._event(ro, "rollback_impossible", "it ran its local chain before", d["device"])
-            return
         try:
             rb = self._rollback_bundle(ro, prev)
         except Exception as e:  # none signed for it, a database error: recorded
             self._set(ro, d, reason=f"{why}; cannot make the rollback bundle: {e}")
             self._event(ro, "rollback_impossible", str(e), d["device"])
             return
-        b.set_desired(
-            d["device"], rb, f"rollout {ro['id']} rollback to the chain of {prev}: {why}", now=now
-        )
+        chain = _chain_of(prev)
+        b.set_desired(d["device"], rb, f"rollout {ro['id']} rollback to {chain}: {why}", now=now)
         self._set(ro, d, state="rolling_back", rollback_version=rb, reason=why)
-        self._event(
-            ro, "rollback", f"bundle {rb} (the chain of bundle {prev}) desired", d["device"]
-        )
+        self._event(ro, "rollback", f"bundle {rb} ({chain}) desired", d["device"])
 
-    def _rollback_bundle(self, ro: dict[str, Any], prev: int) -> int:
-        """The rollback bundle for devices that ran bundle ``prev``: signed by ``rollout
-        start`` (the receiver holds no signing key), stored with the rollout's spec."""
-        rb = (ro["spec"].get("rollbacks") or {}).get(str(prev))
+    def _rollback_bundle(self, ro: dict[str, Any], prev: int | None) -> int:
+        """The rollback bundle for devices that ran bundle ``prev`` (None: no bundle, their
+        local chain): signed by ``rollout start`` (the receiver holds no signing key), stored
+        with the rollout's spec."""
+        rb = (ro["spec"].get("rollbacks") or {}).get("local" if prev is None else str(prev))
+        if rb is None and prev is None:
+            raise RuntimeError(
+                "no local bundle was signed when the rollout started (the device ran a bundle "
+                "then): sign one with 'edgepipe-cloud bundle create --local' and desire it"
+            )
         if rb is None:
             raise RuntimeError(
                 f"no rollback bundle was signed for bundle {prev} when the rollout started "

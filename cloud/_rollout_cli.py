@@ -107,18 +107,24 @@ def _sign_rollbacks(
     backend: Backend, settings: Settings, key: Any, rid: int, devices: list[str]
 ) -> dict[str, int]:
     """For each bundle the devices run now, its chain signed again as a new (urgent)
-    version: what the receiver desires for a device whose gate fails (it holds no signing
-    key itself).  -> {previous version: rollback version}."""
-    from ._bundle_cli import reissue_bundle
+    version, and a local bundle when some run no bundle (their configured chain): what the
+    receiver desires for a device whose gate fails (it holds no signing key itself).
+    -> {previous version or ``local``: rollback version}."""
+    from ._bundle_cli import create_local_bundle, reissue_bundle
 
-    running = sorted(
-        {
-            st["active_version"]
-            for st in map(backend.bundle_state, devices)
-            if st and st["active_version"]
-        }
-    )
+    states = [backend.bundle_state(d) for d in devices]
+    running = sorted({st["active_version"] for st in states if st and st["active_version"]})
     out = {}
+    if any(not st or not st["active_version"] for st in states):
+        made = create_local_bundle(
+            backend, key, fleet=settings.fleet, priority="urgent", valid_days=ROLLBACK_VALID_DAYS
+        )
+        out["local"] = int(made["version"])
+        backend.rollout_event(
+            rid, "rollback_bundle", f"bundle {made['version']} signed with {made['key_id']}: "
+            "a local bundle (back to the device's configured chain), urgent, for a rollback "
+            "of the devices that run no bundle", now=now_ms(),
+        )  # fmt: skip
     for prev in running:
         made = reissue_bundle(
             backend, key, prev, fleet=settings.fleet, priority="urgent",

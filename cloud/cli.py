@@ -307,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "signing-key":
             return signing_key_command(args, settings)
         if args.command == "bundle":
-            if args.action == "create" and (args.filters is None) == (args.from_version is None):
-                return _fail("give FILTERS.yaml or --from VERSION (one of them)", EXIT_USAGE)
+            if args.action == "create" and _sources(args) != 1:
+                return _fail(
+                    "give FILTERS.yaml, --from VERSION or --local (one of them)", EXIT_USAGE
+                )
             with _open(settings) as backend:
                 return bundle_command(args, settings, backend)
         if args.command == "rollout":
@@ -355,6 +357,11 @@ def _no_database(exc: NoDatabase, source: Source) -> str:
         f"{exc} (database {exc.url}, {origin}). Point at the receiver's database (the one "
         f"'serve' uses) with --db URL or {DB_ENV}=URL, or {create}"
     )
+
+
+def _sources(args: argparse.Namespace) -> int:
+    """How many of ``bundle create``'s chain sources are given (exactly one must be)."""
+    return sum(v is not None for v in (args.filters, args.from_version, args.local or None))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from config._models import PipelineConfig, SyncConfig
 from config._secrets import device_secret, store_keyring
 from core._clock import SYSTEM_CLOCK, Clock
-from core._errors import ConfigError, FilterError
+from core._errors import ConfigError, FilterError, SyncError
 from protocol._keys import Keyring
 from storage import Store
 
@@ -208,7 +208,18 @@ def _uses_pulled_chain(cfg: PipelineConfig) -> bool:
         and b.chain_source == "cloud"
         and cfg.chain_file is not None
         and pulled_chain_target(cfg).exists()
+        and not _runs_local_bundle(cfg)
     )
+
+
+def _runs_local_bundle(cfg: PipelineConfig) -> bool:
+    """Whether the last bundle applied is a local bundle (back to ``chain_file``)."""
+    from sync import BundleState
+
+    try:
+        return BundleState.load(bundle_state_path(cfg)).chain == "local"
+    except (SyncError, TypeError):  # unreadable: the agent says so and refuses bundles
+        return False
 
 
 def chain(
@@ -301,6 +312,7 @@ class ChainDeployer:
     watcher moved onto that file if it watched the local one."""
 
     def __init__(self, cfg: PipelineConfig, watcher: ChainWatcher | None) -> None:
+        self.cfg = cfg
         self.source = cfg.sync.bundles.chain_source
         self.has_chain_file = cfg.chain_file is not None
         self.target = pulled_chain_target(cfg)
@@ -340,6 +352,26 @@ class ChainDeployer:
         if self.watcher is not None and self.watcher.path != self.target:
             self.watcher.retarget(self.target)
         return [st["name"] for st in done["stages"]]
+
+    def apply_local(self) -> tuple[list[str], str | None]:
+        """A local bundle: the watcher moved back onto ``chain_file`` (the pulled chain file
+        stays, unused); with ``chain_source: local`` nothing changes."""
+        from sync import CannotApply
+
+        local = chain_target(self.cfg) if self.has_chain_file else None
+        try:
+            spec = chain_spec(self.cfg, local)
+        except ConfigError as e:
+            raise CannotApply("invalid_chain", f"the configured chain: {e}") from None
+        names = [st.name for st in spec.stages]
+        if self.source == "local":
+            return names, "sync.bundles.chain_source is local: it runs its chain_file already"
+        if self.watcher is None or local is None:
+            raise CannotApply("install_failed", "pipeline.yaml has no chain_file to go back to")
+        if self.watcher.path == local:
+            return names, "it runs its configured chain_file already"
+        self.watcher.retarget(local)
+        return names, None
 
 
 def bundle_agent(

@@ -9,6 +9,12 @@ signed with the fleet's Ed25519 signing key::
      "filters": {"sha256": "<hex>", "text": "version: 1\\nchain: ..."},
      "modules": [{"path": "lib/validity.wasm", "sha256": "<hex>", "size": 1234}, ...]}
 
+A *local bundle* carries no chain: in place of ``filters`` and ``modules`` its manifest has
+``"chain": "local"``, which tells the device to go back to the chain its own configuration
+names (``chain_file``; a rollback for a device that ran no bundle before).  It is signed,
+bounded and verified like any other, and like any other it is refused at or below the
+highest version applied.
+
 The manifest travels as its *canonical bytes*: compact JSON, keys sorted, ASCII only,
 integers only (no floats).  A device verifies the signature over exactly those bytes, then
 parses them, and refuses bytes that are not the canonical encoding of what they parse to
@@ -51,6 +57,7 @@ __all__ = [
     "MAX_TOTAL_BYTES",
     "PRIORITIES",
     "REASONS",
+    "CHAIN_LOCAL",
     "BundleRefused",
     "Manifest",
     "ModuleEntry",
@@ -68,6 +75,8 @@ __all__ = [
 ]
 
 FORMAT = 1
+#: The ``chain`` of a local bundle's manifest (the only value that field takes).
+CHAIN_LOCAL = "local"
 PRIORITIES = ("normal", "urgent")
 #: Every reason a bundle is refused for (what the device reports to the cloud).
 REASONS = (
@@ -115,6 +124,8 @@ _KEYS = {
     "filters",
     "modules",
 }
+#: A local bundle's fields: ``chain`` in place of ``filters`` and ``modules``.
+_LOCAL_KEYS = (_KEYS - {"filters", "modules"}) | {"chain"}
 _MAX_INT = 2**53  # what every JSON reader keeps exactly
 
 
@@ -147,13 +158,47 @@ class Manifest:
     filters_text: str
     filters_sha256: str
     modules: tuple[ModuleEntry, ...]
+    #: ``"bundle"``: the chain is ``filters_text`` and ``modules``; :data:`CHAIN_LOCAL`: the
+    #: device's own configured chain (``filters_text`` and ``filters_sha256`` empty, no modules)
+    chain: str = "bundle"
+
+    @classmethod
+    def local(
+        cls,
+        *,
+        fleet: str,
+        version: int,
+        priority: str,
+        not_before: int,
+        not_after: int,
+        created: int,
+        key_id: str,
+    ) -> Manifest:
+        """A local bundle's manifest: back to the chain the device's config names."""
+        return cls(
+            fleet,
+            version,
+            priority,
+            not_before,
+            not_after,
+            created,
+            key_id,
+            "",
+            "",
+            (),
+            CHAIN_LOCAL,
+        )
+
+    @property
+    def is_local(self) -> bool:
+        return self.chain == CHAIN_LOCAL
 
     @property
     def total_bytes(self) -> int:
         return sum(m.size for m in self.modules)
 
     def to_obj(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "format": FORMAT,
             "fleet": self.fleet,
             "version": self.version,
@@ -162,6 +207,14 @@ class Manifest:
             "not_after": self.not_after,
             "created": self.created,
             "key_id": self.key_id,
+        }
+        if self.is_local:
+            if self.filters_text or self.filters_sha256 or self.modules:
+                raise ValueError("a local bundle carries no filters and no modules")
+            return obj | {"chain": CHAIN_LOCAL}
+        if self.chain != "bundle":
+            raise ValueError(f"chain must be 'bundle' or {CHAIN_LOCAL!r}, not {self.chain!r}")
+        return obj | {
             "filters": {"sha256": self.filters_sha256, "text": self.filters_text},
             "modules": [{"path": m.path, "sha256": m.sha256, "size": m.size} for m in self.modules],
         }
@@ -354,8 +407,10 @@ def _parse(data: bytes) -> Manifest:
         raise ValueError("the manifest must be a JSON object")
     if _canonical(obj) != data:
         raise ValueError("the manifest is not in canonical form")
-    if set(obj) != _KEYS:
-        missing, extra = sorted(_KEYS - set(obj)), sorted(set(obj) - _KEYS)
+    local = "chain" in obj
+    want = _LOCAL_KEYS if local else _KEYS
+    if set(obj) != want:
+        missing, extra = sorted(want - set(obj)), sorted(set(obj) - want)
         raise ValueError(f"manifest fields: missing {missing}, unknown {extra}")
     if obj["format"] != FORMAT:
         raise ValueError(f"format {obj['format']!r} is not {FORMAT}")
@@ -371,6 +426,18 @@ def _parse(data: bytes) -> Manifest:
     kid = obj["key_id"]
     if not isinstance(kid, str) or not _KID.fullmatch(kid):
         raise ValueError("key_id is not a signing key id")
+    if local:
+        if obj["chain"] != CHAIN_LOCAL:
+            raise ValueError(f"chain must be {CHAIN_LOCAL!r} (a manifest with a chain has filters)")
+        return Manifest.local(
+            fleet=fleet,
+            version=version,
+            priority=obj["priority"],
+            not_before=nb,
+            not_after=na,
+            created=created,
+            key_id=kid,
+        )
     filters = obj["filters"]
     if not isinstance(filters, dict) or set(filters) != {"sha256", "text"}:
         raise ValueError("filters must be {sha256, text}")

@@ -19,6 +19,9 @@ wants it to run.  A new one is then
    directory) and handed to the :class:`BundleApplier` -- the composition root's chain
    deployer, which runs every check of ``edgepipe validate`` and installs it (keeping the
    previous chain for rollback); the running chain's watcher swaps it in between batches.
+   A *local bundle* (``"chain": "local"``: no filters, no modules) instead has the applier
+   move the watcher back onto the chain file the device's own config names; the state then
+   says ``chain: local``, so a restart keeps running that chain.
 
 Any refusal leaves the running chain as it is and is reported with its reason at once (the
 cloud's answer then stops sending that manifest).  The cloud only ever offers the *latest*
@@ -101,6 +104,11 @@ class BundleApplier(Protocol):
         """Validate and install the filters file ``filters`` (its modules beside it, as it
         names them); -> the chain's stage names.  :class:`CannotApply`, nothing changed."""
 
+    def apply_local(self) -> tuple[list[str], str | None]:
+        """Go back to the chain file the device's config names (a local bundle); -> its
+        stage names and, when nothing had to change, a note saying why.  :class:`CannotApply`,
+        nothing changed."""
+
 
 @dataclass
 class BundleState:
@@ -111,6 +119,8 @@ class BundleState:
     previous_version: int | None = None
     applied_ms: int | None = None
     stages: list[str] = field(default_factory=list)
+    #: what the active version runs: ``bundle`` (its chain) or ``local`` (the configured one)
+    chain: str | None = None
     status: str | None = None
     version: int | None = None
     reason: str | None = None
@@ -220,6 +230,8 @@ class BundleAgent:
             "reason": st.reason,
             "detail": st.detail[:500] if st.detail else None,
         }
+        if st.chain == "local":  # only then (a receiver before local bundles refuses the field)
+            out["chain"] = "local"
         if st.stages:
             same_process = st.baseline_pid == os.getpid()
             baseline = st.baseline if same_process else {}
@@ -301,6 +313,8 @@ class BundleAgent:
         if st.status == "failed" and st.version == m.version and st.reason != "download_failed":
             return "none", 0  # refused before; the answer should not have carried it again
         blocked = self.applier.refusal()
+        if m.is_local and blocked is not None and blocked.reason == "chain_source_local":
+            blocked = None  # it runs its local chain already: applying is a no-op
         if self._broken is not None:
             blocked = CannotApply("install_failed", self._broken)
         if blocked is not None:
@@ -377,6 +391,8 @@ class BundleAgent:
         return len(data)
 
     async def _apply(self, m: Manifest) -> str:
+        if m.is_local:
+            return await self._apply_local(m)
         staging = self.cache_dir / "staging" / f"v{m.version}"
         try:
             shutil.rmtree(staging, ignore_errors=True)
@@ -405,23 +421,41 @@ class BundleAgent:
             return "refused"
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        st = self.state
-        prev = st.active_version
-        now = self._now_ms()
+        return self._applied(m, stages, "bundle", None)
+
+    async def _apply_local(self, m: Manifest) -> str:
+        self._set(highest=max(self.state.highest, m.version))  # as for any bundle
+        try:
+            stages, note = await asyncio.to_thread(self.applier.apply_local)
+        except CannotApply as e:
+            self._refused(m.version, e.reason, e.detail)
+            return "refused"
+        return self._applied(m, stages, "local", note)
+
+    def _applied(self, m: Manifest, stages: list[str], chain: str, note: str | None) -> str:
+        prev = self.state.active_version
         self._set(
             active_version=m.version,
+            chain=chain,
             previous_version=prev,
-            applied_ms=now,
+            applied_ms=self._now_ms(),
             stages=stages,
             status="applied",
             version=m.version,
             reason=None,
-            detail=None,
+            detail=note,
             baseline=metric_fields(),
             baseline_pid=os.getpid(),
         )
         _active.set(m.version)
-        log.info("bundle version %d applied (previous: %s)", m.version, prev)
+        what = "its configured (local) chain" if chain == "local" else "its chain"
+        log.info(
+            "bundle version %d applied, running %s (previous: %s)%s",
+            m.version,
+            what,
+            prev,
+            f": {note}" if note else "",
+        )
         return "applied"
 
     def _refused(self, version: int | None, reason: str, detail: str) -> None:

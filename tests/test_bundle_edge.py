@@ -4,6 +4,7 @@ verifies, applies and reports them (docs/rollout.md)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -261,4 +262,92 @@ def test_chain_source_local_refuses_bundles(
     )
     assert st["active_version"] is None
     assert not (tmp_path / "edge" / "store.db.chain").exists()
+    # a local bundle: it runs its local chain already, so applying it is a no-op success
+    r = fleet.cli("bundle", "create", "--local")
+    assert r.returncode == 0, r.stderr
+    local = int(json.loads(r.stdout)["version"])
+    fleet.desire(DEVICE, local)
+    st = _wait_state(fleet, "local bundle: no-op", active_version=local, status="applied")
+    assert "chain_source is local" in st["status_detail"] and st["chain"] == "local"
+    assert not (tmp_path / "edge" / "store.db.chain").exists()
+    assert proc.metric("edgepipe_chain_reloads_total", result="ok") == 0
+    assert proc.terminate() == 0
+
+
+def test_a_local_bundle_takes_the_device_back_to_its_configured_chain_for_good(
+    tmp_path: Path, broker: Any, keyfile: Path, edge: Any, fleet: Fleet
+) -> None:
+    """On its local chain (passes everything), a bundle (drops 950000+), then a local bundle:
+    the local chain runs again, no reading lost or twice across both swaps, and after a
+    restart it still runs the local chain (the persisted state says so)."""
+    _edge_dir(tmp_path)
+    proc, cfg = _start(edge, tmp_path, broker, keyfile, fleet)
+    wait_for(lambda: fleet.state(DEVICE)["reported_ms"], 30, "first check-in")
+    v = fleet.bundle(write_filters(tmp_path / "b1", [validity(0, 900_000)], tag="to-local"))
+    r = fleet.cli("bundle", "create", "--local", "--priority", "urgent")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    local = int(made["version"])
+    assert made["chain"] == "local" and made["modules"] == 0 and local > v
+    n, goal = 0, 10**6
+
+    def load() -> None:  # MQTT load all through both swaps, at most 2000 ahead of the acks
+        nonlocal n
+        while n < goal:
+            if proc.metric("edgepipe_messages_acked_total") < n - 2000:
+                continue
+            publish(broker, [reading_msg("s1", "pm25", n + i, float(n + i)) for i in range(200)])
+            n += 200
+
+    def probe(base: int) -> tuple[list[float], list[float]]:
+        """5 readings the bundle drops and the local chain keeps, 5 both keep."""
+        hi = [950_000.0 + base + i for i in range(5)]
+        lo = [800_000.0 + base + i for i in range(5)]
+        msgs = [reading_msg("s1", "pm25", 10**7 + base + i, x) for i, x in enumerate(hi)]
+        msgs += [reading_msg("s1", "pm25", 2 * 10**7 + base + i, x) for i, x in enumerate(lo)]
+        publish(broker, msgs)
+        return hi, lo
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        wait_for(lambda: n >= 600, 30, "load running")
+        fleet.desire(DEVICE, v)
+        _wait_state(fleet, "bundle applied", active_version=v, status="applied")
+        proc.wait_metric("edgepipe_chain_reloads_total", 1, 30, result="ok")
+        at = n
+        wait_for(lambda: n >= at + 1200, 60, "load after the first swap")
+        fleet.desire(DEVICE, local)
+        st = _wait_state(fleet, "local bundle applied", active_version=local, status="applied")
+        proc.wait_metric("edgepipe_chain_reloads_total", 2, 30, result="ok")
+        goal = n + 1200  # and then some more on the local chain
+    finally:
+        goal = min(goal, n + 1200)
+        loader.join()
+    assert st["previous_version"] == v and st["chain"] == "local" and st["in_sync"]
+    state = json.loads((tmp_path / "edge" / "store.db.bundle.json").read_text())
+    assert state["chain"] == "local" and state["active_version"] == local
+    assert state["highest"] == local
+    assert proc.metric("edgepipe_bundle_active_version") == local
+    hi, lo = probe(0)  # the local chain runs: nothing of the probe is dropped
+    expected = sorted([float(i) for i in range(n)] + hi + lo)
+    proc.wait_metric("edgepipe_messages_acked_total", n + 10, 60)
+    values = stored_values(tmp_path / "edge" / "store.db", keyfile)
+    assert sorted(values) == expected  # nothing lost, nothing twice, across both swaps
+    assert proc.terminate() == 0
+
+    # restarted: the local chain still runs (not the pulled chain file, which is still there)
+    assert (tmp_path / "edge" / "store.db.chain" / "filters.yaml").exists()
+    proc = edge(cfg)
+    proc.wait_subscribed()
+    hi2, lo2 = probe(100)
+    proc.wait_metric("edgepipe_messages_acked_total", 10, 60)
+    values = stored_values(tmp_path / "edge" / "store.db", keyfile)
+    assert sorted(values) == sorted(expected + hi2 + lo2)
+    assert proc.metric("edgepipe_bundle_active_version") == local
+    wait_for(lambda: _synced(fleet)["readings"] == len(values), 60, "all synced")
+    c = _synced(fleet)
+    assert c["readings"] == c["distinct"] == len(values)
+    st = fleet.state(DEVICE)
+    assert st["active_version"] == local and st["chain"] == "local"
     assert proc.terminate() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -199,3 +200,83 @@ def test_any_byte_flip_is_refused(tail: bytes, pos: int) -> None:
 
 
 _KEY = b.SigningKey.generate()
+
+
+def local_manifest(key: b.SigningKey, **over: object) -> b.Manifest:
+    """:func:`manifest`'s fields, as a local bundle (no filters, no modules)."""
+    m = manifest(key=key, version=5, priority="urgent", **over)
+    return dataclasses.replace(m, filters_text="", filters_sha256="", modules=(), chain="local")
+
+
+def test_a_local_bundle_has_chain_local_and_no_filters_or_modules(key: b.SigningKey) -> None:
+    data = b.encode_manifest(local_manifest(key))
+    obj = json.loads(data)
+    assert obj["chain"] == "local" and "filters" not in obj and "modules" not in obj
+    assert set(obj) == {"format", "fleet", "version", "priority", "not_before", "not_after",
+                        "created", "key_id", "chain"}  # fmt: skip
+    assert data == json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    sig = key.sign(data)
+    data2, sig2, kid = b.open_envelope(json.loads(json.dumps(b.envelope(data, sig, key.id))))
+    m = b.verify(data2, sig2, kid, trusted={key.id: key.public}, now_ms=NOW, applied_version=4)
+    assert m.is_local and m == local_manifest(key) and m.total_bytes == 0 and not m.modules
+    assert b.decode_manifest(data) == m
+    assert not manifest(key=key).is_local
+    # non-canonical bytes of the same manifest are refused, as for any bundle
+    loose = json.dumps(obj, sort_keys=True, indent=1).encode()
+    assert refusal(loose, key.sign(loose), key.id, trusted={key.id: key.public}, now_ms=NOW) == (
+        "malformed"
+    )
+
+
+def test_a_local_bundle_is_verified_like_any_other(key: b.SigningKey) -> None:
+    data = b.encode_manifest(local_manifest(key))
+    sig = key.sign(data)
+    trusted = {key.id: key.public}
+    other = b.SigningKey.generate()
+    assert refusal(data, other.sign(data), key.id, trusted=trusted, now_ms=NOW) == "bad_signature"
+    assert refusal(data, sig, key.id, trusted={}, now_ms=NOW) == "unknown_key"
+    assert refusal(data, sig, key.id, trusted=trusted, retired=[key.id], now_ms=NOW) == (
+        "retired_key"
+    )
+    assert refusal(data, sig, key.id, trusted=trusted, now_ms=NOW, fleet="other") == "malformed"
+    assert refusal(data, sig, key.id, trusted=trusted, now_ms=NOW - 5000) == "not_yet_valid"
+    assert refusal(data, sig, key.id, trusted=trusted, now_ms=NOW + 86_400_000) == "expired"
+    assert refusal(data, sig, key.id, trusted=trusted, now_ms=NOW, applied_version=5) == (
+        "downgrade"
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda o: o.update(chain="bundle"),
+        lambda o: o.update(chain="LOCAL"),
+        lambda o: o.update(chain=None),
+        lambda o: o.update(filters={"sha256": hashlib.sha256(b"").hexdigest(), "text": ""}),
+        lambda o: o.update(modules=[]),
+        lambda o: o.pop("key_id"),
+        lambda o: o.update(extra=1),
+    ],
+)
+def test_malformed_local_manifests_are_refused(key: b.SigningKey, mutate) -> None:  # type: ignore[no-untyped-def]
+    obj = local_manifest(key).to_obj()
+    mutate(obj)
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    assert refusal(data, key.sign(data), key.id, trusted={key.id: key.public}, now_ms=NOW) == (
+        "malformed"
+    )
+
+
+def test_encode_refuses_a_local_bundle_with_a_chain(key: b.SigningKey) -> None:
+    with pytest.raises(ValueError, match="no filters"):
+        b.encode_manifest(manifest(key=key, chain="local"))
+    with pytest.raises(ValueError, match="chain must be"):
+        b.encode_manifest(manifest(key=key, chain="remote"))
+
+
+def test_manifest_local_is_the_local_form_of_a_manifest(key: b.SigningKey) -> None:
+    m = local_manifest(key)
+    made = b.Manifest.local(fleet=m.fleet, version=m.version, priority=m.priority,
+                            not_before=m.not_before, not_after=m.not_after, created=m.created,
+                            key_id=m.key_id)  # fmt: skip
+    assert made == m and made.is_local

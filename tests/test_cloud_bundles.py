@@ -18,6 +18,7 @@ from cloud._bundle_api import parse_report
 from cloud._bundle_cli import BundleSourceError, read_bundle_source
 from cloud._bundles import BundleVersionTaken, UnknownBundle
 from cloud._errors import UnknownDevice
+from core._clock import now_ms
 from protocol import _bundle, _signing
 from tests.helpers.bundles import KEY, filters_dir, make_bundle
 from tests.helpers.cloud_client import LiveServer, new_device
@@ -131,10 +132,13 @@ def test_reports_are_bounded_and_typed() -> None:
         json.dumps({"health": {"s": {"drops": {f"r{i}": 1 for i in range(33)}}}}).encode(),
         json.dumps({"health": {"s": {"in": True}}}).encode(),
         json.dumps({"health": {"../s": {}}}).encode(),
+        b'{"chain": "remote"}',
+        b'{"chain": 1}',
     ):
         with pytest.raises(ValueError):
             parse_report(bad)
     assert parse_report(b"")["status"] is None
+    assert parse_report(b'{"chain": "local", "active_version": 3}')["active_version"] == 3
     assert parse_report(json.dumps({"detail": "x" * 2000}).encode())["detail"] == "x" * 500
 
 
@@ -297,6 +301,34 @@ def test_reissue_signs_an_earlier_chain_as_the_next_version(
     assert m_new.filters_text == m_old.filters_text and m_new.modules == m_old.modules
     with pytest.raises(UnknownBundle):
         reissue_bundle(backend, KEY, 10**9, fleet="default", priority="normal", valid_days=1)
+
+
+def test_a_local_bundle_is_stored_and_shown_as_the_local_chain(
+    backend: Backend, tmp_path: Path
+) -> None:
+    from cloud._bundle_cli import create_local_bundle
+
+    name, _ = new_device(backend)
+    made = create_local_bundle(backend, KEY, fleet="default", priority="urgent", valid_days=1)
+    assert made["chain"] == "local" and made["modules"] == 0 and made["total_bytes"] == 0
+    got = backend.get_bundle(made["version"])
+    assert got is not None and got["modules"] == [] and got["filters_sha256"] == "local"
+    m = _bundle.verify(
+        got["manifest"], got["signature"], got["key_id"], trusted={KEY.id: KEY.public},
+        now_ms=now_ms(), fleet="default",
+    )  # fmt: skip
+    assert m.is_local and m.priority == "urgent"
+    # a device's state says which chain its active version runs
+    other = make_bundle(backend, tmp_path / "c", tag="chain-marker")
+    backend.set_desired(name, other["version"], "test", now=now_ms())
+    rep = {"active_version": other["version"], "previous_version": None, "applied_ms": 1,
+           "status": "applied", "version": other["version"], "reason": None, "detail": None,
+           "health": None}  # fmt: skip
+    backend.report_bundle_state(name, rep, now=now_ms())
+    assert backend.bundle_state(name)["chain"] == "bundle"
+    rep.update(active_version=made["version"], version=made["version"])
+    backend.report_bundle_state(name, rep, now=now_ms())
+    assert backend.bundle_state(name)["chain"] == "local"
 
 
 def test_a_schema_4_database_gains_the_bundle_tables(tmp_path: Path) -> None:

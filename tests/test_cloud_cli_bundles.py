@@ -75,6 +75,19 @@ def test_signing_keys_bundles_and_desire(tmp_path: Path) -> None:
     r = cli("bundle", "create", str(bad), env=env)
     assert r.returncode == 1 and "bad.yaml" in r.stderr and "'..'" in r.stderr
     assert len(cli("bundle", "list", env=env).stdout.splitlines()) == 5
+    # a local bundle: no filters file, no --from; signed like the others
+    assert cli("bundle", "create", str(filters), "--local", env=env).returncode == 2
+    assert cli("bundle", "create", "--from", "1", "--local", env=env).returncode == 2
+    assert len(cli("bundle", "list", env=env).stdout.splitlines()) == 5
+    r = cli("bundle", "create", "--local", "--priority", "urgent", env=env)
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert made["version"] == 6 and made["chain"] == "local" and made["modules"] == 0
+    assert made["key_id"] == second.id and made["priority"] == "urgent"
+    listed = json.loads(cli("bundle", "list", env=env).stdout.splitlines()[0])
+    assert listed["version"] == 6 and listed["filters_sha256"] == "local"
+    r = cli("bundle", "create", "--from", "6", env=env)  # a local bundle re-issued stays local
+    assert r.returncode == 0 and json.loads(r.stdout)["chain"] == "local"
     # desire
     assert cli("devices", "desire", "gw-1", "2", "--reason", "canary", env=env).returncode == 0
     r = cli("devices", "desire", "gw-1", "99", env=env)

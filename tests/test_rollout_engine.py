@@ -264,3 +264,67 @@ def test_without_a_rollback_bundle_the_failure_says_how_to_roll_back_by_hand(
     assert ro["state"] == "rolled_back" and ro["devices"][0]["state"] == "failed"
     assert f"bundle create --from {g.base}" in ro["devices"][0]["reason"]
     assert "rollback_impossible" in [e["kind"] for e in backend.rollout_events(rid)]
+
+
+def test_a_device_that_ran_its_local_chain_is_rolled_back_with_a_local_bundle(
+    backend: Backend, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from cloud._rollout_cli import _sign_rollbacks
+
+    g = Group(backend, tmp_path, 3, "local")
+    fresh = g.names[0]  # the canary: it never applied a bundle (its ConfigMap chain runs)
+    _report(backend, fresh, g.clock, health=_health(1000, drops=10))
+    v = make_bundle(backend, tmp_path / "v", tag="local-v")["version"]
+    rid = backend.create_rollout(v, ("group", "local"), {}, [[fresh], g.names[1:]], now=g.now)
+    rollbacks = _sign_rollbacks(backend, SimpleNamespace(fleet="default"), KEY, rid, g.names)
+    # one re-issue of the base chain the others run, one local bundle for the fresh device
+    assert set(rollbacks) == {"local", str(g.base)} and min(rollbacks.values()) > v
+    spec = {"canary": "1", "wave": "50%", "soak_ms": 60_000, "policy": "device",
+            "max_drop_increase": 0.05, "max_dead_letter_increase": 0.01, "min_readings": 0,
+            "rollbacks": rollbacks}  # fmt: skip
+    backend.update_rollout(rid, now=g.now, spec=spec)
+    g.engine.evaluate()
+    assert g.states(rid)[fresh] == "downloading"
+    _runs(backend, fresh, v, g.clock, n_in=50, traps={"unreachable": 3})
+    g.engine.evaluate({fresh})
+    ro = backend.rollout(rid)
+    d = {x["device"]: x for x in ro["devices"]}[fresh]
+    assert ro["state"] == "halted" and d["previous_version"] is None
+    assert d["state"] == "rolling_back" and d["rollback_version"] == rollbacks["local"]
+    rb = backend.get_bundle(rollbacks["local"])
+    m = _bundle.verify(
+        rb["manifest"], rb["signature"], rb["key_id"], trusted={KEY.id: KEY.public},
+        now_ms=g.now, applied_version=v, fleet="default",
+    )  # fmt: skip
+    assert m.is_local and m.priority == "urgent" and not m.modules
+    assert backend.bundle_state(fresh)["desired_version"] == rb["version"]
+    g.clock.advance(5)
+    g.engine.evaluate()  # not there yet: still rolling back
+    assert g.states(rid)[fresh] == "rolling_back"
+    _report(backend, fresh, g.clock, active_version=rb["version"], chain="local",
+            status="applied", version=rb["version"], previous_version=v)  # fmt: skip
+    g.engine.evaluate()
+    ro = backend.rollout(rid)
+    assert ro["state"] == "rolled_back"
+    assert g.states(rid) == {fresh: "rolled_back", **{n: "skipped" for n in g.names[1:]}}
+    events = [e for e in backend.rollout_events(rid) if e["device"] == fresh]
+    assert "its local chain" in events[-1]["detail"] and events[-1]["kind"] == "rolled_back"
+    assert "rollback_impossible" not in [e["kind"] for e in backend.rollout_events(rid)]
+
+
+def test_a_local_chain_device_without_a_local_bundle_says_how_to_make_one(
+    backend: Backend, tmp_path: Path
+) -> None:
+    g = Group(backend, tmp_path, 2, "nolocal")
+    fresh = g.names[0]
+    _report(backend, fresh, g.clock)
+    v = make_bundle(backend, tmp_path / "v", tag="nolocal-v")["version"]
+    rid = g.start(v, "nolocal")  # signs the base chain's rollback only
+    _runs(backend, fresh, v, g.clock, n_in=10, traps={"unreachable": 1})
+    g.engine.evaluate()
+    d = backend.rollout(rid)["devices"][0]
+    assert d["device"] == fresh and d["state"] == "failed"
+    assert "bundle create --local" in d["reason"]
+    assert "rollback_impossible" in [e["kind"] for e in backend.rollout_events(rid)]
