@@ -32,7 +32,7 @@ def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     monkeypatch.setenv("EDGEPIPE_CLOUD_ROLLOUT_EVALUATE_S", "0.3")
     monkeypatch.setenv("EDGEPIPE_CLOUD_REFRESH_S", "0.3")
     f = Fleet(tmp_path / "cloud")
-    for name in ["a-1", "a-2", "b-1", "b-2", "b-3"]:
+    for name in ["a-1", "a-2", "b-1", "b-2", "b-3", "c-1"]:
         f.add_device(name)
         r = f.cli("devices", "label", name, f"group={name[0]}")
         assert r.returncode == 0, r.stderr
@@ -54,6 +54,12 @@ def _report(fleet: Fleet, device: str, **kw: Any) -> None:
         b.report_bundle_state(device, rep, now=now_ms())
 
 
+def _local_bundle(fleet: Fleet) -> int:
+    r = fleet.cli("bundle", "create", "--local")
+    assert r.returncode == 0, r.stderr
+    return int(json.loads(r.stdout)["version"])
+
+
 def test_the_rollout_page_shows_waves_and_states_live_and_pause_works(
     tmp_path: Path, fleet: Fleet
 ) -> None:
@@ -61,6 +67,10 @@ def test_the_rollout_page_shows_waves_and_states_live_and_pause_works(
     for name in ("a-1", "a-2", "b-1", "b-2", "b-3"):
         fleet.desire(name, base)
         _report(fleet, name, active_version=base, status="applied", version=base)
+    # c-1 went back to its configured chain with a local bundle
+    local = _local_bundle(fleet)
+    fleet.desire("c-1", local)
+    _report(fleet, "c-1", active_version=local, status="applied", version=local, chain="local")
     v = fleet.bundle(write_filters(tmp_path / "v", [validity(0, 20)], tag="v"))
     # rollout 1 (group a): its canary refuses the bundle with a reason full of markup
     r = fleet.cli("rollout", "start", str(v), "--group", "group=a")
@@ -92,6 +102,8 @@ def test_the_rollout_page_shows_waves_and_states_live_and_pause_works(
         cell = page.locator("#fleet tr[data-device='b-1'] .bundle .tag")
         assert cell.get_attribute("data-in-sync") == "false"
         assert cell.inner_text() == f"v{base} → v{v}"
+        local_cell = "#fleet tr[data-device='c-1'] .bundle"
+        assert page.inner_text(local_cell) == f"local chain (v{local})"
 
         # rollout 1: the hostile reason is shown as text, never run
         page.goto(url + "/rollouts/1")

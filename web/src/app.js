@@ -489,7 +489,8 @@
   // The active bundle version, and whether it is the one the device should run.
   function bundleCell(b) {
     if (b.active_version == null && b.desired_version == null) return el("span", { class: "muted", text: "local chain" });
-    const active = b.active_version == null ? "local chain" : `v${b.active_version}`;
+    const active = b.active_version == null ? "local chain"
+      : b.chain === "local" ? `local chain (v${b.active_version})` : `v${b.active_version}`;
     if (b.in_sync) return el("span", { class: "tag ok", "data-in-sync": "true", text: active });
     return el("span", {
       class: "tag warn", "data-in-sync": "false",
