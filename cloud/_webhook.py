@@ -8,7 +8,9 @@ beyond, the oldest waiting one is dropped and counted) and the one in flight is 
 after an exponential backoff with jitter (``retry_min_s`` .. ``retry_max_s``, or the
 webhook's ``Retry-After`` when longer).  An attempt ends after ``timeout_s`` in all (connect,
 send, answer), however slowly the webhook trickles its answer.  A 2xx answer delivers it; a 4xx other than 408
-and 429 refuses it for good (counted, logged: the webhook will not take that body).
+and 429 refuses it for good (counted, logged: the webhook will not take that body), and so
+does a 3xx (redirects are not followed: the URL is wrong, and retrying would hold the
+webhook's queue behind that notification for ever).
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ class WebhookSender:
             try:
                 await loop.run_in_executor(self._pool, self._post, alert)
             except _Answer as a:
-                if 400 <= a.status < 500 and a.status not in (408, 429):
+                if 300 <= a.status < 500 and a.status not in (408, 429):
                     self.refused += 1
                     self.last_error = str(a)
                     log.error(

@@ -61,9 +61,16 @@ def raw_webhook(answer: bytes, *, byte_every_s: float | None = None) -> Iterator
         srv.close()
 
 
-def failing_twice(answer: bytes, *, timeout_s: float = 5, byte_every_s: float | None = None):
+def failing_twice(
+    answer: bytes,
+    *,
+    timeout_s: float = 5,
+    byte_every_s: float | None = None,
+    until: str = "failures",
+):
     """A sender to a webhook answering ``answer`` (see :func:`raw_webhook`), after it has
-    offered one alert and failed two attempts at it (then stopped)."""
+    offered one alert and failed two attempts at it (``until="refused"``: after it refused
+    it for good), then stopped."""
     with raw_webhook(answer, byte_every_s=byte_every_s) as url:
         cfg = Webhook(url=url, timeout_s=timeout_s, retry_min_s=0.05, retry_max_s=0.1)
         sender = WebhookSender(cfg, uniform=lambda a, b: a)
@@ -73,7 +80,10 @@ def failing_twice(answer: bytes, *, timeout_s: float = 5, byte_every_s: float | 
         asyncio.run_coroutine_threadsafe(sender.run(), loop)
         try:
             sender.offer(ALERT)
-            wait_for(lambda: sender.failures >= 2, 30, "two failed attempts")
+            if until == "refused":
+                wait_for(lambda: sender.refused >= 1, 30, "the notification refused")
+            else:
+                wait_for(lambda: sender.failures >= 2, 30, "two failed attempts")
         finally:
 
             async def stop() -> None:
@@ -109,3 +119,14 @@ def test_a_huge_answer_is_read_no_further_than_its_first_bytes() -> None:
     body = b"E" * (1 << 20)
     sender = failing_twice(b"HTTP/1.1 500 Oops\r\nContent-Length: 100000000\r\n\r\n" + body)
     assert len(sender.last_error or "") < 300 and "500" in (sender.last_error or "")
+
+
+def test_a_redirect_is_refused_for_good_not_retried_for_ever() -> None:
+    # redirects are not followed: a 3xx says the webhook URL is wrong, and retrying it held
+    # that webhook's queue behind one notification for ever
+    sender = failing_twice(
+        b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n",
+        until="refused",
+    )
+    assert sender.refused == 1 and sender.sent == 0 and sender.failures == 0
+    assert "302" in (sender.last_error or "")
