@@ -151,7 +151,8 @@ async def fleet_json(request: Request) -> Response:
         for row in view["devices"]:
             b = bundles.get(row["name"]) or {}
             row["bundle"] = {
-                k: b.get(k) for k in ("active_version", "desired_version", "in_sync", "status", "chain")
+                k: b.get(k)
+                for k in ("active_version", "desired_version", "in_sync", "status", "chain")
             }
         return view
 
