@@ -15,8 +15,8 @@ from pathlib import Path
 
 import wasmtime
 
-from pipeline.chain._aot import ModuleCache, host_target
 from pipeline.chain._engine import engine, engine_settings
+from pipeline.wasm._aot import ModuleCache, host_target
 
 WASM = Path(__file__).resolve().parents[1] / "filters" / "lib" / "validity.wasm"
 

@@ -520,8 +520,8 @@ def cold_start(cache_dir: Path, reg: SeriesRegistry, repeat: int = 7) -> dict[st
 
 
 def _cache(cdir: Path | None):
-    from pipeline.chain._aot import ModuleCache
     from pipeline.chain._engine import engine, engine_settings
+    from pipeline.wasm._aot import ModuleCache
 
     return ModuleCache(cdir, engine(), engine_settings())
 

@@ -279,6 +279,7 @@ async def build_pipeline(cfg: PipelineConfig, *, clock: Clock = SYSTEM_CLOCK) ->
             device_id=cfg.device.id,
             max_payload=cfg.batch.max_payload_bytes,
             identity_key=store.identity_key,
+            cache_dir=cache_dir(cfg),
         )
         mqtt = MQTTClient(
             cfg.broker,

@@ -18,8 +18,8 @@ import pytest
 
 from core._metrics import Metrics
 from pipeline._http import register_process_metrics
-from pipeline.chain._aot import ModuleCache, cache_key, host_target
 from pipeline.chain._engine import engine, engine_settings
+from pipeline.wasm._aot import ModuleCache, cache_key, host_target
 from tests.helpers.wasm import LIB
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

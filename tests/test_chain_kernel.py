@@ -136,7 +136,7 @@ def test_an_oversized_batch_lets_the_kernel_memory_go(tmp_path):
 _FRESH_PROCESS = """
 import sys, wasmtime
 from pathlib import Path
-from pipeline.chain._aot import ModuleCache
+from pipeline.wasm._aot import ModuleCache
 from pipeline.chain._check import OutputCheck
 from pipeline.chain._engine import engine, engine_settings
 cache = ModuleCache(Path(sys.argv[1]), engine(), engine_settings())

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from core._metrics import METRICS
 from core._model import Batch, SeriesRegistry
-from pipeline.chain._aot import ModuleCache
 from pipeline.chain._chain import Chain
 from pipeline.chain._engine import engine, engine_settings
+from pipeline.wasm._aot import ModuleCache
 from tests.helpers.wasm import LIB, REPO, airquality, batches, stage
 
 STAGES = [

@@ -43,8 +43,8 @@ from core._clock import SYSTEM_CLOCK, Clock
 from core._errors import FilterError, FilterLoadError, FilterRuntimeError
 from core._model import RECORD, Batch, DeadLetter, SeriesRegistry
 
+from ..wasm._aot import ModuleCache
 from . import _chain_metrics as metric
-from ._aot import ModuleCache
 from ._check import OutputCheck
 from ._engine import engine, engine_settings
 from ._module import LoadedModule, load_module

@@ -29,10 +29,10 @@ import threading
 
 import wasmtime
 
-from ._aot import ModuleCache
-from ._ffi import GuestCall, GuestMemory
-from ._ffi import memmove as _memmove
-from ._ffi import string_at as _string_at
+from ..wasm._aot import ModuleCache
+from ..wasm._ffi import GuestCall, GuestMemory, host_engine
+from ..wasm._ffi import memmove as _memmove
+from ..wasm._ffi import string_at as _string_at
 
 __all__ = ["KEYS_CHANGED", "UNKNOWN_SERIES", "OutputCheck"]
 
@@ -208,10 +208,7 @@ def _compiled(cache: ModuleCache | None) -> tuple[wasmtime.Engine, wasmtime.Modu
     if not _module:
         with _lock:
             if not _module:
-                cfg = wasmtime.Config()
-                cfg.cranelift_opt_level = "speed"
-                cfg.wasm_threads = False
-                eng = wasmtime.Engine(cfg)
+                eng = host_engine()
                 if cache is None or cache.directory is None:
                     _module.append((eng, wasmtime.Module(eng, _WAT)))
                 else:

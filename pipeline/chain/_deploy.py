@@ -180,7 +180,7 @@ def check_chain(spec: ChainSpec, *, cache_dir: Path | None) -> dict[str, LoadedM
     stage's module loaded and checked, instantiated in the sandbox with its config
     checked and ``ep_init`` run, then dropped.  Returns the compiled modules; raises one
     located :class:`ConfigError` listing the problem of every failing stage."""
-    from ._aot import ModuleCache
+    from ..wasm._aot import ModuleCache
     from ._engine import engine, engine_settings
 
     cache = ModuleCache(cache_dir, engine(), engine_settings())

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import wasmtime
 
+from ..wasm._ffi import HostTrap
 from ._engine import engine
-from ._ffi import HostTrap
 
 if TYPE_CHECKING:
     from ._stage import WasmStage

@@ -15,10 +15,10 @@ import wasmtime
 from config._models import StageConfig
 from core._errors import FilterLoadError
 
+from ..wasm._aot import ModuleCache
 from ._abi import IMPORTS as _IMPORTS
 from ._abi import OPTIONAL_EXPORTS as _OPTIONAL
 from ._abi import REQUIRED_EXPORTS as _REQUIRED
-from ._aot import ModuleCache
 from ._declared import Declaration, DeclarationError, read_declaration
 from ._engine import engine, engine_settings
 

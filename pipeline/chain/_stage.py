@@ -39,12 +39,12 @@ from core._errors import FilterLoadError, FilterRuntimeError
 from core._metrics import METRICS
 from core._model import Batch, SeriesRegistry
 
+from ..wasm._aot import ModuleCache
+from ..wasm._ffi import Budget, GuestCall, GuestMemory, HostTrap
 from ._abi import ABI_VERSION, flatten_config
-from ._aot import ModuleCache
 from ._check import KEYS_CHANGED, UNKNOWN_SERIES, OutputCheck
 from ._declared import ConfigProblem
 from ._engine import TICK_S, TICKER, engine
-from ._ffi import Budget, GuestCall, GuestMemory, HostTrap
 from ._host import MAX_DERIVED_SERIES, make_linker
 from ._module import LoadedModule, load_module
 from ._records import REC, unpack
