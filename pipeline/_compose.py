@@ -268,18 +268,20 @@ async def build_pipeline(cfg: PipelineConfig, *, clock: Clock = SYSTEM_CLOCK) ->
     decoder, the MQTT client and, when enabled, the sync worker.  Nothing is connected yet;
     :meth:`Pipeline.run` starts it and closes every part when it ends.  ``clock`` is the one
     every part reads (breaker cooldowns, the redelivery window, signing timestamps)."""
-    from .ingest import Decoder, MQTTClient
+    from .ingest import BloomBits, Decoder, MQTTClient
 
     store = await open_store(cfg)
     try:
         filters, watcher = chain(cfg, store, clock=clock)
+        cache = cache_dir(cfg)
+        store.use_seen_bits(lambda: BloomBits(cache))  # the redelivery filter, per batch
         decoder = Decoder(
             cfg.subscriptions,
             store.registry,
             device_id=cfg.device.id,
             max_payload=cfg.batch.max_payload_bytes,
             identity_key=store.identity_key,
-            cache_dir=cache_dir(cfg),
+            cache_dir=cache,
         )
         mqtt = MQTTClient(
             cfg.broker,

@@ -17,19 +17,25 @@ a fresh one).  Identities are keyed BLAKE2b output, uniformly distributed, so th
 probes are the low bits of the identity's own four 32-bit words (a key of another length
 is cut or zero-padded to 16 bytes first).  All of it runs on the store's worker thread.
 
-What it costs: about 11,000 instructions per identity (one test, one insert) in CPython
-3.11, against unpacking every stored identity of up to ``SEEN_KEEP`` rows for each batch.
+The bits live behind a two-call interface (:class:`Bits`: add and test the identities of
+a batch joined in one buffer).  :class:`PyBits` is a ``bytearray`` and a Python loop per
+identity (about 11,000 instructions per identity for a test and an insert in CPython 3.11);
+the edge process passes the ingest kernel's (``pipeline.ingest._kernel.BloomBits``: the
+same bits and probes in a Wasm instance of its own, one call per batch, ~30 ns an
+identity), which the store cannot import itself (the layers point down).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from itertools import compress
+from typing import Protocol
 
 import msgpack
 
-__all__ = ["CAPACITY", "IDLE_COMMITS", "SeenFilter"]
+__all__ = ["CAPACITY", "IDLE_COMMITS", "Bits", "PyBits", "SeenFilter"]
 
 _BITS = 23  # 2**23 bits = 1 MiB
 _MASK = (1 << _BITS) - 1
@@ -39,14 +45,68 @@ CAPACITY = (1 << _BITS) // 64
 #: commits without a lookup after which the filter is dropped
 IDLE_COMMITS = 64
 #: the four probes: the low bits of the identity's four 32-bit words
-_words = struct.Struct("<4I").unpack
+_words = struct.Struct("<4I").unpack_from
+
+
+class Bits(Protocol):
+    """A Bloom filter's 2**23 bits; ``keys`` are 16-byte identities joined in one buffer."""
+
+    def add(self, keys: bytes) -> None: ...
+
+    def test(self, keys: bytes) -> bytes:
+        """One byte per identity: 1 if all four of its bits are set."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PyBits:
+    """:class:`Bits` in a ``bytearray``, a Python loop per identity (the reference)."""
+
+    __slots__ = ("_b",)
+
+    def __init__(self) -> None:
+        self._b = bytearray(1 << (_BITS - 3))
+
+    def add(self, keys: bytes) -> None:
+        if self._b:
+            _add(self._b, (keys[i : i + 16] for i in range(0, len(keys), 16)))
+
+    def test(self, keys: bytes) -> bytes:
+        bits = self._b
+        if not bits:  # closed: every identity may be stored
+            return b"\1" * (len(keys) // 16)
+        out = bytearray(len(keys) // 16)
+        for i in range(len(out)):
+            a, b, c, d = _words(keys, 16 * i)
+            a &= _MASK
+            if bits[a >> 3] >> (a & 7) & 1:
+                b &= _MASK
+                if bits[b >> 3] >> (b & 7) & 1:
+                    c &= _MASK
+                    if bits[c >> 3] >> (c & 7) & 1:
+                        d &= _MASK
+                        out[i] = bits[d >> 3] >> (d & 7) & 1
+        return bytes(out)
+
+    def close(self) -> None:
+        self._b = bytearray()
+
+
+def _joined(keys: list[bytes]) -> bytes:
+    """The identities in one buffer, 16 bytes each (another length cut or zero-padded)."""
+    out = b"".join(keys)
+    if len(out) != 16 * len(keys):
+        out = b"".join(k if len(k) == 16 else _pad(k) for k in keys)
+    return out
 
 
 class SeenFilter:
-    __slots__ = ("_bits", "_count", "_idle", "_limit")
+    __slots__ = ("_bits", "_count", "_idle", "_limit", "_new")
 
-    def __init__(self) -> None:
-        self._bits: bytearray | None = None
+    def __init__(self, bits: Callable[[], Bits] = PyBits) -> None:
+        self._new = bits
+        self._bits: Bits | None = None
         self._count = 0
         self._idle = 0
         self._limit = CAPACITY
@@ -62,19 +122,8 @@ class SeenFilter:
         if bits is None:
             bits = self._build(con)
         self._idle = 0
-        out = set()
-        for key in want:
-            a, b, c, d = _words(key if len(key) == 16 else _pad(key))
-            a &= _MASK
-            if bits[a >> 3] >> (a & 7) & 1:
-                b &= _MASK
-                if bits[b >> 3] >> (b & 7) & 1:
-                    c &= _MASK
-                    if bits[c >> 3] >> (c & 7) & 1:
-                        d &= _MASK
-                        if bits[d >> 3] >> (d & 7) & 1:
-                            out.add(key)
-        return out
+        keys = list(want)
+        return set(compress(keys, bits.test(_joined(keys))))
 
     def committed(self, keys: list[bytes]) -> None:
         """``keys`` are now in the table (call after the commit)."""
@@ -86,19 +135,21 @@ class SeenFilter:
         if self._idle > IDLE_COMMITS or self._count > self._limit:
             self.drop()
             return
-        _add(bits, keys)
+        bits.add(_joined(keys))
 
     def drop(self) -> None:
+        if self._bits is not None:
+            self._bits.close()
         self._bits = None
         self._count = 0
         self._idle = 0
 
-    def _build(self, con: sqlite3.Connection) -> bytearray:
-        bits = bytearray(1 << (_BITS - 3))
+    def _build(self, con: sqlite3.Connection) -> Bits:
+        bits = self._new()
         count = 0
         for (ids,) in con.execute("SELECT ids FROM seen"):
             keys = msgpack.unpackb(ids)
-            _add(bits, keys)
+            bits.add(_joined(keys))
             count += len(keys)
         # a table already past the capacity (very large batches): more false positives,
         # each looked up in the table; rebuilt once it has doubled
@@ -113,7 +164,7 @@ def _pad(key: bytes) -> bytes:
 
 def _add(bits: bytearray, keys: Iterable[bytes]) -> None:
     for key in keys:
-        a, b, c, d = _words(key if len(key) == 16 else _pad(key))
+        a, b, c, d = _words(key)
         a &= _MASK
         bits[a >> 3] |= 1 << (a & 7)
         b &= _MASK

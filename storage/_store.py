@@ -39,7 +39,7 @@ from ._metrics import committed, key_seals, per_reading, stored, written
 from ._queries import StoredBatch
 from ._quota import ON_FULL, disk_bytes, make_room, reclaim
 from ._schema import SCHEMA_VERSION, meta, migrate, stored_version
-from ._seenfilter import SeenFilter
+from ._seenfilter import Bits, SeenFilter
 from ._writer import Writer, configure
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoredBatch"]
@@ -89,6 +89,12 @@ class Store:
         self._opened_at = time.monotonic()
         self._first_seen_row: int | None = None
         self._seen_filter = SeenFilter()
+
+    def use_seen_bits(self, bits: Callable[[], Bits]) -> None:
+        """Keep the redelivery filter's bits in what ``bits()`` makes (the edge passes the
+        ingest kernel's; the default is a ``bytearray`` and a Python loop per identity)."""
+        self._seen_filter.drop()
+        self._seen_filter = SeenFilter(bits)
 
     # -- opening ----------------------------------------------------------------------
     @classmethod

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from core._lazy import lazy_names
 
-__all__ = ["Decoded", "Decoder", "MQTTClient", "Message"]
+__all__ = ["BloomBits", "Decoded", "Decoder", "MQTTClient", "Message"]
 
 _WHERE = {
+    "BloomBits": "._kernel",
     "Decoded": "._decoder",
     "Decoder": "._decoder",
     "MQTTClient": "._mqtt",

@@ -140,3 +140,73 @@ class IngestKernel:
         if p_blob + len(blob) > KEEP_BYTES:
             self.close()
         return out
+
+
+#: the bits of a redelivery filter (ingest.c: ``BLOOM_LOG2``)
+BLOOM_BYTES = 1 << 20
+#: identities copied in per call when adding many (bounds the memory above the bits)
+_ADD_CHUNK = 4096
+
+
+class BloomBits:
+    """A Bloom filter's 1 MiB of bits in an instance of the kernel of its own
+    (``bloom_add``/``bloom_test`` of ingest.c: four probes, the low 23 bits of each 32-bit
+    word of a 16-byte identity), the bit-for-bit counterpart of storage's Python one;
+    one call per batch instead of a Python loop per identity.  The store uses it from its
+    worker thread and the runtime from the event loop: a lock keeps their calls apart.
+    :meth:`close` frees the instance and its memory."""
+
+    __slots__ = ("_store", "_mem", "_memory", "_add", "_test", "_keys", "_lock")
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        eng, module = _compiled(cache_dir)
+        store = wasmtime.Store(eng)
+        ex = wasmtime.Instance(store, module, []).exports(store)
+        self._store: wasmtime.Store | None = store
+        self._memory = ex["memory"]
+        self._mem = GuestMemory(store, self._memory)
+        self._add = GuestCall(store, ex["bloom_add"], 2, False, trusted=True)
+        self._test = GuestCall(store, ex["bloom_test"], 3, False, trusted=True)
+        bits = GuestCall(store, ex["heap_base"], 0, False, trusted=True)() + 7 & ~7
+        self._keys = bits + BLOOM_BYTES
+        self._lock = threading.Lock()
+        self._reserve(self._keys)
+
+    def _reserve(self, end: int) -> int:
+        base, size = self._mem.span()
+        if end > size:
+            self._memory.grow(self._store, (end - size + _PAGE - 1) // _PAGE)
+            base, size = self._mem.span()
+        return base
+
+    def add(self, keys: bytes) -> None:
+        """Set the bits of the 16-byte identities joined in ``keys`` (none once closed)."""
+        step = 16 * _ADD_CHUNK
+        with self._lock:
+            if self._store is None:
+                return
+            for at in range(0, len(keys), step):
+                part = keys[at : at + step]
+                base = self._reserve(self._keys + len(part))
+                memmove(base + self._keys, part, len(part))
+                self._add(self._keys, len(part) // 16)
+
+    def test(self, keys: bytes) -> bytes:
+        """One byte per 16-byte identity joined in ``keys``: 1 if it may have been added
+        (every one, once closed: the caller then looks them all up)."""
+        n = len(keys) // 16
+        out = self._keys + len(keys)
+        with self._lock:
+            if self._store is None:
+                return b"\1" * n
+            base = self._reserve(out + n)
+            memmove(base + self._keys, keys, len(keys))
+            self._test(self._keys, n, out)
+            return string_at(base + out, n)
+
+    def close(self) -> None:
+        """Free the instance and its memory; idempotent (a call on another thread ends
+        first)."""
+        with self._lock:
+            self._store = None
+            self._mem = self._memory = self._add = self._test = None  # type: ignore[assignment]

@@ -394,3 +394,48 @@ __attribute__((export_name("run"))) u32 run(struct batch *b) {
     }
     return made;
 }
+
+/* ---- the redelivery filter: a Bloom filter over 16-byte identities ----
+ *
+ * Its own instance of this module (pipeline/ingest/_seen.py): 2^BLOOM_LOG2 bits (1 MiB)
+ * from heap_base() on, then the identities of a call (at `keys`, given by the host).  The four probes of an identity are the
+ * low BLOOM_LOG2 bits of its four little-endian 32-bit words (identities are keyed BLAKE2b
+ * output, uniformly distributed). */
+#define BLOOM_LOG2 23
+#define BLOOM_MASK ((1u << BLOOM_LOG2) - 1)
+
+static inline u8 *bloom_bits(void) { return (u8 *)(((uintptr_t)&__heap_base + 7) & ~(uintptr_t)7); }
+
+static inline u32 word(const u8 *k, int j) {
+    u32 w;
+    __builtin_memcpy(&w, k + 4 * j, 4);
+    return w & BLOOM_MASK;
+}
+
+/* Set the bits of the n identities at keys. */
+__attribute__((export_name("bloom_add"))) void bloom_add(const u8 *keys, u32 n) {
+    u8 *bits = bloom_bits();
+    for (u32 i = 0; i < n; i++, keys += 16) {
+        for (int j = 0; j < 4; j++) {
+            u32 b = word(keys, j);
+            bits[b >> 3] |= (u8)(1u << (b & 7));
+        }
+    }
+}
+
+/* out[i] = 1 if the i-th identity may be in the filter (all four bits set), else 0;
+ * returns how many may be. */
+__attribute__((export_name("bloom_test"))) u32 bloom_test(const u8 *keys, u32 n, u8 *out) {
+    const u8 *bits = bloom_bits();
+    u32 hits = 0;
+    for (u32 i = 0; i < n; i++, keys += 16) {
+        u8 in = 1;
+        for (int j = 0; j < 4 && in; j++) {
+            u32 b = word(keys, j);
+            in = (bits[b >> 3] >> (b & 7)) & 1;
+        }
+        out[i] = in;
+        hits += in;
+    }
+    return hits;
+}
