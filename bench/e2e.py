@@ -30,6 +30,12 @@ client that only receives) and by edgepipe (3 Wasm stages, AES-GCM, ``synchronou
 in alternating order, a fresh broker per round; medians.  Writes
 bench/results/e2e-drain.json.
 
+``--against TREE`` compares another checkout (e.g. main: ``git worktree add --detach
+/tmp/main main``) with this one in the same run: for each of ``--rounds`` rounds, the two
+trees alternating, edgepipe's QoS 1 throughput and peak RSS, its idle RSS with the chain
+and its cold start, each tree started from its own sources (``PYTHONPATH``), the example
+chain of this tree; medians.  Writes bench/results/e2e-against.json.
+
 ``--cgroup`` bisects the smallest hard memory limit (a memory cgroup, as the kubelet sets
 one) under which edgepipe still drains at >= 90 % of its unlimited rate
 (bench/_cgroup.py).  Writes bench/results/e2e-cgroup.json.
@@ -156,10 +162,12 @@ def write_config(
 
 
 class Edge:
-    def __init__(self, config: Path, trace: Path) -> None:
+    def __init__(self, config: Path, trace: Path, tree: Path = REPO) -> None:
         self.trace = trace
         trace.unlink(missing_ok=True)
         env = {**os.environ, "EDGEPIPE_TRACE_COMMITS": str(trace)}
+        if tree != REPO:
+            env["PYTHONPATH"] = str(tree)
         self.t_exec = time.time()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "run", "-c", str(config), "--log-level", "info"],
@@ -167,7 +175,7 @@ class Edge:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-            cwd=REPO,
+            cwd=tree,
         )
         self.peak_rss_kb = 0
 
@@ -249,9 +257,10 @@ def _edge_throughput(
     chain: bool = True,
     tls: TLS | None = None,
     tag: str = "",
+    tree: Path = REPO,
 ) -> dict[str, float]:
     client = f"edge-q{qos}-{int(chain)}{tag}"
-    edge = Edge(_config(d, broker, qos, chain, client, tls), d / f"trace-q{qos}.jsonl")
+    edge = Edge(_config(d, broker, qos, chain, client, tls), d / f"trace-q{qos}.jsonl", tree)
     edge.wait_subscribed()
     pubs, q = start_publishers(broker.host, broker.port, n, procs=procs, qos=qos, ca=tls and tls.ca)
     deadline = time.time() + 600
@@ -333,11 +342,13 @@ def _warm_aot_cache(d: Path) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _cold_start(broker: Mosquitto, d: Path, runs: int) -> dict[str, float]:
+def _cold_start(
+    broker: Mosquitto, d: Path, runs: int, tree: Path = REPO, tag: str = ""
+) -> dict[str, float]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    _drain.compile_bytecode()  # as installed
+    _drain.compile_bytecode(tree)  # as installed
 
     seen: dict[str, float] = {}
     obs = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-obs")
@@ -348,7 +359,7 @@ def _cold_start(broker: Mosquitto, d: Path, runs: int) -> dict[str, float]:
     to_sub, to_commit = [], []
     try:
         for i in range(runs):
-            cfg = _config(d, broker, 1, True, f"edge-cold-{i}")
+            cfg = _config(d, broker, 1, True, f"edge-cold{tag}-{i}")
             # a retained reading waits on the broker: delivered as soon as edgepipe subscribes
             pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
             pub.connect(broker.host, broker.port)
@@ -359,7 +370,7 @@ def _cold_start(broker: Mosquitto, d: Path, runs: int) -> dict[str, float]:
             pub.disconnect()
             pub.loop_stop()
             seen.clear()
-            edge = Edge(cfg, d / f"trace-cold-{i}.jsonl")
+            edge = Edge(cfg, d / f"trace-cold-{i}.jsonl", tree)
             deadline = time.time() + 30
             while time.time() < deadline and (not edge.commits() or "online" not in seen):
                 time.sleep(0.002)
@@ -378,14 +389,22 @@ def _cold_start(broker: Mosquitto, d: Path, runs: int) -> dict[str, float]:
     }
 
 
-def _idle_rss(broker: Mosquitto, d: Path, runs: int) -> dict[str, dict[str, float]]:
+def _idle_rss(
+    broker: Mosquitto,
+    d: Path,
+    runs: int,
+    tree: Path = REPO,
+    chains: tuple[bool, ...] = (True, False),
+    tag: str = "",
+) -> dict[str, dict[str, float]]:
     """Resident memory of an idle, subscribed edge process with the 3-stage Wasm chain and
     with none (medians of ``runs`` starts, AOT cache warm): what the chain adds."""
     out = {}
-    for chain in (True, False):
+    for chain in chains:
         samples: dict[str, list[float]] = {"VmRSS": [], "RssAnon": [], "RssFile": []}
         for i in range(runs):
-            edge = Edge(_config(d, broker, 1, chain, f"edge-idle-{chain}-{i}"), d / "idle.jsonl")
+            cfg = _config(d, broker, 1, chain, f"edge-idle{tag}-{chain}-{i}")
+            edge = Edge(cfg, d / "idle.jsonl", tree)
             edge.wait_subscribed()
             time.sleep(1)
             for line in open(f"/proc/{edge.proc.pid}/status"):
@@ -418,10 +437,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cgroup", action="store_true", help="the smallest memory limit for 90 %% of the rate"
     )
+    ap.add_argument(
+        "--against",
+        type=Path,
+        metavar="TREE",
+        help="QoS 1 throughput, peak and idle RSS, cold start of TREE next to this tree (only that)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="with --drain/--cgroup: rounds")
     ap.add_argument("--out", type=Path, help="the JSON (default bench/results/e2e[-tls].json)")
     args = ap.parse_args(argv)
-    mode = "tls" if args.tls else "drain" if args.drain else "cgroup" if args.cgroup else ""
+    mode = (
+        "tls"
+        if args.tls
+        else "drain"
+        if args.drain
+        else "cgroup"
+        if args.cgroup
+        else "against"
+        if args.against
+        else ""
+    )
     out = args.out or RESULTS / (f"e2e-{mode}.json" if mode else "e2e.json")
     n = args.messages or (100_000 if args.drain else 50_000 if args.cgroup else 40_000)
     if args.quick:
@@ -443,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.drain:
             res.update(_drain_comparison(d, n, args.publishers, args.rounds))
             _print_drain(res)
+        elif args.against:
+            rounds = 1 if args.quick else args.rounds
+            res.update(_against(d, n, args.publishers, rounds, args.against.resolve()))
+            _print_against(res)
         elif args.cgroup:
             from ._cgroup import bisect_limit
 
@@ -484,6 +523,54 @@ def _tls_comparison(d: Path, n: int, procs: int, repeats: int) -> dict[str, Any]
                     runs.setdefault(f"edge_{key}", []).append(m)
     median = {k: {f: statistics.median(m[f] for m in ms) for f in ms[0]} for k, ms in runs.items()}
     return {"repeats": repeats, "median": median, "runs": runs}
+
+
+def _against(d: Path, n: int, procs: int, rounds: int, other: Path) -> dict[str, Any]:
+    """``other`` and this tree, alternating within each round (the order swapped every
+    round): QoS 1 throughput and peak RSS, idle RSS with the chain, cold start."""
+    trees = {"base": other, "this": REPO}
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+    for tree in trees.values():
+        _drain.compile_bytecode(tree)  # as installed, before the first measurement
+    for r in range(rounds):
+        for label in ("base", "this") if r % 2 == 0 else ("this", "base"):
+            tree, tag = trees[label], f"-{label}-{r}"
+            m: dict[str, float] = {}
+            with _broker(d, f"edge{tag}") as b:
+                q1 = _edge_throughput(b, 1, n, d, procs, tag=tag, tree=tree)
+            m.update(msg_per_s=q1["msg_per_s"], peak_rss_mb=q1["peak_rss_mb"])
+            with _broker(d, f"idle{tag}") as b:
+                m.update(_idle_rss(b, d, 1, tree, (True,), tag)["chain"])
+                m.update(_cold_start(b, d, 1, tree, tag))
+            runs[label].append(m)
+    median = {k: {f: statistics.median(m[f] for m in ms) for f in ms[0]} for k, ms in runs.items()}
+    return {
+        "trees": {k: str(v) for k, v in trees.items()},
+        "rounds": rounds,
+        "median": median,
+        "runs": runs,
+        "load_average": os.getloadavg(),
+    }
+
+
+def _print_against(r: dict[str, Any]) -> None:
+    print(
+        f"\nedgepipe, {r['trees']['base']} (base) against this tree, {r['messages']:,} QoS 1 "
+        f"messages, median of {r['rounds']} rounds (load {r['load_average'][0]:.1f})"
+    )
+    cols = (
+        ("msg_per_s", "QoS 1 msg/s", ",.0f"),
+        ("peak_rss_mb", "peak MB", ".1f"),
+        ("vmrss_mb", "idle MB", ".1f"),
+        ("rssanon_mb", "anon", ".1f"),
+        ("rssfile_mb", "file", ".1f"),
+        ("exec_to_subscribed_ms", "subscribed ms", ".0f"),
+        ("exec_to_first_commit_ms", "stored ms", ".0f"),
+    )
+    print(f"{'':6}" + "".join(f"{h:>15}" for _, h, _ in cols))
+    for label in ("base", "this"):
+        m = r["median"][label]
+        print(f"{label:6}" + "".join(f"{m[k]:>15{f}}" for k, _, f in cols))
 
 
 def _drain_config(d: Path, broker: Mosquitto, client: str) -> Path:

@@ -11,7 +11,8 @@ there.  Compare with ``python -m bench.e2e``'s cold start and idle RSS: what edg
 on top is the difference.  Medians of ``--runs`` processes; writes bench/results/floor.json.
 
 ``--steps`` is where the edge process's memory goes: a fresh interpreter takes the steps of
-``edgepipe run`` one by one -- the interpreter, asyncio, paho-mqtt, pydantic and the config
+``edgepipe run`` one by one -- the interpreter, the CLI and what ``edgepipe run`` sets
+first (one malloc arena, pydantic's plugin loader stood in for), asyncio, paho-mqtt, pydantic and the config
 models, cryptography's AES-GCM and the key format, the store's modules (aiosqlite, msgpack,
 zstandard), wasmtime imported, its engine, the example's 3-stage chain built from the AOT
 cache, the ingest and runtime modules, the store opened -- and reports VmRSS (anonymous and
@@ -70,6 +71,12 @@ def rss(step):
     print(step + "|" + " ".join(str(v) for v in kb), flush=True)
 
 rss("interpreter")
+import os
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+import pipeline.cli._run as run
+run._one_malloc_arena()
+run._no_pydantic_plugin_loader()
+rss("CLI, one malloc arena, no plugin loader")
 import asyncio
 rss("asyncio")
 import paho.mqtt.client
