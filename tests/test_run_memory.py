@@ -60,7 +60,7 @@ def test_run_path_does_not_import_importlib_metadata(tmp_path) -> None:
         from pipeline.cli import main
 
         code = main(["run", "-c", {str(tmp_path / "missing.yaml")!r}])
-        import pipeline._compose, pipeline.chain._chain, pipeline.chain._aot, storage
+        import pipeline._compose, pipeline.chain._chain, pipeline.wasm._aot, storage
         from config._models import StageConfig
 
         StageConfig.model_validate({{"name": "s", "module": "f.wasm"}})
@@ -95,6 +95,6 @@ def test_plugin_loader_left_alone_when_plugins_are_enabled() -> None:
 def test_aot_cache_key_version_is_the_distribution_version() -> None:
     from importlib.metadata import version
 
-    from pipeline.chain._aot import WASMTIME_VERSION, _wasmtime_version
+    from pipeline.wasm._aot import WASMTIME_VERSION, _wasmtime_version
 
     assert WASMTIME_VERSION == _wasmtime_version() == version("wasmtime")
