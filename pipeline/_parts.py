@@ -50,6 +50,8 @@ class BatchSink(Protocol):
 
     async def seen(self, keys: list[bytes]) -> set[bytes]: ...
 
+    def seen_in_memory(self, keys: list[bytes]) -> set[bytes] | None: ...
+
     async def commit(
         self,
         batch: Batch,

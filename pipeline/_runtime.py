@@ -9,7 +9,14 @@ One asyncio loop.  The order of a batch's life is the no-loss rule made code:
 4. commit readings, dead letters, message identities and filter state in ONE transaction;
 5. only then acknowledge the messages to the broker, in arrival order.
 
-While step 4 waits on the disk, the loop keeps reading the socket into the next batch,
+The pipeline is one batch deep: steps 4-5 of batch N run as a task while the loop takes
+batch N+1 and runs steps 1-3 on it (the store seals, writes and fsyncs on its worker
+thread meanwhile); N+1's commit starts once N is acknowledged.  So at most one commit is
+in flight and one batch in hand.  A redelivery lookup for N+1 counts the identities of N
+as stored (N+1 is only ever committed and acknowledged after N), and is answered from
+the store's in-memory filter when it can be, instead of queueing behind N's commit.
+
+While a commit waits on the disk, the loop keeps reading the socket into the next batch,
 up to ``batch.max_pending`` messages; past that edgepipe stops reading and the broker
 holds the rest.  A full store stops acknowledging (the broker buffers) and retries.
 """
@@ -50,6 +57,10 @@ _in_flight = METRICS.gauge(
     "edgepipe_readings_in_flight",
     "readings through the chain and not yet committed: in = dropped (but stage store) "
     "+ in_flight + stored - emitted",
+)
+_overlapped = METRICS.counter(
+    "edgepipe_batches_overlapped_total",
+    "batches decoded and run through the chain while the previous batch's commit was in flight",
 )
 _store_bytes = METRICS.gauge("edgepipe_store_bytes", "size of the store file")
 chain_load_errors = METRICS.counter(
@@ -146,6 +157,8 @@ class Pipeline:
         self._chain_ok = False
         self._tagged: tuple[Any, dict[str, bytes]] = (None, {})  # chain -> its module hashes
         self._batch_lock = asyncio.Lock()
+        #: the commit (and acknowledgement) in flight, and its batch's message identities
+        self._committing: tuple[asyncio.Task[None], list[bytes]] | None = None
         self.started_at = time.monotonic()
         self.first_commit_at: float | None = None
 
@@ -218,6 +231,7 @@ class Pipeline:
     async def _swap_chain(self, new: FilterChain) -> None:
         """Atomically between batches: flush the old chain, commit what it emitted with the
         new chain's state, continue with the new one (previous kept for rollback)."""
+        await self._committed()  # the old chain's last batch is stored first
         old = self.chain
         if old is None or isinstance(old, NoChain):
             await self._restore_states(new)
@@ -305,40 +319,119 @@ class Pipeline:
         bc = self.batch_cfg
         mqtt = self.mqtt
         delay = bc.max_delay_ms / 1000
-        while not self._stop.is_set():
-            msgs = await mqtt.get_batch(bc.max_messages, delay)
-            if not msgs:
-                continue
-            async with self._batch_lock:
-                ok = await self._handle(msgs)
-            if not ok:
-                return 1
-        # stopping: finish what was already taken off the socket
-        mqtt.interrupt()
-        while True:
-            msgs = await mqtt.get_batch(bc.max_messages, 0)
-            if not msgs:
-                break
-            async with self._batch_lock:
-                if not await self._handle(msgs):
+        try:
+            while not self._stop.is_set():
+                msgs = await mqtt.get_batch(bc.max_messages, delay)
+                self._commit_failed()
+                if not msgs:
+                    continue
+                async with self._batch_lock:
+                    ok = await self._handle(msgs)
+                if not ok:
+                    await self._committed()
+                    return 1
+            # stopping: finish what was already taken off the socket
+            mqtt.interrupt()
+            while True:
+                msgs = await mqtt.get_batch(bc.max_messages, 0)
+                if not msgs:
                     break
-        return 0
+                async with self._batch_lock:
+                    if not await self._handle(msgs):
+                        break
+            await self._committed()
+            return 0
+        finally:
+            c = self._committing
+            if c is not None and not c[0].done():  # leaving on an error: nothing more is acked
+                c[0].cancel()
 
     async def _handle(self, msgs: list[Message]) -> bool:
-        """Process, commit, acknowledge one batch.  False: the pipeline must stop."""
-        decoder, store, chain = self.decoder, self.store, self.chain
+        """Process one batch and start its commit once the previous batch is acknowledged.
+        False: the pipeline must stop."""
+        decoder, chain = self.decoder, self.chain
         assert chain is not None
         dups = decoder.dup_identities(msgs)
-        skip = await store.seen(dups) if dups else set()
+        skip = await self._seen(dups) if dups else set()
         dec = decoder.decode(msgs, skip)
         result = chain.process(dec.batch)
         if chain.stopped:  # a chain that cannot go on at all (a stage alone never does this)
             log.error("stopping: %s (the batch was not acknowledged)", chain.stopped)
             return False
+        out = result.batch
+        states = self._snapshot(chain)  # the chain's state after this batch, for its commit
+        # counted before the first await: a scrape never sees a reading out of the chain that
+        # is neither in flight nor stored (Store.commit counts it stored before returning)
+        _in_flight.inc(len(out))
+        c = self._committing
+        try:
+            if c is not None and not c[0].done():
+                _overlapped.inc()
+            await self._committed()
+        except BaseException:
+            _in_flight.inc(-len(out))
+            raise
         dead = dec.dead_letters + list(result.dead_letters)
-        await self._commit(result.batch, dead, dec.keys, self._snapshot(chain))
+        task = asyncio.create_task(
+            self._commit_and_ack(msgs, dec.batch, out, dead, dec.keys, states)
+        )
+        task.add_done_callback(self._on_committed)
+        self._committing = (task, dec.keys)
+        return True
+
+    async def _seen(self, dups: list[bytes]) -> set[bytes]:
+        """The possible redeliveries ``dups`` that are stored, or in the commit in flight
+        (it is acknowledged, and retried until stored, before this batch is committed)."""
+        store, c = self.store, self._committing
+        if c is None or c[0].done():
+            return await store.seen(dups)
+        # a lookup on the store's thread would wait for that commit: ask its filter first
+        flight = set(c[1])
+        hit = flight.intersection(dups)
+        rest = [k for k in dups if k not in flight] if hit else dups
+        maybe = store.seen_in_memory(rest)
+        if maybe is None:
+            maybe = set(rest)
+        if maybe:
+            hit |= await store.seen(list(maybe))
+        return hit
+
+    async def _committed(self) -> None:
+        """Wait until the commit in flight is stored and acknowledged (its error raised)."""
+        c = self._committing
+        if c is None:
+            return
+        task = c[0]
+        if not task.done():
+            await asyncio.wait((task,))  # a cancelled waiter leaves the commit running
+        task.result()  # a failed commit stays in place: the loop raises it too
+        self._committing = None
+
+    def _commit_failed(self) -> None:
+        c = self._committing
+        if c is not None and c[0].done() and not c[0].cancelled() and c[0].exception():
+            c[0].result()
+
+    def _on_committed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.mqtt.interrupt()  # wake the loop from get_batch to raise it
+
+    async def _commit_and_ack(
+        self,
+        msgs: list[Message],
+        decoded: Batch,
+        batch: Batch,
+        dead: list[DeadLetter],
+        keys: list[bytes],
+        states: dict[str, bytes],
+    ) -> None:
+        """Commit one batch (counted in flight by the caller), then acknowledge it."""
+        try:
+            await self._commit_retrying(batch, dead, keys, states)
+        finally:
+            _in_flight.inc(-len(batch))
         if _trace_commit is not None:
-            _trace_commit(len(msgs), dec.batch)
+            _trace_commit(len(msgs), decoded)
         if _fault_after_commit is not None:  # test hook, see pipeline.ingest._decoder.fault_hook
             slow = _fault_after_commit()
             if slow is not None:
@@ -346,10 +439,9 @@ class Pipeline:
         n = self.mqtt.ack(msgs)
         _acked.inc(n)
         _batches.inc()
-        _readings_out.inc(len(result.batch))
+        _readings_out.inc(len(batch))
         if self.sync is not None:
             self.sync.notify()
-        return True
 
     async def _commit(
         self, batch: Batch, dead: list[DeadLetter], keys: list[bytes], states: dict[str, bytes]

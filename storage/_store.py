@@ -158,6 +158,13 @@ class Store:
             return set()
         return await self._run(self._seen_sync, set(keys))
 
+    def seen_in_memory(self, keys: list[bytes]) -> set[bytes] | None:
+        """The identities of ``keys`` the Bloom filter cannot rule out, answered on the
+        caller's thread without waiting for the worker thread (a commit may be running
+        there): a superset of those committed before that commit.  None while there is no
+        filter (:meth:`seen` builds it).  Only the candidates need :meth:`seen`."""
+        return self._seen_filter.probe(set(keys))
+
     def _seen_sync(self, con: sqlite3.Connection, want: set[bytes]) -> set[bytes]:
         # the filter rules out almost every identity that is not stored (_seenfilter)
         maybe = self._seen_filter.candidates(con, want)
