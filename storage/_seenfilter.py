@@ -125,15 +125,15 @@ class SeenFilter:
 
     def probe(self, want: set[bytes]) -> set[bytes] | None:
         """:meth:`candidates` without the table: None when there is no filter.  Safe on
-        another thread than the one committing: a commit only sets bits (a drop or a
-        rebuild replaces the whole array), so the answer covers every identity committed
-        before the commit running now."""
+        another thread than the one committing: a commit only sets bits, and bits closed
+        by a drop meanwhile answer "maybe" for every identity, so the answer covers every
+        identity committed before the commit running now."""
         bits = self._bits
         if bits is None:
             return None
         return self._probe(bits, want)
 
-    def _probe(self, bits: bytearray, want: set[bytes]) -> set[bytes]:
+    def _probe(self, bits: Bits, want: set[bytes]) -> set[bytes]:
         self._idle = 0
         keys = list(want)
         return set(compress(keys, bits.test(_joined(keys))))
