@@ -60,6 +60,8 @@ _subscribes = METRICS.counter(
 
 _tuple_new = tuple.__new__
 _READS_PER_WAKE = 64  # TLS: records decrypted but not yet read
+#: how long closing waits for the broker to confirm it read the last acknowledgements
+CLOSE_SETTLE_S = 2.0
 
 
 class MQTTClient:
@@ -99,6 +101,7 @@ class MQTTClient:
         self.stats = collections.Counter()
         self._pending: collections.deque[Message] = collections.deque()
         self._wakeup = asyncio.Event()
+        self._pong = asyncio.Event()  # a PINGRESP came (see _settle)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         # registrations are kept by file descriptor number: paho may close a socket (from
@@ -130,6 +133,7 @@ class MQTTClient:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.fast_publish = self._on_publishes
+        c.on_pong = self._pong.set
         c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._in_loop(self._socket_opened)
         c.on_socket_close = self._in_loop(self._socket_closed)
@@ -185,6 +189,7 @@ class MQTTClient:
             try:
                 if self.status_topic:
                     c.publish(self.status_topic, b"offline", qos=0, retain=True)
+                await self._settle(CLOSE_SETTLE_S)
                 c.disconnect()
                 c.loop_write()
             except Exception:  # pragma: no cover - best effort on the way out
@@ -201,6 +206,38 @@ class MQTTClient:
         except Exception:
             pass
         self._wakeup.set()
+
+    async def _settle(self, timeout: float) -> None:
+        """Before disconnecting: write what is queued (the last PUBACKs) and wait, at most
+        ``timeout`` seconds, for the broker's answer to a PINGREQ sent behind it.  A broker
+        busy sending may leave a burst of PUBACKs unread in its socket for a while, and the
+        reset its next write to a closed socket meets throws away what it had not read:
+        those messages would be sent again (and skipped as redeliveries -- nothing lost,
+        but a drain's worth of traffic again).  Messages that arrive meanwhile are not
+        taken (not acknowledged: the broker keeps them for the session)."""
+        c = self._client
+        barrier = c.send_barrier()
+        if barrier is None:
+            return
+        self._paused = False  # read again (interrupt() paused it) to see the answer
+        self._add_reader()
+        c.loop_write()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not c.barrier_passed(barrier) and self.connected:
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning(
+                    "closing before the broker answered within %.1f s; it sends again what "
+                    "it had not read the acknowledgement of (skipped as redeliveries)",
+                    timeout,
+                )
+                return
+            self._pong.clear()
+            try:
+                await asyncio.wait_for(self._pong.wait(), left)
+            except TimeoutError:
+                pass
 
     async def _supervise(self) -> None:
         backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
@@ -353,6 +390,8 @@ class MQTTClient:
         self._on_publishes([(topic, payload, qos, mid, dup)])
 
     def _on_publishes(self, pubs: list[tuple[str, bytes, int, int, bool]]) -> None:
+        if self._closing:
+            return  # not taken, never acknowledged: the broker keeps them for the session
         # per message: keep this lean (arrival time is taken once per socket read);
         # tuple.__new__ straight: a NamedTuple's own __new__ is one more Python frame
         now, gen, window = self._now_ms, self.generation, self._in_window

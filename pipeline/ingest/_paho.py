@@ -105,10 +105,42 @@ class PahoClient(paho.Client):
     #: ``fn([(topic, payload, qos, mid, dup), ...])`` for each run of QoS 0/1 PUBLISH
     #: packets in a read (called before any other packet after them is handled)
     fast_publish: Callable[[list[tuple[str, bytes, int, int, bool]]], None] | None = None
+    #: ``fn()`` after each PINGRESP (see :meth:`send_barrier`)
+    on_pong: Callable[[], None] | None = None
     _rest: bytes = b""  # the start of a packet whose remainder has not arrived yet
+    _pings = 0  # PINGREQs sent on this client, and PINGRESPs received
+    _pongs = 0
+
+    def _send_pingreq(self) -> paho.MQTTErrorCode:
+        rc = super()._send_pingreq()
+        if rc == paho.MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._pings += 1
+        return rc
+
+    def _handle_pingresp(self) -> paho.MQTTErrorCode:
+        rc = super()._handle_pingresp()
+        self._pongs += 1
+        if self.on_pong is not None:
+            self.on_pong()
+        return rc
+
+    def send_barrier(self) -> int | None:
+        """Queue a PINGREQ behind everything queued so far; the broker reads in order, so
+        once :meth:`barrier_passed` says its PINGRESP came it has read all of that (the
+        PUBACKs included).  Returns the barrier's number, None if it could not be queued."""
+        if self._send_pingreq() != paho.MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return None
+        # answers come in order (a keepalive ping still unanswered is answered first), and
+        # both counts start from 0 on each connection (reset_buffer)
+        return self._pings
+
+    def barrier_passed(self, barrier: int) -> bool:
+        return self._pongs >= barrier
 
     def reset_buffer(self) -> None:
+        """A new connection: no partial packet, no ping outstanding."""
         self._rest = b""
+        self._pings = self._pongs = 0
 
     def read_burst(self) -> paho.MQTTErrorCode:
         """Read once from the socket and handle every complete packet; an error is
