@@ -274,7 +274,7 @@ async def build_pipeline(cfg: PipelineConfig, *, clock: Clock = SYSTEM_CLOCK) ->
     try:
         filters, watcher = chain(cfg, store, clock=clock)
         cache = cache_dir(cfg)
-        store.use_seen_bits(lambda: BloomBits(cache))  # the redelivery filter, per batch
+        store.use_seen_bits(lambda log2: BloomBits(log2, cache))  # the redelivery filter
         decoder = Decoder(
             cfg.subscriptions,
             store.registry,

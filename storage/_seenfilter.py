@@ -10,10 +10,11 @@ from four bits; the rare key it cannot rule out (stored, or a false positive, ab
 70,000 at its capacity) is looked up in the table as before.  So the answer stays exact.
 
 The filter exists only while lookups happen: it is built from the table at the first
-lookup, kept up to date by every commit after it, and dropped (its 1 MiB freed) after
-:data:`IDLE_COMMITS` commits without a lookup, or when more identities than
-:data:`CAPACITY` went in (rows the table forgot stay set in a filter; the next lookup builds
-a fresh one).  Identities are keyed BLAKE2b output, uniformly distributed, so the four
+lookup, sized for twice the identities the table holds then (64 bits an identity, from
+32 KiB to 1 MiB), kept up to date by every commit after it, and dropped (its memory freed)
+after :data:`IDLE_COMMITS` commits without a lookup, or when more identities went in than
+its size is for (rows the table forgot stay set in a filter; the next lookup builds a
+fresh one, for the table as it is then).  Identities are keyed BLAKE2b output, uniformly distributed, so the four
 probes are the low bits of the identity's own four 32-bit words (a key of another length
 is cut or zero-padded to 16 bytes first).  All of it runs on the store's worker thread.
 
@@ -35,9 +36,10 @@ from typing import Protocol
 
 import msgpack
 
-__all__ = ["CAPACITY", "IDLE_COMMITS", "Bits", "PyBits", "SeenFilter"]
+__all__ = ["CAPACITY", "IDLE_COMMITS", "Bits", "PyBits", "SeenFilter", "size_for"]
 
-_BITS = 23  # 2**23 bits = 1 MiB
+_BITS = 23  # at most 2**23 bits = 1 MiB
+_MIN_BITS = 18  # at least 2**18 bits = 32 KiB
 _MASK = (1 << _BITS) - 1
 #: identities added before the filter is rebuilt: 64 bits each and 4 probes, about one
 #: false positive per 70,000 lookups when full
@@ -48,8 +50,17 @@ IDLE_COMMITS = 64
 _words = struct.Struct("<4I").unpack_from
 
 
+def size_for(identities: int) -> int:
+    """log2 of the bits for a filter that will hold up to ``identities`` (64 bits each)."""
+    log2 = _MIN_BITS
+    while log2 < _BITS and (1 << log2) < 64 * identities:
+        log2 += 1
+    return log2
+
+
 class Bits(Protocol):
-    """A Bloom filter's 2**23 bits; ``keys`` are 16-byte identities joined in one buffer."""
+    """A Bloom filter's ``2**log2`` bits (the probes are the low ``log2`` bits of an
+    identity's four 32-bit words); ``keys`` are 16-byte identities joined in one buffer."""
 
     def add(self, keys: bytes) -> None: ...
 
@@ -63,29 +74,31 @@ class Bits(Protocol):
 class PyBits:
     """:class:`Bits` in a ``bytearray``, a Python loop per identity (the reference)."""
 
-    __slots__ = ("_b",)
+    __slots__ = ("_b", "_mask")
 
-    def __init__(self) -> None:
-        self._b = bytearray(1 << (_BITS - 3))
+    def __init__(self, log2: int = _BITS) -> None:
+        self._b = bytearray(1 << (log2 - 3))
+        self._mask = (1 << log2) - 1
 
     def add(self, keys: bytes) -> None:
         if self._b:
-            _add(self._b, (keys[i : i + 16] for i in range(0, len(keys), 16)))
+            _add(self._b, (keys[i : i + 16] for i in range(0, len(keys), 16)), self._mask)
 
     def test(self, keys: bytes) -> bytes:
         bits = self._b
         if not bits:  # closed: every identity may be stored
             return b"\1" * (len(keys) // 16)
         out = bytearray(len(keys) // 16)
+        mask = self._mask
         for i in range(len(out)):
             a, b, c, d = _words(keys, 16 * i)
-            a &= _MASK
+            a &= mask
             if bits[a >> 3] >> (a & 7) & 1:
-                b &= _MASK
+                b &= mask
                 if bits[b >> 3] >> (b & 7) & 1:
-                    c &= _MASK
+                    c &= mask
                     if bits[c >> 3] >> (c & 7) & 1:
-                        d &= _MASK
+                        d &= mask
                         out[i] = bits[d >> 3] >> (d & 7) & 1
         return bytes(out)
 
@@ -104,7 +117,7 @@ def _joined(keys: list[bytes]) -> bytes:
 class SeenFilter:
     __slots__ = ("_bits", "_count", "_idle", "_limit", "_new")
 
-    def __init__(self, bits: Callable[[], Bits] = PyBits) -> None:
+    def __init__(self, bits: Callable[[int], Bits] = PyBits) -> None:
         self._new = bits
         self._bits: Bits | None = None
         self._count = 0
@@ -158,7 +171,12 @@ class SeenFilter:
         self._idle = 0
 
     def _build(self, con: sqlite3.Connection) -> Bits:
-        bits = self._new()
+        # the identities stored, from the rows' sizes (msgpack: 18 bytes an identity)
+        rows, size = con.execute(
+            "SELECT count(*), coalesce(sum(length(ids)), 0) FROM seen"
+        ).fetchone()
+        log2 = size_for(2 * max(size // 18, rows))
+        bits = self._new(log2)
         count = 0
         for (ids,) in con.execute("SELECT ids FROM seen"):
             keys = msgpack.unpackb(ids)
@@ -167,7 +185,7 @@ class SeenFilter:
         # a table already past the capacity (very large batches): more false positives,
         # each looked up in the table; rebuilt once it has doubled
         self._bits, self._count, self._idle = bits, count, 0
-        self._limit = max(CAPACITY, 2 * count)
+        self._limit = (1 << log2) // 64 if log2 < _BITS else max(CAPACITY, 2 * count)
         return bits
 
 
@@ -175,14 +193,14 @@ def _pad(key: bytes) -> bytes:
     return key[:16].ljust(16, b"\0")
 
 
-def _add(bits: bytearray, keys: Iterable[bytes]) -> None:
+def _add(bits: bytearray, keys: Iterable[bytes], mask: int = _MASK) -> None:
     for key in keys:
         a, b, c, d = _words(key)
-        a &= _MASK
+        a &= mask
         bits[a >> 3] |= 1 << (a & 7)
-        b &= _MASK
+        b &= mask
         bits[b >> 3] |= 1 << (b & 7)
-        c &= _MASK
+        c &= mask
         bits[c >> 3] |= 1 << (c & 7)
-        d &= _MASK
+        d &= mask
         bits[d >> 3] |= 1 << (d & 7)

@@ -90,8 +90,8 @@ class Store:
         self._first_seen_row: int | None = None
         self._seen_filter = SeenFilter()
 
-    def use_seen_bits(self, bits: Callable[[], Bits]) -> None:
-        """Keep the redelivery filter's bits in what ``bits()`` makes (the edge passes the
+    def use_seen_bits(self, bits: Callable[[int], Bits]) -> None:
+        """Keep the redelivery filter's bits in what ``bits(log2)`` makes (the edge passes the
         ingest kernel's; the default is a ``bytearray`` and a Python loop per identity)."""
         self._seen_filter.drop()
         self._seen_filter = SeenFilter(bits)

@@ -142,23 +142,25 @@ class IngestKernel:
         return out
 
 
-#: the bits of a redelivery filter (ingest.c: ``BLOOM_LOG2``)
-BLOOM_BYTES = 1 << 20
+#: the most bits of a redelivery filter (ingest.c: ``BLOOM_LOG2``)
+BLOOM_LOG2 = 23
+BLOOM_BYTES = 1 << (BLOOM_LOG2 - 3)
 #: identities copied in per call when adding many (bounds the memory above the bits)
 _ADD_CHUNK = 4096
 
 
 class BloomBits:
-    """A Bloom filter's 1 MiB of bits in an instance of the kernel of its own
-    (``bloom_add``/``bloom_test`` of ingest.c: four probes, the low 23 bits of each 32-bit
-    word of a 16-byte identity), the bit-for-bit counterpart of storage's Python one;
+    """A Bloom filter's ``2**log2`` bits (at most 1 MiB) in an instance of the kernel of its
+    own (``bloom_add``/``bloom_test`` of ingest.c: four probes, the low ``log2`` bits of
+    each 32-bit word of a 16-byte identity), the bit-for-bit counterpart of storage's
+    Python one (:class:`storage._seenfilter.PyBits`);
     one call per batch instead of a Python loop per identity.  The store uses it from its
     worker thread and the runtime from the event loop: a lock keeps their calls apart.
     :meth:`close` frees the instance and its memory."""
 
     __slots__ = ("_store", "_mem", "_memory", "_add", "_test", "_keys", "_lock")
 
-    def __init__(self, cache_dir: Path | None = None) -> None:
+    def __init__(self, log2: int = BLOOM_LOG2, cache_dir: Path | None = None) -> None:
         eng, module = _compiled(cache_dir)
         store = wasmtime.Store(eng)
         ex = wasmtime.Instance(store, module, []).exports(store)
@@ -167,6 +169,7 @@ class BloomBits:
         self._mem = GuestMemory(store, self._memory)
         self._add = GuestCall(store, ex["bloom_add"], 2, False, trusted=True)
         self._test = GuestCall(store, ex["bloom_test"], 3, False, trusted=True)
+        GuestCall(store, ex["bloom_size"], 1, False, trusted=True)(min(log2, BLOOM_LOG2))
         bits = GuestCall(store, ex["heap_base"], 0, False, trusted=True)() + 7 & ~7
         self._keys = bits + BLOOM_BYTES
         self._lock = threading.Lock()

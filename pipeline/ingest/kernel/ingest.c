@@ -397,19 +397,27 @@ __attribute__((export_name("run"))) u32 run(struct batch *b) {
 
 /* ---- the redelivery filter: a Bloom filter over 16-byte identities ----
  *
- * Its own instance of this module (pipeline/ingest/_seen.py): 2^BLOOM_LOG2 bits (1 MiB)
- * from heap_base() on, then the identities of a call (at `keys`, given by the host).  The four probes of an identity are the
- * low BLOOM_LOG2 bits of its four little-endian 32-bit words (identities are keyed BLAKE2b
+ * Its own instance of this module (pipeline/ingest/_kernel.py BloomBits): 2^log2 bits
+ * (bloom_size; at most 2^BLOOM_LOG2, 1 MiB) from heap_base() on, then the identities of a
+ * call (at `keys`, given by the host, past the largest size: pages of the bits beyond the
+ * size set are never touched, so never resident).  The four probes of an identity are the
+ * low log2 bits of its four little-endian 32-bit words (identities are keyed BLAKE2b
  * output, uniformly distributed). */
 #define BLOOM_LOG2 23
-#define BLOOM_MASK ((1u << BLOOM_LOG2) - 1)
+static u32 bloom_mask = (1u << BLOOM_LOG2) - 1;
+
+/* Use the low log2 bits of each word (log2 <= BLOOM_LOG2); call before any bloom_add. */
+__attribute__((export_name("bloom_size"))) void bloom_size(u32 log2) {
+    if (log2 > BLOOM_LOG2) log2 = BLOOM_LOG2;
+    bloom_mask = (1u << log2) - 1;
+}
 
 static inline u8 *bloom_bits(void) { return (u8 *)(((uintptr_t)&__heap_base + 7) & ~(uintptr_t)7); }
 
 static inline u32 word(const u8 *k, int j) {
     u32 w;
     __builtin_memcpy(&w, k + 4 * j, 4);
-    return w & BLOOM_MASK;
+    return w & bloom_mask;
 }
 
 /* Set the bits of the n identities at keys. */
