@@ -96,8 +96,9 @@ def _one_malloc_arena() -> bool:
     """Have glibc's malloc serve every thread from one arena (``mallopt(M_ARENA_MAX, 1)``).
     By default each thread that allocates (aiosqlite's worker, the executor's, the Wasm
     epoch ticker) gets an arena of its own, whose pages stay resident after the peak; the
-    threads here allocate little and seldom contend.  Called before any thread starts, so
-    no second arena exists; False where the C library has no ``mallopt`` (musl)."""
+    threads here allocate little and seldom contend.  Also fixes the mmap and trim
+    thresholds (``_MMAP_FROM``, ``_TRIM_FROM``).  Called before any thread starts, so no
+    second arena exists; False where the C library has no ``mallopt`` (musl)."""
     import ctypes
 
     try:

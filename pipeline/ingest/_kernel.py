@@ -41,6 +41,15 @@ _module: list[tuple[wasmtime.Engine, wasmtime.Module]] = []
 _lock = threading.Lock()
 
 
+def _reserve(store: wasmtime.Store, memory: wasmtime.Memory, mem: GuestMemory, end: int) -> int:
+    """The host address of an instance's memory, grown to at least ``end`` bytes."""
+    base, size = mem.span()
+    if end > size:
+        memory.grow(store, (end - size + _PAGE - 1) // _PAGE)
+        base, size = mem.span()
+    return base
+
+
 def _compiled(cache_dir: Path | None) -> tuple[wasmtime.Engine, wasmtime.Module]:
     """The module, compiled (or loaded from the AOT cache) once per process."""
     if not _module:
@@ -93,11 +102,7 @@ class IngestKernel:
         """The memory's host address, with at least ``end`` bytes."""
         if self._store is None:
             self._instantiate()
-        base, size = self._mem.span()
-        if end > size:
-            self._memory.grow(self._store, (end - size + _PAGE - 1) // _PAGE)
-            base, size = self._mem.span()
-        return base
+        return _reserve(self._store, self._memory, self._mem, end)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Free the instance and its memory (the next call makes a new one)."""
@@ -176,11 +181,7 @@ class BloomBits:
         self._reserve(self._keys)
 
     def _reserve(self, end: int) -> int:
-        base, size = self._mem.span()
-        if end > size:
-            self._memory.grow(self._store, (end - size + _PAGE - 1) // _PAGE)
-            base, size = self._mem.span()
-        return base
+        return _reserve(self._store, self._memory, self._mem, end)  # type: ignore[arg-type]
 
     def add(self, keys: bytes) -> None:
         """Set the bits of the 16-byte identities joined in ``keys`` (none once closed)."""
