@@ -89,7 +89,7 @@ def prequeue(broker: Mosquitto, client_ids: list[str], n: int, publishers: int =
         c = _session(broker, cid, subscribe=True)
         c.disconnect()
         c.loop_stop()
-    return run_publishers(broker.host, broker.port, n, procs=publishers, qos=1)
+    return run_publishers(broker.host, broker.port, n, procs=publishers, qos=1, raw=True)
 
 
 def queue_left(broker: Mosquitto, client_id: str, timeout: float = 60) -> int:
