@@ -39,7 +39,14 @@ from devtools._mosquitto import Mosquitto
 
 from ._load import run_publishers
 
-__all__ = ["compile_bytecode", "drain_edgepipe", "drain_mosquitto_sub", "prequeue", "queue_left"]
+__all__ = [
+    "compile_bytecode",
+    "cpu_seconds",
+    "drain_edgepipe",
+    "drain_mosquitto_sub",
+    "prequeue",
+    "queue_left",
+]
 
 TOPIC_FILTER = "bench/+/+"
 SESSION_EXPIRY = 86400  # edgepipe's default broker.session_expiry
@@ -172,15 +179,19 @@ def drain_edgepipe(
     *,
     preexec: Any = None,
     timeout: float = 600,
+    tree: Path = REPO,
 ) -> dict[str, float]:
     """``edgepipe run -c config`` on the queued session: exec until its commits add up to
     ``n`` messages (each batch is acknowledged right after its commit is traced); also the
     rate from its first commit to its last (start-up excluded), its CPU time per message
-    and its peak RSS.  ``preexec`` runs in the child before exec (e.g. joining a cgroup).
+    and its peak RSS.  ``preexec`` runs in the child before exec (e.g. joining a cgroup);
+    ``tree`` is the checkout whose edgepipe runs (from its sources, ``PYTHONPATH``).
     A process that dies before the end (e.g. killed by the OOM killer) raises."""
-    compile_bytecode()
+    compile_bytecode(tree)
     trace.unlink(missing_ok=True)
     env = {**os.environ, "EDGEPIPE_TRACE_COMMITS": str(trace)}
+    if tree != REPO:
+        env["PYTHONPATH"] = str(tree)
     t0 = time.perf_counter()
     wall0 = time.time()
     proc = subprocess.Popen(
@@ -188,7 +199,7 @@ def drain_edgepipe(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
-        cwd=REPO,
+        cwd=tree,
         preexec_fn=preexec,
     )
     deadline = t0 + timeout
@@ -214,7 +225,7 @@ def drain_edgepipe(
             if got < n:
                 time.sleep(0.002)
         hwm = max(hwm, _vm_hwm(proc.pid))
-        cpu = _cpu_seconds(proc.pid)
+        cpu = cpu_seconds(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -248,7 +259,7 @@ def _vm_hwm(pid: int) -> int:
     return 0
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """utime + stime of a running process, all its threads."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()

@@ -2,7 +2,7 @@
 
     python -m bench.e2e [--messages 40000] [--quick]
     python -m bench.e2e --tls [--repeats 3]
-    python -m bench.e2e --drain [--messages 100000] [--rounds 3]
+    python -m bench.e2e --drain [--messages 100000] [--rounds 3] [--against TREE]
     python -m bench.e2e --cgroup [--messages 100000]
 
 In one run, on a private mosquitto on loopback:
@@ -30,8 +30,10 @@ peak RSS on each transport.  Writes bench/results/e2e-tls.json.
 ``--drain`` measures the backlog drain (bench/_drain.py): a broker holding the same N
 QoS 1 JSON messages for two persistent sessions, drained by ``mosquitto_sub -q 1`` (a C
 client that only receives) and by edgepipe (3 Wasm stages, AES-GCM, ``synchronous=FULL``),
-in alternating order, a fresh broker per round; medians.  Writes
-bench/results/e2e-drain.json.
+in rotating order, a fresh broker per round; medians.  With ``--against TREE``, that
+checkout's edgepipe drains a third session of the same broker each round: the sustained
+QoS 1 rate of both trees where the consumer, not the broker or the load, is the bound.
+Writes bench/results/e2e-drain.json.
 
 ``--against TREE`` compares another checkout (e.g. main: ``git worktree add --detach
 /tmp/main main``) with this one in the same run: for each of ``--rounds`` rounds, the two
@@ -212,6 +214,13 @@ class Edge:
         except OSError:
             pass
 
+    def cpu_seconds(self) -> float:
+        """utime + stime of the edge process so far (every thread)."""
+        try:
+            return _drain.cpu_seconds(self.proc.pid)
+        except OSError:
+            return float("nan")
+
     def commits(self) -> list[dict[str, Any]]:
         if not self.trace.exists():
             return []
@@ -230,6 +239,27 @@ class Edge:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def _mosquitto_sub_live(broker: Mosquitto, n: int, procs: int) -> dict[str, float]:
+    """``mosquitto_sub -q 1`` (a C client that only receives and acknowledges) under the
+    same live load: the ceiling of this harness for any QoS 1 consumer -- the broker takes
+    the publishers' messages and delivers them on the same cores.  Its session is made
+    first (``-E``: exit once subscribed), so nothing published after is missed; the rate
+    is ``n`` over the time from the publishers' start to its exit (an upper bound of its
+    time, so a lower bound of its rate)."""
+    base = [_drain.mosquitto_sub(), "-h", broker.host, "-p", str(broker.port), "-V", "5"]
+    sess = ["-q", "1", "-c", "-x", "600", "-i", "bench-live-sub", "-t", "bench/+/+"]
+    subprocess.run([*base, *sess, "-E"], check=True, timeout=30)
+    p = subprocess.Popen([*base, *sess, "-C", str(n)], stdout=subprocess.DEVNULL)
+    # the publishers start at a shared time 0.5 s after they are started (bench/_load.py)
+    t_start = time.perf_counter() + 0.5
+    pubs, q = start_publishers(broker.host, broker.port, n, procs=procs, qos=1, raw=LOAD.raw)
+    p.wait(600)
+    dt = time.perf_counter() - t_start
+    for pub in pubs:
+        pub.join(30)
+    return {"messages": n, "seconds": dt, "msg_per_s": n / dt}
 
 
 def _bare(
@@ -279,6 +309,7 @@ def _edge_throughput(
     client = f"edge-q{qos}-{int(chain)}{tag}"
     edge = Edge(_config(d, broker, qos, chain, client, tls), d / f"trace-q{qos}.jsonl", tree)
     edge.wait_subscribed()
+    cpu0 = edge.cpu_seconds()  # start-up and subscribing: not part of the rate
     pubs, q = start_publishers(
         broker.host, broker.port, n, procs=procs, qos=qos, ca=tls and tls.ca, raw=LOAD.raw
     )
@@ -298,6 +329,7 @@ def _edge_throughput(
         ):
             break  # QoS 0 may drop under overload; stop when the stream is over
         time.sleep(0.2)
+    cpu = edge.cpu_seconds() - cpu0
     for p in pubs:
         p.join(30)
     edge.stop()
@@ -312,6 +344,11 @@ def _edge_throughput(
         "seconds": dt,
         "msg_per_s": rate,
         "peak_rss_mb": edge.peak_rss_kb / 1024,
+        # CPU per message from subscribed to the last commit, and what one core sustains
+        # at that cost: the rate of a run the broker or the publishers bound is the
+        # slowest party's, this is edgepipe's own
+        "cpu_us_per_msg": cpu / got * 1e6 if got else float("nan"),
+        "msg_per_cpu_s": got / cpu if cpu > 0 else float("nan"),
         "batches": len(commits),
         "mean_batch": got / len(commits) if commits else 0,
     }
@@ -490,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         "--against",
         type=Path,
         metavar="TREE",
-        help="QoS 1 throughput, peak and idle RSS, cold start of TREE next to this tree (only that)",
+        help="QoS 1 throughput, peak and idle RSS, cold start of TREE next to this tree (only "
+        "that); with --drain, TREE's drain beside this tree's and mosquitto_sub's",
     )
     ap.add_argument("--rounds", type=int, default=3, help="with --drain/--cgroup: rounds")
     ap.add_argument("--out", type=Path, help="the JSON (default bench/results/e2e[-tls].json)")
@@ -523,13 +561,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
         d = Path(tmp)
         res["aot_compile_ms"] = _warm_aot_cache(d)
-        if not args.against:
+        if not args.against or args.drain:
             _first_start(d)
         if args.tls:
             res.update(_tls_comparison(d, n, args.publishers, 1 if args.quick else args.repeats))
             _print_tls(res)
         elif args.drain:
-            res.update(_drain_comparison(d, n, args.publishers, args.rounds))
+            other = args.against.resolve() if args.against else None
+            res.update(_drain_comparison(d, n, args.publishers, args.rounds, other))
             _print_drain(res)
         elif args.against:
             rounds = 1 if args.quick else args.rounds
@@ -541,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
             res.update(bisect_limit(d, n, args.publishers, args.rounds, _drain_config))
             _print_cgroup(res)
         else:
+            with _broker(d, "sub-live") as b:
+                res["mosquitto_sub_q1"] = _mosquitto_sub_live(b, n, args.publishers)
             for qos in (1, 0):
                 with _broker(d, f"bare{qos}") as b:
                     res[f"bare_q{qos}"] = _bare(b, qos, n, d, args.publishers)
@@ -591,7 +632,7 @@ def _against(d: Path, n: int, procs: int, rounds: int, other: Path) -> dict[str,
             m: dict[str, float] = {}
             with _broker(d, f"edge{tag}") as b:
                 q1 = _edge_throughput(b, 1, n, d, procs, tag=tag, tree=tree)
-            m.update(msg_per_s=q1["msg_per_s"], peak_rss_mb=q1["peak_rss_mb"])
+            m.update({k: q1[k] for k in ("msg_per_s", "cpu_us_per_msg", "peak_rss_mb")})
             with _broker(d, f"idle{tag}") as b:
                 m.update(_idle_rss(b, d, 1, tree, (True,), tag)["chain"])
                 m.update(_cold_start(b, d, 1, tree, tag))
@@ -613,6 +654,7 @@ def _print_against(r: dict[str, Any]) -> None:
     )
     cols = (
         ("msg_per_s", "QoS 1 msg/s", ",.0f"),
+        ("cpu_us_per_msg", "CPU us/msg", ".1f"),
         ("peak_rss_mb", "peak MB", ".1f"),
         ("vmrss_mb", "idle MB", ".1f"),
         ("rssanon_mb", "anon", ".1f"),
@@ -631,41 +673,57 @@ def _drain_config(d: Path, broker: Mosquitto, client: str) -> Path:
     return _config(d, broker, 1, True, client)
 
 
-def _drain_comparison(d: Path, n: int, procs: int, rounds: int) -> dict[str, Any]:
+def _drain_comparison(
+    d: Path, n: int, procs: int, rounds: int, other: Path | None = None
+) -> dict[str, Any]:
     """Each round a fresh broker holds the same ``n`` messages for a mosquitto_sub session
-    and an edgepipe session; the two drain one after the other, the order alternating."""
-    runs: dict[str, list[dict[str, float]]] = {"mosquitto_sub": [], "edgepipe": []}
+    and an edgepipe session (and, with ``other``, one for that checkout's edgepipe: the
+    sustained QoS 1 rate of both trees at saturation, side by side); they drain one after
+    the other, the order rotating from round to round."""
+    who_all = ["mosquitto_sub", "edgepipe"] + (["base"] if other else [])
+    trees = {"edgepipe": REPO, "base": other or REPO}
+    if other:
+        _first_start(d, other, "-base")
+    runs: dict[str, list[dict[str, float]]] = {w: [] for w in who_all}
     for r in range(rounds):
         with _broker(d, f"drain-{r}") as b:
-            sub_id, edge_id = f"drain-sub-{r}", f"drain-edge-{r}"
-            _drain.prequeue(b, [sub_id, edge_id], n, procs)
-            order = ("mosquitto_sub", "edgepipe") if r % 2 == 0 else ("edgepipe", "mosquitto_sub")
-            for who in order:
+            ids = {w: f"drain-{w.replace('_', '-')}-{r}" for w in who_all}
+            _drain.prequeue(b, list(ids.values()), n, procs)
+            k = r % len(who_all)
+            for who in who_all[k:] + who_all[:k]:
                 if who == "mosquitto_sub":
-                    m = _drain.drain_mosquitto_sub(b, sub_id, n)
+                    m = _drain.drain_mosquitto_sub(b, ids[who], n)
                     # mosquitto_sub exits on its n-th message, sometimes before its last
                     # PUBACKs are written: counted, and its time is still exec -> exit
-                    m["unacked_at_exit"] = _drain.queue_left(b, sub_id)
+                    m["unacked_at_exit"] = _drain.queue_left(b, ids[who])
                 else:
-                    cfg = _drain_config(d, b, edge_id)
-                    m = _drain.drain_edgepipe(cfg, d / f"trace-drain-{r}.jsonl", n)
-                    left = _drain.queue_left(b, edge_id)
+                    cfg = _drain_config(d, b, ids[who])
+                    trace = d / f"trace-drain-{who}-{r}.jsonl"
+                    m = _drain.drain_edgepipe(cfg, trace, n, tree=trees[who])
+                    left = _drain.queue_left(b, ids[who])
                     if left:
-                        raise RuntimeError(f"round {r}: edgepipe left {left} messages unacked")
+                        raise RuntimeError(f"round {r}: {who} left {left} messages unacked")
                 runs[who].append(m)
     median = {k: {f: statistics.median(m[f] for m in ms) for f in ms[0]} for k, ms in runs.items()}
-    ratios = [
-        e["msg_per_s"] / s["msg_per_s"]
-        for e, s in zip(runs["edgepipe"], runs["mosquitto_sub"], strict=True)
-    ]
-    return {
+
+    def ratios(a: str, b: str, field: str = "msg_per_s") -> list[float]:
+        return [x[field] / y[field] for x, y in zip(runs[a], runs[b], strict=True)]
+
+    out: dict[str, Any] = {
         "rounds": rounds,
         "median": median,
-        "ratio_median": statistics.median(ratios),
-        "ratios": ratios,
+        "ratio_median": statistics.median(ratios("edgepipe", "mosquitto_sub")),
+        "ratios": ratios("edgepipe", "mosquitto_sub"),
         "runs": runs,
         "load_average": os.getloadavg(),
     }
+    if other:
+        out["base_tree"] = str(other)
+        out["against_base"] = ratios("edgepipe", "base")
+        out["against_base_median"] = statistics.median(out["against_base"])
+        steady = ratios("edgepipe", "base", "steady_msg_per_s")
+        out["against_base_steady_median"] = statistics.median(steady)
+    return out
 
 
 def _print_drain(r: dict[str, Any]) -> None:
@@ -675,15 +733,16 @@ def _print_drain(r: dict[str, Any]) -> None:
         f"\nbacklog drain, {r['messages']:,} QoS 1 messages queued for a persistent session, "
         f"{r['cpu_count']} CPUs, median of {r['rounds']} rounds (load {r['load_average'][0]:.1f})"
     )
-    print(f"{'':44}{'seconds':>9}{'msg/s':>10}{'CPU us/msg':>12}")
-    print(
-        f"{'mosquitto_sub -q 1 (exec -> exit)':44}{s['seconds']:>9.2f}{s['msg_per_s']:>10,.0f}"
-        f"{s['cpu_us_per_msg']:>12.1f}"
-    )
-    print(
-        f"{'edgepipe run (exec -> last ack)':44}{e['seconds']:>9.2f}{e['msg_per_s']:>10,.0f}"
-        f"{e['cpu_us_per_msg']:>12.1f}"
-    )
+    print(f"{'':44}{'seconds':>9}{'msg/s':>10}{'CPU us/msg':>12}{'steady msg/s':>14}")
+    rows = [("mosquitto_sub -q 1 (exec -> exit)", s), ("edgepipe run (exec -> last ack)", e)]
+    if "base" in m:
+        rows.append((f"{r['base_tree']} (exec -> last ack)"[-44:], m["base"]))
+    for label, x in rows:
+        steady = f"{x['steady_msg_per_s']:>14,.0f}" if "steady_msg_per_s" in x else ""
+        print(
+            f"{label:44}{x['seconds']:>9.2f}{x['msg_per_s']:>10,.0f}"
+            f"{x['cpu_us_per_msg']:>12.1f}{steady}"
+        )
     print(
         f"edgepipe against mosquitto_sub: {r['ratio_median']:.2f}x (per round "
         + ", ".join(f"{x:.2f}" for x in r["ratios"])
@@ -691,6 +750,13 @@ def _print_drain(r: dict[str, Any]) -> None:
         f"start-up to first commit {e['start_to_first_commit_s'] * 1000:.0f} ms, "
         f"{e['batches']:.0f} batches, peak RSS {e['peak_rss_mb']:.1f} MB"
     )
+    if "base" in m:
+        print(
+            f"this tree against the base: {r['against_base_median']:.2f}x exec -> last ack "
+            "(per round " + ", ".join(f"{x:.2f}" for x in r["against_base"]) + "), "
+            f"{r['against_base_steady_median']:.2f}x first -> last commit; peak RSS "
+            f"{e['peak_rss_mb']:.1f} MB against {m['base']['peak_rss_mb']:.1f} MB"
+        )
 
 
 def _print_cgroup(r: dict[str, Any]) -> None:
@@ -714,7 +780,9 @@ def _print(r: dict[str, Any]) -> None:
         f"\nedgepipe end-to-end, {r['messages']:,} messages, {r['publishers']} publisher "
         f"processes ({r['publisher']}), {r['cpu_count']} CPUs, Python {r['python']}"
     )
-    print(f"{'':34}{'msg/s':>10}{'vs bare':>9}{'peak RSS':>10}{'batch':>8}")
+    print(f"{'':34}{'msg/s':>10}{'vs bare':>9}{'peak RSS':>10}{'batch':>8}{'CPU us/msg':>12}")
+    ms = r["mosquitto_sub_q1"]
+    print(f"{'mosquitto_sub -q 1 (the ceiling)':34}{ms['msg_per_s']:>10,.0f}")
     for qos in (1, 0):
         b, e = r[f"bare_q{qos}"], r[f"edge_q{qos}"]
         print(f"{f'bare paho subscriber, QoS {qos}':34}{b['msg_per_s']:>10,.0f}{'':>9}")
@@ -722,6 +790,7 @@ def _print(r: dict[str, Any]) -> None:
         print(
             f"{f'edgepipe (3 Wasm stages, AES), QoS {qos}':34}{e['msg_per_s']:>10,.0f}"
             f"{ratio:>8.0%} {e['peak_rss_mb']:>8.1f}MB{e['mean_batch']:>8.0f}"
+            f"{e['cpu_us_per_msg']:>12.1f}"
         )
     lat = r["latency_1000"]
     print(
