@@ -90,20 +90,15 @@ def _raw_publisher(
     if delay > 0:
         time.sleep(delay)
     t0 = time.perf_counter()
-    sent = acked_bytes = 0  # every PUBACK is 4 bytes; nothing else comes to a publisher
+    acked_bytes = 0  # every PUBACK is 4 bytes; nothing else comes to a publisher
     for k, chunk in enumerate(chunks):
         sock.sendall(chunk)
         sent = min(count, (k + 1) * _RAW_CHUNK)
-        while qos and sent - acked_bytes // 4 > _RAW_WINDOW:
+        while qos and sent - acked_bytes // 4 > (_RAW_WINDOW if sent < count else 0):
             got = sock.recv(65536)
             if not got:
                 raise ConnectionError("the broker closed the connection")
             acked_bytes += len(got)
-    while qos and acked_bytes // 4 < count:
-        got = sock.recv(65536)
-        if not got:
-            raise ConnectionError("the broker closed the connection")
-        acked_bytes += len(got)
     out.put((first, count, time.perf_counter() - t0))
     sock.sendall(b"\xe0\x00")  # DISCONNECT
     sock.close()
@@ -171,6 +166,8 @@ def start_publishers(
     raw: bool = False,
 ) -> tuple[list[Any], Any]:
     """Start the publisher processes; returns (processes, result queue)."""
+    if raw and rate:
+        raise ValueError("raw publishers send as fast as the broker takes them: no rate")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     per = total // procs

@@ -254,7 +254,7 @@ def _mosquitto_sub_live(broker: Mosquitto, n: int, procs: int) -> dict[str, floa
     p = subprocess.Popen([*base, *sess, "-C", str(n)], stdout=subprocess.DEVNULL)
     # the publishers start at a shared time 0.5 s after they are started (bench/_load.py)
     t_start = time.perf_counter() + 0.5
-    pubs, q = start_publishers(broker.host, broker.port, n, procs=procs, qos=1, raw=LOAD.raw)
+    pubs, _ = start_publishers(broker.host, broker.port, n, procs=procs, qos=1, raw=LOAD.raw)
     p.wait(600)
     dt = time.perf_counter() - t_start
     for pub in pubs:
@@ -344,11 +344,9 @@ def _edge_throughput(
         "seconds": dt,
         "msg_per_s": rate,
         "peak_rss_mb": edge.peak_rss_kb / 1024,
-        # CPU per message from subscribed to the last commit, and what one core sustains
-        # at that cost: the rate of a run the broker or the publishers bound is the
-        # slowest party's, this is edgepipe's own
+        # CPU per message from subscribed to the last commit: the rate of a run the broker
+        # or the publishers bound is the slowest party's, this is edgepipe's own cost
         "cpu_us_per_msg": cpu / got * 1e6 if got else float("nan"),
-        "msg_per_cpu_s": got / cpu if cpu > 0 else float("nan"),
         "batches": len(commits),
         "mean_batch": got / len(commits) if commits else 0,
     }
