@@ -97,6 +97,12 @@ class _Counter:
         vals = self._m.values
         vals[labels] = vals.get(labels, 0) + amount
 
+    def add(self, key: tuple[str, ...], amount: float) -> None:
+        """:meth:`inc` with the labels given as one tuple made beforehand: for a path that
+        counts the same series once per batch."""
+        vals = self._m.values
+        vals[key] = vals.get(key, 0) + amount
+
 
 class _Gauge(_Counter):
     __slots__ = ()

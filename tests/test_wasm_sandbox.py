@@ -348,6 +348,22 @@ def test_epoch_ticker_parks_when_idle(tmp_path, reg):
         assert TICKER.ticks > before
 
 
+def test_deadline_is_set_again_once_the_epoch_moved(tmp_path, reg):
+    # a batch re-sets its stage's deadline only when the ticker moved the epoch since the
+    # last one did: moved past the deadline the last batch set, the next batch must still
+    # get its whole timeout (a stale deadline would trap it at once)
+    from pipeline.chain._engine import TICKER, engine
+
+    mod = write_wat(tmp_path, "ident", wat_module(IDENTITY))
+    with build(tmp_path, [stage("ident", mod, "map", fuel=None, timeout_ms=10)], reg) as chain:
+        assert not chain.process(sample()).dead_letters
+        for _ in range(50):  # 50 ticks: five times the 10 ms timeout
+            engine().increment_epoch()
+            TICKER.ticks += 1
+        assert not chain.process(sample()).dead_letters
+        assert len(chain.process(sample()).batch) == len(sample())
+
+
 def test_config_flattening():
     from pipeline.chain._abi import flatten_config
 

@@ -162,18 +162,19 @@ class Chain:
     def _run(self, slot: Slot, data: bytes, dead: list[DeadLetter]) -> bytes | None:
         name = slot.name
         n = len(data) // RECORD.size
-        metric.RECORDS.inc(n, name, "in")
+        metric.RECORDS.add(slot.key_in, n)
         out: bytes | None
         if not slot.breaker.allows():
             err = FilterRuntimeError("circuit breaker open", stage=name, code="breaker_open")
             out = self._failed(slot, data, err, dead, call_guest=False)
         else:
+            stage = slot.stage
             t0 = time.perf_counter()
             attempt = 1
             while True:
                 try:
-                    out = slot.stage.process_raw(data, n)
-                    if slot.stage.stateful:
+                    out = stage.process_raw(data, n)
+                    if stage.stateful:
                         slot.good_state = self._saved(slot)
                 except FilterRuntimeError as err:
                     if attempt < slot.attempts:  # on_error: stop tries again first
@@ -183,19 +184,20 @@ class Chain:
                     out = self._failed(slot, data, err, dead, attempts=attempt)
                 else:
                     slot.batches += 1
-                    self._succeeded(slot)
+                    if slot.breaker.failures or slot.last_code is not None:
+                        self._succeeded(slot)
                     m = len(out) // RECORD.size
                     if m < n:
                         reason = "aggregated" if slot.cfg.kind == "aggregate" else "filtered"
                         metric.DROPPED.inc(n - m, name, reason)
                     elif m > n:
                         metric.EMITTED.inc(m - n, name)
-                    if slot.stage.grown(n):
+                    if stage.grown(n):
                         self._recycle(slot)
                 break
-            metric.SECONDS.inc(time.perf_counter() - t0, name)
+            metric.SECONDS.add(slot.key, time.perf_counter() - t0)
         if out is not None:
-            metric.RECORDS.inc(len(out) // RECORD.size, name, "out")
+            metric.RECORDS.add(slot.key_out, len(out) // RECORD.size)
         return out
 
     def _saved(self, slot: Slot) -> bytes:

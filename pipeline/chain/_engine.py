@@ -43,15 +43,18 @@ class Ticker:
     """Advances the engine epoch every ``TICK_S`` while any guest call is running.
 
     Idle (no guest call in flight) it blocks on an event, so an idle edge process pays
-    nothing.  ``enter`` only signals when the thread is parked; the thread re-checks the
-    busy count after clearing ``_running`` so a concurrent ``enter`` is never missed.
+    nothing.  The calls in flight are the items of a list (``list.append`` and
+    ``list.pop`` are atomic in CPython: no lock on a guest call's path, where two lock
+    round trips cost more than the guest call's own bookkeeping); ``enter`` only signals
+    when the thread is parked, and the thread re-checks the list after clearing
+    ``_running`` so a concurrent ``enter`` is never missed.
     ``ticks`` counts epoch increments and ``parks`` the times the thread went idle
     (:meth:`wait_parked` waits for the next one).
     """
 
     def __init__(self) -> None:
-        self._busy = 0
-        self._lock = threading.Lock()
+        self._calls: list[None] = []  # one item per guest call in flight
+        self._lock = threading.Lock()  # starts the thread once
         self._wake = threading.Event()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -67,31 +70,35 @@ class Ticker:
             return self._parked.wait_for(lambda: self.parks > since, timeout)
 
     def enter(self) -> None:
+        self._calls.append(None)
+        if not self._running:
+            if self._thread is None:
+                self._start()
+            self._wake.set()
+
+    def exit(self) -> None:
+        self._calls.pop()
+
+    def _start(self) -> None:
         with self._lock:
-            self._busy += 1
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="edgepipe-epoch", daemon=True
                 )
                 self._thread.start()
-        if not self._running:
-            self._wake.set()
-
-    def exit(self) -> None:
-        with self._lock:
-            self._busy -= 1
 
     def _run(self) -> None:
         eng = engine()
         sleep = time.sleep
         while True:
             self._running = True
-            while self._busy > 0:
+            calls = self._calls
+            while calls:
                 sleep(TICK_S)
                 eng.increment_epoch()
                 self.ticks += 1
             self._running = False
-            if self._busy > 0:
+            if calls:
                 continue
             with self._parked:
                 self.parks += 1

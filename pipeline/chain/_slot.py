@@ -53,6 +53,9 @@ class Slot:
     def __init__(self, cfg: StageConfig, stage: WasmStage, clock: Clock) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        # the label tuples it is counted under once per batch
+        self.key = (cfg.name,)
+        self.key_in, self.key_out = (cfg.name, "in"), (cfg.name, "out")
         self.stage = stage
         lim = cfg.limits
         self.breaker = Breaker(lim.breaker_failures, lim.breaker_cooldown_s, clock)

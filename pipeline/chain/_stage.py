@@ -41,6 +41,8 @@ from core._model import Batch, SeriesRegistry
 
 from ..wasm._aot import ModuleCache
 from ..wasm._ffi import Budget, GuestCall, GuestMemory, HostTrap
+from ..wasm._ffi import memmove as _memmove
+from ..wasm._ffi import string_at as _string_at
 from ._abi import ABI_VERSION, flatten_config
 from ._check import KEYS_CHANGED, UNKNOWN_SERIES, OutputCheck
 from ._declared import ConfigProblem
@@ -172,7 +174,9 @@ class WasmStage:
         self.loaded = loaded or load_module(cfg, base_dir, cache)
         lim = cfg.limits
         self._fuel = lim.fuel
-        self._ticks = max(1, math.ceil(lim.timeout_ms / 1000 / TICK_S)) + 1
+        # +1 for the tick already under way, +1 for an epoch the ticker moved just before
+        # it counted the move (see _arm)
+        self._ticks = max(1, math.ceil(lim.timeout_ms / 1000 / TICK_S)) + 2
         self._max_output = lim.max_output
         self._mem_cap = lim.memory_mb * 1024 * 1024
         self._check_config()
@@ -180,6 +184,8 @@ class WasmStage:
             self._config_text = flatten_config(cfg.config).encode()
         except ValueError as e:
             raise FilterLoadError(str(e), stage=self.name, code="bad_config") from None
+        #: the kinds whose output may not have more records than their input
+        self._bounded = cfg.kind in ("filter", "filter_map", "map")
         self.stateful = "ep_snapshot" in self.loaded.exports
         self.has_flush = "ep_flush" in self.loaded.exports
         self._log_tokens = 20.0
@@ -241,8 +247,8 @@ class WasmStage:
         store = wasmtime.Store(engine())
         store.set_limits(memory_size=self._mem_cap, instances=1, tables=1, memories=1)
         self._store = store
-        #: a fresh fuel budget and wall-clock deadline (once per batch / per operation)
-        self._arm = Budget(store, self._fuel, self._ticks).arm
+        self._budget = Budget(store, self._fuel, self._ticks)
+        self._armed_at = -1  # TICKER.ticks when the deadline was last set
         self.instances += 1
         self._arm()
         TICKER.enter()
@@ -288,6 +294,16 @@ class WasmStage:
                     code="init",
                 )
 
+    def _arm(self) -> None:
+        """A fresh fuel budget and wall-clock deadline (once per batch / per operation):
+        the deadline is set again only when the epoch moved since it was last set."""
+        ticks = TICKER.ticks
+        if ticks == self._armed_at:
+            self._budget.refuel()
+        else:
+            self._budget.arm()
+            self._armed_at = ticks
+
     def _drop_store(self) -> None:
         # no call may reach the old store's context once it is freed
         self._f_process = self._f_input = self._f_flush = None  # type: ignore[assignment]
@@ -300,7 +316,8 @@ class WasmStage:
         if self._store is None:
             return False
         allowed = max(RECYCLE_SLACK, 8 * REC * n_records)
-        return self._mem.span()[1] - self.steady_bytes > allowed
+        # the size the last output read saw: no guest code ran since
+        return self._mem.size - self.steady_bytes > allowed
 
     def memory_bytes(self) -> int:
         """The instance's linear memory size now (0 without an instance)."""
@@ -378,28 +395,31 @@ class WasmStage:
             raise self._error(e, what) from None
 
     def _output(self, r: int, what: str, n_in: int) -> bytes:
+        """The records a guest's ``(ptr << 32) | n`` result points at, checked: its
+        count against the stage's limits (at most ``n_in`` for the kinds that cannot
+        add records), its range against linear memory as it is now."""
         if r < 0:
             # a bounded set of codes: they become metric labels
             code = f"guest_error_{-r}" if -r <= 255 else "guest_error"
             raise FilterRuntimeError(f"{what} reported error {-r}", stage=self.name, code=code)
-        ptr, n = r >> 32, r & 0xFFFFFFFF
-        limit = self._max_output
-        if self.kind in ("filter", "filter_map", "map"):
-            limit = min(limit, n_in)
-        if n > limit:
+        n = r & 0xFFFFFFFF
+        if n > self._max_output or (n > n_in and self._bounded):
+            limit = min(self._max_output, n_in) if self._bounded else self._max_output
             raise FilterRuntimeError(
                 f"{what} returned {n} records; at most {limit} allowed for a {self.kind} stage",
                 stage=self.name,
                 code="output_count",
             )
-        try:
-            return self._mem.read(ptr, n * REC)
-        except HostTrap as e:
+        ptr, size = r >> 32, n * REC
+        base, mem_size = self._mem.span()  # also what grown() reads
+        if size and ptr + size > mem_size:
             raise FilterRuntimeError(
-                f"{what} returned an output pointer outside guest memory: {e}",
+                f"{what} returned an output pointer outside guest memory: guest range "
+                f"[{ptr}, {ptr + size}) is outside its memory",
                 stage=self.name,
                 code="output_pointer",
-            ) from None
+            )
+        return _string_at(base + ptr, size) if size else b""
 
     def process_raw(self, data: bytes, n: int) -> bytes:
         """Run ``n`` packed records through the guest; the packed output records.
@@ -411,7 +431,12 @@ class WasmStage:
             return b""
         if self._store is None:
             raise self._closed_error("ep_input")
-        self._arm()
+        ticks = TICKER.ticks  # _arm(), without its call
+        if ticks == self._armed_at:
+            self._budget.refuel()
+        else:
+            self._budget.arm()
+            self._armed_at = ticks
         what = "ep_input"
         TICKER.enter()
         tm = self.timing
@@ -421,13 +446,14 @@ class WasmStage:
             ptr = self._f_input(n) & 0xFFFFFFFF
             if tm is not None:
                 tm.guest_s += time.perf_counter() - t0
-            if ptr == 0 or not self._mem.place(ptr, data):
-                size = self._mem.span()[1]
+            base, size = self._mem.span()
+            if ptr == 0 or ptr + len(data) > size:
                 raise FilterRuntimeError(
                     f"ep_input({n}) returned an unusable buffer ({ptr:#x}, memory {size} bytes)",
                     stage=self.name,
                     code="alloc",
                 )
+            _memmove(base + ptr, data, len(data))
             what = "ep_process"
             if tm is None:
                 r = self._f_process(n)

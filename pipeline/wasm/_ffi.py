@@ -10,7 +10,7 @@ the few operations a stage needs, each a single Python call over C:
   result (``wasmtime_func_call_unchecked``; safe because every export's signature was
   checked against the ABI when the module was loaded);
 - :class:`GuestMemory`: the host address and size of the linear memory, and bounds-checked
-  ``read`` / ``write`` / ``place`` of bytes at a guest pointer (``ctypes.memmove``);
+  ``read`` / ``write`` of bytes at a guest pointer (``ctypes.memmove``);
 - :class:`Budget`: a fresh fuel budget and epoch deadline for the store;
 - :class:`HostTrap`: raised by host code (or a bounds check) to trap the guest.
 
@@ -149,39 +149,29 @@ class GuestMemory:
     """The linear memory ``memory`` of an instance in ``store``.  Its host address can
     change whenever the guest grows it, so every operation looks its size up afresh --
     and its address only when the size changed (a memory moves only when it grows, and
-    never shrinks): one C call per operation instead of two."""
+    never shrinks): one C call per operation instead of two.  ``size`` is the byte length
+    as of the last look (:meth:`span`, :meth:`read`, :meth:`write`): the
+    size now, when no guest code ran since."""
 
-    __slots__ = ("_ctx", "_ref", "memory", "_store", "_base", "_size")
+    __slots__ = ("_ctx", "_ref", "memory", "_store", "_base", "size")
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         self._store = store
         self._ctx = _context(store)
         self.memory = memory
         self._ref = _addressof(memory._memory)
-        self._base, self._size = _mem_data(self._ctx, self._ref) or 0, -1
-
-    def _now(self) -> tuple[int, int]:
-        ctx, ref = self._ctx, self._ref
-        size = _mem_size(ctx, ref)
-        if size != self._size:
-            self._base, self._size = _mem_data(ctx, ref) or 0, size
-        return self._base, size
+        self._base, self.size = _mem_data(self._ctx, self._ref) or 0, -1
 
     def span(self) -> tuple[int, int]:
         """(host address, byte length) of the linear memory right now."""
-        return self._now()
-
-    def place(self, ptr: int, data: bytes) -> bool:
-        """Copy ``data`` to guest ``ptr`` if ``[ptr, ptr+len(data))`` lies in the memory;
-        False (nothing written) if it does not."""
-        base, size = self._now()
-        if ptr < 0 or ptr + len(data) > size:
-            return False
-        _memmove(base + ptr, data, len(data))
-        return True
+        ctx, ref = self._ctx, self._ref
+        size = _mem_size(ctx, ref)
+        if size != self.size:
+            self._base, self.size = _mem_data(ctx, ref) or 0, size
+        return self._base, size
 
     def _address(self, ptr: int, length: int) -> int:
-        base, size = self._now()
+        base, size = self.span()
         if ptr < 0 or ptr + length > size:
             raise HostTrap(
                 "out_of_bounds", f"guest range [{ptr}, {ptr + length}) is outside its memory"
@@ -190,7 +180,8 @@ class GuestMemory:
 
     def read(self, ptr: int, length: int) -> bytes:
         """The ``length`` bytes at guest ``ptr``; :class:`HostTrap` ``out_of_bounds``."""
-        return _string_at(self._address(ptr, length), length) if length else b""
+        address = self._address(ptr, length)
+        return _string_at(address, length) if length else b""
 
     def write(self, ptr: int, data: bytes) -> None:
         """Copy ``data`` to guest ``ptr``; :class:`HostTrap` ``out_of_bounds``."""
@@ -199,7 +190,9 @@ class GuestMemory:
 
 class Budget:
     """Fuel (``None``: unlimited) and an epoch deadline (``ticks`` from now) for every
-    guest operation in ``store``; :meth:`arm` grants a fresh budget."""
+    guest operation in ``store``: :meth:`arm` grants a fresh budget of both,
+    :meth:`refuel` only fresh fuel (when the epoch has not moved since the last
+    :meth:`arm`, the deadline it set is still ``ticks`` away)."""
 
     __slots__ = ("_ctx", "_fuel", "_ticks")
 
@@ -210,9 +203,11 @@ class Budget:
         self._fuel = fuel if fuel is not None else _UNLIMITED_FUEL
         self._ticks = ticks
 
-    def arm(self) -> None:
-        ctx = self._ctx
-        err = _set_fuel(ctx, self._fuel)
+    def refuel(self) -> None:
+        err = _set_fuel(self._ctx, self._fuel)
         if err:  # frees it; fuel is always enabled
             wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-        _set_deadline(ctx, self._ticks)
+
+    def arm(self) -> None:
+        self.refuel()
+        _set_deadline(self._ctx, self._ticks)
