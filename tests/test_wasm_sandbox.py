@@ -364,6 +364,45 @@ def test_deadline_is_set_again_once_the_epoch_moved(tmp_path, reg):
         assert len(chain.process(sample()).batch) == len(sample())
 
 
+#: ep_input bodies: where the host is to write the batch
+INPUT_BUFFERS = {
+    # past the end of its 2 pages: refused, nothing written
+    "beyond_memory": ("(i32.const 131000)", "alloc"),
+    "null": ("(i32.const 0)", "alloc"),
+    # grows its memory by a page and hands out the new page: the host, which last saw
+    # 2 pages, must look again and write there
+    "in_a_page_it_just_grew": (
+        "(drop (memory.grow (i32.const 1))) (i32.const 131072)",
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INPUT_BUFFERS))
+def test_input_buffer_is_checked_against_memory_as_it_is(tmp_path, reg, name):
+    body, code = INPUT_BUFFERS[name]
+    # a map that hands back what the host wrote at the buffer ep_input gave
+    text = wat_module(
+        "(i64.or (i64.shl (i64.extend_i32_u (global.get $buf)) (i64.const 32))"
+        " (i64.extend_i32_u (local.get 0)))",
+        extra="(global $buf (mut i32) (i32.const 0))",
+    ).replace(
+        '(func (export "ep_input") (param i32) (result i32) (i32.const 1024))',
+        f'(func (export "ep_input") (param i32) (result i32) (global.set $buf {body}) '
+        "(global.get $buf))",
+    )
+    mod = write_wat(tmp_path, name, text)
+    with build(tmp_path, [stage("buf", mod, "map", memory_mb=4)], reg) as chain:
+        res = chain.process(sample())
+        if code is None:
+            assert not res.dead_letters
+            assert res.batch.raw == sample().raw
+        else:
+            assert not res.batch
+            assert res.dead_letters[0].reason.startswith(f"stage buf: trap: {code}: ")
+            assert "returned an unusable buffer" in res.dead_letters[0].reason
+
+
 def test_config_flattening():
     from pipeline.chain._abi import flatten_config
 

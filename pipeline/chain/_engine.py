@@ -21,11 +21,15 @@ _engine_lock = threading.Lock()
 
 def engine_settings() -> str:
     """Everything that makes compiled code incompatible: part of the AOT cache key."""
-    return f"abi{ABI_VERSION};fuel;epoch;opt=speed;stack={MAX_STACK};{platform.machine()}"
+    return f"abi{ABI_VERSION};fuel;epoch;opt=speed;stack={MAX_STACK};fixed;{platform.machine()}"
 
 
 def engine() -> wasmtime.Engine:
-    """The process-wide engine (fuel and epoch interruption on)."""
+    """The process-wide engine (fuel and epoch interruption on).  Its linear memories
+    never move (``memory_may_move`` off: each is a fixed reservation, Wasmtime's default
+    layout on 64-bit hosts, made a guarantee), so the host may keep a memory's address
+    across guest calls and use the size it last saw as a lower bound (memories never
+    shrink)."""
     global _engine
     with _engine_lock:
         if _engine is None:
@@ -35,6 +39,7 @@ def engine() -> wasmtime.Engine:
             cfg.cranelift_opt_level = "speed"
             cfg.max_wasm_stack = MAX_STACK
             cfg.wasm_threads = False
+            cfg.memory_may_move = False
             _engine = wasmtime.Engine(cfg)
         return _engine
 

@@ -446,7 +446,12 @@ class WasmStage:
             ptr = self._f_input(n) & 0xFFFFFFFF
             if tm is not None:
                 tm.guest_s += time.perf_counter() - t0
-            base, size = self._mem.span()
+            # the memory's address and the size last seen: it never moves and never
+            # shrinks (see _engine.engine), so only a buffer beyond that size needs a look
+            mem = self._mem
+            base, size = mem.base, mem.size
+            if ptr + len(data) > size:
+                base, size = mem.span()
             if ptr == 0 or ptr + len(data) > size:
                 raise FilterRuntimeError(
                     f"ep_input({n}) returned an unusable buffer ({ptr:#x}, memory {size} bytes)",

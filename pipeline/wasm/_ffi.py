@@ -149,26 +149,28 @@ class GuestMemory:
     """The linear memory ``memory`` of an instance in ``store``.  Its host address can
     change whenever the guest grows it, so every operation looks its size up afresh --
     and its address only when the size changed (a memory moves only when it grows, and
-    never shrinks): one C call per operation instead of two.  ``size`` is the byte length
-    as of the last look (:meth:`span`, :meth:`read`, :meth:`write`): the
-    size now, when no guest code ran since."""
+    never shrinks): one C call per operation instead of two.  ``base`` and ``size`` are
+    the host address and byte length as of the last look (:meth:`span`, :meth:`read`,
+    :meth:`write`): the memory as it is now when no guest code ran since, and a lower
+    bound of its size (with, in an engine whose memories never move, its address)
+    whatever ran."""
 
-    __slots__ = ("_ctx", "_ref", "memory", "_store", "_base", "size")
+    __slots__ = ("_ctx", "_ref", "memory", "_store", "base", "size")
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         self._store = store
         self._ctx = _context(store)
         self.memory = memory
         self._ref = _addressof(memory._memory)
-        self._base, self.size = _mem_data(self._ctx, self._ref) or 0, -1
+        self.base, self.size = _mem_data(self._ctx, self._ref) or 0, -1
 
     def span(self) -> tuple[int, int]:
         """(host address, byte length) of the linear memory right now."""
         ctx, ref = self._ctx, self._ref
         size = _mem_size(ctx, ref)
         if size != self.size:
-            self._base, self.size = _mem_data(ctx, ref) or 0, size
-        return self._base, size
+            self.base, self.size = _mem_data(ctx, ref) or 0, size
+        return self.base, size
 
     def _address(self, ptr: int, length: int) -> int:
         base, size = self.span()
