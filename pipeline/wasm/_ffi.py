@@ -34,26 +34,32 @@ _byref, _addressof = ctypes.byref, ctypes.addressof
 _held = ctypes.PyDLL(ffi.dll._name)
 
 
-def _raw(name: str, restype: object, *argtypes: object, hold: bool = False) -> ctypes._CFuncPtr:
-    """A private handle on a C API function taking plain addresses: converting a Python
-    int to ``void*`` costs a fraction of wasmtime-py's typed-pointer checks.
+def _raw(name: str, restype: object, *, hold: bool = False) -> ctypes._CFuncPtr:
+    """A private handle on a C API function taking plain addresses, given as ctypes
+    instances (``c_void_p``, ``c_size_t``, ``c_uint64``) that the caller made once: with
+    no ``argtypes``, ctypes passes an instance as it is, with no conversion per call (a
+    tenth of a call's cost, against converting Python ints; wasmtime-py's typed-pointer
+    checks cost several times that).  A plain Python int would be passed as a C ``int``,
+    so none is ever given: every call is in this module.
 
     ``hold``: called holding the GIL, for functions that run no guest code and return at
     once (releasing and retaking the GIL costs more than they do: 450 against 210 ns a
     call).  A guest call must release it: the epoch ticker thread needs it to interrupt
     a guest that overruns its deadline."""
     fn = (_held if hold else ffi.dll)[name]  # a new function object, not wasmtime-py's own
-    fn.argtypes, fn.restype = list(argtypes), restype
+    fn.argtypes, fn.restype = None, restype
     return fn
 
 
-_CALL = ("wasmtime_func_call_unchecked", _void_p, _void_p, _void_p, _void_p, _size_t, _void_p)
-_func_call = _raw(*_CALL)
-_func_call_held = _raw(*_CALL, hold=True)  # for the host's own kernel (no deadline)
-_mem_data = _raw("wasmtime_memory_data", _void_p, _void_p, _void_p, hold=True)
-_mem_size = _raw("wasmtime_memory_data_size", _size_t, _void_p, _void_p, hold=True)
-_set_fuel = _raw("wasmtime_context_set_fuel", _void_p, _void_p, _u64, hold=True)
-_set_deadline = _raw("wasmtime_context_set_epoch_deadline", None, _void_p, _u64, hold=True)
+# (context, func, args_and_results, nargs_and_results, trap_ret) -> error
+_func_call = _raw("wasmtime_func_call_unchecked", _void_p)
+_func_call_held = _raw("wasmtime_func_call_unchecked", _void_p, hold=True)  # the host's kernels
+# (context, memory)
+_mem_data = _raw("wasmtime_memory_data", _void_p, hold=True)
+_mem_size = _raw("wasmtime_memory_data_size", _size_t, hold=True)
+# (context, u64) -> error / nothing
+_set_fuel = _raw("wasmtime_context_set_fuel", _void_p, hold=True)
+_set_deadline = _raw("wasmtime_context_set_epoch_deadline", None, hold=True)
 #: ``memmove`` holding the GIL (ctypes' own releases it); ``string_at`` already does
 memmove = ctypes.PYFUNCTYPE(_void_p, _void_p, _void_p, _size_t)(ctypes._memmove_addr)
 string_at = ctypes.string_at
@@ -110,11 +116,11 @@ class GuestCall:
         self._trap = _void_p()
         self._keep = (store, func)  # the addresses below live as long as these do
         self._args = (
-            _context(store),
-            _addressof(func._func),
-            _addressof(self._vals),
-            size,
-            _addressof(self._trap),
+            _void_p(_context(store)),
+            _void_p(_addressof(func._func)),
+            _void_p(_addressof(self._vals)),
+            _size_t(size),
+            _void_p(_addressof(self._trap)),
         )
         self._i64 = i64
         # the host's own code, which needs no deadline, is called holding the GIL
@@ -155,21 +161,19 @@ class GuestMemory:
     bound of its size (with, in an engine whose memories never move, its address)
     whatever ran."""
 
-    __slots__ = ("_ctx", "_ref", "memory", "_store", "base", "size")
+    __slots__ = ("_args", "memory", "_store", "base", "size")
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         self._store = store
-        self._ctx = _context(store)
         self.memory = memory
-        self._ref = _addressof(memory._memory)
-        self.base, self.size = _mem_data(self._ctx, self._ref) or 0, -1
+        self._args = (_void_p(_context(store)), _void_p(_addressof(memory._memory)))
+        self.base, self.size = _mem_data(*self._args) or 0, -1
 
     def span(self) -> tuple[int, int]:
         """(host address, byte length) of the linear memory right now."""
-        ctx, ref = self._ctx, self._ref
-        size = _mem_size(ctx, ref)
+        size = _mem_size(*self._args)
         if size != self.size:
-            self.base, self.size = _mem_data(ctx, ref) or 0, size
+            self.base, self.size = _mem_data(*self._args) or 0, size
         return self.base, size
 
     def _address(self, ptr: int, length: int) -> int:
@@ -196,20 +200,20 @@ class Budget:
     :meth:`refuel` only fresh fuel (when the epoch has not moved since the last
     :meth:`arm`, the deadline it set is still ``ticks`` away)."""
 
-    __slots__ = ("_ctx", "_fuel", "_ticks")
+    __slots__ = ("_fuel", "_ticks")
 
     def __init__(self, store: wasmtime.Store, fuel: int | None, ticks: int) -> None:
         # the address only: holding the store would keep a dropped instance's memory
         # alive; its owner arms it only while it has the store
-        self._ctx = _context(store)
-        self._fuel = fuel if fuel is not None else _UNLIMITED_FUEL
-        self._ticks = ticks
+        ctx = _void_p(_context(store))
+        self._fuel = (ctx, _u64(fuel if fuel is not None else _UNLIMITED_FUEL))
+        self._ticks = (ctx, _u64(ticks))
 
     def refuel(self) -> None:
-        err = _set_fuel(self._ctx, self._fuel)
+        err = _set_fuel(*self._fuel)
         if err:  # frees it; fuel is always enabled
             wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
     def arm(self) -> None:
         self.refuel()
-        _set_deadline(self._ctx, self._ticks)
+        _set_deadline(*self._ticks)
