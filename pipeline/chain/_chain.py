@@ -143,7 +143,8 @@ class Chain:
         for slot in self._slots:
             if not data:
                 break
-            out = self._through(slot, data, dead)
+            # _through(), without its call for a stage that takes every record
+            out = self._run(slot, data, dead) if slot.match_all else self._through(slot, data, dead)
             if out is None:
                 return ChainResult(Batch(), dead)
             data = out
@@ -164,7 +165,8 @@ class Chain:
         n = len(data) // RECORD.size
         metric.RECORDS.add(slot.key_in, n)
         out: bytes | None
-        if not slot.breaker.allows():
+        breaker = slot.breaker
+        if breaker.failures >= breaker.threshold and not breaker.allows():
             err = FilterRuntimeError("circuit breaker open", stage=name, code="breaker_open")
             out = self._failed(slot, data, err, dead, call_guest=False)
         else:
@@ -184,7 +186,7 @@ class Chain:
                     out = self._failed(slot, data, err, dead, attempts=attempt)
                 else:
                     slot.batches += 1
-                    if slot.breaker.failures or slot.last_code is not None:
+                    if breaker.failures or slot.last_code is not None:
                         self._succeeded(slot)
                     m = len(out) // RECORD.size
                     if m < n:
