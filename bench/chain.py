@@ -19,9 +19,10 @@ RSS after building it and after 100 batches of 1000 (and of 6500: 500 messages o
 readings), and the peak (VmHWM), and how long the build and the first batch take, medians
 of 5 processes.
 
-``--callgrind`` counts the example chain's instructions per record at batch 1000 under
-``valgrind --tool=callgrind`` (40 batches minus 10, so start-up cancels out): a figure that
-does not drift with the machine's load.
+``--callgrind`` counts instructions per record under ``valgrind --tool=callgrind`` -- of
+the example chain at batch 1000, and of the identity stage (the host's overhead per stage)
+at batch 1000 and 100 -- as the difference between two runs 30,000 records apart (so
+start-up cancels out): figures that do not drift with the machine's load.
 
 ``--against TREE`` (with ``--only-filters``, ``--memory`` or ``--callgrind``) runs the same harness on
 another edgepipe tree too -- ``git worktree add --detach /tmp/edgepipe-main main`` -- in
@@ -660,43 +661,57 @@ def memory(sizes: list[int], batches: int, repeats: int, where: list[Tree]) -> l
     return rows
 
 
-def callgrind_child(batches: int, cache: str) -> None:
-    """In a fresh process: the example chain from a warm AOT cache over ``batches``
-    batches of 1000 records (what :func:`instructions` counts under callgrind)."""
+def callgrind_child(workload: str, size: int, batches: int, cache: str) -> None:
+    """In a fresh process: ``workload`` (the example chain, or the identity stage: the
+    host's overhead alone) from a warm AOT cache over ``batches`` batches of ``size``
+    records (what :func:`instructions` counts under callgrind)."""
     reg = SeriesRegistry()
     data = load_data(reg)
-    parts = split(data, 1000, 1000 * max(1, batches))[:batches]
-    with Chain.build(example_cfgs(), reg, base_dir=REPO, cache_dir=Path(cache)) as ch:
+    parts = split(data, size, size * max(1, batches))[:batches]
+    cfgs = _filter_cfgs(workload, Path(cache))
+    with Chain.build(cfgs, reg, base_dir=REPO, cache_dir=Path(cache)) as ch:
         for p in parts:
             ch.process(p)
 
 
-#: the two workloads whose difference is counted (so start-up cancels out)
-CALLGRIND_BATCHES = (10, 40)
+#: what is counted: (workload, batch size, the two batch counts whose difference is
+#: counted, so start-up cancels out: 30,000 records between them)
+CALLGRIND_WORKLOADS = (
+    ("example", 1000, (10, 40)),
+    ("identity", 1000, (10, 40)),
+    ("identity", 100, (100, 400)),
+)
 
 
 def instructions(where: list[Tree], tmp: Path) -> list[dict]:
-    """Instructions per record of the example chain at batch 1000, counted by
-    ``valgrind --tool=callgrind``: the difference between 40 and 10 batches, over the 30,000
-    records between them -- the same number on a busy machine as on a quiet one (with
-    one compilation thread and a fixed hash seed, two runs differ by about 10,000
-    instructions of 2 billion)."""
+    """Instructions per record of the example chain at batch 1000, and of the identity
+    stage (the host's overhead per stage) at batch 1000 and 100, counted by ``valgrind
+    --tool=callgrind``: the difference between two runs of 30,000 records apart -- the
+    same number on a busy machine as on a quiet one (with one compilation thread and a
+    fixed hash seed, two runs differ by about 10,000 instructions of 2 billion)."""
     if shutil.which("valgrind") is None:
         raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
     code = (
-        "import sys; from bench.chain import callgrind_child as m; m(int(sys.argv[1]), sys.argv[2])"
+        "import sys; from bench.chain import callgrind_child as m; "
+        "m(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])"
     )
     rows = []
-    print(f"{'tree':>6} {'instructions per record':>24}   (example chain, batch 1000, callgrind)")
+    print(
+        f"{'tree':>6} {'workload':>10} {'batch':>6} {'instructions per record':>24}   (callgrind)"
+    )
     for t in where:
         cache = tmp / f"cg-{t.label}"
+        cache.mkdir(parents=True, exist_ok=True)
         env = t.env | {"RAYON_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
-        def counted(n: int, t: Tree = t, cache: Path = cache, env: dict = env) -> int:
-            out = tmp / f"cg-{t.label}-{n}.out"
+        def counted(
+            workload: str, size: int, n: int, t: Tree = t, cache: Path = cache, env: dict = env
+        ) -> int:
+            out = tmp / f"cg-{t.label}-{workload}-{size}-{n}.out"
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+            args = [workload, str(size), str(n), str(cache)]
             proc = subprocess.run(
-                [*cmd, sys.executable, "-c", code, str(n), str(cache)],
+                [*cmd, sys.executable, "-c", code, *args],
                 cwd=t.cwd,
                 env=env,
                 capture_output=True,
@@ -707,14 +722,22 @@ def instructions(where: list[Tree], tmp: Path) -> list[dict]:
                 raise SystemExit(f"{t.label}: callgrind failed:\n{proc.stderr[-2000:]}")
             return int(found[-1].split(":")[-1])
 
-        # fills the AOT cache under valgrind: its emulated CPU has other features than the
-        # host's, so machine code compiled outside it is refused (and compiled again)
-        counted(1)
-        counts = [counted(n) for n in CALLGRIND_BATCHES]
-        records = (CALLGRIND_BATCHES[1] - CALLGRIND_BATCHES[0]) * 1000
-        per = (counts[1] - counts[0]) / records
-        rows.append({"tree": t.label, "instructions_per_record": round(per), "counts": counts})
-        print(f"{t.label:>6} {per:>24,.0f}", flush=True)
+        for workload, size, batches in CALLGRIND_WORKLOADS:
+            # fills the AOT cache under valgrind: its emulated CPU has other features than
+            # the host's, so machine code compiled outside it is refused (and compiled again)
+            counted(workload, size, 1)
+            counts = [counted(workload, size, n) for n in batches]
+            per = (counts[1] - counts[0]) / ((batches[1] - batches[0]) * size)
+            rows.append(
+                {
+                    "tree": t.label,
+                    "workload": workload,
+                    "batch": size,
+                    "instructions_per_record": round(per),
+                    "counts": counts,
+                }
+            )
+            print(f"{t.label:>6} {workload:>10} {size:>6} {per:>24,.0f}", flush=True)
     return rows
 
 
@@ -778,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--callgrind",
         action="store_true",
-        help="only the example chain's instructions per record under valgrind's callgrind",
+        help="only instructions per record under valgrind's callgrind (the example chain, "
+        "the identity stage)",
     )
     ap.add_argument(
         "--against",
