@@ -403,6 +403,29 @@ def test_input_buffer_is_checked_against_memory_as_it_is(tmp_path, reg, name):
             assert "returned an unusable buffer" in res.dead_letters[0].reason
 
 
+def test_memory_a_snapshot_grew_is_recycled(tmp_path, reg):
+    # ep_snapshot runs after the batch's output was read: memory it grows (10 MiB here,
+    # past RECYCLE_SLACK) while returning no state must still get the instance recycled
+    snap_grows = (
+        '(func (export "ep_snapshot") (result i64) (drop (memory.grow (i32.const 160)))'
+        " (i64.const 0))"
+        '(func (export "ep_restore") (param i32 i32) (result i32) (i32.const 0))'
+    )
+    mod = write_wat(tmp_path, "snap", wat_module(IDENTITY, extra=snap_grows))
+    with build(tmp_path, [stage("snap", mod, "map", memory_mb=64)], reg) as chain:
+        assert not chain.process(sample()).dead_letters
+        assert chain.describe()[0]["recycles"] == 1
+
+
+def test_start_function_calling_the_host_is_refused(tmp_path, reg):
+    # a start function runs before the instance (and its memory) is the host's: a host
+    # function it calls traps with a code, it does not break the host
+    extra = "(func $s (call $log (i32.const 0) (i32.const 0) (i32.const 4))) (start $s)"
+    imports = '(import "edgepipe" "log" (func $log (param i32 i32 i32)))'
+    mod = write_wat(tmp_path, "startlog", wat_module(extra=extra, imports=imports))
+    assert refused(tmp_path, reg, stage("startlog", mod, "filter")).code == "no_memory"
+
+
 def test_config_flattening():
     from pipeline.chain._abi import flatten_config
 

@@ -14,6 +14,7 @@ from ..wasm._ffi import HostTrap
 from ._engine import engine
 
 if TYPE_CHECKING:
+    from ..wasm._ffi import GuestMemory
     from ._stage import WasmStage
 
 __all__ = ["MAX_DERIVED_SERIES", "make_linker"]
@@ -44,6 +45,14 @@ def make_linker(stage: WasmStage) -> wasmtime.Linker:
         except Exception as e:  # a host bug must trap the call, not escape it
             raise HostTrap("host_error", f"series_name: {type(e).__name__}") from None
 
+    def memory() -> GuestMemory:
+        """The instance's memory; a trap while there is none (a start function runs
+        before the instance, and so its memory, is there for the host)."""
+        mem = stage._mem
+        if mem is None:
+            raise HostTrap("no_memory", "host function called before the instance had its memory")
+        return mem
+
     def _series_name(series: int, kind: int, ptr: int, length: int) -> int:
         key = registry.get(_u32(series))
         if key is None or kind not in (0, 1):
@@ -51,7 +60,7 @@ def make_linker(stage: WasmStage) -> wasmtime.Linker:
         data = (key.device if kind == 0 else key.metric).encode()
         n = min(len(data), _u32(length))
         if n:
-            stage._mem.write(_u32(ptr), data[:n])
+            memory().write(_u32(ptr), data[:n])
         return len(data)
 
     def series_derive(series: int, ptr: int, length: int) -> int:
@@ -60,7 +69,7 @@ def make_linker(stage: WasmStage) -> wasmtime.Linker:
             raise HostTrap("unknown_series", f"series_derive: unknown series id {sid}")
         if not 0 < length <= 64:
             raise HostTrap("bad_argument", "series_derive: suffix must be 1-64 bytes")
-        raw = stage._mem.read(_u32(ptr), length)
+        raw = memory().read(_u32(ptr), length)
         try:
             suffix = raw.decode()
         except UnicodeDecodeError:
@@ -80,13 +89,21 @@ def make_linker(stage: WasmStage) -> wasmtime.Linker:
         return new
 
     def guest_log(level: int, ptr: int, length: int) -> None:
+        try:
+            _guest_log(level, ptr, length)
+        except HostTrap:
+            raise
+        except Exception as e:  # a host bug must trap the call, not escape it
+            raise HostTrap("host_error", f"log: {type(e).__name__}") from None
+
+    def _guest_log(level: int, ptr: int, length: int) -> None:
         now = time.monotonic()
         stage._log_tokens = min(20.0, stage._log_tokens + (now - stage._log_at) * 10)
         stage._log_at = now
         if stage._log_tokens < 1:
             return
         stage._log_tokens -= 1
-        text = stage._mem.read(_u32(ptr), min(_u32(length), 1024)).decode(errors="replace")
+        text = memory().read(_u32(ptr), min(_u32(length), 1024)).decode(errors="replace")
         stage._last_log = text[:200]
         lvl = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING}.get(level, logging.ERROR)
         log.log(lvl, "stage %s: %s", stage.name, text)

@@ -308,6 +308,8 @@ class WasmStage:
         # no call may reach the old store's context once it is freed
         self._f_process = self._f_input = self._f_flush = None  # type: ignore[assignment]
         self._f_snapshot = self._f_restore = self._f_alloc = self._f_init = None
+        # nor a host function (say, from the next instance's start function) its memory
+        self._mem = None  # type: ignore[assignment]
         self._store = None  # frees the instance and its memory
 
     def grown(self, n_records: int) -> bool:
@@ -316,7 +318,7 @@ class WasmStage:
         if self._store is None:
             return False
         allowed = max(RECYCLE_SLACK, 8 * REC * n_records)
-        # the size the last output read saw: no guest code ran since
+        # the size the batch's last look saw: its output read, or its snapshot's
         return self._mem.size - self.steady_bytes > allowed
 
     def memory_bytes(self) -> int:
@@ -538,6 +540,7 @@ class WasmStage:
         r = self._call(self._f_snapshot, "ep_snapshot")
         ptr, n = _u32(r >> 32), r & 0xFFFFFFFF
         if r == 0 or n == 0:
+            self._mem.span()  # what the snapshot grew, for grown() (a read looks itself)
             return b""
         if n > self._mem_cap:
             raise FilterRuntimeError(
