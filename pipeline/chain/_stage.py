@@ -433,12 +433,7 @@ class WasmStage:
             return b""
         if self._store is None:
             raise self._closed_error("ep_input")
-        ticks = TICKER.ticks  # _arm(), without its call
-        if ticks == self._armed_at:
-            self._budget.refuel()
-        else:
-            self._budget.arm()
-            self._armed_at = ticks
+        self._arm()
         what = "ep_input"
         TICKER.enter()
         tm = self.timing

@@ -156,10 +156,10 @@ class GuestMemory:
     change whenever the guest grows it, so every operation looks its size up afresh --
     and its address only when the size changed (a memory moves only when it grows, and
     never shrinks): one C call per operation instead of two.  ``base`` and ``size`` are
-    the host address and byte length as of the last look (:meth:`span`, :meth:`read`,
-    :meth:`write`): the memory as it is now when no guest code ran since, and a lower
-    bound of its size (with, in an engine whose memories never move, its address)
-    whatever ran."""
+    the host address and byte length as of the last look (:meth:`span`, :meth:`write`,
+    a :meth:`read` that is not empty): the memory as it is now when no guest code ran
+    since, and a lower bound of its size (with, in an engine whose memories never move,
+    its address) whatever ran."""
 
     __slots__ = ("_args", "memory", "_store", "base", "size")
 
@@ -186,8 +186,7 @@ class GuestMemory:
 
     def read(self, ptr: int, length: int) -> bytes:
         """The ``length`` bytes at guest ``ptr``; :class:`HostTrap` ``out_of_bounds``."""
-        address = self._address(ptr, length)
-        return _string_at(address, length) if length else b""
+        return _string_at(self._address(ptr, length), length) if length else b""
 
     def write(self, ptr: int, data: bytes) -> None:
         """Copy ``data`` to guest ``ptr``; :class:`HostTrap` ``out_of_bounds``."""
